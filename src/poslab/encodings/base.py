@@ -1,0 +1,242 @@
+"""The position-encoding interface, the registry and `build_encoding`.
+
+A position encoding acts through up to four hooks (DESIGN.md section 1):
+
+| hook   | method                              | examples                          |
+|--------|-------------------------------------|-----------------------------------|
+| embed  | ``embed(x, positions)``             | learned absolute, sinusoidal      |
+| rotate | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
+| bias   | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
+| logits | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
+
+Conventions shared by every hook:
+- ``q`` is (B, H, T, Dh), ``k`` and ``v`` are (B, H, S, Dh).
+- ``q_pos`` (T,) holds the absolute positions of the queries and ``k_pos`` (S,) those of the keys.
+  Keys always form a prefix ``0..S-1``; queries are usually the last T of them (``S - T + arange(T)``),
+  which is what cached decoding and query blocks need.
+- ``scores`` are the raw logits ``A = q.k / sqrt(Dh)`` (after any rotation), (B, H, T, S).
+- The causal mask is applied once, last, by the attention, never by an encoding (CoPE's gates are the
+  exception: future keys get gate 0).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+HOOKS = ("embed", "rotate", "bias", "logits")
+
+_REGISTRY: dict[str, type[PositionEncoding]] = {}
+
+
+class PositionEncoding(nn.Module):
+    """Base class: a subclass overrides the hooks it uses and lists them in ``hooks``.
+
+    Class attributes a subclass sets:
+        name: the registry name.
+        hooks: which of ``embed``, ``rotate``, ``bias``, ``logits`` it implements.
+        shared_across_layers: the papers' default for this method (one module for all layers, or
+            one per layer); a model config can override it.
+        supports_causal / supports_bidirectional: which attention modes the method is defined for.
+    """
+
+    name: ClassVar[str] = ""
+    hooks: ClassVar[frozenset[str]] = frozenset()
+    shared_across_layers: ClassVar[bool] = False
+    supports_causal: ClassVar[bool] = True
+    supports_bidirectional: ClassVar[bool] = True
+
+    def __init__(self, *, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        check_positive(n_heads=n_heads, head_dim=head_dim)
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+
+    # -- hooks (each default is the identity) ---------------------------------------------------
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Token embeddings (B, T, D) at ``positions`` (T,) -> embeddings with position added."""
+        return x
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Transform queries (B, H, T, Dh) and keys (B, H, S, Dh) before the dot product."""
+        return q, k
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
+        """Additive bias (H, T, S) that depends on positions only, or None."""
+        return None
+
+    def logits(
+        self,
+        scores: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> Tensor:
+        """Final pre-mask logits (B, H, T, S) from ``scores`` = q.k/sqrt(Dh) and the summed ``bias``."""
+        return scores if bias is None else scores + bias
+
+    # -- properties the attention uses ------------------------------------------------------------
+    @property
+    def uses_logits(self) -> bool:
+        """True when the logits hook is used: the fused SDPA kernel cannot run this encoding."""
+        return "logits" in self.hooks
+
+    def check_mode(self, causal: bool) -> None:
+        """Raise ValueError when the encoding is undefined in the requested attention mode."""
+        if causal and not self.supports_causal:
+            raise ValueError(f"encoding {self.name!r} is not defined for causal attention")
+        if not causal and not self.supports_bidirectional:
+            raise ValueError(
+                f"encoding {self.name!r} is not defined for bidirectional (encoder) attention"
+            )
+
+    def check_length(self, max_position: int) -> None:
+        """Raise ValueError when positions up to ``max_position`` cannot be encoded."""
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, head_dim={self.head_dim}"
+
+
+def check_positive(**values: float) -> None:
+    """Raise ValueError naming the first argument that is not > 0."""
+    for key, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{key} must be positive, got {value!r}")
+
+
+def relative_distance(q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+    """Distance n (T, S) between each query and key: i - j (clamped at 0) if causal, else |i - j|.
+
+    Future entries of the causal form are clamped to 0: they are masked later, and a finite value keeps
+    every bias finite (DAPE's MLP and SDPA's float mask both see them).
+    """
+    n = q_pos[:, None] - k_pos[None, :]
+    return n.clamp(min=0) if causal else n.abs()
+
+
+def causal_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """Boolean (T, S) mask, True where key j may be seen by query i (j <= i)."""
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def register(name: str) -> Callable[[type[PositionEncoding]], type[PositionEncoding]]:
+    """Class decorator adding an encoding to the registry under ``name``."""
+
+    def wrap(cls: type[PositionEncoding]) -> type[PositionEncoding]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoding name {name!r} is already registered")
+        if not set(cls.hooks) <= set(HOOKS):
+            raise ValueError(f"{cls.__name__}.hooks has unknown entries: {set(cls.hooks) - set(HOOKS)}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_encodings() -> list[str]:
+    """Names of all registered encodings (compose them with '+', e.g. 'cope+rope')."""
+    return sorted(_REGISTRY)
+
+
+def encoding_class(name: str) -> type[PositionEncoding]:
+    """The class registered as ``name``; ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(list_encodings())
+        raise ValueError(f"unknown encoding {name!r}; known encodings: {known}") from None
+
+
+def encoding_options(cls: type[PositionEncoding]) -> dict[str, Any]:
+    """Keyword options of an encoding class with their defaults (n_heads and head_dim excluded)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        key: p.default
+        for key, p in params.items()
+        if key not in ("self", "n_heads", "head_dim") and p.kind is p.KEYWORD_ONLY
+    }
+
+
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_+]+)\s*(?:\[(.*)\])?\s*$")
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``'dape[base=kerple_log,width=16]'`` into ``('dape', {'base': 'kerple_log', 'width': 16})``.
+
+    Values are parsed as int, float, bool (true/false) or None (none) where they look like one, else
+    kept as strings. This lets a grid of experiments name configured encodings in one string.
+    """
+    match = _SPEC.match(spec)
+    if match is None:
+        raise ValueError(f"cannot parse encoding spec {spec!r}; expected 'name' or 'name[key=value,...]'")
+    name, body = match.group(1), match.group(2)
+    options: dict[str, Any] = {}
+    if body:
+        for item in body.split(","):
+            if "=" not in item:
+                raise ValueError(f"encoding spec {spec!r}: option {item.strip()!r} has no '='")
+            key, value = (part.strip() for part in item.split("=", 1))
+            options[key] = parse_value(value)
+    return name, options
+
+
+def parse_value(text: str) -> Any:
+    """Best-effort literal parsing for command-line and spec values."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) -> PositionEncoding:
+    """Build a position encoding by registry name (DESIGN.md sections 2 to 4).
+
+    Args:
+        name: a registered name (``list_encodings()``), a composition such as ``'cope+rope'``, or a
+            spec with options such as ``'dape[base=kerple_log]'``.
+        n_heads: attention heads H.
+        head_dim: channels per head Dh.
+        **options: keyword options of the encoding class. For a composition, an option goes to every
+            part that accepts it, or to one part when given as ``part_name={...}``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones), unknown option, bad value.
+    """
+    name, spec_options = parse_spec(name)
+    options = {**spec_options, **options}
+    if "+" in name:
+        from poslab.encodings.compose import Composite
+
+        return Composite(name.split("+"), n_heads=n_heads, head_dim=head_dim, **options)
+    cls = encoding_class(name)
+    known = encoding_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        accepted = ", ".join(sorted(known)) or "none"
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for encoding {name!r}; accepted options: {accepted}"
+        )
+    return cls(n_heads=n_heads, head_dim=head_dim, **options)
+
+
+def as_float(t: Tensor, like: Tensor) -> Tensor:
+    """Cast a position tensor to the floating dtype and device of ``like``."""
+    return t.to(device=like.device, dtype=like.dtype if like.is_floating_point() else torch.float32)

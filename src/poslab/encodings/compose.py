@@ -1,0 +1,95 @@
+"""Composition of encodings by name with '+', e.g. 'cope+rope' (RoPE rotates, CoPE adds logits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from poslab.encodings.base import (
+    PositionEncoding,
+    build_encoding,
+    encoding_class,
+    encoding_options,
+)
+
+
+class Composite(PositionEncoding):
+    """Several encodings acting together through their hooks (DESIGN.md section 1).
+
+    embed and rotate are applied in order, biases are summed, and logits rewriters run in order:
+    the first receives the raw logits A and the summed bias, each later one the previous output (with
+    no bias). So in 'cope+relative' CoPE's gates read the plain q.k, and relative adds its term after.
+
+    An option goes to every part whose class accepts it (ValueError if none does); ``name={...}``
+    gives options to one part only, e.g. ``build_encoding('cope+rope', rope={'base': 500000})``.
+    """
+
+    def __init__(self, names: list[str], *, n_heads: int, head_dim: int, **options: Any) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        if len(names) < 2 or any(not n for n in names):
+            raise ValueError(f"bad composition {'+'.join(names)!r}; expected e.g. 'cope+rope'")
+        if len(set(names)) != len(names):
+            raise ValueError(f"composition {'+'.join(names)!r} names a part twice")
+        classes = [encoding_class(n) for n in names]
+        per_part: list[dict[str, Any]] = [dict(options.pop(n, None) or {}) for n in names]
+        for key, value in options.items():
+            takers = [i for i, cls in enumerate(classes) if key in encoding_options(cls)]
+            if not takers:
+                raise ValueError(f"no part of {'+'.join(names)!r} accepts option {key!r}")
+            for i in takers:
+                per_part[i].setdefault(key, value)
+        self.parts = nn.ModuleList(
+            build_encoding(n, n_heads=n_heads, head_dim=head_dim, **o)
+            for n, o in zip(names, per_part, strict=True)
+        )
+        self.name = "+".join(names)
+        self.hooks = frozenset().union(*(p.hooks for p in self.parts))
+        self.shared_across_layers = all(p.shared_across_layers for p in self.parts)
+        self.supports_causal = all(p.supports_causal for p in self.parts)
+        self.supports_bidirectional = all(p.supports_bidirectional for p in self.parts)
+
+    def check_length(self, max_position: int) -> None:
+        for part in self.parts:
+            part.check_length(max_position)
+
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        for part in self.parts:
+            x = part.embed(x, positions)
+        return x
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        for part in self.parts:
+            q, k = part.rotate(q, k, q_pos, k_pos)
+        return q, k
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
+        total = None
+        for part in self.parts:
+            b = part.bias(q_pos, k_pos, causal=causal)
+            if b is not None:
+                total = b if total is None else total + b
+        return total
+
+    def logits(
+        self,
+        scores: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> Tensor:
+        rewriters = [p for p in self.parts if p.uses_logits]
+        if not rewriters:
+            return super().logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
+        for part in rewriters:
+            scores = part.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
+            bias = None
+        return scores
+
+    def extra_repr(self) -> str:
+        return f"{self.name}"

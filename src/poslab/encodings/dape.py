@@ -1,0 +1,143 @@
+"""DAPE: data-adaptive positional encoding (Zheng et al., NeurIPS 2024, arXiv 2405.14722, eq. 4),
+and DAPE V2 (arXiv 2410.04798), which replaces the pointwise MLP by a 1 x k convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from poslab.encodings.base import PositionEncoding, build_encoding, causal_mask, check_positive, register
+
+# Which terms the final logits hold: A the raw logits, B the base bias, f the learned mixer.
+FORMS = {
+    "A+B+f(A,B)": (True, True),  # DAPE (the paper's final form)
+    "A+f(A,B)": (False, True),
+    "A+f(B)": (False, False),
+    "A+B": (True, None),  # the base alone
+}
+
+
+@register("dape")
+class DAPE(PositionEncoding):
+    """logits = A + B + f([A; B]), f mixing the 2H logit and bias channels at every (i, j).
+
+    f = Linear(2H, D) -> LeakyReLU(0.01) -> Linear(D, H), pointwise (``kernel_size=1``, the NeurIPS
+    paper), or Conv2d(2H, D, (1, k)) -> LeakyReLU -> Conv2d(D, H, (1, k)) sliding along the keys of
+    each query row (``kernel_size=k > 1``, V2). For causal V2 the future entries (j > i) of [A; B]
+    and of the hidden map are zeroed: otherwise future logits leak into the past, and a row's output
+    would depend on how many future keys exist (cached decoding must equal the full forward).
+
+    Options:
+        base: the encoding providing B (any bias and/or rotation encoding, e.g. 'alibi', 'kerple_log',
+            'fire', 't5', 'rope'), or None/'nope' for B = 0 (NoPE + DAPE is A + f(A)).
+        base_options: options passed to the base.
+        width: D, the hidden width (32 by default; the paper sweeps 4 to 64).
+        kernel_size: 1 (the MLP) or an odd k > 1 (V2).
+        form: 'A+B+f(A,B)' (DAPE), or the ablations 'A+f(A,B)', 'A+f(B)', 'A+B'.
+
+    Attributes:
+        mlp: the mixer f, a Sequential whose last entry is the output layer (None for 'A+B').
+        base: the base encoding module, or None.
+    """
+
+    hooks = frozenset({"logits"})
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        head_dim: int,
+        base: str | None = "alibi",
+        base_options: dict[str, Any] | None = None,
+        width: int = 32,
+        kernel_size: int = 1,
+        form: str = "A+B+f(A,B)",
+    ) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        check_positive(width=width, kernel_size=kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"dape kernel_size must be odd (1 = MLP, 3 = V2), got {kernel_size}")
+        if form not in FORMS:
+            raise ValueError(f"unknown dape form {form!r}; choose one of {', '.join(FORMS)}")
+        self.base: PositionEncoding | None = None
+        if base not in (None, "none", "nope"):
+            self.base = build_encoding(base, n_heads=n_heads, head_dim=head_dim, **(base_options or {}))
+            if self.base.uses_logits:
+                raise ValueError(
+                    f"dape base {base!r} rewrites logits itself; use a bias or rotation encoding"
+                )
+        elif base_options:
+            raise ValueError("dape: base_options given without a base")
+        self.hooks = frozenset({"logits"} | (self.base.hooks if self.base is not None else set()))
+        self.supports_causal = self.base is None or self.base.supports_causal
+        self.supports_bidirectional = self.base is None or self.base.supports_bidirectional
+        self.form, self.width, self.kernel_size = form, width, kernel_size
+        self.add_base, self.reads_logits = FORMS[form]
+
+        self.mlp: nn.Sequential | None = None
+        if self.reads_logits is not None:
+            c_in = 2 * n_heads if self.reads_logits else n_heads
+            if kernel_size == 1:
+                self.mlp = nn.Sequential(
+                    nn.Linear(c_in, width), nn.LeakyReLU(0.01), nn.Linear(width, n_heads)
+                )
+            else:
+                pad = (0, kernel_size // 2)
+                self.mlp = nn.Sequential(
+                    nn.Conv2d(c_in, width, (1, kernel_size), padding=pad),
+                    nn.LeakyReLU(0.01),
+                    nn.Conv2d(width, n_heads, (1, kernel_size), padding=pad),
+                )
+
+    # The base's position hooks pass straight through.
+    def embed(self, x: Tensor, positions: Tensor) -> Tensor:
+        return x if self.base is None else self.base.embed(x, positions)
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        return (q, k) if self.base is None else self.base.rotate(q, k, q_pos, k_pos)
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
+        return None if self.base is None else self.base.bias(q_pos, k_pos, causal=causal)
+
+    def check_length(self, max_position: int) -> None:
+        if self.base is not None:
+            self.base.check_length(max_position)
+
+    def mix(self, features: Tensor, keep: Tensor | None) -> Tensor:
+        """Apply f to (B, C, T, S) channel-first features; ``keep`` (T, S) zeroes V2's future."""
+        assert self.mlp is not None
+        if self.kernel_size == 1:
+            return self.mlp(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, T, S)
+        conv_in, act, conv_out = self.mlp
+        if keep is None:
+            return conv_out(act(conv_in(features)))
+        hidden = act(conv_in(features * keep)) * keep
+        return conv_out(hidden)
+
+    def logits(
+        self,
+        scores: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> Tensor:
+        b = torch.zeros_like(scores) if bias is None else bias.to(scores.dtype).expand_as(scores)
+        out = scores + b if self.add_base else scores
+        if self.mlp is None:
+            return out
+        features = torch.cat((scores, b), dim=1) if self.reads_logits else b  # (B, C, T, S)
+        keep = None
+        if causal and self.kernel_size > 1:
+            keep = causal_mask(q_pos, k_pos).to(scores.dtype)
+        return out + self.mix(features, keep)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, form={self.form}, width={self.width}, kernel_size={self.kernel_size}"

@@ -1,0 +1,57 @@
+"""Learned relative position embeddings (Shaw et al. 2018, arXiv 1803.02155), capped.
+
+The "Relative PE" baseline of the CoPE paper (arXiv 2405.18719, section 5): an extra logit
+q_i . r[min(i - j, max_dist)]. CoPE with every gate equal to 1 is exactly this with r[n] = e[n + 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from poslab.encodings.base import PositionEncoding, check_positive, register, relative_distance
+
+
+def gather_positions(z: Tensor, index: Tensor) -> Tensor:
+    """Pick z[..., t, index[t, s]] for every (t, s): z (B, H, T, P), index (T, S) or (B, H, T, S)."""
+    if index.dim() == 2:
+        index = index.expand(*z.shape[:-2], *index.shape)
+    return z.gather(-1, index)  # (B, H, T, S)
+
+
+@register("relative")
+class RelativePE(PositionEncoding):
+    """logit += q_i . r[min(n, max_dist)] / sqrt(Dh), n = i - j (|i - j| for encoders).
+
+    The table r has shape (max_dist + 1, head_dim), zero-initialised like CoPE's, and is shared by the
+    heads; by default one table is shared across layers too, as in the CoPE paper's code. Past
+    max_dist the last vector is reused (the paper's "relative-capped").
+    """
+
+    hooks = frozenset({"logits"})
+    shared_across_layers = True
+
+    def __init__(self, *, n_heads: int, head_dim: int, max_dist: int = 63) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        check_positive(max_dist=max_dist)
+        self.max_dist = max_dist
+        self.pos_emb = nn.Parameter(torch.zeros(max_dist + 1, head_dim))
+
+    def logits(
+        self,
+        scores: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> Tensor:
+        n = relative_distance(q_pos, k_pos, causal=causal).clamp(max=self.max_dist)  # (T, S)
+        z = q @ self.pos_emb.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, max_dist + 1)
+        out = scores + gather_positions(z, n)
+        return out if bias is None else out + bias

@@ -1,0 +1,100 @@
+"""RoPE: rotary position embedding (Su et al. 2021, arXiv 2104.09864), with its context scalings.
+
+Scalings: linear position interpolation (Chen et al. 2023, arXiv 2306.15595), NTK-aware base scaling
+(bloc97, 2023), and YaRN (Peng et al. 2023, arXiv 2309.00071, eq. 17-20).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from poslab.encodings.base import PositionEncoding, as_float, check_positive, register
+
+SCALINGS = ("none", "linear", "ntk", "yarn")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register("rope")
+class RoPE(PositionEncoding):
+    """Rotate channel pairs (k, k + Dh/2) of q and k by angle pos * theta_k, theta_k = base^(-2k/Dh).
+
+    Options:
+        base: the frequency base (10000).
+        scaling: 'none', 'linear' (positions / factor), 'ntk' (base * factor^(Dh / (Dh - 2))), or
+            'yarn' (per-frequency interpolation ramp between beta_fast and beta_slow rotations within
+            ``original_max_len``, plus the attention temperature sqrt(1/t) = 0.1 ln(factor) + 1
+            applied to both q and k).
+        factor: the context extension factor s >= 1 for the scalings.
+        original_max_len: the training context, used by YaRN's ramp.
+    """
+
+    hooks = frozenset({"rotate"})
+    shared_across_layers = True
+    _cache: tuple[int, Tensor, Tensor] | None
+
+    def __init__(
+        self,
+        *,
+        n_heads: int,
+        head_dim: int,
+        base: float = 10000.0,
+        scaling: str = "none",
+        factor: float = 1.0,
+        original_max_len: int = 2048,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+    ) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        if head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {head_dim}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown rope scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+        check_positive(original_max_len=original_max_len, beta_fast=beta_fast, beta_slow=beta_slow)
+        if not base > 1:
+            raise ValueError(f"rope base must be > 1, got {base!r}")
+        if not factor >= 1:
+            raise ValueError(f"rope factor must be >= 1, got {factor!r}")
+        if beta_fast <= beta_slow:
+            raise ValueError(f"rope needs beta_fast > beta_slow, got {beta_fast} <= {beta_slow}")
+        self.base, self.scaling, self.factor = base, scaling, factor
+        self.original_max_len = original_max_len
+
+        k = torch.arange(head_dim // 2, dtype=torch.float64)
+        if scaling == "ntk":
+            base = base * factor ** (head_dim / (head_dim - 2))
+        inv_freq = base ** (-2 * k / head_dim)  # (Dh/2,)
+        if scaling == "linear":
+            inv_freq = inv_freq / factor
+        self.mscale = 1.0
+        if scaling == "yarn":
+            # r = how many full turns a frequency makes within the original context.
+            turns = original_max_len * inv_freq / (2 * math.pi)
+            keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: extrapolate
+            inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+            self.mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin (T, Dh) at the given positions, each half of the channels repeated."""
+        theta = as_float(positions, self.inv_freq)[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
+        theta = torch.cat((theta, theta), dim=-1)  # (T, Dh)
+        return theta.cos() * self.mscale, theta.sin() * self.mscale
+
+    def apply(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate x (..., T, Dh) by the angles at ``positions`` (T,)."""
+        cos, sin = self.angles(positions)
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+    def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        return self.apply(q, q_pos), self.apply(k, k_pos)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
