@@ -1,0 +1,41 @@
+"""Shared fixtures: the registry (plus the required compositions) that contract tests run over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import poslab
+
+COMPOSITIONS = ["cope+rope", "cope+t5", "cope+alibi", "cope+relative"]
+VARIANTS = [
+    "dape[kernel_size=3]",
+    "dape[base=kerple_log]",
+    "dape[base=fire,kernel_size=3]",
+    "dape[base=rope]",
+    "dape[base=none]",
+    "cope[sep_key=true]",
+    "cope[val_gates=true]",
+    "rope[scaling=yarn,factor=4,original_max_len=16]",
+]
+ALL_ENCODINGS = poslab.list_encodings() + COMPOSITIONS + VARIANTS
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.ModelConfig:
+    options = dict(
+        vocab_size=13, d_model=32, n_layers=2, n_heads=4, encoding=encoding, causal=causal, max_len=256
+    )
+    options.update(overrides)
+    return poslab.ModelConfig(**options)
+
+
+def perturb_parameters(model: torch.nn.Module, scale: float = 0.5) -> None:
+    """Move zero-initialised tables (CoPE, relative) off zero so their terms are really exercised."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale * 0.1)
