@@ -28,7 +28,13 @@ def _seed() -> None:
 
 def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.ModelConfig:
     options = dict(
-        vocab_size=13, d_model=32, n_layers=2, n_heads=4, encoding=encoding, causal=causal, max_len=256
+        vocab_size=13,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        encoding=encoding,
+        causal=causal,
+        max_len=256,
     )
     options.update(overrides)
     return poslab.ModelConfig(**options)

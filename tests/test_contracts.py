@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_ENCODINGS, perturb_parameters, tiny_config
 
 import poslab
+from conftest import ALL_ENCODINGS, perturb_parameters, tiny_config
 from poslab.encodings.dape import DAPE
 
 TRAIN_LEN = 16

@@ -23,8 +23,16 @@ def test_unknown_encoding_lists_the_known_ones():
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("rope", {"bogus": 1}, r"unknown option\(s\) bogus for encoding 'rope'; accepted options: .*base"),
-        ("alibi", {"npos_max": 3}, r"unknown option\(s\) npos_max for encoding 'alibi'; accepted options: none"),
+        (
+            "rope",
+            {"bogus": 1},
+            r"unknown option\(s\) bogus for encoding 'rope'; accepted options: .*base",
+        ),
+        (
+            "alibi",
+            {"npos_max": 3},
+            r"unknown option\(s\) npos_max for encoding 'alibi'; accepted options: none",
+        ),
         ("cope+rope", {"width": 3}, "no part of 'cope\\+rope' accepts option 'width'"),
         ("rope", {"scaling": "bogus"}, "unknown rope scaling 'bogus'"),
         ("rope", {"factor": 0.5}, "rope factor must be >= 1, got 0.5"),
@@ -68,7 +76,10 @@ def test_non_positive_sizes(field):
         ({"norm": "mid"}, "model.norm must be one of pre, post, got 'mid'"),
         ({"dropout": 1.5}, r"model.dropout must be in \[0, 1\), got 1.5"),
         ({"encoding": "nosuch"}, "unknown encoding 'nosuch'"),
-        ({"encoding_options": {"npos_max": 4}}, "unknown option\\(s\\) npos_max for encoding 'rope'"),
+        (
+            {"encoding_options": {"npos_max": 4}},
+            "unknown option\\(s\\) npos_max for encoding 'rope'",
+        ),
         ({"tie_embeddings": True, "n_outputs": 3}, "tie_embeddings needs n_outputs == vocab_size"),
         ({"attn_impl": "flash"}, "model.attn_impl must be one of auto, fused, eager"),
         ({"d_model": 12, "n_heads": 4}, "rope needs an even head_dim, got 3"),

@@ -104,22 +104,35 @@ def test_t5_buckets():
         i if i < 16 else min(31, 16 + int(math.log(i / 16) / math.log(128 / 16) * 16)) for i in range(400)
     ]
     assert t5_bucket(n).tolist() == expected
-    assert t5_bucket(torch.tensor([15, 16, 22, 127, 128, 10_000])).tolist() == [15, 16, 18, 31, 31, 31]
+    assert t5_bucket(torch.tensor([15, 16, 22, 127, 128, 10_000])).tolist() == [
+        15,
+        16,
+        18,
+        31,
+        31,
+        31,
+    ]
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"scaling": "linear", "factor": 4.0}, {"scaling": "ntk", "factor": 4.0},
-     {"scaling": "yarn", "factor": 4.0, "original_max_len": 64}],
+    [
+        {},
+        {"scaling": "linear", "factor": 4.0},
+        {"scaling": "ntk", "factor": 4.0},
+        {"scaling": "yarn", "factor": 4.0, "original_max_len": 64},
+    ],
     ids=["plain", "linear", "ntk", "yarn"],
 )
 def test_rope_logits_depend_only_on_relative_position(options):
     rope = poslab.build_encoding("rope", n_heads=2, head_dim=16, **options).double()
     q, k, _ = qkv(h=2, t=8, d=16)
     pos = torch.arange(8)
+
     def logits(shift):
         qr, kr = rope.rotate(q, k, pos + shift, pos + shift)
         return qr @ kr.transpose(-1, -2)
+
     torch.testing.assert_close(logits(0), logits(37))
     torch.testing.assert_close(logits(0), logits(1000))
     assert not torch.allclose(logits(0), q @ k.transpose(-1, -2))  # it does rotate
@@ -143,8 +156,9 @@ def test_rope_linear_interpolation_divides_positions():
 
 def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
     plain = poslab.build_encoding("rope", n_heads=1, head_dim=64)
-    yarn = poslab.build_encoding("rope", n_heads=1, head_dim=64, scaling="yarn", factor=8.0,
-                                 original_max_len=2048)
+    yarn = poslab.build_encoding(
+        "rope", n_heads=1, head_dim=64, scaling="yarn", factor=8.0, original_max_len=2048
+    )
     ratio = yarn.inv_freq / plain.inv_freq
     assert ratio[0].item() == pytest.approx(1.0)  # many turns in the context: untouched
     assert ratio[-1].item() == pytest.approx(1 / 8)  # less than one turn: interpolated

@@ -28,7 +28,9 @@ def softmax_rows(logits: list[list[torch.Tensor]], visible) -> list[list[torch.T
         m = max(row[j].detach() for j in js)
         exps = {j: torch.exp(row[j] - m) for j in js}
         total = sum(exps.values())
-        out.append([exps[j] / total if j in exps else torch.zeros((), dtype=torch.float64) for j in range(len(row))])
+        out.append(
+            [exps[j] / total if j in exps else torch.zeros((), dtype=torch.float64) for j in range(len(row))]
+        )
     return out
 
 
@@ -54,7 +56,7 @@ def naive_cope(q, k, v, table, *, causal, gate_key=None, gate_values=False):
     def gate(b, h, i, t):
         key = v[b, h, t] if gate_values else k[b, h, t]
         if gate_key is not None:
-            key = gate_key[h] .t() @ k[b, h, t]
+            key = gate_key[h].t() @ k[b, h, t]
         return torch.sigmoid(q[b, h, i] @ key / scale)
 
     def logit(b, h, i, j):
@@ -79,7 +81,11 @@ def grads(out, tensors, probe):
 def test_cope_matches_naive_float64(causal, variant):
     npos = 4  # below T, so the clamp is exercised
     enc = poslab.build_encoding(
-        "cope", n_heads=H, head_dim=DH, npos_max=npos, sep_key=variant == "sep_key",
+        "cope",
+        n_heads=H,
+        head_dim=DH,
+        npos_max=npos,
+        sep_key=variant == "sep_key",
         val_gates=variant == "val_gates",
     ).double()
     with torch.no_grad():
@@ -89,8 +95,13 @@ def test_cope_matches_naive_float64(causal, variant):
     q, k, v = rand(B, H, T, DH), rand(B, H, T, DH), rand(B, H, T, DH)
     out = poslab.attend(q, k, v, enc, causal=causal)
     ref = naive_cope(
-        q, k, v, enc.pos_emb, causal=causal,
-        gate_key=enc.gate_key if variant == "sep_key" else None, gate_values=variant == "val_gates",
+        q,
+        k,
+        v,
+        enc.pos_emb,
+        causal=causal,
+        gate_key=enc.gate_key if variant == "sep_key" else None,
+        gate_values=variant == "val_gates",
     )
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     params = [q, k, v, enc.pos_emb] + ([enc.gate_key] if variant == "sep_key" else [])
@@ -118,7 +129,9 @@ def naive_dape(q, k, v, enc, causal):
             return torch.zeros(2 * q.shape[1], dtype=torch.float64)
         if j < 0 or j >= n:  # convolution zero padding
             return torch.zeros(2 * q.shape[1], dtype=torch.float64)
-        return torch.stack([a(b, h, i, j) for h in range(q.shape[1])] + [bias(h, i, j) for h in range(q.shape[1])])
+        return torch.stack(
+            [a(b, h, i, j) for h in range(q.shape[1])] + [bias(h, i, j) for h in range(q.shape[1])]
+        )
 
     leaky = torch.nn.functional.leaky_relu
     if enc.kernel_size == 1:
@@ -157,7 +170,9 @@ def naive_dape(q, k, v, enc, causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("kernel_size", [1, 3], ids=["v1", "v2"])
 def test_dape_alibi_matches_naive_float64(kernel_size, causal):
-    enc = poslab.build_encoding("dape", n_heads=H, head_dim=DH, base="alibi", width=5, kernel_size=kernel_size).double()
+    enc = poslab.build_encoding(
+        "dape", n_heads=H, head_dim=DH, base="alibi", width=5, kernel_size=kernel_size
+    ).double()
     q, k, v = rand(B, H, 5, DH), rand(B, H, 5, DH), rand(B, H, 5, DH)
     out = poslab.attend(q, k, v, enc, causal=causal)
     ref = naive_dape(q, k, v, enc, causal)

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, causal_mask
 
@@ -47,6 +48,7 @@ def attend(
     causal: bool = True,
     positions: Tensor | None = None,
     impl: Impl = "auto",
+    block_size: int | None = None,
 ) -> Tensor:
     """Scaled dot-product attention with a position encoding.
 
@@ -57,8 +59,16 @@ def attend(
         causal: decoder (key j visible to query i iff j <= i) or encoder (all keys visible).
         positions: (T,) integer positions of the queries; default S - T + arange(T), i.e. the queries
             are the last T keys (a full forward when T == S, cached decoding when T < S).
-        impl: 'auto' (fused SDPA when the encoding allows it), 'fused' (raise if it does not), or
-            'eager' (the reference path).
+        impl: 'auto' (fused SDPA when the encoding allows it, else the encoding's fused block kernel
+            or the eager block path, query block by query block), 'fused' (SDPA only; raise if the
+            encoding rewrites logits), or 'eager' (the reference path: everything materialised).
+        block_size: queries per block for the blockwise paths; None picks one from the shapes so
+            that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
+
+    Blocks are exact: every query row is independent and sees the keys up to its own position
+    (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
+    With gradients on, the eager block path recomputes each block in backward (checkpointing), and
+    the fused kernels recompute by design, so training memory is bounded too.
 
     Returns:
         (B, H, T, Dv) attention outputs.
@@ -66,6 +76,8 @@ def attend(
     check_qkv(q, k, v)
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    if block_size is not None and block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     n_queries, n_keys = q.shape[2], k.shape[2]
     if positions is None:
         if n_queries > n_keys:
@@ -75,21 +87,84 @@ def attend(
         raise ValueError(f"positions must have shape ({n_queries},), got {tuple(positions.shape)}")
     q_pos, k_pos = positions.to(q.device), torch.arange(n_keys, device=q.device)
 
-    bias = None
     if encoding is not None:
         encoding.check_mode(causal)
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
         if "rotate" in encoding.hooks:
             q, k = encoding.rotate(q, k, q_pos, k_pos)
-        if "bias" in encoding.hooks:
-            bias = encoding.bias(q_pos, k_pos, causal=causal)
-
+    has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits
     if impl == "fused" and rewrites:
         raise ValueError(f"encoding {encoding.name!r} rewrites logits; the fused path cannot run it")
-    if impl == "eager" or rewrites:
+
+    if impl == "eager":
+        bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal)
-    return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
+    if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
+        bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
+        return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
+    channels = getattr(encoding, "block_channels", q.shape[1])
+    block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
+    return blockwise_attention(q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block)
+
+
+# A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in
+# the allocator's heap on CPU and in cache-friendly sizes, large enough to amortise Python overhead.
+BLOCK_ELEMENTS = 2**21
+# A full (H, T, S) float bias up to this size is handed to SDPA in one piece; larger ones go blockwise.
+SDPA_BIAS_ELEMENTS = 2**26
+
+
+def auto_block_size(batch: int, channels: int, n_queries: int, n_keys: int) -> int:
+    """The largest power of two t (at least 16) with batch * channels * t * n_keys <= BLOCK_ELEMENTS."""
+    t = max(1, BLOCK_ELEMENTS // max(1, batch * channels * n_keys))
+    return min(n_queries, max(16, 1 << (t.bit_length() - 1)))
+
+
+def blockwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    encoding: PositionEncoding | None,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    causal: bool,
+    block_size: int,
+) -> Tensor:
+    """Attention query block by query block (q and k already rotated); exact, O(block x S) memory.
+
+    Each block uses, in order of preference: the encoding's fused kernel (``attention_block``),
+    SDPA with the block's bias (bias-only encodings), or the eager path, checkpointed when gradients
+    are needed so that backward recomputes the block instead of keeping its (t, S) tensors.
+    """
+    has_bias = encoding is not None and "bias" in encoding.hooks
+    rewrites = encoding is not None and encoding.uses_logits
+    outputs = []
+    for start in range(0, q.shape[2], block_size):
+        qb, pb = q[:, :, start : start + block_size], q_pos[start : start + block_size]
+        n_visible = min(int(pb.max()) + 1, k.shape[2]) if causal else k.shape[2]
+        kb, vb, kpb = k[:, :, :n_visible], v[:, :, :n_visible], k_pos[:n_visible]
+        bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        if not rewrites:
+            outputs.append(fused_attention(qb, kb, vb, bias, pb, kpb, causal=causal))
+            continue
+        keep = causal_mask(pb, kpb) if causal else None
+        out = encoding.attention_block(qb, kb, vb, bias, pb, kpb, keep, causal=causal)
+        if out is None:
+            args = (qb, kb, vb, encoding, bias, pb, kpb)
+            if torch.is_grad_enabled() and q.shape[2] > block_size:
+                out = checkpoint(_eager_block, *args, causal, use_reentrant=False)
+            else:
+                out = eager_attention(*args, causal=causal)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
+
+
+def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal):
+    return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal)
 
 
 def eager_attention(

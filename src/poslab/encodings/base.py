@@ -85,6 +85,24 @@ class PositionEncoding(nn.Module):
         """Final pre-mask logits (B, H, T, S) from ``scores`` = q.k/sqrt(Dh) and the summed ``bias``."""
         return scores if bias is None else scores + bias
 
+    def attention_block(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        keep: Tensor | None,
+        *,
+        causal: bool,
+    ) -> Tensor | None:
+        """Optional fused kernel for logits rewriters: softmax(logits, masked by ``keep``) @ v for one
+        query block, or None to let the attention run the eager path. ``keep`` (t, S) is the causal
+        visibility (None when bidirectional). It must equal the eager path exactly (up to rounding).
+        """
+        return None
+
     # -- properties the attention uses ------------------------------------------------------------
     @property
     def uses_logits(self) -> bool:
@@ -96,9 +114,7 @@ class PositionEncoding(nn.Module):
         if causal and not self.supports_causal:
             raise ValueError(f"encoding {self.name!r} is not defined for causal attention")
         if not causal and not self.supports_bidirectional:
-            raise ValueError(
-                f"encoding {self.name!r} is not defined for bidirectional (encoder) attention"
-            )
+            raise ValueError(f"encoding {self.name!r} is not defined for bidirectional (encoder) attention")
 
     def check_length(self, max_position: int) -> None:
         """Raise ValueError when positions up to ``max_position`` cannot be encoded."""
@@ -183,7 +199,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, body = match.group(1), match.group(2)
     options: dict[str, Any] = {}
     if body:
-        for item in body.split(","):
+        for item in re.split(r",(?![^()]*\))", body):  # a comma inside (...) is part of a value
             if "=" not in item:
                 raise ValueError(f"encoding spec {spec!r}: option {item.strip()!r} has no '='")
             key, value = (part.strip() for part in item.split("=", 1))

@@ -91,5 +91,15 @@ class Composite(PositionEncoding):
             bias = None
         return scores
 
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal):
+        rewriters = [p for p in self.parts if p.uses_logits]
+        if len(rewriters) != 1:
+            return None
+        return rewriters[0].attention_block(q, k, v, bias, q_pos, k_pos, keep, causal=causal)
+
+    @property
+    def block_channels(self) -> int:
+        return max(getattr(p, "block_channels", self.n_heads) for p in self.parts)
+
     def extra_repr(self) -> str:
         return f"{self.name}"

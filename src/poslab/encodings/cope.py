@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from poslab.encodings.base import PositionEncoding, causal_mask, check_positive, register
 from poslab.encodings.relative import gather_positions
+from poslab.kernels.cope import cope_attention
 
 
 def cope_positions(gates: Tensor, q_pos: Tensor, *, causal: bool) -> Tensor:
@@ -115,6 +116,12 @@ class CoPE(PositionEncoding):
         z_ceil = gather_positions(z, pos.ceil().long())
         out = scores + z_floor + weight * (z_ceil - z_floor)
         return out if bias is None else out + bias
+
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal):
+        custom_gates = type(self).gate_logits is not CoPE.gate_logits
+        if not causal or self.sep_key or self.val_gates or custom_gates:
+            return None  # these variants (and subclasses with their own gates) take the eager path
+        return cope_attention(q, k, v, self.pos_emb, bias, keep, self.npos_max)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, npos_max={self.npos_max}"

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, build_encoding, causal_mask, check_positive, register
+from poslab.encodings.base import (
+    PositionEncoding,
+    build_encoding,
+    causal_mask,
+    check_positive,
+    register,
+)
+from poslab.kernels.dape import dape_attention
 
 # Which terms the final logits hold: A the raw logits, B the base bias, f the learned mixer.
 FORMS = {
@@ -138,6 +145,16 @@ class DAPE(PositionEncoding):
         if causal and self.kernel_size > 1:
             keep = causal_mask(q_pos, k_pos).to(scores.dtype)
         return out + self.mix(features, keep)
+
+    @property
+    def block_channels(self) -> int:
+        """Channels of the largest per-block intermediate (the hidden map), for sizing query blocks."""
+        return max(self.n_heads, self.width if self.mlp is not None else 0)
+
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal):
+        if self.kernel_size != 1 or self.mlp is None or not self.reads_logits:
+            return None  # V2 and the f(B) ablations take the eager path
+        return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, form={self.form}, width={self.width}, kernel_size={self.kernel_size}"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, as_float, check_positive, register, relative_distance
+from poslab.encodings.base import (
+    PositionEncoding,
+    as_float,
+    check_positive,
+    register,
+    relative_distance,
+)
 
 
 @register("fire")

@@ -33,9 +33,7 @@ class T5Bias(PositionEncoding):
     hooks = frozenset({"bias"})
     shared_across_layers = True
 
-    def __init__(
-        self, *, n_heads: int, head_dim: int, n_buckets: int = 32, max_distance: int = 128
-    ) -> None:
+    def __init__(self, *, n_heads: int, head_dim: int, n_buckets: int = 32, max_distance: int = 128) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         check_positive(n_buckets=n_buckets, max_distance=max_distance)
         if n_buckets < 4 or max_distance <= n_buckets // 2:

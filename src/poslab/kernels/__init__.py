@@ -1,0 +1,1 @@
+"""Fused attention kernels for context-dependent encodings (CoPE, DAPE), per query block."""

@@ -1,0 +1,103 @@
+"""Fused CoPE attention for one block of queries, with a hand-written backward.
+
+Exactly the math of ``poslab.encodings.cope.CoPE`` followed by mask, softmax and the value product
+(DESIGN.md section 3), but: the forward keeps nothing of size (T, S) for backward (only the output
+and the row log-sum-exp), the backward recomputes the block, and intermediate tensors are reused in
+place. On CPU the allocation of large fresh tensors costs as much as the arithmetic, so fewer, reused
+buffers are most of the speed-up; memory stays O(block x S).
+
+Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - z[floor p]):
+    dlogits = a * (dO . v_j - dO . o_i)                   softmax and value product
+    dz[floor p] += dlogits * (1 - w);  dz[ceil p] += dlogits * w
+    dp = dlogits * d           (zero where p was clamped, since then floor p = ceil p)
+    dg_it = sum_{j <= t} dp_ij (p is a reverse cumulative sum of the gates)
+    ds = dlogits + dg * g * (1 - g)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _forward_block(q, k, v, table, bias, keep, npos_max):
+    """All the block's intermediates, (B, H, t, S) each, reusing buffers where the math allows."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, S): A
+    gates = torch.sigmoid(logits)
+    if keep is not None:
+        gates.masked_fill_(~keep, 0.0)
+    pos = gates.cumsum(-1)  # p = rowsum - cumsum + g
+    total = pos[..., -1:].clone()
+    pos.neg_().add_(total).add_(gates).clamp_(max=npos_max - 1)
+    idx_ceil = pos.ceil().long()
+    floor = pos.floor()
+    idx_floor = floor.long()
+    weight = pos.sub_(floor)  # w = p - floor p, in p's buffer
+    z = torch.matmul(q, table.t()).mul_(scale)  # (B, H, t, P)
+    z_floor = z.gather(-1, idx_floor)
+    delta = z.gather(-1, idx_ceil).sub_(z_floor)  # d = z[ceil] - z[floor]
+    logits.add_(z_floor).addcmul_(weight, delta)
+    if bias is not None:
+        logits.add_(bias)
+    if keep is not None:
+        logits.masked_fill_(~keep, float("-inf"))
+    return logits, gates, weight, delta, idx_floor, idx_ceil
+
+
+class CoPEAttentionFn(torch.autograd.Function):
+    """softmax(CoPE logits + bias, causal) @ v for one query block; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, bias, keep, npos_max):  # noqa: D102
+        logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, H, t, 1)
+        out = torch.matmul(logits.sub_(lse).exp_(), v)
+        ctx.save_for_backward(q, k, v, table, bias, keep, out, lse)
+        ctx.npos_max = npos_max
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, table, bias, keep, out, lse = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        logits, gates, weight, delta, idx_floor, idx_ceil = _forward_block(
+            q, k, v, table, bias, keep, ctx.npos_max
+        )
+        probs = logits.sub_(lse).exp_()  # (B, H, t, S)
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        row = (grad_out * out).sum(-1, keepdim=True)  # (B, H, t, 1)
+        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)
+
+        grad_z = torch.zeros(*q.shape[:-1], table.shape[0], dtype=q.dtype, device=q.device)
+        upper = torch.mul(grad_logits, weight, out=probs)  # probs' buffer is free now
+        grad_z.scatter_add_(-1, idx_ceil, upper)
+        grad_z.scatter_add_(-1, idx_floor, torch.sub(grad_logits, upper, out=upper))
+        grad_gates = delta.mul_(grad_logits).cumsum_(-1)  # dg_it = sum_{j<=t} dp_ij
+        grad_gates.mul_(gates)
+        grad_gates.mul_(gates.neg_().add_(1.0))  # * g (1 - g); g = 0 in the future
+        grad_scores = grad_logits.add_(grad_gates).mul_(scale)  # dA, scaled for the q.k product
+
+        grad_q = torch.matmul(grad_scores, k).add_(torch.matmul(grad_z, table), alpha=scale)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+        grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
+        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None
+
+
+def cope_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    npos_max: int,
+) -> Tensor:
+    """Fused CoPE attention: q (B, H, t, Dh), k and v (B, H, S, Dh), table (P, Dh), bias (H, t, S) or
+    None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh)."""
+    return CoPEAttentionFn.apply(q, k, v, table.to(q.dtype), bias, keep, npos_max)
