@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_ENCODINGS
 
 import poslab
+from conftest import ALL_ENCODINGS
 
 
 def encoding64(name: str, n_heads: int = 2, head_dim: int = 8) -> poslab.PositionEncoding:

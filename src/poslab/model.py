@@ -155,9 +155,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.d_model)
         self.norm2 = nn.LayerNorm(config.d_model)
         self.attn = SelfAttention(config)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, d_ff), nn.GELU(), nn.Linear(d_ff, config.d_model)
-        )
+        self.mlp = nn.Sequential(nn.Linear(config.d_model, d_ff), nn.GELU(), nn.Linear(d_ff, config.d_model))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, encoding: PositionEncoding, positions: Tensor, cache=None, layer=0):
