@@ -1,8 +1,8 @@
 """Fused DAPE attention (pointwise MLP, kernel_size 1) for one block of queries, hand-written backward.
 
 logits = A + [B] + W2 leaky(W1a A + W1b B + b1) + b2 (DESIGN.md section 4), then mask, softmax and
-the value product. The MLP runs channel-first as small matrix products over (B, C, t*S), so no
-(B, t, S, C) permutes are made; W1b B + b1 depends on positions only and is computed once per block,
+the value product. The MLP runs channels-last as plain matrix products over (B*t*S, C) rows, so
+only H-channel tensors are transposed, never the D-channel hidden map; W1b B + b1 depends on positions only and is computed once per block,
 not per batch element. Forward keeps only the output and the row log-sum-exp; backward recomputes
 the block. The hidden map is D/H times the size of the scores, so blocks should be smaller than for
 plain attention (the caller sizes them).
@@ -18,25 +18,29 @@ from torch import Tensor
 
 
 def _forward_block(q, k, bias, keep, w1, b1, w2, b2, add_base):
-    """Scores A, hidden map (after LeakyReLU) and final logits, (B, C, t, S) each."""
+    """Scores A (B, H, t, S), A channels-last (B*t*S, H), hidden map (B*t*S, D), final logits."""
     n_batch, n_heads, t, _ = q.shape
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, S)
     s = scores.shape[-1]
-    flat = scores.view(n_batch, n_heads, t * s)
-    hidden = torch.matmul(w1[:, :n_heads], flat)  # (B, D, t*S)
+    # Channels-last for the MLP: only H-channel tensors are transposed; the D-channel hidden map
+    # comes out of one contiguous matrix product.
+    scores_last = scores.permute(0, 2, 3, 1).reshape(n_batch * t * s, n_heads)
+    hidden = torch.mm(scores_last, w1[:, :n_heads].t())  # (B*t*S, D)
     if bias is None:
-        hidden.add_(b1[:, None])
-    else:
-        hidden.add_(torch.addmm(b1[:, None], w1[:, n_heads:], bias.reshape(n_heads, t * s)))
+        position_part = b1
+    else:  # W1b B + b1 depends on positions only: once per block, broadcast over the batch
+        bias_last = bias.permute(1, 2, 0).reshape(t * s, n_heads)
+        position_part = torch.addmm(b1, bias_last, w1[:, n_heads:].t())  # (t*S, D)
+    hidden.view(n_batch, t * s, -1).add_(position_part)
     F.leaky_relu_(hidden, 0.01)
-    logits = torch.matmul(w2, hidden).add_(b2[:, None]).add_(flat)  # (B, H, t*S)
-    logits = logits.view(n_batch, n_heads, t, s)
+    mixed = torch.addmm(b2, hidden, w2.t())  # (B*t*S, H)
+    logits = scores.clone().add_(mixed.view(n_batch, t, s, n_heads).permute(0, 3, 1, 2))
     if add_base and bias is not None:
         logits.add_(bias)
     if keep is not None:
         logits.masked_fill_(~keep, float("-inf"))
-    return scores, hidden, logits
+    return scores_last, hidden, logits
 
 
 class DAPEAttentionFn(torch.autograd.Function):
@@ -56,35 +60,33 @@ class DAPEAttentionFn(torch.autograd.Function):
         q, k, v, bias, keep, w1, b1, w2, b2, out, lse = ctx.saved_tensors
         n_batch, n_heads, t, _ = q.shape
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores, hidden, logits = _forward_block(q, k, bias, keep, w1, b1, w2, b2, ctx.add_base)
-        s = scores.shape[-1]
+        scores_last, hidden, logits = _forward_block(q, k, bias, keep, w1, b1, w2, b2, ctx.add_base)
+        s = logits.shape[-1]
         probs = logits.sub_(lse).exp_()
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
         row = (grad_out * out).sum(-1, keepdim=True)
-        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)
-        flat_grad = grad_logits.view(n_batch, n_heads, t * s)  # (B, H, t*S)
+        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)  # (B, H, t, S)
+        grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_batch * t * s, n_heads)
 
-        grad_w2 = torch.matmul(flat_grad, hidden.transpose(-1, -2)).sum(0)  # (H, D)
-        grad_b2 = flat_grad.sum((0, 2))
-        grad_pre = torch.ops.aten.leaky_relu_backward(
-            torch.matmul(w2.t(), flat_grad), hidden, 0.01, True
-        )  # (B, D, t*S)
-        del hidden
-        flat_scores = scores.view(n_batch, n_heads, t * s)
+        grad_w2 = torch.mm(grad_last.t(), hidden)  # (H, D)
+        grad_b2 = grad_last.sum(0)
+        grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, 0.01, True)
+        del hidden  # (B*t*S, D)
         grad_w1 = torch.zeros_like(w1)
-        grad_w1[:, :n_heads] = torch.matmul(grad_pre, flat_scores.transpose(-1, -2)).sum(0)
-        grad_b1 = grad_pre.sum((0, 2))
+        grad_w1[:, :n_heads] = torch.mm(grad_pre.t(), scores_last)
+        grad_b1 = grad_pre.sum(0)
         grad_bias = None
         if bias is not None:
-            pre_sum = grad_pre.sum(0)  # (D, t*S): B is the same for every batch element
-            grad_w1[:, n_heads:] = torch.matmul(pre_sum, bias.reshape(n_heads, t * s).t())
+            pre_sum = grad_pre.view(n_batch, t * s, -1).sum(0)  # (t*S, D): B is shared by the batch
+            bias_last = bias.permute(1, 2, 0).reshape(t * s, n_heads)
+            grad_w1[:, n_heads:] = torch.mm(pre_sum.t(), bias_last)
             if ctx.needs_input_grad[3]:
-                grad_bias = torch.matmul(w1[:, n_heads:].t(), pre_sum).view(n_heads, t, s)
+                grad_bias = torch.mm(pre_sum, w1[:, n_heads:]).view(t, s, n_heads).permute(2, 0, 1)
                 if ctx.add_base:
-                    grad_bias.add_(grad_logits.sum(0))
+                    grad_bias = grad_bias + grad_logits.sum(0)
                 grad_bias = grad_bias.sum_to_size(bias.shape)
-        grad_scores = flat_grad.add_(torch.matmul(w1[:, :n_heads].t(), grad_pre)).mul_(scale)
-        grad_scores = grad_scores.view(n_batch, n_heads, t, s)
+        grad_from_mlp = torch.mm(grad_pre, w1[:, :n_heads]).view(n_batch, t, s, n_heads)
+        grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(scale)
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
         return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None

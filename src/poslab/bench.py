@@ -1,0 +1,333 @@
+"""Benchmarks: attention and training-step speed against baselines measured in the same run, peak
+memory at long lengths, and cached against recomputed decoding.
+
+Every ratio is measured side by side: the candidates of one table are run interleaved, round after
+round, and the median of each is divided by the baseline's median from the same rounds. Timings on a
+shared machine are noisy; ratios from one run are the quantity to read, not absolute milliseconds.
+This is a benchmark, never a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import poslab
+from poslab.model import ModelConfig, build_model, masked_cross_entropy
+
+ATTENTION_ENCODINGS = [
+    "nope",
+    "rope",
+    "alibi",
+    "kerple_log",
+    "fire",
+    "t5",
+    "cope",
+    "cope+rope",
+    "dape",
+    "dape[kernel_size=3]",
+]
+STEP_ENCODINGS = ["rope", "nope", "alibi", "kerple_log", "fire", "cope", "dape", "dape[base=kerple_log]"]
+MEMORY_ENCODINGS = [
+    "nope", "learned", "sinusoidal", "rope", "alibi", "t5", "kerple_log", "kerple_power", "fire", "sandwich",
+    "relative", "cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[kernel_size=3]",
+]  # fmt: skip
+
+
+@dataclass
+class Table:
+    """One benchmark table: a title, column names and rows (dicts), plus the settings it ran with."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        def fmt(v: Any) -> str:
+            return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+        lines = [f"### {self.title}", "", f"settings: {json.dumps(self.settings)}", ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "---|" * len(self.columns))
+        lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in self.columns) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each function, running them in turn, round after round (warm-up rounds first)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _perturbed(encoding: poslab.PositionEncoding) -> poslab.PositionEncoding:
+    """Zero-initialised tables (CoPE) would make some work trivially cheap: give them values."""
+    with torch.no_grad():
+        for p in encoding.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return encoding
+
+
+def bench_attention(
+    *, batch: int = 8, heads: int = 4, length: int = 512, head_dim: int = 32, repeats: int = 7,
+    encodings: list[str] | None = None, device: str = "cpu",
+) -> Table:  # fmt: skip
+    """Causal attention of each encoding, 'auto' path (after) and eager reference (before), against
+    causal SDPA; forward+backward and forward only."""
+    dev = torch.device(device)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=dev, requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, heads, length, head_dim, device=dev)
+
+    def fwd_bwd(fn):
+        def run():
+            fn().backward(grad)
+            _sync(dev)
+
+        return run
+
+    def fwd(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+            _sync(dev)
+
+        return run
+
+    def plain_materialised():
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+        mask = torch.ones(length, length, dtype=torch.bool, device=dev).tril()
+        return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v
+
+    candidates: dict[str, Callable[[], torch.Tensor]] = {
+        "sdpa (causal)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "plain materialised": plain_materialised,
+    }
+    for name in encodings or ATTENTION_ENCODINGS:
+        enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim)).to(dev)
+        candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
+        if enc.uses_logits:
+            candidates[f"{name} (eager)"] = lambda enc=enc: poslab.attend(q, k, v, enc, impl="eager")
+    both = interleaved_medians({n: fwd_bwd(f) for n, f in candidates.items()}, repeats=repeats)
+    forward = interleaved_medians({n: fwd(f) for n, f in candidates.items()}, repeats=repeats)
+    base_b, base_f = both["sdpa (causal)"], forward["sdpa (causal)"]
+    table = Table(
+        "Attention, causal, against SDPA in the same run",
+        ["attention", "fwd+bwd ms", "fwd+bwd / sdpa", "fwd ms", "fwd / sdpa"],
+        settings=dict(
+            batch=batch, heads=heads, length=length, head_dim=head_dim, repeats=repeats, device=device
+        ),
+    )
+    for name in candidates:
+        table.rows.append(
+            {
+                "attention": name,
+                "fwd+bwd ms": both[name] * 1e3,
+                "fwd+bwd / sdpa": both[name] / base_b,
+                "fwd ms": forward[name] * 1e3,
+                "fwd / sdpa": forward[name] / base_f,
+            }
+        )
+    return table
+
+
+def bench_train_step(
+    *, d_model: int = 128, layers: int = 2, heads: int = 4, batch: int = 8, length: int = 512,
+    vocab: int = 256, repeats: int = 5, encodings: list[str] | None = None, device: str = "cpu",
+) -> Table:  # fmt: skip
+    """One AdamW training step of a small decoder per encoding, against the RoPE model."""
+    dev = torch.device(device)
+    names = encodings or STEP_ENCODINGS
+    if "rope" not in names:
+        names = ["rope", *names]
+    x = torch.randint(0, vocab, (batch, length + 1), device=dev)
+    steps = {}
+    for name in names:
+        cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name)
+        model = build_model(cfg).to(dev)
+        _perturbed_model(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            masked_cross_entropy(model(x[:, :-1]), x[:, 1:]).backward()
+            opt.step()
+            _sync(dev)
+
+        steps[name] = step
+    medians = interleaved_medians(steps, repeats=repeats)
+    table = Table(
+        "Training step (forward, backward, AdamW), against the RoPE model in the same run",
+        ["encoding", "step ms", "step / rope"],
+        settings=dict(d_model=d_model, layers=layers, heads=heads, batch=batch, length=length, device=device),
+    )
+    for name in names:
+        table.rows.append(
+            {"encoding": name, "step ms": medians[name] * 1e3, "step / rope": medians[name] / medians["rope"]}
+        )
+    return table
+
+
+def _perturbed_model(model: torch.nn.Module) -> None:
+    for enc in model.encodings:
+        _perturbed(enc)
+
+
+def bench_decode(
+    *, n_new: int = 256, prompt: int = 16, d_model: int = 128, layers: int = 2, heads: int = 4,
+    encodings: list[str] | None = None, device: str = "cpu",
+) -> Table:  # fmt: skip
+    """Greedy generation of n_new tokens with the KV cache against recomputing the full forward."""
+    dev = torch.device(device)
+    table = Table(
+        "Decoding with the KV cache against recomputing the full forward each step",
+        ["encoding", "cached s", "recompute s", "speed-up", "identical"],
+        settings=dict(n_new=n_new, prompt=prompt, d_model=d_model, layers=layers, heads=heads, device=device),
+    )
+    x = torch.randint(0, 256, (1, prompt), device=dev)
+    for name in encodings or ["rope", "alibi", "cope", "dape", "dape[kernel_size=3]"]:
+        cfg = ModelConfig(
+            vocab_size=256,
+            d_model=d_model,
+            n_layers=layers,
+            n_heads=heads,
+            encoding=name,
+            max_len=prompt + n_new,
+        )
+        model = build_model(cfg).to(dev).eval()
+        _perturbed_model(model)
+        outs: dict[str, torch.Tensor] = {}
+        medians = interleaved_medians(
+            {
+                "cached": lambda m=model: outs.__setitem__("cached", m.generate(x, n_new, use_cache=True)),
+                "full": lambda m=model: outs.__setitem__("full", m.generate(x, n_new, use_cache=False)),
+            },
+            repeats=1,
+            warmup=0,
+        )
+        table.rows.append(
+            {
+                "encoding": name,
+                "cached s": medians["cached"],
+                "recompute s": medians["full"],
+                "speed-up": medians["full"] / medians["cached"],
+                "identical": bool(torch.equal(outs["cached"], outs["full"])),
+            }
+        )
+    return table
+
+
+def _peak_memory_child(name: str, length: int, layers: int, d_model: int, heads: int, device: str) -> dict:
+    """Run in a fresh process: one forward at ``length``; report the memory it added at its peak."""
+    dev = torch.device(device)
+    cfg = ModelConfig(
+        vocab_size=256, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name, max_len=length
+    )
+    model = build_model(cfg).to(dev).eval()
+    x = torch.randint(0, 256, (1, length), device=dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = _max_rss_bytes()
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(x)
+    elapsed = time.perf_counter() - start
+    finite = bool(torch.isfinite(logits).all())
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _max_rss_bytes()
+    return {"encoding": name, "peak MB": peak / 2**20, "added MB": (peak - before) / 2**20,
+            "seconds": elapsed, "finite": finite}  # fmt: skip
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def bench_memory(
+    *, length: int = 16384, layers: int = 4, d_model: int = 256, heads: int = 4,
+    encodings: list[str] | None = None, device: str = "cpu",
+) -> Table:  # fmt: skip
+    """Peak memory of one inference forward at ``length`` (B=1), each encoding in its own process.
+
+    On CPU the peak is the process's maximum resident set (it includes Python, torch and the model);
+    'added' is the peak minus the maximum before the forward. On CUDA both are allocator numbers.
+    """
+    table = Table(
+        "Inference peak memory at long length (B=1), one process per encoding",
+        ["encoding", "peak MB", "added MB", "seconds", "finite"],
+        settings=dict(length=length, layers=layers, d_model=d_model, heads=heads, device=device),
+    )
+    for name in encodings or MEMORY_ENCODINGS:
+        code = (
+            "import json, sys; from poslab.bench import _peak_memory_child; "
+            f"print(json.dumps(_peak_memory_child({name!r}, {length}, {layers}, {d_model}, {heads}, {device!r})))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+            table.rows.append({"encoding": name, "peak MB": "failed", "added MB": last[:60]})
+            continue
+        table.rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return table
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+SECTIONS = ("attention", "step", "decode", "memory")
+
+
+def run_bench(
+    sections: list[str] | tuple[str, ...] = SECTIONS, *, out: str | Path | None = None, quick: bool = False,
+    device: str = "cpu", progress: Callable[[str], None] = print,
+) -> list[Table]:  # fmt: skip
+    """Run the chosen sections, print each table as it finishes, and write them all as JSON to ``out``."""
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    small = dict(length=128, repeats=3) if quick else {}
+    tables = []
+    for section in sections:
+        if section == "attention":
+            table = bench_attention(device=device, **small)
+        elif section == "step":
+            table = bench_train_step(device=device, **small)
+        elif section == "decode":
+            table = bench_decode(device=device, **({"n_new": 32} if quick else {}))
+        else:
+            table = bench_memory(device=device, **({"length": 2048} if quick else {}))
+        progress(table.markdown() + "\n")
+        tables.append(table)
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps([t.__dict__ for t in tables], indent=2, default=str))
+        tmp.replace(path)
+    return tables
