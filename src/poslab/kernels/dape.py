@@ -73,13 +73,14 @@ class DAPEAttentionFn(torch.autograd.Function):
         grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, 0.01, True)
         del hidden  # (B*t*S, D)
         grad_w1 = torch.zeros_like(w1)
-        grad_w1[:, :n_heads] = torch.mm(grad_pre.t(), scores_last)
+        # (H, N) @ (N, D) then transpose: BLAS is far slower reducing as (D, N) @ (N, H).
+        grad_w1[:, :n_heads] = torch.mm(scores_last.t(), grad_pre).t()
         grad_b1 = grad_pre.sum(0)
         grad_bias = None
         if bias is not None:
             pre_sum = grad_pre.view(n_batch, t * s, -1).sum(0)  # (t*S, D): B is shared by the batch
             bias_last = bias.permute(1, 2, 0).reshape(t * s, n_heads)
-            grad_w1[:, n_heads:] = torch.mm(pre_sum.t(), bias_last)
+            grad_w1[:, n_heads:] = torch.mm(bias_last.t(), pre_sum).t()
             if ctx.needs_input_grad[3]:
                 grad_bias = torch.mm(pre_sum, w1[:, n_heads:]).view(t, s, n_heads).permute(2, 0, 1)
                 if ctx.add_base:
