@@ -220,8 +220,10 @@ def bench_decode(
         outs: dict[str, torch.Tensor] = {}
         medians = interleaved_medians(
             {
-                "cached": lambda m=model: outs.__setitem__("cached", m.generate(x, n_new, use_cache=True)),
-                "full": lambda m=model: outs.__setitem__("full", m.generate(x, n_new, use_cache=False)),
+                "cached": lambda m=model, o=outs: o.__setitem__(
+                    "cached", m.generate(x, n_new, use_cache=True)
+                ),
+                "full": lambda m=model, o=outs: o.__setitem__("full", m.generate(x, n_new, use_cache=False)),
             },
             repeats=1,
             warmup=0,
@@ -280,10 +282,8 @@ def bench_memory(
         settings=dict(length=length, layers=layers, d_model=d_model, heads=heads, device=device),
     )
     for name in encodings or MEMORY_ENCODINGS:
-        code = (
-            "import json, sys; from poslab.bench import _peak_memory_child; "
-            f"print(json.dumps(_peak_memory_child({name!r}, {length}, {layers}, {d_model}, {heads}, {device!r})))"
-        )
+        call = f"_peak_memory_child({name!r}, {length}, {layers}, {d_model}, {heads}, {device!r})"
+        code = f"import json; from poslab.bench import _peak_memory_child; print(json.dumps({call}))"
         proc = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy()
         )

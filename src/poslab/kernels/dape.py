@@ -4,8 +4,8 @@ logits = A + [B] + W2 leaky(W1a A + W1b B + b1) + b2 (DESIGN.md section 4), then
 the value product. The MLP runs channels-last as plain matrix products over (B*t*S, C) rows, so
 only H-channel tensors are transposed, never the D-channel hidden map; W1b B + b1 depends on
 positions only and is computed once per block, not per batch element. Forward keeps only the
-output and the row log-sum-exp; backward recomputes the block. The hidden map is D/H times the size of the scores, so blocks should be smaller than for
-plain attention (the caller sizes them).
+output and the row log-sum-exp; backward recomputes the block. The hidden map is D/H times the
+size of the scores, so blocks should be smaller than for plain attention (the caller sizes them).
 """
 
 from __future__ import annotations
