@@ -1,0 +1,51 @@
+"""The benchmark module runs end to end at tiny sizes (its numbers are not asserted: it is no test
+of speed), reports ratios against the baseline of the same run, and writes JSON atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from poslab import bench
+
+
+def test_attention_table_has_ratios_against_sdpa():
+    table = bench.bench_attention(
+        batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["alibi", "cope"]
+    )
+    rows = {r["attention"]: r for r in table.rows}
+    assert set(rows) == {"sdpa (causal)", "plain materialised", "alibi", "cope", "cope (eager)"}
+    assert rows["sdpa (causal)"]["fwd+bwd / sdpa"] == 1.0
+    for r in table.rows:
+        assert r["fwd+bwd / sdpa"] == pytest.approx(r["fwd+bwd ms"] / rows["sdpa (causal)"]["fwd+bwd ms"])
+    assert "| cope (eager) |" in table.markdown()
+
+
+def test_train_step_table_is_relative_to_rope():
+    table = bench.bench_train_step(
+        d_model=16, layers=1, heads=2, batch=1, length=16, repeats=1, encodings=["cope"]
+    )
+    rows = {r["encoding"]: r for r in table.rows}
+    assert rows["rope"]["step / rope"] == 1.0 and "cope" in rows
+
+
+def test_decode_reports_identical_outputs():
+    table = bench.bench_decode(n_new=4, prompt=3, d_model=16, layers=1, heads=2, encodings=["cope", "alibi"])
+    assert [r["identical"] for r in table.rows] == [True, True]
+
+
+def test_memory_runs_each_encoding_in_its_own_process():
+    table = bench.bench_memory(length=64, layers=1, d_model=16, heads=2, encodings=["rope", "nosuch"])
+    good, bad = table.rows
+    assert good["finite"] is True and good["peak MB"] > 0
+    assert bad["peak MB"] == "failed" and "unknown encoding" in bad["added MB"]
+
+
+def test_run_bench_writes_json_and_rejects_unknown_sections(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench_decode", lambda **kw: bench.Table("t", ["a"], [{"a": 1}]))
+    out = tmp_path / "bench.json"
+    tables = bench.run_bench(["decode"], out=out, progress=lambda s: None)
+    assert json.loads(out.read_text())[0]["rows"] == [{"a": 1}] and len(tables) == 1
+    with pytest.raises(ValueError, match="unknown bench section\\(s\\) speed"):
+        bench.run_bench(["speed"])
