@@ -1,0 +1,201 @@
+"""Named run configurations, from a seconds-long smoke test to the papers' GPU-sized setups.
+
+Every preset is a function returning a `RunConfig`; override any field on the command line
+(``poslab train --preset flipflop_small model.encoding=cope train.steps=200``). Preset encodings
+carry no options, so ``model.encoding`` can be swapped for any registered encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from poslab.config import EvalConfig, ModelSpec, RunConfig, TaskConfig, TrainConfig
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+# The encodings of the README's main comparison (`poslab demo`).
+DEMO_ENCODINGS = ("nope", "learned", "rope", "alibi", "cope", "dape")
+
+
+def preset(name: str, description: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
+    """Register a preset function under ``name``."""
+
+    def wrap(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+        PRESETS[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+
+    return wrap
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> RunConfig:
+    """The `RunConfig` of preset ``name``; ValueError listing the known presets otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+    return PRESETS[name]()
+
+
+# -- flip-flop (Liu et al. 2023; CoPE paper section 5.2) -------------------------------------------
+
+# DESIGN.md section 7: the CPU model that already separates the encodings.
+SMALL_DECODER = dict(d_model=64, n_layers=2, n_heads=4, norm="pre")
+
+
+@preset("smoke", "seconds: a 1-layer model on 8-pair flip-flop, for tests and a first try")
+def smoke() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=32, n_layers=1, n_heads=2, encoding="rope"),
+        task=TaskConfig(name="flipflop", train_len=8),
+        train=TrainConfig(
+            steps=30,
+            batch_size=16,
+            lr=3e-3,
+            warmup=5,
+            log_every=5,
+            eval_every=15,
+            checkpoint_every=15,
+        ),
+        eval=EvalConfig(batches=2, batch_size=16),
+    )
+
+
+@preset("flipflop_small", "CPU, minutes: DESIGN.md section 7, 2 layers d 64, 64 pairs, 1500 steps")
+def flipflop_small() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(**SMALL_DECODER, encoding="cope"),
+        task=TaskConfig(name="flipflop", train_len=64),
+        train=TrainConfig(
+            steps=1500,
+            batch_size=32,
+            lr=3e-3,
+            warmup=100,
+            grad_clip=1.0,
+            eval_every=500,
+            checkpoint_every=500,
+        ),
+        eval=EvalConfig(batches=8, batch_size=64),
+    )
+
+
+@preset("flipflop_demo", "CPU, ~10 min for 6 encodings: flipflop_small shortened for `poslab demo`")
+def flipflop_demo() -> RunConfig:
+    return flipflop_small().override(
+        {
+            "train.steps": 600,
+            "train.warmup": 60,
+            "train.eval_every": 0,
+            "train.checkpoint_every": 200,
+        }
+    )
+
+
+@preset("flipflop_paper", "GPU: 256-pair flip-flop, 4 layers d 256 (the CoPE paper's scale)")
+def flipflop_paper() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=256, n_layers=4, n_heads=4, norm="pre", encoding="cope"),
+        task=TaskConfig(name="flipflop", train_len=256),
+        train=TrainConfig(
+            steps=10000,
+            batch_size=64,
+            lr=1e-3,
+            warmup=500,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
+        eval=EvalConfig(batches=16, batch_size=64),
+    )
+
+
+# -- selective copy (Mamba paper; CoPE paper section 5.3) ------------------------------------------
+
+
+@preset("selective_copy_small", "CPU: 16 content tokens among 32 blanks, 2 layers d 64")
+def selective_copy_small() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(**SMALL_DECODER, encoding="cope"),
+        task=TaskConfig(name="selective_copy", options={"n_blanks": 32}, train_len=16),
+        train=TrainConfig(steps=2000, batch_size=32, lr=3e-3, warmup=100),
+        eval=EvalConfig(batches=8, batch_size=64),
+    )
+
+
+@preset("selective_copy_paper", "GPU: 128 content tokens, 128 blanks, 4 layers d 256")
+def selective_copy_paper() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=256, n_layers=4, n_heads=4, norm="pre", encoding="cope"),
+        task=TaskConfig(name="selective_copy", options={"n_blanks": 128}, train_len=128),
+        train=TrainConfig(
+            steps=10000,
+            batch_size=64,
+            lr=1e-3,
+            warmup=500,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
+        eval=EvalConfig(batches=16, batch_size=64),
+    )
+
+
+# -- counting (CoPE paper section 5.4) -------------------------------------------------------------
+
+
+@preset("counting_small", "CPU: 3 variables, up to 32 statements, 2 layers d 64, post-LN")
+def counting_small() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=64, n_layers=2, n_heads=4, norm="post", encoding="cope"),
+        task=TaskConfig(name="counting", options={"n_vars": 3}, train_len=32),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100),
+        eval=EvalConfig(batches=8, batch_size=64),
+    )
+
+
+@preset("counting_paper", "GPU: the paper's 4 layers d 256 4 heads post-LN, 10k training programs")
+def counting_paper() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=256, n_layers=4, n_heads=4, norm="post", encoding="cope"),
+        task=TaskConfig(name="counting", options={"n_vars": 3}, train_len=64, train_pool=10000),
+        train=TrainConfig(
+            steps=10000,
+            batch_size=64,
+            lr=3e-4,
+            warmup=500,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
+        eval=EvalConfig(batches=16, batch_size=64),
+    )
+
+
+# -- Chomsky hierarchy (Deletang et al. 2023, protocol of Ruoss et al. 2023, as in DAPE) -----------
+
+
+@preset("chomsky_small", "CPU: an encoder on parity_check, train lengths 1..40, eval 41..100")
+def chomsky_small() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=64, n_layers=2, n_heads=4, norm="pre", encoding="dape"),
+        task=TaskConfig(name="parity_check", options={"max_train_len": 40, "max_eval_len": 100}),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup=100),
+        eval=EvalConfig(batches=2, batch_size=64, len_stride=6),
+    )
+
+
+@preset("chomsky_paper", "GPU: 5 layers d 256, train lengths 1..40, every length 41..500")
+def chomsky_paper() -> RunConfig:
+    return RunConfig(
+        model=ModelSpec(d_model=256, n_layers=5, n_heads=8, norm="pre", encoding="dape"),
+        task=TaskConfig(name="parity_check", options={"max_train_len": 40, "max_eval_len": 500}),
+        train=TrainConfig(
+            steps=50000,
+            batch_size=128,
+            lr=1e-4,
+            warmup=1000,
+            eval_every=10000,
+            checkpoint_every=5000,
+        ),
+        eval=EvalConfig(batches=4, batch_size=64),
+    )

@@ -1,0 +1,321 @@
+"""Tables and plots from finished runs: mean ± std over seeds per encoding.
+
+`write_report` turns run directories (each with config.json and results.json, see `poslab.train`)
+into ``table.md`` (Markdown), ``results.csv`` (one row per run), ``lengths.csv`` (per-length
+metrics, for tasks evaluated per length), ``results.json`` (runs and summary) and PNG plots:
+``<task>_splits.png`` (the headline metric per split as grouped bars) and ``<task>_lengths.png``
+(accuracy against length, one line per encoding). matplotlib is imported only to plot; without it
+(``pip install poslab[plot]``) the plots are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from poslab.checkpoint import write_json, write_text
+
+log = logging.getLogger("poslab")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run: where it is and what its results.json says."""
+
+    run_dir: Path
+    task: str
+    label: str  # the encoding spec, e.g. 'dape[base=kerple_log]'
+    seed: int
+    results: dict[str, Any]
+
+    @property
+    def splits(self) -> dict[str, dict[str, float]]:
+        return self.results["metrics"]["splits"]
+
+    @property
+    def lengths(self) -> dict[str, dict[str, dict[str, float]]]:
+        return self.results["metrics"].get("lengths") or {}
+
+
+def is_finished_run(path: Path) -> bool:
+    """A run directory with its results (a report directory has results.json but no config.json)."""
+    return (path / "results.json").is_file() and (path / "config.json").is_file()
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Finished run directories given directly or found below the given paths."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ValueError(f"no such run directory: {path}")
+        if is_finished_run(path):
+            found.append(path)
+        else:
+            found.extend(sorted(p.parent for p in path.rglob("results.json") if is_finished_run(p.parent)))
+    if not found:
+        raise ValueError(f"no finished runs (results.json) under {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(found))
+
+
+def load_runs(paths: list[str | Path]) -> list[RunRecord]:
+    """`RunRecord` of every finished run at or below ``paths``."""
+    records = []
+    for run_dir in find_runs(paths):
+        try:
+            results = json.loads((run_dir / "results.json").read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{run_dir / 'results.json'} is not valid JSON ({error.msg})") from None
+        if not results.get("metrics"):
+            raise ValueError(f"{run_dir / 'results.json'} holds no evaluation")
+        records.append(RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results))
+    return records
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float | None]) -> dict[str, float]:
+    """Mean, sample standard deviation (n - 1 in the denominator; 0 for one value) and n, ignoring
+    missing and NaN values (mean and std NaN when none is left)."""
+    xs = [v for v in values if v is not None and not math.isnan(v)]
+    n = len(xs)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def flat_metrics(splits: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"id": {"error": 1.0}}`` -> ``{"id/error": 1.0}``."""
+    return {f"{split}/{key}": value for split, ms in splits.items() for key, value in ms.items()}
+
+
+def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
+    """Per task and encoding (in order of appearance): seeds, n, and mean/std/n of every metric
+    (``"id/error"``) and of every per-length metric (``lengths[split][length][metric]``)."""
+    summary: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault((run.task, run.label), []).append(run)
+    for (task, label), group in groups.items():
+        flats = [flat_metrics(r.splits) for r in group]
+        keys = list(dict.fromkeys(k for f in flats for k in f))
+        entry: dict[str, Any] = {
+            "n": len(group),
+            "seeds": [r.seed for r in group],
+            "headline": group[0].results.get("headline") or "error",
+            "chance": group[0].results.get("chance"),
+            "metrics": {k: mean_std([f.get(k) for f in flats]) for k in keys},
+            "lengths": {},
+        }
+        for split in dict.fromkeys(s for r in group for s in r.lengths):
+            lengths = sorted({int(n) for r in group for n in r.lengths.get(split, {})})
+            entry["lengths"][split] = {
+                str(n): {
+                    metric: mean_std([r.lengths.get(split, {}).get(str(n), {}).get(metric) for r in group])
+                    for metric in dict.fromkeys(
+                        m for r in group for m in r.lengths.get(split, {}).get(str(n), {})
+                    )
+                }
+                for n in lengths
+            }
+        summary.setdefault(task, {})[label] = entry
+    return summary
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+
+def _cell(stats: dict[str, float] | None) -> str:
+    if stats is None or stats["n"] == 0:
+        return "–"
+    if stats["n"] == 1:
+        return f"{stats['mean']:.2f}"
+    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def table_columns(entries: dict[str, Any]) -> list[tuple[str, str]]:
+    """(metric key, column title) pairs: the headline metric of each split, then for error
+    tables the sequence error of each split."""
+    first = next(iter(entries.values()))
+    headline = first["headline"]
+    splits = list(dict.fromkeys(k.split("/")[0] for e in entries.values() for k in e["metrics"]))
+    columns = [(f"{s}/{headline}", f"{s} {headline} %") for s in splits]
+    if headline == "error":
+        columns += [
+            (f"{s}/seq_error", f"{s} seq error %")
+            for s in splits
+            if any(f"{s}/seq_error" in e["metrics"] for e in entries.values())
+        ]
+    return columns
+
+
+def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
+    """One Markdown table per task: encodings as rows, mean ± std over seeds as cells."""
+    blocks = []
+    for task, entries in summary.items():
+        first = next(iter(entries.values()))
+        headline = first["headline"]
+        better = "lower" if headline == "error" else "higher"
+        chance = first.get("chance")
+        chance_note = f", chance {100 - chance:.0f}% error" if headline == "error" and chance else ""
+        if headline == "accuracy" and chance:
+            chance_note = f", chance {chance:.0f}% accuracy"
+        per_length = " (mean over the evaluated lengths)" if first["lengths"] else ""
+        lines = [
+            f"**{task}**: {headline} % per split{per_length}, mean ± sample std over n seeds; "
+            f"{better} is better{chance_note}.",
+            "",
+        ]
+        columns = table_columns(entries)
+        lines.append("| encoding | n | " + " | ".join(title for _, title in columns) + " |")
+        lines.append("|---|---|" + "---|" * len(columns))
+        for label, entry in entries.items():
+            cells = [_cell(entry["metrics"].get(key)) for key, _ in columns]
+            lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def runs_csv(runs: list[RunRecord]) -> str:
+    """One row per run: identification columns, then every split metric."""
+    keys = list(dict.fromkeys(k for r in runs for k in flat_metrics(r.splits)))
+    head = ["task", "encoding", "seed", "run_dir", "step", "n_params", "wall_time"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(head + keys)
+    for r in runs:
+        flat = flat_metrics(r.splits)
+        ident = [r.task, r.label, r.seed, str(r.run_dir)]
+        ident += [r.results.get(k) for k in ("step", "n_params", "wall_time")]
+        writer.writerow(ident + [_csv_value(flat.get(k)) for k in keys])
+    return out.getvalue()
+
+
+def lengths_csv(runs: list[RunRecord]) -> str:
+    """Long format: task, encoding, seed, split, length, metric, value."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["task", "encoding", "seed", "split", "length", "metric", "value"])
+    for r in runs:
+        for split, per_length in r.lengths.items():
+            for length, metrics in per_length.items():
+                for metric, value in metrics.items():
+                    writer.writerow([r.task, r.label, r.seed, split, length, metric, _csv_value(value)])
+    return out.getvalue()
+
+
+def _csv_value(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)
+
+
+def write_report(runs: list[RunRecord], out_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
+    """Write table.md, results.csv, lengths.csv (if any), results.json and the plots to
+    ``out_dir``; return ``{"table": markdown, "files": [paths written]}``."""
+    if not runs:
+        raise ValueError("no runs to report")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(runs)
+    table = markdown_table(summary)
+    files = [out_dir / "table.md", out_dir / "results.csv", out_dir / "results.json"]
+    write_text(files[0], table)
+    write_text(files[1], runs_csv(runs))
+    write_json(files[2], {"runs": [_run_json(r) for r in runs], "summary": summary})
+    if any(r.lengths for r in runs):
+        files.append(out_dir / "lengths.csv")
+        write_text(files[-1], lengths_csv(runs))
+    if plots:
+        files += write_plots(summary, out_dir)
+    return {"table": table, "files": files, "summary": summary}
+
+
+def _run_json(r: RunRecord) -> dict[str, Any]:
+    return {
+        "task": r.task,
+        "encoding": r.label,
+        "seed": r.seed,
+        "run_dir": str(r.run_dir),
+        "metrics": flat_metrics(r.splits),
+        "lengths": r.lengths,
+        "wall_time": r.results.get("wall_time"),
+    }
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def write_plots(summary: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Grouped bars of the headline metric per split, and metric-against-length lines where runs
+    were evaluated per length. Returns the paths written ([] without matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'poslab[plot]'); skipping the plots")
+        return []
+    written = []
+    for task, entries in summary.items():
+        written.append(_bar_plot(Figure, task, entries, out_dir / f"{task}_splits.png"))
+        if any(e["lengths"] for e in entries.values()):
+            written.append(_length_plot(Figure, task, entries, out_dir / f"{task}_lengths.png"))
+    return written
+
+
+def _bar_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
+    headline = next(iter(entries.values()))["headline"]
+    splits = list(dict.fromkeys(k.split("/")[0] for e in entries.values() for k in e["metrics"]))
+    fig = Figure(figsize=(max(5.0, 1.2 * len(splits) * max(1, len(entries)) / 2 + 2), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / len(entries)
+    for i, (label, entry) in enumerate(entries.items()):
+        stats = [entry["metrics"].get(f"{s}/{headline}") for s in splits]
+        means = [s["mean"] if s else float("nan") for s in stats]
+        stds = [s["std"] if s else 0.0 for s in stats]
+        xs = [j + (i - (len(entries) - 1) / 2) * width for j in range(len(splits))]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"{label} (n={entry['n']})")
+    ax.set_xticks(range(len(splits)), splits)
+    ax.set_ylabel(f"{headline} %")
+    ax.set_title(f"{task}: {headline} per split (mean ± std over seeds)")
+    ax.legend(fontsize="small", ncols=2 if len(entries) > 4 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _length_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
+    metric = next(iter(entries.values()))["headline"]
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    boundary = None
+    for label, entry in entries.items():
+        points = []
+        for split, per_length in entry["lengths"].items():
+            for length, metrics in per_length.items():
+                if metric in metrics:
+                    points.append((int(length), metrics[metric]["mean"], metrics[metric]["std"]))
+            if split == "id" and per_length:
+                boundary = max(int(n) for n in per_length)
+        points.sort()
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        ax.plot(xs, ys, marker=".", label=f"{label} (n={entry['n']})")
+        if entry["n"] > 1:
+            lo = [p[1] - p[2] for p in points]
+            hi = [p[1] + p[2] for p in points]
+            ax.fill_between(xs, lo, hi, alpha=0.15)
+    if boundary is not None:
+        ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("length")
+    ax.set_ylabel(f"{metric} %")
+    ax.set_title(f"{task}: {metric} against length")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
