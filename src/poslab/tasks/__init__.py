@@ -6,7 +6,7 @@ Example::
     batch = task.sample(32, 64, generator=torch.Generator().manual_seed(0), **task.splits()["id"])
 """
 
-from poslab.tasks import chomsky, counting, flipflop, selective_copy  # noqa: F401  (registers them)
+from poslab.tasks import chomsky, counting, flipflop, lm, selective_copy  # noqa: F401  (registers them)
 from poslab.tasks.base import TASKS, Batch, Task, build_task, list_tasks, register
 from poslab.tasks.chomsky import ChomskyTask
 
