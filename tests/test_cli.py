@@ -239,3 +239,11 @@ def test_compare_resume_refuses_a_changed_grid_before_writing(capsys, tmp_path):
     code, _, err = run(capsys, *argv, "--resume", *FAST, "model.d_model=64")
     assert code == 2 and "different config (model.d_model)" in err
     assert snapshot(out_dir) == before
+
+
+def test_options_may_follow_flags(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--preset", "smoke", "--out", str(tmp_path / "r"), "train.stepz=1")
+    assert code == 2 and "unknown option 'train.stepz'" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "smoke", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

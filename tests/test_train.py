@@ -135,6 +135,17 @@ def test_encoder_task_reports_accuracy_per_length(tmp_path):
     assert result.results["headline"] == "accuracy"
 
 
+def test_lengths_past_a_learned_table_score_nan_and_the_rest_still_run():
+    config = tiny(
+        **{"task.name": "reverse_string", "task.options": {"max_train_len": 6, "max_eval_len": 10}},
+        **{"task.train_len": None, "eval.len_stride": 3, "train.steps": 2, "train.eval_every": 0},
+        **{"model.encoding": "learned", "model.max_len": 12},  # input + output = 2 * length
+    )
+    lengths = train(config, None).metrics["lengths"]
+    assert math.isfinite(lengths["id"]["6"]["error"])  # 12 positions: 0..11 fit
+    assert math.isnan(lengths["ood"]["7"]["error"]) and math.isnan(lengths["ood"]["10"]["error"])
+
+
 # -- failures --------------------------------------------------------------------------------------
 
 

@@ -289,13 +289,20 @@ def _train_parallel(todo: list, jobs: int, args: argparse.Namespace) -> None:
         futures = [
             pool.submit(_train_worker, c.to_dict(), str(d), args.resume, args.overwrite) for c, d in todo
         ]
-        for future in futures:
-            future.result()
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # a failed run stops the grid: runs not yet started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 def _worker_init(threads: int, quiet: bool) -> None:
     import torch
 
+    from poslab.runtime import tune_allocator
+
+    tune_allocator()
     torch.set_num_threads(threads)
     setup_logging(quiet)
 
@@ -393,14 +400,29 @@ def build_parser() -> argparse.ArgumentParser:
     run_flags(p)
     overrides(p)
     p.set_defaults(run=cmd_demo)
+
+    # Subcommands that live with their modules: LM length extrapolation and visualisation.
+    from poslab.extrapolate import add_extrapolate_parser
+    from poslab.visualize import add_visualize_parser
+
+    add_extrapolate_parser(sub)
+    add_visualize_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from poslab.runtime import tune_allocator
     from poslab.train import NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
+    tune_allocator()  # process-wide, so only here and in workers, never on import of the library
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes one run of positionals; KEY=VALUE options after a flag arrive here.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
     try:
         return args.run(args)

@@ -9,6 +9,7 @@ seed and identical across runs, so all runs of a comparison see the same test se
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from poslab.config import EvalConfig
+
+log = logging.getLogger("poslab")
 
 
 def eval_seed(seed: int, split: str, length: int) -> int:
@@ -57,7 +60,9 @@ def evaluate(
     Returns:
         ``{"splits": {split: {metric: value}}, "lengths": {split: {length: {metric: value}}}}``;
         metrics are the task's (percentages), averaged over batches; a length-range split's
-        summary is the mean over its lengths. ``lengths`` holds only the length-range splits.
+        summary is the mean over its lengths. ``lengths`` holds only the length-range splits. A
+        length the model cannot run at (a ValueError, e.g. past a learned absolute table) is
+        logged as a warning and scored NaN, so one encoding's limit does not stop a sweep.
     """
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -65,6 +70,7 @@ def evaluate(
     splits = task.splits()
     names = list(config.splits) if config.splits is not None else list(splits)
     result: dict[str, Any] = {"splits": {}, "lengths": {}}
+    known_metrics = {"error": None, "seq_error": None}  # ordered set, grown by what the task reports
     try:
         for name in names:
             params = splits[name]
@@ -75,7 +81,14 @@ def evaluate(
                 for _ in range(config.batches):
                     batch = task.sample(config.batch_size, length, generator=generator, **params)
                     batch = batch.to(device)
-                    scores.append(task.metrics(model(batch.inputs), batch))
+                    try:
+                        logits = model(batch.inputs)
+                    except ValueError as error:  # e.g. past a learned absolute table's max_len
+                        log.warning("%s at length %d not evaluated: %s", name, length, error)
+                        scores = [dict.fromkeys(known_metrics, math.nan)]
+                        break
+                    scores.append(task.metrics(logits, batch))
+                    known_metrics.update(dict.fromkeys(scores[-1]))
                 per_length[length] = mean_metrics(scores)
             result["splits"][name] = mean_metrics(list(per_length.values()))
             if "lengths" in params:
@@ -104,4 +117,6 @@ def headline_metric(metrics: dict[str, dict[str, float]]) -> str:
 def format_metrics(result: dict[str, Any]) -> str:
     """One line: ``id error 1.23 | ood_sparse error 4.56 | ...`` (the headline metric, in %)."""
     metric = headline_metric(result["splits"])
-    return " | ".join(f"{split} {metric} {m[metric]:.2f}" for split, m in result["splits"].items())
+    return " | ".join(
+        f"{split} {metric} {m.get(metric, math.nan):.2f}" for split, m in result["splits"].items()
+    )

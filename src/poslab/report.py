@@ -97,6 +97,12 @@ def flat_metrics(splits: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{split}/{key}": value for split, ms in splits.items() for key, value in ms.items()}
 
 
+def _stats(records: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    """`mean_std` of each key over records (a key missing from a record counts as missing)."""
+    keys = dict.fromkeys(k for r in records for k in r)
+    return {k: mean_std([r.get(k) for r in records]) for k in keys}
+
+
 def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
     """Per task and encoding (in order of appearance): seeds, n, and mean/std/n of every metric
     (``"id/error"``) and of every per-length metric (``lengths[split][length][metric]``)."""
@@ -105,26 +111,19 @@ def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
     for run in runs:
         groups.setdefault((run.task, run.label), []).append(run)
     for (task, label), group in groups.items():
-        flats = [flat_metrics(r.splits) for r in group]
-        keys = list(dict.fromkeys(k for f in flats for k in f))
         entry: dict[str, Any] = {
             "n": len(group),
             "seeds": [r.seed for r in group],
             "headline": group[0].results.get("headline") or "error",
             "chance": group[0].results.get("chance"),
-            "metrics": {k: mean_std([f.get(k) for f in flats]) for k in keys},
+            "metrics": _stats([flat_metrics(r.splits) for r in group]),
             "lengths": {},
         }
         for split in dict.fromkeys(s for r in group for s in r.lengths):
-            lengths = sorted({int(n) for r in group for n in r.lengths.get(split, {})})
+            curves = [r.lengths.get(split, {}) for r in group]  # {length: {metric: value}} per seed
+            lengths = sorted({int(n) for curve in curves for n in curve})
             entry["lengths"][split] = {
-                str(n): {
-                    metric: mean_std([r.lengths.get(split, {}).get(str(n), {}).get(metric) for r in group])
-                    for metric in dict.fromkeys(
-                        m for r in group for m in r.lengths.get(split, {}).get(str(n), {})
-                    )
-                }
-                for n in lengths
+                str(n): _stats([curve.get(str(n), {}) for curve in curves]) for n in lengths
             }
         summary.setdefault(task, {})[label] = entry
     return summary

@@ -483,10 +483,11 @@ def _loop(config, run_dir, ctx, device, checkpoint, metrics_log, progress, callb
             optimizer.step()
             step += 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-            bar.update(1, loss=loss_value)
+            bar.update(1, loss=loss_sum / loss_count)  # mean since the last log record
             elapsed = elapsed_before + time.monotonic() - started
             if ctx.main and not bar.enabled and step % milestone == 0 and step < tc.steps:
-                log.info("%s: step %d/%d, loss %.4f, %.0f s", label, step, tc.steps, loss_value, elapsed)
+                mean_loss = loss_sum / loss_count
+                log.info("%s: step %d/%d, loss %.4f, %.0f s", label, step, tc.steps, mean_loss, elapsed)
             if tc.log_every and step % tc.log_every == 0:
                 metrics_log.write(
                     {
