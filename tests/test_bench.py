@@ -49,3 +49,13 @@ def test_run_bench_writes_json_and_rejects_unknown_sections(tmp_path, monkeypatc
     assert json.loads(out.read_text())[0]["rows"] == [{"a": 1}] and len(tables) == 1
     with pytest.raises(ValueError, match="unknown bench section\\(s\\) speed"):
         bench.run_bench(["speed"])
+
+
+def test_cli_bench_quick_section_writes_json(tmp_path, capsys):
+    from poslab.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--sections", "decode", "--quick", "--out", str(out)]) == 0
+    assert "Decoding with the KV cache" in capsys.readouterr().out
+    assert json.loads(out.read_text())[0]["rows"]
+    assert main(["bench", "--sections", "speed", "--out", str(out)]) == 2

@@ -25,6 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from poslab.config import RunConfig, encoding_label, format_value
 from poslab.presets import DEMO_ENCODINGS, DESCRIPTIONS, get_preset, list_presets
 from poslab.progress import ProgressLogHandler
@@ -407,7 +409,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_extrapolate_parser(sub)
     add_visualize_parser(sub)
+
+    p = sub.add_parser(
+        "bench",
+        help="speed and memory ratios against SDPA / the RoPE model, measured side by side in one run",
+    )
+    p.add_argument(
+        "--sections",
+        default="attention,step,decode,memory",
+        help="comma-separated: attention, step, decode, memory (default all)",
+    )
+    p.add_argument("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a first look")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.set_defaults(run=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from poslab.bench import run_bench
+
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but CUDA is not available here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    run_bench(sections, out=args.out, quick=args.quick, device=args.device)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
