@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from poslab.extrapolate import (
+    aligned_windows,
     doubling_lengths,
     extrapolate,
     find_run_dirs,
@@ -225,6 +226,21 @@ def test_windows_are_the_same_for_every_encoding(runs):
     stream = a.task.data.stream("validation")
     all_windows = a.task.data.eval_windows(16)
     assert torch.equal(all_windows.flatten(), stream[: all_windows.numel()].long())
+
+
+def test_aligned_windows_score_the_same_tokens_at_every_length(runs):
+    stream = torch.arange(1000)
+    windows = aligned_windows(stream, [16, 32, 64], 5)
+    assert {n: tuple(w.shape) for n, w in windows.items()} == {16: (5, 17), 32: (5, 33), 64: (5, 65)}
+    for n in (16, 32):  # shorter windows are suffixes of the longest: same scored tokens
+        assert torch.equal(windows[n], windows[64][:, -(n + 1) :])
+    starts, ends = windows[64][:, 0], windows[64][:, -1]
+    assert (starts[1:] > ends[:-1]).all() and ends[-1] <= 999  # non-overlapping, inside the stream
+    assert aligned_windows(stream, [400], 9)[400].shape[0] == 2  # capped at what fits
+    result = extrapolate([runs["dirs"]["rope0"]], lengths=[16, 32], max_windows=3, aligned=True, last=8)
+    assert result["settings"]["aligned"] and "aligned" in markdown_tables(result)
+    scored = [result["runs"][0]["results"][n]["n_tokens_last"] for n in ("16", "32")]
+    assert scored == [3 * 8, 3 * 8]
 
 
 def test_default_lengths_and_discovery(runs):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import poslab.extrapolate  # noqa: F401  (registers the LM presets)
 from poslab.data.tokenizers import ByteTokenizer
 from poslab.model import ModelConfig, build_model
 from poslab.presets import get_preset
@@ -172,3 +171,6 @@ def test_visualize_run_directories(tmp_path):
     assert all(is_png(p) for p in paths)
     with pytest.raises(ValueError, match="no CoPE"):
         visualize_run(tmp_path / "dape[base=kerple_log]", tmp_path / "x", kind="cope")
+    train(config.override({"model.encoding": "rope"}), tmp_path / "rope", progress=False)
+    with pytest.raises(ValueError, match="neither DAPE nor CoPE"):
+        visualize_run(tmp_path / "rope", tmp_path / "x")

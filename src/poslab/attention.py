@@ -111,8 +111,9 @@ def attend(
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in
 # the allocator's heap on CPU and in cache-friendly sizes, large enough to amortise Python overhead.
 BLOCK_ELEMENTS = 2**21
-# A full (H, T, S) float bias up to this size is handed to SDPA in one piece; larger ones go blockwise.
-SDPA_BIAS_ELEMENTS = 2**26
+# A full (H, T, S) float bias up to this size (64 MiB in float32) is handed to SDPA in one piece;
+# larger ones go blockwise (at 2**26 a 4,096-token ALiBi forward added 1.15 GB on CPU).
+SDPA_BIAS_ELEMENTS = 2**24
 
 
 def auto_block_size(batch: int, channels: int, n_queries: int, n_keys: int) -> int:

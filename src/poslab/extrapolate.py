@@ -61,12 +61,11 @@ def _lm_task(train_len: int, **options: Any) -> TaskConfig:
 
 @preset(
     "lm_stdlib_small",
-    "CPU, ~2-3 min a run on 1 thread: 2 layers d 128, bytes of the Python stdlib at 128 tokens",
+    "CPU, 1-3 min a run on 1 thread: 2 layers d 128, bytes of the Python stdlib at 128 tokens",
 )
 def lm_stdlib_small() -> RunConfig:
-    # Sized on 2 shared CPU cores, 1 thread: a step of batch 16 at 128 tokens took 0.12 s (NoPE) to
-    # 0.28 s (CoPE) on an idle core and about twice that under load, so 600 steps take 1 to 5
-    # minutes; docs/results/lm_extrapolation has the measured wall times.
+    # Sized on 2 shared CPU cores, 1 thread: 600 steps of batch 16 at 128 tokens took 65 s (ALiBi)
+    # to 178 s (CoPE) per run, 25 minutes for 7 encodings x 2 seeds (docs/results/lm_extrapolation).
     return RunConfig(
         model=ModelSpec(d_model=128, n_layers=2, n_heads=4, norm="pre", encoding="rope", max_len=128),
         task=_lm_task(128),
@@ -243,6 +242,32 @@ def not_applicable(model: Transformer, length: int) -> str | None:
     return None
 
 
+def aligned_windows(stream: torch.Tensor, lengths: Sequence[int], n_windows: int) -> dict[int, torch.Tensor]:
+    """Windows that end at the same tokens at every length: length T -> (W, T + 1).
+
+    Window k of every length ends at the same position e_k, so the last targets of each window,
+    which the headline scores, are the very same tokens at every length and only the context before
+    them grows. The e_k are evenly spaced so that the windows of the largest length do not overlap
+    (W is capped at what the stream holds). The DAPE protocol (`poslab.data.lm.eval_windows`) cuts
+    each length into its own non-overlapping windows instead, so its columns score different text.
+    """
+    top = max(lengths)
+    fits = stream.numel() // (top + 1)
+    if fits < 1:
+        raise ValueError(
+            f"the held-out stream ({stream.numel()} tokens) is shorter than a window of {top + 1}"
+        )
+    n = min(n_windows, fits)
+    # Window k of the largest length occupies [k * stride, k * stride + top], stride >= top + 1.
+    stride = (stream.numel() - (top + 1)) // max(n - 1, 1) if n > 1 else 0
+    ends = torch.arange(n) * stride + top  # index of each window's last token
+    out = {}
+    for length in lengths:
+        index = ends[:, None] - length + torch.arange(length + 1)  # (W, T + 1)
+        out[length] = stream[index].long()
+    return out
+
+
 # -- evaluation ------------------------------------------------------------------------------------------
 
 
@@ -302,6 +327,7 @@ def extrapolate(
     last: int = HEADLINE_LAST,
     device: str = "auto",
     batch_tokens: int = BATCH_TOKENS,
+    aligned: bool = False,
 ) -> dict[str, Any]:
     """Score trained LM runs at several lengths on the same held-out windows.
 
@@ -314,6 +340,8 @@ def extrapolate(
         last: the headline scores the last ``last`` targets of each window.
         device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
         batch_tokens: tokens per model call (windows per call = max(1, batch_tokens // T)).
+        aligned: use `aligned_windows` (the same scored tokens at every length, needs
+            ``max_windows``) instead of the protocol's own windows per length.
 
     Returns:
         ``{"settings": ..., "runs": [...], "summary": ...}`` as written to results.json; each run
@@ -356,7 +384,12 @@ def extrapolate(
             f"length(s) {too_long} do not fit in the {split} split ({stream.numel()} tokens); "
             "use shorter lengths or a larger corpus"
         )
-    windows = {n: data.eval_windows(n, split=split, max_windows=max_windows) for n in lengths}
+    if aligned:
+        if max_windows is None:
+            raise ValueError("aligned windows need max_windows (how many windows to place)")
+        windows = aligned_windows(stream, lengths, max_windows)
+    else:
+        windows = {n: data.eval_windows(n, split=split, max_windows=max_windows) for n in lengths}
     started = time.monotonic()
     records = []
     for run in runs:
@@ -385,6 +418,7 @@ def extrapolate(
         "lengths": list(lengths),
         "windows": {str(n): int(w.shape[0]) for n, w in windows.items()},
         "max_windows": max_windows,
+        "aligned": aligned,
         "last": last,
         "train_lens": train_lens,
         "device": str(dev),
@@ -431,14 +465,19 @@ def summarize_extrapolation(records: list[dict[str, Any]], lengths: Sequence[int
 # -- reporting -------------------------------------------------------------------------------------------
 
 
+def _finite(value: Any) -> bool:
+    """A number that is not NaN or infinite (results read back from JSON hold None for those)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _cell(entry: dict[str, Any], metric: str) -> str:
     if entry["status"] != "ok":
         return "n/a"
     stats = entry[metric]
-    if stats["n"] == 0 or not math.isfinite(stats["mean"]):
+    if not _finite(stats["mean"]):
         return "inf" if stats["n"] else "–"
     digits = 2 if stats["mean"] < 1000 else 0
-    if stats["n"] == 1:
+    if stats["n"] == 1 or not _finite(stats["std"]):
         return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
@@ -466,7 +505,14 @@ def markdown_tables(result: dict[str, Any]) -> str:
             cells = [_cell(entry["lengths"][n], metric) for n in lengths]
             lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
-    blocks.append(f"Windows per length (the same for every run): {windows}.")
+    how = (
+        "aligned: every length's windows end at the same tokens, so a column differs from the next "
+        "only in the context before the scored tokens"
+        if settings.get("aligned")
+        else "the DAPE protocol's non-overlapping windows of each length, evenly spaced over the split "
+        "(so different lengths score different text)"
+    )
+    blocks.append(f"Windows per length (the same for every run): {windows}; {how}.")
     return "\n\n".join(blocks) + "\n"
 
 
@@ -500,6 +546,7 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         warnings.warn(
             "matplotlib is not installed (pip install 'poslab[plot]'); skipping plots", stacklevel=2
@@ -511,10 +558,10 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
         xs, ys, es = [], [], []
         for n in settings["lengths"]:
             cell = entry["lengths"][str(n)]
-            if cell["status"] == "ok" and math.isfinite(cell[metric]["mean"]):
+            if cell["status"] == "ok" and _finite(cell[metric]["mean"]):
                 xs.append(n)
                 ys.append(cell[metric]["mean"])
-                es.append(cell[metric]["std"] if math.isfinite(cell[metric]["std"]) else 0.0)
+                es.append(cell[metric]["std"] if _finite(cell[metric]["std"]) else 0.0)
         if xs:
             ax.errorbar(
                 xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=f"{label} (n={entry['n']})"
@@ -523,6 +570,9 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
         ax.axvline(train_len, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.set_xticks(settings["lengths"], [str(n) for n in settings["lengths"]])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("evaluation length (tokens)")
     what = f"last {settings['last']} tokens" if metric == "ppl_last" else "all tokens"
     ax.set_ylabel(f"perplexity ({what})")
@@ -573,6 +623,7 @@ def run_experiment(
     resume: bool = True,
     plots: bool = True,
     device: str = "auto",
+    aligned: bool = False,
 ) -> dict[str, Any]:
     """Train every encoding x seed of an LM preset, then score all runs at every length.
 
@@ -614,6 +665,7 @@ def run_experiment(
         max_windows=max_windows,
         split=split,
         device=device,
+        aligned=aligned,
     )
     result["settings"].update(
         preset=preset_name,
@@ -648,6 +700,12 @@ def add_extrapolate_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        p.add_argument(
+            "--aligned",
+            action="store_true",
+            help="windows of every length end at the same tokens (default: the DAPE protocol's "
+            "non-overlapping windows per length)",
+        )
 
     p = subparsers.add_parser(
         "extrapolate", help="perplexity of trained LM runs at L, 2L, 4L, ... on held-out windows"
@@ -689,6 +747,7 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
         split=args.split,
         last=args.last,
         device=args.device,
+        aligned=args.aligned,
     )
     files = write_extrapolation_report(result, args.out, plots=not args.no_plots)
     print(markdown_tables(result), end="")
@@ -718,6 +777,7 @@ def cmd_lm_extrapolation(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         plots=not args.no_plots,
         device=args.device,
+        aligned=args.aligned,
     )
     print(markdown_tables(result), end="")
     wall = result["settings"]["total_wall_time"]

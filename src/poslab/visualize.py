@@ -330,7 +330,7 @@ def plot_cope_positions(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
 
@@ -410,7 +410,13 @@ def visualize_run(
         encoding = model.encoding(0)
         kind = "dape" if isinstance(encoding, DAPE) else "cope"
         if kind == "cope":
-            find_cope(encoding)  # ValueError naming the encoding when it is neither
+            try:
+                find_cope(encoding)
+            except ValueError:
+                raise ValueError(
+                    f"{run_dir}: encoding {run.label!r} is neither DAPE nor CoPE; visualize plots "
+                    "DAPE's learned bias (--kind dape also reads bias encodings) or CoPE's positions"
+                ) from None
     if kind not in ("dape", "cope"):
         raise ValueError(f"kind must be 'auto', 'dape' or 'cope', got {kind!r}")
     if length is None:
@@ -452,7 +458,9 @@ def visualize_run(
 def add_visualize_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``visualize`` subcommand (sets ``run`` to `cmd_visualize`)."""
     p = subparsers.add_parser("visualize", help="plot DAPE's learned bias or CoPE's positions of a run")
-    p.add_argument("run", help="a trained LM run directory (config.json + checkpoint.pt)")
+    p.add_argument(
+        "run_dir", metavar="RUN_DIR", help="a trained LM run directory (config.json + checkpoint.pt)"
+    )
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--kind", default="auto", choices=("auto", "dape", "cope"))
     p.add_argument("--layers", help="comma-separated layers (default all)")
@@ -481,7 +489,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
             raise ValueError(f"--layers takes integers such as 0,1, got {args.layers!r}") from None
     try:
         paths = visualize_run(
-            args.run,
+            args.run_dir,
             args.out,
             kind=args.kind,
             layers=layers,

@@ -80,7 +80,9 @@ class LMTask(Task):
             ``{"unit": "chapter"}`` for 'austen'.
         tokenizer: 'bytes' (257 ids: bytes and "<eos>") or 'bpe' (trained on the training split).
         tokenizer_options: the tokenizer's options, e.g. ``{"vocab_size": 4096}`` for 'bpe'. The
-            model's vocabulary is the requested BPE size (an upper bound of the trained one).
+            model's vocabulary is the requested BPE size (an upper bound of the trained one). BPE is
+            retrained from the training split in every process that needs it; the same documents
+            give the same vocabulary (checked across processes on a small corpus).
         fractions: train / validation / test fractions of the documents (by a hash of their ids).
         salt: changes the document split while keeping its fractions.
     """
