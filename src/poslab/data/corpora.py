@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import inspect
 import os
 import re
 import sys
@@ -38,6 +37,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from poslab.options import check_keyword_options
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.90, 0.05, 0.05)
@@ -158,17 +159,7 @@ def load_corpus(name: str, **options: Any) -> Corpus:
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(list_corpora())}")
     loader = CORPORA[name]
-    accepted = [
-        p.name
-        for p in inspect.signature(loader).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for corpus {name!r}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
+    check_keyword_options("corpus", name, loader, options)
     return loader(**options)
 
 

@@ -13,13 +13,14 @@ library's tokenizer.json format so that an evaluation reuses exactly the same vo
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from poslab.options import check_keyword_options
 
 TOKENIZER_FILE = "tokenizer.json"
 EOS = "<eos>"
@@ -227,17 +228,7 @@ def build_tokenizer(name: str, *, texts: Iterable[str] | None = None, **options:
     """Build the tokenizer ``name`` ("bytes" or "bpe"); a trained one learns from ``texts``."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; known tokenizers: {', '.join(TOKENIZERS)}")
-    accepted = [
-        p.name
-        for p in inspect.signature(_OPTIONS[name]).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for tokenizer {name!r}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
+    check_keyword_options("tokenizer", name, _OPTIONS[name], options)
     return TOKENIZERS[name](texts, **options)
 
 

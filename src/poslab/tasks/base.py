@@ -15,13 +15,14 @@ The mask is the loss mask and the metric mask alike. All metrics are percentages
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from poslab.options import check_keyword_options
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -154,17 +155,7 @@ def build_task(name: str, **options: Any) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     cls = TASKS[name]
-    accepted = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for task {name!r}; "
-            f"accepted: {', '.join(accepted) or 'none'}"
-        )
+    check_keyword_options("task", name, cls.__init__, options)
     return cls(**options)
 
 
