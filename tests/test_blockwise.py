@@ -27,9 +27,16 @@ def run(enc, q, k, v, **kwargs):
     return out, grads
 
 
+@pytest.fixture(params=[0, 2**28], ids=["recompute", "save"])
+def save_bytes(request, monkeypatch):
+    """Both backward strategies of the fused kernels: recompute every block, or keep what fits."""
+    monkeypatch.setattr(poslab.attention, "SAVE_BYTES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("name", ALL_ENCODINGS)
-def test_blocks_equal_the_eager_reference(name, causal):
+def test_blocks_equal_the_eager_reference(name, causal, save_bytes):
     enc = encoding64(name)
     q, k, v = (torch.randn(2, 2, 11, 8, dtype=torch.float64) for _ in range(3))
     ref_out, ref_grads = run(enc, q, k, v, causal=causal, impl="eager")
@@ -102,3 +109,35 @@ def test_auto_block_size():
     assert auto_block_size(1, 4, 16384, 16384) == 32
     assert auto_block_size(1, 1, 10, 10) == 10  # never more than the queries
     assert auto_block_size(64, 64, 4096, 4096) == 16  # never below 16
+
+
+def test_saving_block_kernels_survive_a_second_backward(save_bytes):
+    """With the intermediates kept for backward, retain_graph must give the same gradients twice."""
+    enc = encoding64("dape[base=kerple_log]")
+    q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = poslab.attend(q, k, v, enc, block_size=4)
+    first = torch.autograd.grad(out.sum(), (q, k, v, *enc.parameters()), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), (q, k, v, *enc.parameters()))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_save_budget_is_split_between_blocks(monkeypatch):
+    """Each block keeps its intermediates only if they fit in its share of SAVE_BYTES."""
+    from poslab.kernels import dape as dape_kernel
+
+    decisions = []
+    original = dape_kernel.DAPEAttentionFn.apply
+    monkeypatch.setattr(
+        dape_kernel.DAPEAttentionFn, "apply", lambda *a: decisions.append(a[-1]) or original(*a)
+    )
+    enc = poslab.build_encoding("dape", n_heads=2, head_dim=8, width=4)
+    q, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
+    # Per (query, key): 2H + 1 + D + H = 11 floats = 44 bytes. Blocks of 4 queries see 4 and 8 keys.
+    monkeypatch.setattr(poslab.attention, "SAVE_BYTES", 2 * 44 * 4 * 4)
+    poslab.attend(q, k, v, enc, block_size=4)
+    assert decisions == [True, False]
+    decisions.clear()
+    with torch.no_grad():
+        poslab.attend(q, k, v, enc, block_size=4)
+    assert decisions == []  # inference takes no autograd function at all

@@ -68,7 +68,8 @@ def attend(
     Blocks are exact: every query row is independent and sees the keys up to its own position
     (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
     With gradients on, the eager block path recomputes each block in backward (checkpointing), and
-    the fused kernels recompute by design, so training memory is bounded too.
+    the fused kernels recompute too, except what fits in ``SAVE_BYTES`` per call, so training memory
+    is bounded too.
 
     Returns:
         (B, H, T, Dv) attention outputs.
@@ -111,6 +112,11 @@ def attend(
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in
 # the allocator's heap on CPU and in cache-friendly sizes, large enough to amortise Python overhead.
 BLOCK_ELEMENTS = 2**21
+# Fused kernels may keep this much of their intermediates for backward instead of recomputing them,
+# per attention call, each of its n query blocks up to SAVE_BYTES / n (DAPE: 45 floats per batch,
+# query and key at H = 4, D = 32; 256 MiB covers B = 8, T = 512 and recomputes beyond). 0 means
+# always recompute; memory stays bounded at any length either way.
+SAVE_BYTES = 2**28
 # A full (H, T, S) float bias up to this size (64 MiB in float32) is handed to SDPA in one piece;
 # larger ones go blockwise (at 2**26 a 4,096-token ALiBi forward added 1.15 GB on CPU).
 SDPA_BIAS_ELEMENTS = 2**24
@@ -141,6 +147,8 @@ def blockwise_attention(
     """
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits
+    n_blocks = -(-q.shape[2] // block_size)
+    save_bytes = SAVE_BYTES // n_blocks if torch.is_grad_enabled() else 0
     outputs = []
     for start in range(0, q.shape[2], block_size):
         qb, pb = q[:, :, start : start + block_size], q_pos[start : start + block_size]
@@ -153,7 +161,7 @@ def blockwise_attention(
             outputs.append(fused_attention(qb, kb, vb, bias, pb, kpb, causal=causal))
             continue
         keep = causal_mask(pb, kpb) if causal else None
-        out = encoding.attention_block(qb, kb, vb, bias, pb, kpb, keep, causal=causal)
+        out = encoding.attention_block(qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes)
         if out is None:
             args = (qb, kb, vb, encoding, bias, pb, kpb)
             if torch.is_grad_enabled() and q.shape[2] > block_size:

@@ -94,28 +94,57 @@ def _accepts(name: str, option: str) -> bool:
     return any(option in encoding_options(encoding_class(part)) for part in name.split("+"))
 
 
-@dataclass
 class KVCache:
-    """Per-layer keys and values seen so far, (B, H, S, Dh) each; positions are 0..S-1."""
+    """Per-layer keys and values seen so far, (B, H, S, Dh) each; positions are 0..S-1.
 
-    keys: list[Tensor | None]
-    values: list[Tensor | None]
+    Each layer's keys and values live in a buffer with spare capacity along the sequence axis
+    (doubled when full), so a decoding step writes one new position instead of copying the whole
+    cache; ``append`` returns views of the filled part.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self._keys: list[Tensor | None] = [None] * n_layers
+        self._values: list[Tensor | None] = [None] * n_layers
+        self._lengths = [0] * n_layers
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
-        return cls([None] * n_layers, [None] * n_layers)
+        return cls(n_layers)
 
     @property
     def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        """Positions cached so far (in the first layer; all layers agree between forward calls)."""
+        return self._lengths[0]
+
+    def layer(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """The cached keys and values of one layer, (B, H, S, Dh) views, or None if empty."""
+        n = self._lengths[layer]
+        if n == 0:
+            return None
+        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n]
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add this step's keys/values for one layer and return all of them."""
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Add this step's keys/values (B, H, T, Dh) for one layer and return all of them."""
+        n, t = self._lengths[layer], k.shape[2]
+        keys, values = self._keys[layer], self._values[layer]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Autograd needs the earlier views unchanged: concatenate instead of writing in place.
+            if n:
+                k, v = torch.cat((keys[:, :, :n], k), dim=2), torch.cat((values[:, :, :n], v), dim=2)
+            self._keys[layer], self._values[layer], self._lengths[layer] = k, v, n + t
+            return k, v
+        if keys is None or n + t > keys.shape[2]:
+            capacity = max(2 * (n + t), 64)
+            new_keys = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            new_values = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if keys is not None:
+                new_keys[:, :, :n] = keys[:, :, :n]
+                new_values[:, :, :n] = values[:, :, :n]
+            keys, values = self._keys[layer], self._values[layer] = new_keys, new_values
+        keys[:, :, n : n + t] = k
+        values[:, :, n : n + t] = v
+        self._lengths[layer] = n + t
+        return keys[:, :, : n + t], values[:, :, : n + t]
 
 
 class SelfAttention(nn.Module):

@@ -96,10 +96,12 @@ class PositionEncoding(nn.Module):
         keep: Tensor | None,
         *,
         causal: bool,
+        save_bytes: int = 0,
     ) -> Tensor | None:
         """Optional fused kernel for logits rewriters: softmax(logits, masked by ``keep``) @ v for one
         query block, or None to let the attention run the eager path. ``keep`` (t, S) is the causal
         visibility (None when bidirectional). It must equal the eager path exactly (up to rounding).
+        ``save_bytes`` is how much memory the block may keep for backward instead of recomputing.
         """
         return None
 

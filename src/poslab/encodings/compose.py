@@ -91,11 +91,13 @@ class Composite(PositionEncoding):
             bias = None
         return scores
 
-    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal):
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
         rewriters = [p for p in self.parts if p.uses_logits]
         if len(rewriters) != 1:
             return None
-        return rewriters[0].attention_block(q, k, v, bias, q_pos, k_pos, keep, causal=causal)
+        return rewriters[0].attention_block(
+            q, k, v, bias, q_pos, k_pos, keep, causal=causal, save_bytes=save_bytes
+        )
 
     @property
     def block_channels(self) -> int:

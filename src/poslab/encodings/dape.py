@@ -151,10 +151,10 @@ class DAPE(PositionEncoding):
         """Channels of the largest per-block intermediate (the hidden map), for sizing query blocks."""
         return max(self.n_heads, self.width if self.mlp is not None else 0)
 
-    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal):
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
         if self.kernel_size != 1 or self.mlp is None or not self.reads_logits:
             return None  # V2 and the f(B) ablations take the eager path
-        return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base)
+        return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base, save_bytes=save_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, form={self.form}, width={self.width}, kernel_size={self.kernel_size}"

@@ -47,6 +47,11 @@ def _forward_block(q, k, v, table, bias, keep, npos_max):
     return logits, gates, weight, delta, idx_floor, idx_ceil
 
 
+def _attend_values(logits: Tensor, v: Tensor) -> Tensor:
+    """softmax(logits) @ v, overwriting ``logits``."""
+    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
+
+
 class CoPEAttentionFn(torch.autograd.Function):
     """softmax(CoPE logits + bias, causal) @ v for one query block; see the module docstring."""
 
@@ -100,4 +105,9 @@ def cope_attention(
 ) -> Tensor:
     """Fused CoPE attention: q (B, H, t, Dh), k and v (B, H, S, Dh), table (P, Dh), bias (H, t, S) or
     None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh)."""
-    return CoPEAttentionFn.apply(q, k, v, table.to(q.dtype), bias, keep, npos_max)
+    table = table.to(q.dtype)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, table, bias)):
+        return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max)
+    # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
+    logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
+    return _attend_values(logits, v)

@@ -1,11 +1,17 @@
 """Fused DAPE attention (pointwise MLP, kernel_size 1) for one block of queries, hand-written backward.
 
-logits = A + [B] + W2 leaky(W1a A + W1b B + b1) + b2 (DESIGN.md section 4), then mask, softmax and
-the value product. The MLP runs channels-last as plain matrix products over (B*t*S, C) rows, so
-only H-channel tensors are transposed, never the D-channel hidden map; W1b B + b1 depends on
-positions only and is computed once per block, not per batch element. Forward keeps only the
-output and the row log-sum-exp; backward recomputes the block. The hidden map is D/H times the
-size of the scores, so blocks should be smaller than for plain attention (the caller sizes them).
+logits = A + [B] + W2 leaky(W1 [A; B; 1]) + b2 (DESIGN.md section 4, the first layer's bias b1 folded
+into W1 as a column for a constant 1 feature), then mask, softmax and the value product. The MLP runs
+channels-last as plain matrix products over (B*t*S, C) rows: only the few input channels [A; B; 1]
+are transposed, never the D-channel hidden map, and one product gives the gradient of W1 and b1.
+
+Memory: the forward keeps the inputs (features), the hidden map and the probabilities for backward
+only when the caller allows it (``save_bytes``: they are (2H + 1 + D + H) floats per (batch, query,
+key), 45 for H = 4 and D = 32); otherwise it keeps only the output and the row log-sum-exp and the
+backward recomputes the block. Recomputing costs about a quarter of the block's time on CPU; the
+attention hands each block a share of a per-call budget (``poslab.attention.SAVE_BYTES``), so memory
+stays bounded at any length. The hidden map is D/H times the size of the scores, so blocks should
+be smaller than for plain attention (the caller sizes them).
 """
 
 from __future__ import annotations
@@ -16,81 +22,114 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+SLOPE = 0.01  # LeakyReLU's negative slope
 
-def _forward_block(q, k, bias, keep, w1, b1, w2, b2, add_base):
-    """Scores A (B, H, t, S), A channels-last (B*t*S, H), hidden map (B*t*S, D), final logits."""
+
+def _features(scores: Tensor, bias: Tensor | None) -> Tensor:
+    """[A; B; 1] channels-last, (B, t, S, C) with C = 2H + 1 (H + 1 without a base bias)."""
+    n_batch, n_heads, t, s = scores.shape
+    n_feats = n_heads + 1 if bias is None else 2 * n_heads + 1
+    feats = torch.empty(n_batch, t, s, n_feats, dtype=scores.dtype, device=scores.device)
+    feats[..., :n_heads] = scores.permute(0, 2, 3, 1)
+    if bias is not None:
+        feats[..., n_heads:-1] = bias.permute(1, 2, 0)  # the same for every batch element
+    feats[..., -1] = 1.0
+    return feats
+
+
+def _forward_block(q, k, bias, keep, weight, w2, logit_bias):
+    """Features (B, t, S, C), hidden map (B*t*S, D) after the activation, final logits (B, H, t, S).
+
+    ``weight`` is [W1 | b1] (D, C); ``logit_bias`` is b2 (H, 1, 1), plus B when the form adds it.
+    """
     n_batch, n_heads, t, _ = q.shape
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, S)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, t, S)
     s = scores.shape[-1]
-    # Channels-last for the MLP: only H-channel tensors are transposed; the D-channel hidden map
-    # comes out of one contiguous matrix product.
-    scores_last = scores.permute(0, 2, 3, 1).reshape(n_batch * t * s, n_heads)
-    hidden = torch.mm(scores_last, w1[:, :n_heads].t())  # (B*t*S, D)
-    if bias is None:
-        position_part = b1
-    else:  # W1b B + b1 depends on positions only: once per block, broadcast over the batch
-        bias_last = bias.permute(1, 2, 0).reshape(t * s, n_heads)
-        position_part = torch.addmm(b1, bias_last, w1[:, n_heads:].t())  # (t*S, D)
-    hidden.view(n_batch, t * s, -1).add_(position_part)
-    F.leaky_relu_(hidden, 0.01)
-    mixed = torch.addmm(b2, hidden, w2.t())  # (B*t*S, H)
-    logits = scores.clone().add_(mixed.view(n_batch, t, s, n_heads).permute(0, 3, 1, 2))
-    if add_base and bias is not None:
-        logits.add_(bias)
+    feats = _features(scores, bias)
+    hidden = torch.mm(feats.view(-1, feats.shape[-1]), weight.t())  # (B*t*S, D), b1 included
+    F.leaky_relu_(hidden, SLOPE)
+    mixed = torch.mm(hidden, w2.t()).view(n_batch, t, s, n_heads)
+    logits = scores.add_(mixed.permute(0, 3, 1, 2)).add_(logit_bias)  # scores' buffer: A is in feats
     if keep is not None:
         logits.masked_fill_(~keep, float("-inf"))
-    return scores_last, hidden, logits
+    return feats, hidden, logits
+
+
+def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, add_base: bool):
+    """[W1 | b1] and the constant logit term b2 (+ B when the form adds the base).
+
+    Without a base bias (B = 0, e.g. a RoPE base) W1's B columns are dropped: they see only zeros.
+    """
+    logit_bias = b2.view(-1, 1, 1)
+    if bias is not None and add_base:
+        logit_bias = bias + logit_bias
+    if bias is None:
+        w1 = w1[:, : b2.shape[0]]
+    return torch.cat((w1, b1[:, None]), dim=1), logit_bias
 
 
 class DAPEAttentionFn(torch.autograd.Function):
     """softmax(A + [B] + f([A; B]), causal) @ v for one query block; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base):  # noqa: D102
-        _, _, logits = _forward_block(q, k, bias, keep, w1, b1, w2, b2, add_base)
+    def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base, save):  # noqa: D102
+        weight, logit_bias = _folded(w1, b1, b2, bias, add_base)
+        feats, hidden, logits = _forward_block(q, k, bias, keep, weight, w2, logit_bias)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        out = torch.matmul(logits.sub_(lse).exp_(), v)
-        ctx.save_for_backward(q, k, v, bias, keep, w1, b1, w2, b2, out, lse)
+        probs = logits.sub_(lse).exp_()
+        out = torch.matmul(probs, v)
+        saved = (feats, hidden, probs) if save else (lse,)
+        ctx.save_for_backward(q, k, v, bias, keep, w1, b1, w2, b2, out, *saved)
         ctx.add_base = add_base
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, bias, keep, w1, b1, w2, b2, out, lse = ctx.saved_tensors
+        q, k, v, bias, keep, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
         n_batch, n_heads, t, _ = q.shape
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        scores_last, hidden, logits = _forward_block(q, k, bias, keep, w1, b1, w2, b2, ctx.add_base)
-        s = logits.shape[-1]
-        probs = logits.sub_(lse).exp_()
+        weight, logit_bias = _folded(w1, b1, b2, bias, ctx.add_base)
+        if len(saved) == 3:
+            feats, hidden, probs = saved
+        else:
+            feats, hidden, logits = _forward_block(q, k, bias, keep, weight, w2, logit_bias)
+            probs = logits.sub_(saved[0]).exp_()
+        s = probs.shape[-1]
+        n_rows = n_batch * t * s
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
         row = (grad_out * out).sum(-1, keepdim=True)
+        # A fresh tensor, not probs' buffer: probs may be saved for a second backward.
         grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)  # (B, H, t, S)
-        grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_batch * t * s, n_heads)
+        grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_rows, n_heads)
 
+        # Reductions over the rows as (few, N) @ (N, D): BLAS is far slower as (D, N) @ (N, few).
         grad_w2 = torch.mm(grad_last.t(), hidden)  # (H, D)
         grad_b2 = grad_last.sum(0)
-        grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, 0.01, True)
-        del hidden  # (B*t*S, D)
-        grad_w1 = torch.zeros_like(w1)
-        # (H, N) @ (N, D) then transpose: BLAS is far slower reducing as (D, N) @ (N, H).
-        grad_w1[:, :n_heads] = torch.mm(scores_last.t(), grad_pre).t()
-        grad_b1 = grad_pre.sum(0)
+        grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, SLOPE, True)
+        del hidden
+        grad_weight = torch.mm(feats.view(n_rows, -1).t(), grad_pre).t()  # (D, C): [dW1 | db1]
+        grad_b1 = grad_weight[:, -1]
+        grad_w1 = grad_weight[:, :-1]
+        if bias is None:  # W1's B columns saw only zeros
+            grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
         grad_bias = None
-        if bias is not None:
-            pre_sum = grad_pre.view(n_batch, t * s, -1).sum(0)  # (t*S, D): B is shared by the batch
-            bias_last = bias.permute(1, 2, 0).reshape(t * s, n_heads)
-            grad_w1[:, n_heads:] = torch.mm(bias_last.t(), pre_sum).t()
-            if ctx.needs_input_grad[3]:
-                grad_bias = torch.mm(pre_sum, w1[:, n_heads:]).view(t, s, n_heads).permute(2, 0, 1)
-                if ctx.add_base:
-                    grad_bias = grad_bias + grad_logits.sum(0)
-                grad_bias = grad_bias.sum_to_size(bias.shape)
-        grad_from_mlp = torch.mm(grad_pre, w1[:, :n_heads]).view(n_batch, t, s, n_heads)
-        grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(scale)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_feats = torch.mm(grad_pre, weight[:, :-1]).view(n_batch, t, s, 2 * n_heads)
+            grad_bias = grad_feats[..., n_heads:].sum(0).permute(2, 0, 1)
+            if ctx.add_base:
+                grad_bias = grad_bias + grad_logits.sum(0)
+            grad_bias = grad_bias.sum_to_size(bias.shape)
+            grad_from_mlp = grad_feats[..., :n_heads]
+        else:
+            grad_from_mlp = torch.mm(grad_pre, weight[:, :n_heads]).view(n_batch, t, s, n_heads)
+        grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(1.0 / math.sqrt(q.shape[-1]))
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None
+        return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def saved_floats_per_entry(n_heads: int, width: int, has_bias: bool) -> int:
+    """Floats the forward keeps per (batch, query, key) when it saves instead of recomputing."""
+    return (2 * n_heads + 1 if has_bias else n_heads + 1) + width + n_heads
 
 
 def dape_attention(
@@ -102,12 +141,22 @@ def dape_attention(
     mlp: torch.nn.Sequential,
     *,
     add_base: bool,
+    save_bytes: int = 0,
 ) -> Tensor:
     """Fused DAPE attention with the pointwise MLP ``mlp`` = (Linear(2H, D), LeakyReLU, Linear(D, H)).
 
     q (B, H, t, Dh), k and v (B, H, S, Dh), bias (H, t, S) or None (B = 0), keep (t, S) or None.
+    ``save_bytes``: how much the forward may keep for backward instead of recomputing the block.
     """
     lin1, _, lin2 = mlp
-    return DAPEAttentionFn.apply(
-        q, k, v, bias, keep, lin1.weight, lin1.bias, lin2.weight, lin2.bias, add_base
-    )
+    args = (q, k, v, bias, keep, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+        n_batch, n_heads, t, _ = q.shape
+        entries = n_batch * t * k.shape[2]
+        per_entry = saved_floats_per_entry(n_heads, lin1.weight.shape[0], bias is not None)
+        save = entries * per_entry * q.element_size() <= save_bytes
+        return DAPEAttentionFn.apply(*args, add_base, save)
+    # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
+    weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, add_base)
+    _, _, logits = _forward_block(q, k, bias, keep, weight, lin2.weight, logit_bias)
+    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
