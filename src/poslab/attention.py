@@ -147,13 +147,14 @@ def blockwise_attention(
     """
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits
-    n_blocks = -(-q.shape[2] // block_size)
-    save_bytes = SAVE_BYTES // n_blocks if torch.is_grad_enabled() else 0
+    q_blocks, pos_blocks = q.split(block_size, dim=2), q_pos.split(block_size)
+    n_keys = k.shape[2]
+    visible = [min(int(pb.max()) + 1, n_keys) if causal else n_keys for pb in pos_blocks]
+    save_bytes = SAVE_BYTES // len(q_blocks) if torch.is_grad_enabled() else 0
+    k_blocks, v_blocks = _prefixes(k, visible), _prefixes(v, visible)
     outputs = []
-    for start in range(0, q.shape[2], block_size):
-        qb, pb = q[:, :, start : start + block_size], q_pos[start : start + block_size]
-        n_visible = min(int(pb.max()) + 1, k.shape[2]) if causal else k.shape[2]
-        kb, vb, kpb = k[:, :, :n_visible], v[:, :, :n_visible], k_pos[:n_visible]
+    for qb, pb, kb, vb, n_visible in zip(q_blocks, pos_blocks, k_blocks, v_blocks, visible, strict=True):
+        kpb = k_pos[:n_visible]
         bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
         if bias is not None:
             bias = bias.to(q.dtype)
@@ -170,6 +171,31 @@ def blockwise_attention(
                 out = eager_attention(*args, causal=causal)
         outputs.append(out)
     return torch.cat(outputs, dim=2)
+
+
+def _prefixes(x: Tensor, lengths: list[int]) -> tuple[Tensor, ...]:
+    """x[:, :, :n] for each n; with gradients, as one node whose backward sums into one buffer
+    (slicing block by block would make a zero-filled full-size gradient per block)."""
+    if torch.is_grad_enabled() and x.requires_grad and len(lengths) > 1:
+        return _Prefixes.apply(x, tuple(lengths))
+    return tuple(x[:, :, :n] for n in lengths)
+
+
+class _Prefixes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lengths):  # noqa: D102
+        ctx.lengths, ctx.shape = lengths, x.shape
+        return tuple(x[:, :, :n] for n in lengths)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: D102
+        grad = None
+        for n, g in zip(ctx.lengths, grads, strict=True):
+            if g is not None:
+                if grad is None:
+                    grad = g.new_zeros(ctx.shape)
+                grad[:, :, :n] += g
+        return grad, None
 
 
 def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal):
