@@ -49,6 +49,7 @@ def attend(
     positions: Tensor | None = None,
     impl: Impl = "auto",
     block_size: int | None = None,
+    rotated: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention with a position encoding.
 
@@ -64,6 +65,8 @@ def attend(
             encoding rewrites logits), or 'eager' (the reference path: everything materialised).
         block_size: queries per block for the blockwise paths; None picks one from the shapes so
             that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
+        rotated: q and k were already rotated by the encoding's ``rotate`` hook (a KV cache keeps
+            rotated keys, so each key is rotated once, not at every decoding step).
 
     Blocks are exact: every query row is independent and sees the keys up to its own position
     (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
@@ -91,7 +94,7 @@ def attend(
     if encoding is not None:
         encoding.check_mode(causal)
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
-        if "rotate" in encoding.hooks:
+        if "rotate" in encoding.hooks and not rotated:
             q, k = encoding.rotate(q, k, q_pos, k_pos)
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits

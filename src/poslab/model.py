@@ -168,9 +168,15 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, H, T, Dh)
+        rotated = False
         if cache is not None:
+            if "rotate" in encoding.hooks:  # cache rotated keys: each key is rotated once
+                q, k = encoding.rotate(q, k, positions, positions)
+                rotated = True
             k, v = cache.append(layer, k, v)  # (B, H, S, Dh)
-        y = attend(q, k, v, encoding, causal=self.causal, positions=positions, impl=self.impl)
+        y = attend(
+            q, k, v, encoding, causal=self.causal, positions=positions, impl=self.impl, rotated=rotated
+        )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 

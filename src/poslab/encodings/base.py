@@ -63,7 +63,10 @@ class PositionEncoding(nn.Module):
         return x
 
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Transform queries (B, H, T, Dh) and keys (B, H, S, Dh) before the dot product."""
+        """Transform queries (B, H, T, Dh) and keys (B, H, S, Dh) before the dot product.
+
+        Each key must be transformed by its own position alone: the KV cache stores rotated keys.
+        """
         return q, k
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
