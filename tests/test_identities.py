@@ -138,6 +138,20 @@ def test_rope_logits_depend_only_on_relative_position(options):
     assert not torch.allclose(logits(0), q @ k.transpose(-1, -2))  # it does rotate
 
 
+def test_rope_angle_table_equals_direct_angles():
+    """The cached cos/sin table gives exactly the angles computed from the positions, as it grows
+    and after the module changes dtype."""
+    rope = poslab.build_encoding("rope", n_heads=2, head_dim=16, scaling="yarn", factor=4.0)
+    for positions in (torch.arange(5), torch.tensor([3, 900, 7]), torch.arange(2000, 2003)):
+        for got, want in zip(rope.angles(positions), rope._angles(positions), strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert rope._table[0].shape[0] >= 2003
+    rope.double()
+    cos, _ = rope.angles(torch.arange(3))
+    assert cos.dtype == torch.float64
+    torch.testing.assert_close(cos, rope._angles(torch.arange(3))[0], atol=0, rtol=0)
+
+
 def test_rope_scalings_reduce_to_plain_rope_at_factor_one():
     plain = poslab.build_encoding("rope", n_heads=2, head_dim=16)
     for scaling in ("linear", "ntk", "yarn"):

@@ -164,7 +164,8 @@ def blockwise_attention(
         if not rewrites:
             outputs.append(fused_attention(qb, kb, vb, bias, pb, kpb, causal=causal))
             continue
-        keep = causal_mask(pb, kpb) if causal else None
+        # keep: the causal visibility, None when every query of the block sees every key.
+        keep = causal_mask(pb, kpb) if causal and int(pb.min()) < n_visible - 1 else None
         out = encoding.attention_block(qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes)
         if out is None:
             args = (qb, kb, vb, encoding, bias, pb, kpb)
@@ -239,11 +240,13 @@ def fused_attention(
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` with the bias (and the causal mask) as one float mask."""
     n_queries, n_keys = q.shape[2], k.shape[2]
+    # Every query sees every key, e.g. one decoding step: nothing to mask.
+    sees_all = causal and int(q_pos.min()) >= int(k_pos.max())
     plain_causal = causal and n_queries == n_keys and bool((q_pos == k_pos).all())
-    if bias is None and (plain_causal or not causal):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if bias is None and (plain_causal or not causal or sees_all):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
     mask = torch.zeros(n_queries, n_keys, dtype=q.dtype, device=q.device) if bias is None else bias
     mask = mask.to(q.dtype)
-    if causal:
+    if causal and not sees_all:
         mask = mask.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

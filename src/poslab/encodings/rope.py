@@ -38,7 +38,8 @@ class RoPE(PositionEncoding):
 
     hooks = frozenset({"rotate"})
     shared_across_layers = True
-    _cache: tuple[int, Tensor, Tensor] | None
+    # cos and sin for positions 0..n-1, grown on demand: computed once, not per layer and step.
+    _table: tuple[Tensor, Tensor] | None = None
 
     def __init__(
         self,
@@ -84,6 +85,19 @@ class RoPE(PositionEncoding):
 
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin (T, Dh) at the given positions, each half of the channels repeated."""
+        if positions.is_floating_point() or positions.numel() == 0 or int(positions.min()) < 0:
+            return self._angles(positions)
+        needed = int(positions.max()) + 1
+        table, freq = self._table, self.inv_freq
+        if table is None or (table[0].device, table[0].dtype) != (freq.device, freq.dtype):
+            table = None  # first use, or the module moved to another device or dtype
+        if table is None or table[0].shape[0] < needed:
+            size = max(needed, 2 * table[0].shape[0] if table is not None else 256)
+            table = self._table = self._angles(torch.arange(size, device=self.inv_freq.device))
+        positions = positions.to(table[0].device)
+        return table[0].index_select(0, positions), table[1].index_select(0, positions)
+
+    def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         theta = as_float(positions, self.inv_freq)[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
         theta = torch.cat((theta, theta), dim=-1)  # (T, Dh)
         return theta.cos() * self.mscale, theta.sin() * self.mscale
