@@ -150,6 +150,9 @@ def blockwise_attention(
     """
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits
+    # Contiguous once here, not per block inside every product (q, k, v of a fused projection
+    # are strided views).
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     q_blocks, pos_blocks = q.split(block_size, dim=2), q_pos.split(block_size)
     n_keys = k.shape[2]
     visible = [min(int(pb.max()) + 1, n_keys) if causal else n_keys for pb in pos_blocks]
