@@ -141,3 +141,19 @@ def test_save_budget_is_split_between_blocks(monkeypatch):
     with torch.no_grad():
         poslab.attend(q, k, v, enc, block_size=4)
     assert decisions == []  # inference takes no autograd function at all
+
+
+@pytest.mark.parametrize("name", ["cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[base=rope]"])
+def test_inference_path_of_fused_kernels_equals_the_eager_reference(name):
+    """Without gradients the kernels skip autograd.Function; the output must not change."""
+    enc = encoding64(name)
+    q, k, v = (torch.randn(2, 2, 11, 8, dtype=torch.float64) for _ in range(3))
+    ref, _ = run(enc, q, k, v, impl="eager")
+    with torch.no_grad():
+        for block in (1, 4, 16):
+            torch.testing.assert_close(
+                poslab.attend(q, k, v, enc, block_size=block), ref, atol=1e-10, rtol=1e-9
+            )
+        # a decoding step: the last query alone against all keys
+        last = poslab.attend(q[:, :, -1:], k, v, enc)
+        torch.testing.assert_close(last, ref[:, :, -1:], atol=1e-10, rtol=1e-9)

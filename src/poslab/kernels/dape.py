@@ -75,10 +75,14 @@ class DAPEAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base, save):  # noqa: D102
         weight, logit_bias = _folded(w1, b1, b2, bias, add_base)
         feats, hidden, logits = _forward_block(q, k, bias, keep, weight, w2, logit_bias)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs = logits.sub_(lse).exp_()
+        if save:
+            probs = torch.softmax(logits, dim=-1)
+            saved = (feats, hidden, probs)
+        else:  # backward recomputes the logits; the row log-sum-exp turns them into probabilities
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            probs = logits.sub_(lse).exp_()
+            saved = (lse,)
         out = torch.matmul(probs, v)
-        saved = (feats, hidden, probs) if save else (lse,)
         ctx.save_for_backward(q, k, v, bias, keep, w1, b1, w2, b2, out, *saved)
         ctx.add_base = add_base
         return out
