@@ -37,10 +37,11 @@ def _features(scores: Tensor, bias: Tensor | None) -> Tensor:
     return feats
 
 
-def _forward_block(q, k, bias, keep, weight, w2, logit_bias):
+def _forward_block(q, k, bias, weight, w2, logit_bias):
     """Features (B, t, S, C), hidden map (B*t*S, D) after the activation, final logits (B, H, t, S).
 
-    ``weight`` is [W1 | b1] (D, C); ``logit_bias`` is b2 (H, 1, 1), plus B when the form adds it.
+    ``weight`` is [W1 | b1] (D, C); ``logit_bias`` is b2, plus B when the form adds it, -inf where
+    the causal mask hides a key (one pass adds both).
     """
     n_batch, n_heads, t, _ = q.shape
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))  # (B, H, t, S)
@@ -50,19 +51,19 @@ def _forward_block(q, k, bias, keep, weight, w2, logit_bias):
     F.leaky_relu_(hidden, SLOPE)
     mixed = torch.mm(hidden, w2.t()).view(n_batch, t, s, n_heads)
     logits = scores.add_(mixed.permute(0, 3, 1, 2)).add_(logit_bias)  # scores' buffer: A is in feats
-    if keep is not None:
-        logits.masked_fill_(~keep, float("-inf"))
     return feats, hidden, logits
 
 
-def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, add_base: bool):
-    """[W1 | b1] and the constant logit term b2 (+ B when the form adds the base).
+def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, keep: Tensor | None, add_base: bool):
+    """[W1 | b1] and the logit term b2 (+ B when the form adds the base; -inf where ~keep).
 
     Without a base bias (B = 0, e.g. a RoPE base) W1's B columns are dropped: they see only zeros.
     """
     logit_bias = b2.view(-1, 1, 1)
     if bias is not None and add_base:
         logit_bias = bias + logit_bias
+    if keep is not None:
+        logit_bias = logit_bias.masked_fill(~keep, float("-inf"))
     if bias is None:
         w1 = w1[:, : b2.shape[0]]
     return torch.cat((w1, b1[:, None]), dim=1), logit_bias
@@ -73,8 +74,8 @@ class DAPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        weight, logit_bias = _folded(w1, b1, b2, bias, add_base)
-        feats, hidden, logits = _forward_block(q, k, bias, keep, weight, w2, logit_bias)
+        weight, logit_bias = _folded(w1, b1, b2, bias, keep, add_base)
+        feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
         if save:
             probs = torch.softmax(logits, dim=-1)
             saved = (feats, hidden, probs)
@@ -91,11 +92,11 @@ class DAPEAttentionFn(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         q, k, v, bias, keep, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
         n_batch, n_heads, t, _ = q.shape
-        weight, logit_bias = _folded(w1, b1, b2, bias, ctx.add_base)
+        weight, logit_bias = _folded(w1, b1, b2, bias, keep, ctx.add_base)
         if len(saved) == 3:
             feats, hidden, probs = saved
         else:
-            feats, hidden, logits = _forward_block(q, k, bias, keep, weight, w2, logit_bias)
+            feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
             probs = logits.sub_(saved[0]).exp_()
         s = probs.shape[-1]
         n_rows = n_batch * t * s
@@ -116,15 +117,19 @@ class DAPEAttentionFn(torch.autograd.Function):
         if bias is None:  # W1's B columns saw only zeros
             grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
         grad_bias = None
+        # Right operands as transposes of contiguous (few, D) matrices: BLAS takes twice as long
+        # with a column slice of W1 as (N, D) @ (D, few).
         if bias is not None and ctx.needs_input_grad[3]:
-            grad_feats = torch.mm(grad_pre, weight[:, :-1]).view(n_batch, t, s, 2 * n_heads)
+            w_feats = weight[:, :-1].t().contiguous().t()
+            grad_feats = torch.mm(grad_pre, w_feats).view(n_batch, t, s, 2 * n_heads)
             grad_bias = grad_feats[..., n_heads:].sum(0).permute(2, 0, 1)
             if ctx.add_base:
                 grad_bias = grad_bias + grad_logits.sum(0)
             grad_bias = grad_bias.sum_to_size(bias.shape)
             grad_from_mlp = grad_feats[..., :n_heads]
         else:
-            grad_from_mlp = torch.mm(grad_pre, weight[:, :n_heads]).view(n_batch, t, s, n_heads)
+            w_scores = weight[:, :n_heads].t().contiguous().t()
+            grad_from_mlp = torch.mm(grad_pre, w_scores).view(n_batch, t, s, n_heads)
         grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(1.0 / math.sqrt(q.shape[-1]))
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
@@ -161,6 +166,6 @@ def dape_attention(
         save = entries * per_entry * q.element_size() <= save_bytes
         return DAPEAttentionFn.apply(*args, add_base, save)
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
-    weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, add_base)
-    _, _, logits = _forward_block(q, k, bias, keep, weight, lin2.weight, logit_bias)
+    weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, keep, add_base)
+    _, _, logits = _forward_block(q, k, bias, weight, lin2.weight, logit_bias)
     return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
