@@ -278,7 +278,9 @@ def _bar_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
         means = [s["mean"] if s else float("nan") for s in stats]
         stds = [s["std"] if s else 0.0 for s in stats]
         xs = [j + (i - (len(entries) - 1) / 2) * width for j in range(len(splits))]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"{label} (n={entry['n']})")
+        pairs = list(zip(means, stds, strict=True))
+        yerr = [[min(s, m) for m, s in pairs], [min(s, 100 - m) for m, s in pairs]]  # within 0..100 %
+        ax.bar(xs, means, width, yerr=yerr, capsize=2, label=f"{label} (n={entry['n']})")
     ax.set_xticks(range(len(splits)), splits)
     ax.set_ylabel(f"{headline} %")
     ax.set_title(f"{task}: {headline} per split (mean ± std over seeds)")
@@ -306,8 +308,8 @@ def _length_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path
         ys = [p[1] for p in points]
         ax.plot(xs, ys, marker=".", label=f"{label} (n={entry['n']})")
         if entry["n"] > 1:
-            lo = [p[1] - p[2] for p in points]
-            hi = [p[1] + p[2] for p in points]
+            lo = [max(0.0, p[1] - p[2]) for p in points]  # percentages: clip the band to [0, 100]
+            hi = [min(100.0, p[1] + p[2]) for p in points]
             ax.fill_between(xs, lo, hi, alpha=0.15)
     if boundary is not None:
         ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
