@@ -31,8 +31,16 @@ def test_train_step_table_is_relative_to_rope():
 
 
 def test_decode_reports_identical_outputs():
-    table = bench.bench_decode(n_new=4, prompt=3, d_model=16, layers=1, heads=2, encodings=["cope", "alibi"])
-    assert [r["identical"] for r in table.rows] == [True, True]
+    table = bench.bench_decode(
+        n_new=4, prompt=3, d_model=16, layers=1, heads=2, batches=(1, 3), encodings=["cope", "alibi"]
+    )
+    assert [(r["encoding"], r["batch"]) for r in table.rows] == [
+        ("cope", 1),
+        ("cope", 3),
+        ("alibi", 1),
+        ("alibi", 3),
+    ]
+    assert all(r["identical"] is True for r in table.rows)
 
 
 def test_memory_runs_each_encoding_in_its_own_process():

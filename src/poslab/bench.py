@@ -196,16 +196,17 @@ def _perturbed_model(model: torch.nn.Module) -> None:
 
 def bench_decode(
     *, n_new: int = 256, prompt: int = 16, d_model: int = 128, layers: int = 2, heads: int = 4,
-    encodings: list[str] | None = None, device: str = "cpu",
+    batches: tuple[int, ...] = (1, 8), encodings: list[str] | None = None, device: str = "cpu",
 ) -> Table:  # fmt: skip
-    """Greedy generation of n_new tokens with the KV cache against recomputing the full forward."""
+    """Greedy generation of n_new tokens with the KV cache against recomputing the full forward,
+    for each batch size (one sequence: latency; several: the cached step reads the weights once for
+    all of them, while recomputing does the batch's work again)."""
     dev = torch.device(device)
     table = Table(
         "Decoding with the KV cache against recomputing the full forward each step",
-        ["encoding", "cached s", "recompute s", "speed-up", "identical"],
+        ["encoding", "batch", "cached s", "recompute s", "speed-up", "identical"],
         settings=dict(n_new=n_new, prompt=prompt, d_model=d_model, layers=layers, heads=heads, device=device),
     )
-    x = torch.randint(0, 256, (1, prompt), device=dev)
     for name in encodings or ["rope", "alibi", "cope", "dape", "dape[kernel_size=3]"]:
         cfg = ModelConfig(
             vocab_size=256,
@@ -217,26 +218,31 @@ def bench_decode(
         )
         model = build_model(cfg).to(dev).eval()
         _perturbed_model(model)
-        outs: dict[str, torch.Tensor] = {}
-        medians = interleaved_medians(
-            {
-                "cached": lambda m=model, o=outs: o.__setitem__(
-                    "cached", m.generate(x, n_new, use_cache=True)
-                ),
-                "full": lambda m=model, o=outs: o.__setitem__("full", m.generate(x, n_new, use_cache=False)),
-            },
-            repeats=1,
-            warmup=0,
-        )
-        table.rows.append(
-            {
-                "encoding": name,
-                "cached s": medians["cached"],
-                "recompute s": medians["full"],
-                "speed-up": medians["full"] / medians["cached"],
-                "identical": bool(torch.equal(outs["cached"], outs["full"])),
-            }
-        )
+        for batch in batches:
+            x = torch.randint(0, 256, (batch, prompt), device=dev, generator=torch.Generator().manual_seed(0))
+            outs: dict[str, torch.Tensor] = {}
+            medians = interleaved_medians(
+                {
+                    "cached": lambda m=model, o=outs, x=x: o.__setitem__(
+                        "cached", m.generate(x, n_new, use_cache=True)
+                    ),
+                    "full": lambda m=model, o=outs, x=x: o.__setitem__(
+                        "full", m.generate(x, n_new, use_cache=False)
+                    ),
+                },
+                repeats=1,
+                warmup=0,
+            )
+            table.rows.append(
+                {
+                    "encoding": name,
+                    "batch": batch,
+                    "cached s": medians["cached"],
+                    "recompute s": medians["full"],
+                    "speed-up": medians["full"] / medians["cached"],
+                    "identical": bool(torch.equal(outs["cached"], outs["full"])),
+                }
+            )
     return table
 
 
@@ -319,7 +325,7 @@ def run_bench(
         elif section == "step":
             table = bench_train_step(device=device, **small)
         elif section == "decode":
-            table = bench_decode(device=device, **({"n_new": 32} if quick else {}))
+            table = bench_decode(device=device, **({"n_new": 32, "batches": (1,)} if quick else {}))
         else:
             table = bench_memory(device=device, **({"length": 2048} if quick else {}))
         progress(table.markdown() + "\n")
