@@ -111,9 +111,10 @@ def test_auto_block_size():
     assert auto_block_size(64, 64, 4096, 4096) == 16  # never below 16
 
 
-def test_saving_block_kernels_survive_a_second_backward(save_bytes):
+@pytest.mark.parametrize("name", ["dape[base=kerple_log]", "cope+alibi"])
+def test_saving_block_kernels_survive_a_second_backward(name, save_bytes):
     """With the intermediates kept for backward, retain_graph must give the same gradients twice."""
-    enc = encoding64("dape[base=kerple_log]")
+    enc = encoding64(name)
     q, k, v = (torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = poslab.attend(q, k, v, enc, block_size=4)
     first = torch.autograd.grad(out.sum(), (q, k, v, *enc.parameters()), retain_graph=True)

@@ -121,7 +121,7 @@ class CoPE(PositionEncoding):
         custom_gates = type(self).gate_logits is not CoPE.gate_logits
         if not causal or self.sep_key or self.val_gates or custom_gates:
             return None  # these variants (and subclasses with their own gates) take the eager path
-        return cope_attention(q, k, v, self.pos_emb, bias, keep, self.npos_max)
+        return cope_attention(q, k, v, self.pos_emb, bias, keep, self.npos_max, save_bytes=save_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, npos_max={self.npos_max}"

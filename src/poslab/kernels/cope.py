@@ -1,10 +1,11 @@
 """Fused CoPE attention for one block of queries, with a hand-written backward.
 
 Exactly the math of ``poslab.encodings.cope.CoPE`` followed by mask, softmax and the value product
-(DESIGN.md section 3), but: the forward keeps nothing of size (T, S) for backward (only the output
-and the row log-sum-exp), the backward recomputes the block, and intermediate tensors are reused in
-place. On CPU the allocation of large fresh tensors costs as much as the arithmetic, so fewer, reused
-buffers are most of the speed-up; memory stays O(block x S).
+(DESIGN.md section 3), but: unless the caller lets the block keep its intermediates (``save_bytes``,
+a share of ``poslab.attention.SAVE_BYTES``), the forward keeps nothing of size (T, S) for backward
+(only the output and the row log-sum-exp) and the backward recomputes the block; intermediate
+tensors are reused in place. On CPU the allocation of large fresh tensors costs as much as the
+arithmetic, so fewer, reused buffers are most of the speed-up; memory stays O(block x S).
 
 Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - z[floor p]):
     dlogits = a * (dO . v_j - dO . o_i)                   softmax and value product
@@ -47,31 +48,36 @@ def _forward_block(q, k, v, table, bias, keep, npos_max):
     return logits, gates, weight, delta, idx_floor, idx_ceil
 
 
-def _attend_values(logits: Tensor, v: Tensor) -> Tensor:
-    """softmax(logits) @ v, overwriting ``logits``."""
-    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
-
-
 class CoPEAttentionFn(torch.autograd.Function):
     """softmax(CoPE logits + bias, causal) @ v for one query block; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, bias, keep, npos_max):  # noqa: D102
-        logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, H, t, 1)
-        out = torch.matmul(logits.sub_(lse).exp_(), v)
-        ctx.save_for_backward(q, k, v, table, bias, keep, out, lse)
+    def forward(ctx, q, k, v, table, bias, keep, npos_max, save):  # noqa: D102
+        logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max)
+        if save:  # keep the block's intermediates: backward skips the recomputation
+            probs = torch.softmax(logits, dim=-1)
+            saved = (probs, *rest)
+        else:
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, H, t, 1)
+            probs = logits.sub_(lse).exp_()
+            saved = (lse,)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, table, bias, keep, out, *saved)
         ctx.npos_max = npos_max
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, table, bias, keep, out, lse = ctx.saved_tensors
+        q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
-        logits, gates, weight, delta, idx_floor, idx_ceil = _forward_block(
-            q, k, v, table, bias, keep, ctx.npos_max
-        )
-        probs = logits.sub_(lse).exp_()  # (B, H, t, S)
+        kept = len(saved) > 1  # saved tensors must stay intact (a second backward may read them)
+        if kept:
+            probs, gates, weight, delta, idx_floor, idx_ceil = saved
+        else:
+            logits, gates, weight, delta, idx_floor, idx_ceil = _forward_block(
+                q, k, v, table, bias, keep, ctx.npos_max
+            )
+            probs = logits.sub_(saved[0]).exp_()  # (B, H, t, S)
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
         row = (grad_out * out).sum(-1, keepdim=True)  # (B, H, t, 1)
         grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)
@@ -80,18 +86,30 @@ class CoPEAttentionFn(torch.autograd.Function):
             grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)
 
         grad_z = torch.zeros(*q.shape[:-1], table.shape[0], dtype=q.dtype, device=q.device)
-        upper = torch.mul(grad_logits, weight, out=probs)  # probs' buffer is free now
+        upper = torch.mul(grad_logits, weight, out=None if kept else probs)  # probs' buffer is free
         grad_z.scatter_add_(-1, idx_ceil, upper)
         grad_z.scatter_add_(-1, idx_floor, torch.sub(grad_logits, upper, out=upper))
-        grad_gates = delta.mul_(grad_logits).cumsum_(-1)  # dg_it = sum_{j<=t} dp_ij
+        # dg_it = sum_{j<=t} dp_ij, then * g (1 - g); g = 0 in the future
+        grad_gates = (delta * grad_logits if kept else delta.mul_(grad_logits)).cumsum_(-1)
         grad_gates.mul_(gates)
-        grad_gates.mul_(gates.neg_().add_(1.0))  # * g (1 - g); g = 0 in the future
+        grad_gates.mul_(1.0 - gates if kept else gates.neg_().add_(1.0))
         grad_scores = grad_logits.add_(grad_gates).mul_(scale)  # dA, scaled for the q.k product
 
         grad_q = torch.matmul(grad_scores, k).add_(torch.matmul(grad_z, table), alpha=scale)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
         grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
-        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None
+        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
+
+
+def _attend_values(logits: Tensor, v: Tensor) -> Tensor:
+    """softmax(logits) @ v, overwriting ``logits``."""
+    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
+
+
+def saved_bytes_per_entry(element_size: int) -> int:
+    """Bytes a block keeps per (batch, head, query, key) when it saves instead of recomputing:
+    probabilities, gates, interpolation weights and differences, and the two int64 indices."""
+    return 4 * element_size + 2 * 8
 
 
 def cope_attention(
@@ -102,12 +120,15 @@ def cope_attention(
     bias: Tensor | None,
     keep: Tensor | None,
     npos_max: int,
+    save_bytes: int = 0,
 ) -> Tensor:
     """Fused CoPE attention: q (B, H, t, Dh), k and v (B, H, S, Dh), table (P, Dh), bias (H, t, S) or
-    None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh)."""
+    None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh).
+    ``save_bytes``: how much the forward may keep for backward instead of recomputing the block."""
     table = table.to(q.dtype)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, table, bias)):
-        return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max)
+        save = q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
+        return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max, save)
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
     logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
     return _attend_values(logits, v)
