@@ -154,7 +154,7 @@ def bench_attention(
 
 def bench_train_step(
     *, d_model: int = 128, layers: int = 2, heads: int = 4, batch: int = 8, length: int = 512,
-    vocab: int = 256, repeats: int = 5, encodings: list[str] | None = None, device: str = "cpu",
+    vocab: int = 256, repeats: int = 7, encodings: list[str] | None = None, device: str = "cpu",
 ) -> Table:  # fmt: skip
     """One AdamW training step of a small decoder per encoding, against the RoPE model."""
     dev = torch.device(device)
@@ -196,7 +196,8 @@ def _perturbed_model(model: torch.nn.Module) -> None:
 
 def bench_decode(
     *, n_new: int = 256, prompt: int = 16, d_model: int = 128, layers: int = 2, heads: int = 4,
-    batches: tuple[int, ...] = (1, 8), encodings: list[str] | None = None, device: str = "cpu",
+    batches: tuple[int, ...] = (1, 8), repeats: int = 3, encodings: list[str] | None = None,
+    device: str = "cpu",
 ) -> Table:  # fmt: skip
     """Greedy generation of n_new tokens with the KV cache against recomputing the full forward,
     for each batch size (one sequence: latency; several: the cached step reads the weights once for
@@ -205,7 +206,15 @@ def bench_decode(
     table = Table(
         "Decoding with the KV cache against recomputing the full forward each step",
         ["encoding", "batch", "cached s", "recompute s", "speed-up", "identical"],
-        settings=dict(n_new=n_new, prompt=prompt, d_model=d_model, layers=layers, heads=heads, device=device),
+        settings=dict(
+            n_new=n_new,
+            prompt=prompt,
+            d_model=d_model,
+            layers=layers,
+            heads=heads,
+            repeats=repeats,
+            device=device,
+        ),
     )
     for name in encodings or ["rope", "alibi", "cope", "dape", "dape[kernel_size=3]"]:
         cfg = ModelConfig(
@@ -219,7 +228,9 @@ def bench_decode(
         model = build_model(cfg).to(dev).eval()
         _perturbed_model(model)
         for batch in batches:
-            x = torch.randint(0, 256, (batch, prompt), device=dev, generator=torch.Generator().manual_seed(0))
+            x = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
+            for use_cache in (True, False):  # warm-up: first-call allocations and tables
+                model.generate(x, min(n_new, 4), use_cache=use_cache)
             outs: dict[str, torch.Tensor] = {}
             medians = interleaved_medians(
                 {
@@ -230,7 +241,7 @@ def bench_decode(
                         "full", m.generate(x, n_new, use_cache=False)
                     ),
                 },
-                repeats=1,
+                repeats=repeats,
                 warmup=0,
             )
             table.rows.append(
@@ -325,7 +336,9 @@ def run_bench(
         elif section == "step":
             table = bench_train_step(device=device, **small)
         elif section == "decode":
-            table = bench_decode(device=device, **({"n_new": 32, "batches": (1,)} if quick else {}))
+            table = bench_decode(
+                device=device, **({"n_new": 32, "batches": (1,), "repeats": 1} if quick else {})
+            )
         else:
             table = bench_memory(device=device, **({"length": 2048} if quick else {}))
         progress(table.markdown() + "\n")
