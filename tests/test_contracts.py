@@ -124,6 +124,16 @@ def test_cached_generation_equals_recomputing(name):
 
 
 @pytest.mark.parametrize("name", ALL_ENCODINGS)
+def test_training_works_after_generation(name):
+    """generate runs under inference_mode: its output and anything it built (caches, tables) must
+    not leak inference tensors into a later backward."""
+    model = poslab.build_model(tiny_config(name))
+    tokens = model.generate(torch.randint(0, 13, (2, 4)), 6)
+    model(tokens).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ALL_ENCODINGS)
 def test_cached_forward_gradients_equal_the_full_forward(name):
     """Feeding a sequence through the cache in chunks gives the full forward's parameter gradients."""
     model = poslab.build_model(tiny_config(name)).double()
