@@ -103,9 +103,9 @@ def flipflop_small() -> RunConfig:
 
 @preset("flipflop_demo", "CPU, ~10 min for 6 encodings on 2 cores: flipflop_small at 1000 steps")
 def flipflop_demo() -> RunConfig:
-    # Sized by measurement (one thread per run, two runs at a time): about 100 ms per step for
-    # NoPE, learned, RoPE and ALiBi and 320 ms for CoPE and DAPE, so 1000 steps of all six take
-    # about 9 to 10 minutes on two otherwise idle cores.
+    # Sized by measurement (one thread per run, two runs at a time): about 100-125 ms per step for
+    # NoPE, learned, RoPE and ALiBi and about 200 ms for CoPE and DAPE; `poslab demo` took 7.6 minutes
+    # in all on two otherwise idle cores (2026-11-23).
     return flipflop_small().override(
         {"train.steps": 1000, "train.warmup": 100, "train.eval_every": 0, "train.checkpoint_every": 250}
     )
