@@ -56,6 +56,23 @@ def test_bad_options(name, options, message):
         build(name, **options)
 
 
+def test_registries_refuse_a_taken_name_and_list_the_known_ones():
+    from poslab.data.corpora import CORPORA
+    from poslab.encodings.base import _REGISTRY
+    from poslab.tasks import TASKS
+
+    for registry, kind, taken in (
+        (_REGISTRY, "encoding", "rope"),
+        (TASKS, "task", "lm"),
+        (CORPORA, "corpus", "stdlib"),
+    ):
+        with pytest.raises(ValueError, match=f"^{kind} name '{taken}' is already registered$"):
+            registry.add(taken, object())
+        assert registry.lookup(taken) is registry[taken]
+    with pytest.raises(ValueError, match=r"^unknown task 'nosuch'; known tasks: .*flipflop"):
+        TASKS.lookup("nosuch")
+
+
 def test_rope_rejects_odd_head_dim():
     with pytest.raises(ValueError, match="rope needs an even head_dim, got 7"):
         poslab.build_encoding("rope", n_heads=2, head_dim=7)

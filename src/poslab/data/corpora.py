@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poslab.options import check_keyword_options
+from poslab.options import Registry
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.90, 0.05, 0.05)
@@ -134,33 +134,26 @@ def split_documents(
 
 # -- registry --------------------------------------------------------------------------------------
 
-CORPORA: dict[str, Callable[..., Corpus]] = {}
+CORPORA: Registry[Callable[..., Corpus]] = Registry("corpus", "corpora")
 
 
 def register(name: str) -> Callable[[Callable[..., Corpus]], Callable[..., Corpus]]:
     """Decorator adding a corpus loader (keyword-only options, returns a `Corpus`)."""
 
     def wrap(loader: Callable[..., Corpus]) -> Callable[..., Corpus]:
-        if name in CORPORA:
-            raise ValueError(f"corpus name {name!r} is already registered")
-        CORPORA[name] = loader
-        return loader
+        return CORPORA.add(name, loader)
 
     return wrap
 
 
 def list_corpora() -> list[str]:
     """Names of all registered corpora."""
-    return sorted(CORPORA)
+    return CORPORA.names()
 
 
 def load_corpus(name: str, **options: Any) -> Corpus:
     """Load the corpus registered as ``name`` with its keyword ``options``."""
-    if name not in CORPORA:
-        raise ValueError(f"unknown corpus {name!r}; known corpora: {', '.join(list_corpora())}")
-    loader = CORPORA[name]
-    check_keyword_options("corpus", name, loader, options)
-    return loader(**options)
+    return CORPORA.build(name, **options)
 
 
 # -- reading files ---------------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from poslab.options import Registry
+
 HOOKS = ("embed", "rotate", "bias", "logits")
 
-_REGISTRY: dict[str, type[PositionEncoding]] = {}
+_REGISTRY: Registry[type[PositionEncoding]] = Registry("encoding", "encodings")
 
 
 class PositionEncoding(nn.Module):
@@ -154,12 +156,10 @@ def register(name: str) -> Callable[[type[PositionEncoding]], type[PositionEncod
     """Class decorator adding an encoding to the registry under ``name``."""
 
     def wrap(cls: type[PositionEncoding]) -> type[PositionEncoding]:
-        if name in _REGISTRY:
-            raise ValueError(f"encoding name {name!r} is already registered")
         if not set(cls.hooks) <= set(HOOKS):
             raise ValueError(f"{cls.__name__}.hooks has unknown entries: {set(cls.hooks) - set(HOOKS)}")
+        _REGISTRY.add(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return wrap
@@ -167,16 +167,12 @@ def register(name: str) -> Callable[[type[PositionEncoding]], type[PositionEncod
 
 def list_encodings() -> list[str]:
     """Names of all registered encodings (compose them with '+', e.g. 'cope+rope')."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def encoding_class(name: str) -> type[PositionEncoding]:
     """The class registered as ``name``; ValueError listing the known names otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(list_encodings())
-        raise ValueError(f"unknown encoding {name!r}; known encodings: {known}") from None
+    return _REGISTRY.lookup(name)
 
 
 def encoding_options(cls: type[PositionEncoding]) -> dict[str, Any]:

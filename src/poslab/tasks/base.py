@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from poslab.options import check_keyword_options
+from poslab.options import Registry
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task", "tasks")
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,8 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator adding a task to the registry under ``name``."""
 
     def wrap(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task name {name!r} is already registered")
+        TASKS.add(name, cls)
         cls.name = name
-        TASKS[name] = cls
         return cls
 
     return wrap
@@ -147,16 +145,12 @@ def register(name: str) -> Callable[[type[Task]], type[Task]]:
 
 def list_tasks() -> list[str]:
     """Names of all registered tasks."""
-    return sorted(TASKS)
+    return TASKS.names()
 
 
 def build_task(name: str, **options: Any) -> Task:
     """Build the task registered as ``name`` with keyword ``options`` for its constructor."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
-    cls = TASKS[name]
-    check_keyword_options("task", name, cls.__init__, options)
-    return cls(**options)
+    return TASKS.build(name, **options)
 
 
 # -- helpers shared by the task modules ------------------------------------------------------------
