@@ -196,6 +196,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 4)
     return math.ceil(n / cols), cols
@@ -226,12 +236,7 @@ def plot_dape_bias(bias: DapeBias, path: str | Path, *, title: str | None = None
     fig.suptitle(
         title or f"{bias.label}: position term of query {bias.query}, layer {bias.layer}", fontsize=10
     )
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=110)
 
 
 # -- CoPE ------------------------------------------------------------------------------------------
@@ -327,12 +332,7 @@ def plot_cope_positions(
         ax.set_xlabel("key j")
         ax.set_ylabel("p_ij", color="tab:blue")
     fig.suptitle(title or f"{cmap.label}: CoPE layer {cmap.layer} (npos_max {cmap.npos_max})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, dpi=80)
 
 
 def _show(token: str) -> str:
