@@ -26,6 +26,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on two contending ones (modules that train use
+    it for every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.ModelConfig:
     options = dict(
         vocab_size=13,

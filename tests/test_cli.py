@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import poslab
 from poslab.cli import main, split_top_level
@@ -18,12 +17,7 @@ from poslab.tasks import list_tasks
 FAST = ["train.steps=6", "train.eval_every=0", "train.checkpoint_every=3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
