@@ -116,13 +116,6 @@ class KVCache:
         """Positions cached so far (in the first layer; all layers agree between forward calls)."""
         return self._lengths[0]
 
-    def layer(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        """The cached keys and values of one layer, (B, H, S, Dh) views, or None if empty."""
-        n = self._lengths[layer]
-        if n == 0:
-            return None
-        return self._keys[layer][:, :, :n], self._values[layer][:, :, :n]
-
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add this step's keys/values (B, H, T, Dh) for one layer and return all of them."""
         n, t = self._lengths[layer], k.shape[2]
