@@ -22,6 +22,8 @@ import math
 import torch
 from torch import Tensor
 
+from poslab.kernels.common import needs_autograd, row_softmax_
+
 
 def _forward_block(q, k, v, table, bias, keep, npos_max):
     """All the block's intermediates, (B, H, t, S) each, reusing buffers where the math allows."""
@@ -54,13 +56,9 @@ class CoPEAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, bias, keep, npos_max, save):  # noqa: D102
         logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max)
-        if save:  # keep the block's intermediates: backward skips the recomputation
-            probs = torch.softmax(logits, dim=-1)
-            saved = (probs, *rest)
-        else:
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, H, t, 1)
-            probs = logits.sub_(lse).exp_()
-            saved = (lse,)
+        probs, lse = row_softmax_(logits, need_lse=not save)
+        # Either the block's intermediates (backward skips the recomputation) or the row lse.
+        saved = (probs, *rest) if save else (lse,)
         out = torch.matmul(probs, v)
         ctx.save_for_backward(q, k, v, table, bias, keep, out, *saved)
         ctx.npos_max = npos_max
@@ -101,11 +99,6 @@ class CoPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
 
 
-def _attend_values(logits: Tensor, v: Tensor) -> Tensor:
-    """softmax(logits) @ v, overwriting ``logits``."""
-    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
-
-
 def saved_bytes_per_entry(element_size: int) -> int:
     """Bytes a block keeps per (batch, head, query, key) when it saves instead of recomputing:
     probabilities, gates, interpolation weights and differences, and the two int64 indices."""
@@ -126,9 +119,9 @@ def cope_attention(
     None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh).
     ``save_bytes``: how much the forward may keep for backward instead of recomputing the block."""
     table = table.to(q.dtype)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, table, bias)):
+    if needs_autograd(q, k, v, table, bias):
         save = q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
         return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max, save)
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
     logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
-    return _attend_values(logits, v)
+    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from poslab.kernels.common import needs_autograd, row_softmax_
+
 SLOPE = 0.01  # LeakyReLU's negative slope
 
 
@@ -76,13 +78,9 @@ class DAPEAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base, save):  # noqa: D102
         weight, logit_bias = _folded(w1, b1, b2, bias, keep, add_base)
         feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
-        if save:
-            probs = torch.softmax(logits, dim=-1)
-            saved = (feats, hidden, probs)
-        else:  # backward recomputes the logits; the row log-sum-exp turns them into probabilities
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            probs = logits.sub_(lse).exp_()
-            saved = (lse,)
+        probs, lse = row_softmax_(logits, need_lse=not save)
+        # Either the block's intermediates (backward skips the recomputation) or the row lse.
+        saved = (feats, hidden, probs) if save else (lse,)
         out = torch.matmul(probs, v)
         ctx.save_for_backward(q, k, v, bias, keep, w1, b1, w2, b2, out, *saved)
         ctx.add_base = add_base
@@ -159,7 +157,7 @@ def dape_attention(
     """
     lin1, _, lin2 = mlp
     args = (q, k, v, bias, keep, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+    if needs_autograd(*args):
         n_batch, n_heads, t, _ = q.shape
         entries = n_batch * t * k.shape[2]
         per_entry = saved_floats_per_entry(n_heads, lin1.weight.shape[0], bias is not None)
@@ -168,4 +166,4 @@ def dape_attention(
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
     weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, keep, add_base)
     _, _, logits = _forward_block(q, k, bias, weight, lin2.weight, logit_bias)
-    return torch.matmul(logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_(), v)
+    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
