@@ -428,10 +428,10 @@ def extrapolate(
 
 
 def _train_wall_time(run_dir: Path) -> float | None:
-    import json
+    from poslab.train import load_results
 
     try:
-        return float(json.loads((run_dir / "results.json").read_text())["wall_time"])
+        return float(load_results(run_dir)["wall_time"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -65,12 +64,11 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 
 def load_runs(paths: list[str | Path]) -> list[RunRecord]:
     """`RunRecord` of every finished run at or below ``paths``."""
+    from poslab.train import load_results
+
     records = []
     for run_dir in find_runs(paths):
-        try:
-            results = json.loads((run_dir / "results.json").read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{run_dir / 'results.json'} is not valid JSON ({error.msg})") from None
+        results = load_results(run_dir)
         if not results.get("metrics"):
             raise ValueError(f"{run_dir / 'results.json'} holds no evaluation")
         records.append(RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results))
