@@ -241,3 +241,10 @@ def test_options_may_follow_flags(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["train", "--preset", "smoke", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_compare_refuses_two_encodings_in_one_directory(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "compare", "--preset", "smoke", "--encodings", "rope,rope", "--out", str(tmp_path / "g")
+    )
+    assert code == 2 and "map to the same directory" in err and not (tmp_path / "g").exists()

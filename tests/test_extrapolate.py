@@ -20,6 +20,7 @@ from poslab.extrapolate import (
     load_run,
     markdown_tables,
     parse_lengths,
+    run_experiment,
     write_extrapolation_report,
 )
 from poslab.presets import get_preset
@@ -282,3 +283,9 @@ def test_other_data_or_task_is_refused(runs, tmp_path):
     train(get_preset("smoke").override({"train.steps": 2, "train.device": "cpu"}), smoke, progress=False)
     with pytest.raises(ValueError, match="'flipflop' run"):
         load_run(smoke)
+
+
+def test_lm_extrapolation_refuses_two_encodings_in_one_directory(tmp_path):
+    with pytest.raises(ValueError, match="map to the same directory"):
+        run_experiment("lm_stdlib_small", ["rope", "rope"], [0], tmp_path / "lm")
+    assert not (tmp_path / "lm").exists()

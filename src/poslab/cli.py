@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from poslab.config import RunConfig, encoding_label, format_value
+from poslab.config import RunConfig, format_value, slug
 from poslab.presets import DEMO_ENCODINGS, DESCRIPTIONS, get_preset, list_presets
 from poslab.progress import ProgressLogHandler
 
@@ -73,11 +73,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds or any(s < 0 for s in seeds):
         raise UsageError(f"--seeds takes non-negative integers such as 0,1,2, got {text!r}")
     return list(dict.fromkeys(seeds))
-
-
-def slug(text: str) -> str:
-    """A directory name for an encoding spec: ``'dape[base=fire]'`` -> ``'dape_base=fire'``."""
-    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")
 
 
 def preset_config(preset: str | None, overrides: Sequence[str]) -> RunConfig:
@@ -234,19 +229,10 @@ def run_compare(
     """Train every (encoding, seed) of the grid under ``out``, then write and print the report."""
     from poslab.checkpoint import write_json
     from poslab.report import load_runs, write_report
-    from poslab.train import check_run_dir, run_status
+    from poslab.train import plan_grid, run_status
 
     base = preset_config(preset, overrides)
-    grid = []  # validate the whole grid before training anything
-    for spec in encodings:
-        label = encoding_label(spec)
-        for seed in seeds:
-            config = base.override({"model.encoding": spec, "train.seed": seed})
-            run_dir = out / slug(label) / f"seed{seed}"
-            check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, config=config)
-            grid.append((config, run_dir))
-    if len({d for _, d in grid}) < len(grid):
-        raise UsageError("two encodings of --encodings map to the same directory; list each once")
+    grid = plan_grid(base, encodings, seeds, out, resume=args.resume, overwrite=args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     write_json(
         out / "grid.json",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -400,6 +401,11 @@ def encoding_label(encoding: str, options: dict[str, Any] | None = None) -> str:
     if not merged:
         return name
     return f"{name}[{','.join(f'{k}={format_value(v)}' for k, v in merged.items())}]"
+
+
+def slug(text: str) -> str:
+    """A directory name for an encoding spec: ``'dape[base=fire]'`` -> ``'dape_base=fire'``."""
+    return re.sub(r"[^A-Za-z0-9_.+=-]+", "_", text).strip("_")
 
 
 def format_value(value: Any) -> str:

@@ -631,10 +631,8 @@ def run_experiment(
     is reused when ``resume`` is set. The report (`write_extrapolation_report`) goes to ``out``.
     ``max_len`` defaults to `PRESET_MAX_LEN` for the LM presets, else `default_max_len`.
     """
-    from poslab.cli import slug
-    from poslab.config import encoding_label
     from poslab.presets import get_preset
-    from poslab.train import check_run_dir, run_status, train
+    from poslab.train import plan_grid, run_status, train
 
     base = get_preset(preset_name).override(list(overrides))
     if base.task.name != "lm":
@@ -642,13 +640,7 @@ def run_experiment(
     if not encodings or not seeds:
         raise ValueError("give at least one encoding and one seed")
     out = Path(out)
-    grid = []
-    for spec in encodings:
-        for seed in seeds:
-            config = base.override({"model.encoding": spec, "train.seed": seed})
-            run_dir = out / "runs" / slug(encoding_label(spec)) / f"seed{seed}"
-            check_run_dir(run_dir, resume=resume, overwrite=False, config=config)
-            grid.append((config, run_dir))
+    grid = plan_grid(base, encodings, seeds, out / "runs", resume=resume, overwrite=False)
     started = time.monotonic()
     for config, run_dir in grid:
         if resume and run_status(run_dir) == "finished":

@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from poslab.checkpoint import (
     write_json,
     write_text,
 )
-from poslab.config import RunConfig, TrainConfig
+from poslab.config import RunConfig, TrainConfig, encoding_label, slug
 from poslab.evaluate import evaluate, format_metrics, headline_metric
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
@@ -144,6 +144,29 @@ def clear_run_dir(run_dir: Path) -> None:
     """Remove the files a run writes (and nothing else)."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+
+
+def plan_grid(
+    base: RunConfig,
+    encodings: Sequence[str],
+    seeds: Sequence[int],
+    root: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> list[tuple[RunConfig, Path]]:
+    """One run per encoding and seed at ``root/<encoding>/seed<k>``, every directory checked
+    (`check_run_dir`) before anything trains; ValueError when two encodings share a directory."""
+    grid = []
+    for spec in encodings:
+        for seed in seeds:
+            config = base.override({"model.encoding": spec, "train.seed": seed})
+            run_dir = Path(root) / slug(encoding_label(spec)) / f"seed{seed}"
+            check_run_dir(run_dir, resume=resume, overwrite=overwrite, config=config)
+            grid.append((config, run_dir))
+    if len({d for _, d in grid}) < len(grid):
+        raise ValueError("two encodings of --encodings map to the same directory; list each once")
+    return grid
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
