@@ -27,6 +27,13 @@ def run(enc, q, k, v, **kwargs):
     return out, grads
 
 
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def dape_impl(request, monkeypatch):
+    """Every test runs with DAPE's native (C++) MLP and with its PyTorch path."""
+    monkeypatch.setenv("POSLAB_NATIVE", "1" if request.param == "native" else "0")
+    return request.param
+
+
 @pytest.fixture(params=[0, 2**28], ids=["recompute", "save"])
 def save_bytes(request, monkeypatch):
     """Both backward strategies of the fused kernels: recompute every block, or keep what fits."""
@@ -123,19 +130,21 @@ def test_saving_block_kernels_survive_a_second_backward(name, save_bytes):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_save_budget_is_split_between_blocks(monkeypatch):
+def test_save_budget_is_split_between_blocks(monkeypatch, dape_impl):
     """Each block keeps its intermediates only if they fit in its share of SAVE_BYTES."""
     from poslab.kernels import dape as dape_kernel
 
     decisions = []
-    original = dape_kernel.DAPEAttentionFn.apply
-    monkeypatch.setattr(
-        dape_kernel.DAPEAttentionFn, "apply", lambda *a: decisions.append(a[-1]) or original(*a)
-    )
+    fn = dape_kernel.NativeDAPEAttentionFn if dape_impl == "native" else dape_kernel.DAPEAttentionFn
+    original = fn.apply
+    monkeypatch.setattr(fn, "apply", lambda *a: decisions.append(a[-1]) or original(*a))
     enc = poslab.build_encoding("dape", n_heads=2, head_dim=8, width=4)
     q, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
-    # Per (query, key): 2H + 1 + D + H = 11 floats = 44 bytes. Blocks of 4 queries see 4 and 8 keys.
-    monkeypatch.setattr(poslab.attention, "SAVE_BYTES", 2 * 44 * 4 * 4)
+    # Bytes kept per (query, key): the scores and probabilities, 2H floats, natively; the features,
+    # hidden map and probabilities, 2H + 1 + D + H = 11 floats, in PyTorch.
+    # Blocks of 4 queries see 4 and 8 keys.
+    per_entry = 4 * (2 * 2 if dape_impl == "native" else 11)
+    monkeypatch.setattr(poslab.attention, "SAVE_BYTES", 2 * per_entry * 4 * 4)
     poslab.attend(q, k, v, enc, block_size=4)
     assert decisions == [True, False]
     decisions.clear()

@@ -107,7 +107,7 @@ def attend(
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
-    channels = getattr(encoding, "block_channels", q.shape[1])
+    channels = encoding.block_channels(q) if hasattr(encoding, "block_channels") else q.shape[1]
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
     return blockwise_attention(q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block)
 

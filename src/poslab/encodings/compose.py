@@ -99,9 +99,8 @@ class Composite(PositionEncoding):
             q, k, v, bias, q_pos, k_pos, keep, causal=causal, save_bytes=save_bytes
         )
 
-    @property
-    def block_channels(self) -> int:
-        return max(getattr(p, "block_channels", self.n_heads) for p in self.parts)
+    def block_channels(self, q: Tensor) -> int:
+        return max(p.block_channels(q) if hasattr(p, "block_channels") else self.n_heads for p in self.parts)
 
     def extra_repr(self) -> str:
         return f"{self.name}"

@@ -16,7 +16,7 @@ from poslab.encodings.base import (
     check_positive,
     register,
 )
-from poslab.kernels.dape import dape_attention
+from poslab.kernels.dape import dape_attention, uses_native
 
 # Which terms the final logits hold: A the raw logits, B the base bias, f the learned mixer.
 FORMS = {
@@ -146,10 +146,15 @@ class DAPE(PositionEncoding):
             keep = causal_mask(q_pos, k_pos).to(scores.dtype)
         return out + self.mix(features, keep)
 
-    @property
-    def block_channels(self) -> int:
-        """Channels of the largest per-block intermediate (the hidden map), for sizing query blocks."""
-        return max(self.n_heads, self.width if self.mlp is not None else 0)
+    def block_channels(self, q: Tensor) -> int:
+        """Channels per (batch, query, key) of the largest per-block intermediate, for sizing query
+        blocks: the D-channel hidden map, except in the native kernel, which never stores it (there
+        the scores, logits and their gradient, 2H is a fair size)."""
+        if self.mlp is None:
+            return self.n_heads
+        if self.kernel_size == 1 and self.reads_logits and uses_native(q, self.mlp):
+            return 2 * self.n_heads
+        return max(self.n_heads, self.width)
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
         if self.kernel_size != 1 or self.mlp is None or not self.reads_logits:

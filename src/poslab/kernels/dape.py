@@ -12,6 +12,11 @@ backward recomputes the block. Recomputing costs about a quarter of the block's 
 attention hands each block a share of a per-call budget (``poslab.attention.SAVE_BYTES``), so memory
 stays bounded at any length. The hidden map is D/H times the size of the scores, so blocks should
 be smaller than for plain attention (the caller sizes them).
+
+On CPU the MLP runs in C++ instead where it can (``NativeDAPEAttentionFn``, ``poslab.kernels.native``):
+the same function with the hidden map kept in registers, so only the scores and the probabilities
+(2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The PyTorch
+path above remains for GPUs, other dtypes and machines without a compiler.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from poslab.kernels import native
 from poslab.kernels.common import needs_autograd, row_softmax_
 
 SLOPE = 0.01  # LeakyReLU's negative slope
@@ -134,6 +140,68 @@ class DAPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
+def _row_len(keep: Tensor | None, t: int, n_keys: int, device: torch.device) -> Tensor:
+    """Keys visible to each query row: ``keep`` is causal (a prefix of every row) or None (all)."""
+    if keep is None:
+        return torch.full((t,), n_keys, dtype=torch.int64)
+    return keep.sum(-1, dtype=torch.int64).cpu()
+
+
+def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool) -> tuple[Tensor, Tensor]:
+    """Scores A and final logits (B, H, t, S), -inf where hidden; w1 without B's columns if B = 0."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    logits = native.dape_mlp_forward(scores, bias, w1, b1, w2, b2, row_len, slope=SLOPE, add_base=add_base)
+    return scores, logits
+
+
+class NativeDAPEAttentionFn(torch.autograd.Function):
+    """The same function as ``DAPEAttentionFn``, its MLP in ``dape_mlp.cpp`` (``poslab.kernels.native``).
+
+    The hidden map never exists, so saving for backward costs 2H floats per entry (the scores and
+    the probabilities), not 3H + 1 + D; without the budget the backward recomputes both.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save):  # noqa: D102
+        w1_used = w1 if bias is not None else w1[:, : b2.shape[0]].contiguous()  # B = 0: its columns idle
+        scores, logits = _native_logits(q, k, bias, row_len, w1_used, b1, w2, b2, add_base)
+        probs, lse = row_softmax_(logits, need_lse=not save)
+        out = torch.matmul(probs, v)
+        saved = (scores, probs) if save else (lse,)
+        ctx.save_for_backward(q, k, v, bias, row_len, w1_used, b1, w2, b2, out, *saved)
+        ctx.add_base = add_base
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, bias, row_len, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if len(saved) == 2:
+            scores, probs = saved
+        else:
+            scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, ctx.add_base)
+            probs = logits.sub_(saved[0]).exp_()
+        grad_out = grad_out.contiguous()
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        row = (grad_out * out).sum(-1, keepdim=True)
+        # A fresh tensor, not probs' buffer: probs may be saved for a second backward.
+        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)  # (B, H, t, S)
+        grad_b2 = grad_logits.sum((0, 2, 3))
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_logits.sum(0) if ctx.add_base else torch.zeros_like(bias)
+        # In place: grad_logits becomes dL/dscores.
+        grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+            scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
+        )
+        if bias is None:  # W1's B columns saw only zeros
+            grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
+        grad_scores = grad_logits.mul_(scale)
+        grad_q = torch.matmul(grad_scores, k)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
 def saved_floats_per_entry(n_heads: int, width: int, has_bias: bool) -> int:
     """Floats the forward keeps per (batch, query, key) when it saves instead of recomputing."""
     return (2 * n_heads + 1 if has_bias else n_heads + 1) + width + n_heads
@@ -156,7 +224,10 @@ def dape_attention(
     ``save_bytes``: how much the forward may keep for backward instead of recomputing the block.
     """
     lin1, _, lin2 = mlp
-    args = (q, k, v, bias, keep, lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    params = (lin1.weight, lin1.bias, lin2.weight, lin2.bias)
+    if uses_native(q, mlp) and native.supports(k, v, bias):
+        return _native_attention(q, k, v, bias, keep, params, add_base=add_base, save_bytes=save_bytes)
+    args = (q, k, v, bias, keep, *params)
     if needs_autograd(*args):
         n_batch, n_heads, t, _ = q.shape
         entries = n_batch * t * k.shape[2]
@@ -166,4 +237,26 @@ def dape_attention(
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
     weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, keep, add_base)
     _, _, logits = _forward_block(q, k, bias, weight, lin2.weight, logit_bias)
+    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
+
+
+def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
+    """Whether ``dape_attention`` runs the MLP natively for queries like ``q`` (CPU, float32/64,
+    at most ``native.MAX_HEADS`` heads, the kernels built and not switched off)."""
+    return q.shape[1] <= native.MAX_HEADS and native.supports(q, *mlp.parameters())
+
+
+def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:
+    n_batch, n_heads, t, _ = q.shape
+    n_keys = k.shape[2]
+    row_len = _row_len(keep, t, n_keys, q.device)
+    if bias is not None:
+        bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    w1, b1, w2, b2 = (p.contiguous() for p in params)
+    if needs_autograd(q, k, v, bias, *params):
+        save = n_batch * t * n_keys * 2 * n_heads * q.element_size() <= save_bytes
+        return NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save)
+    w1_used = w1 if bias is not None else w1[:, :n_heads].contiguous()
+    _, logits = _native_logits(q, k, bias, row_len, w1_used, b1, w2, b2, add_base)
     return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)

@@ -1,0 +1,113 @@
+"""The native DAPE MLP kernel (kernels/dape_mlp.cpp): against a float64 autograd reference, its
+threads, its build cache, and the PyTorch fallback when it is switched off or cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import poslab
+from poslab.kernels import native
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler on this machine")
+
+
+def test_builds_where_there_is_a_compiler():
+    """A silent fallback would leave the 'native' half of test_blockwise running the PyTorch path."""
+    assert native.available()
+
+
+def reference(scores, bias, w1, b1, w2, b2, row_len, add_base):
+    """The MLP as DESIGN.md writes it, channels-last through F.linear, -inf past each row's length."""
+    n_batch = scores.shape[0]
+    feats = scores if bias is None else torch.cat((scores, bias.expand(n_batch, -1, -1, -1)), dim=1)
+    hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)
+    logits = scores + F.linear(hidden, w2, b2).permute(0, 3, 1, 2)
+    if add_base and bias is not None:
+        logits = logits + bias
+    keep = torch.arange(scores.shape[-1]) < row_len[:, None]
+    return logits.masked_fill(~keep, float("-inf")), keep
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("has_bias,add_base", [(True, True), (True, False), (False, False)])
+def test_forward_and_backward_equal_the_reference(has_bias, add_base, dtype, threads, monkeypatch):
+    monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(0)
+    n_batch, n_heads, t, s, width = 2, 3, 5, 37, 8  # 37 keys: two full chunks of 16 and a partial one
+    channels = 2 * n_heads if has_bias else n_heads
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    scores, w1, b1, w2, b2 = (
+        rand(n_batch, n_heads, t, s),
+        rand(width, channels),
+        rand(width),
+        rand(n_heads, width),
+        rand(n_heads),
+    )
+    bias = rand(n_heads, t, s) if has_bias else None
+    row_len = torch.tensor([1, 16, 17, 36, 37])
+    ref, keep = reference(scores, bias, w1, b1, w2, b2, row_len, add_base)
+    grad_logits = torch.randn(ref.shape, generator=gen, dtype=torch.float64) * keep
+    ref.masked_fill(~keep, 0).backward(grad_logits)
+
+    def cast(x):
+        return None if x is None else x.detach().to(dtype)
+
+    out = native.dape_mlp_forward(
+        *(cast(x) for x in (scores, bias, w1, b1, w2, b2)), row_len, slope=0.01, add_base=add_base
+    )
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    assert torch.isneginf(out[~keep.expand_as(out)]).all()
+    torch.testing.assert_close(out[keep.expand_as(out)].double(), ref[keep.expand_as(ref)], **tol)
+
+    grad = cast(grad_logits).clone()
+    grad_bias = torch.zeros(n_heads, t, s, dtype=dtype) if has_bias else None
+    grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+        *(cast(x) for x in (scores, bias, w1, b1, w2)), row_len, grad, grad_bias, slope=0.01
+    )
+    torch.testing.assert_close(grad.double(), scores.grad, **tol)
+    for got, want in ((grad_w1, w1.grad), (grad_b1, b1.grad), (grad_w2, w2.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+    if has_bias:
+        base_term = grad_logits.sum(0) if add_base else 0
+        torch.testing.assert_close(grad_bias.double() + base_term, bias.grad, **tol)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("POSLAB_NATIVE", "0")
+    assert not native.supports(torch.zeros(1))
+    monkeypatch.setenv("POSLAB_NATIVE", "1")
+    assert native.supports(torch.zeros(1))
+    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16))  # float32 and float64 only
+
+
+def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        built = list(tmp_path.glob("dape_mlp-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native._library.cache_clear()
+        assert native.available() and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+        broken = tmp_path / "broken.cpp"
+        broken.write_text("this is not C++\n")
+        monkeypatch.setattr(native, "SOURCE", broken)
+        native._library.cache_clear()
+        with pytest.warns(UserWarning, match="building the native DAPE kernel failed"):
+            assert not native.available()
+        assert sorted(tmp_path.iterdir()) == sorted([*built, broken])  # no half-written library left
+        # DAPE still runs, on its PyTorch path.
+        enc = poslab.build_encoding("dape", n_heads=2, head_dim=8)
+        q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+        assert torch.isfinite(poslab.attend(q, k, v, enc)).all()
+    finally:
+        native._library.cache_clear()
