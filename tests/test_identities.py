@@ -143,13 +143,38 @@ def test_rope_angle_table_equals_direct_angles():
     and after the module changes dtype."""
     rope = poslab.build_encoding("rope", n_heads=2, head_dim=16, scaling="yarn", factor=4.0)
     for positions in (torch.arange(5), torch.tensor([3, 900, 7]), torch.arange(2000, 2003)):
-        for got, want in zip(rope.angles(positions), rope._angles(positions), strict=True):
+        for got, want in zip(rope._cos_signed_sin(positions), rope._angles(positions), strict=True):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
+        # the public (cos, sin), against the textbook formula (float32 angles: ~1e-5 off at 2000)
+        theta = positions.double()[:, None] * rope.inv_freq.double()[None, :]
+        cos, sin = rope.angles(positions)
+        tol = {"atol": 1e-4, "rtol": 0}
+        torch.testing.assert_close(cos.double(), (theta.cos() * rope.mscale).repeat(1, 2), **tol)
+        torch.testing.assert_close(sin.double(), (theta.sin() * rope.mscale).repeat(1, 2), **tol)
     assert rope._table[0].shape[0] >= 2003
     rope.double()
     cos, _ = rope.angles(torch.arange(3))
     assert cos.dtype == torch.float64
     torch.testing.assert_close(cos, rope._angles(torch.arange(3))[0], atol=0, rtol=0)
+
+
+def test_rope_rotation_is_the_textbook_formula():
+    """x cos + rotate_half(x) sin, with rotate_half(x1, x2) = (-x2, x1), for q and k at different
+    and at the same positions (the shared-angle shortcut)."""
+    from poslab.encodings.rope import rotate_half
+
+    rope = poslab.build_encoding("rope", n_heads=2, head_dim=8).double()
+    q, k = torch.randn(2, 2, 6, 8, dtype=torch.float64), torch.randn(2, 2, 6, 8, dtype=torch.float64)
+
+    def textbook(x, positions):
+        theta = positions.double()[:, None] * rope.inv_freq.double()[None, :]
+        cos, sin = theta.cos().repeat(1, 2), theta.sin().repeat(1, 2)
+        return x * cos + rotate_half(x) * sin
+
+    for q_pos, k_pos in ((torch.arange(6), torch.arange(6)), (torch.arange(6) + 3, torch.arange(6))):
+        got_q, got_k = rope.rotate(q, k, q_pos, k_pos)
+        torch.testing.assert_close(got_q, textbook(q, q_pos))
+        torch.testing.assert_close(got_k, textbook(k, k_pos))
 
 
 def test_rope_scalings_reduce_to_plain_rope_at_factor_one():

@@ -85,29 +85,44 @@ class RoPE(PositionEncoding):
 
     def angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin (T, Dh) at the given positions, each half of the channels repeated."""
-        if positions.is_floating_point() or positions.numel() == 0 or int(positions.min()) < 0:
+        cos, signed_sin = self._cos_signed_sin(positions)
+        half = signed_sin.shape[-1] // 2
+        return cos, signed_sin[:, half:].repeat(1, 2)
+
+    def _cos_signed_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and (-sin, sin) (T, Dh): rotate_half(x) * sin == x.roll(Dh/2, -1) * (-sin, sin)."""
+        if positions.is_floating_point() or positions.numel() == 0:
             return self._angles(positions)
-        needed = int(positions.max()) + 1
+        low, high = (int(p) for p in torch.aminmax(positions))
+        if low < 0:
+            return self._angles(positions)
         table, freq = self._table, self.inv_freq
         if table is None or (table[0].device, table[0].dtype) != (freq.device, freq.dtype):
             table = None  # first use, or the module moved to another device or dtype
-        if table is None or table[0].shape[0] < needed:
-            size = max(needed, 2 * table[0].shape[0] if table is not None else 256)
+        if table is None or table[0].shape[0] <= high:
+            size = max(high + 1, 2 * table[0].shape[0] if table is not None else 256)
             table = self._table = self._angles(torch.arange(size, device=self.inv_freq.device))
         positions = positions.to(table[0].device)
         return table[0].index_select(0, positions), table[1].index_select(0, positions)
 
     def _angles(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         theta = as_float(positions, self.inv_freq)[:, None] * self.inv_freq[None, :]  # (T, Dh/2)
-        theta = torch.cat((theta, theta), dim=-1)  # (T, Dh)
-        return theta.cos() * self.mscale, theta.sin() * self.mscale
+        cos, sin = theta.cos() * self.mscale, theta.sin() * self.mscale
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (T, Dh) each
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+        # x * cos + rotate_half(x) * sin in three operations instead of six.
+        return torch.addcmul(x * cos.to(x.dtype), x.roll(x.shape[-1] // 2, -1), signed_sin.to(x.dtype))
 
     def apply(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate x (..., T, Dh) by the angles at ``positions`` (T,)."""
-        cos, sin = self.angles(positions)
-        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+        return self._rotate(x, *self._cos_signed_sin(positions))
 
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
+        if q_pos is k_pos or (q_pos.shape == k_pos.shape and torch.equal(q_pos, k_pos)):
+            angles = self._cos_signed_sin(q_pos)  # once for both (a full forward, a decoding step)
+            return self._rotate(q, *angles), self._rotate(k, *angles)
         return self.apply(q, q_pos), self.apply(k, k_pos)
 
     def extra_repr(self) -> str:
