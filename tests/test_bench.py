@@ -8,6 +8,7 @@ import json
 import pytest
 
 from poslab import bench
+from poslab.kernels import native
 
 
 def test_attention_table_has_ratios_against_sdpa():
@@ -22,6 +23,18 @@ def test_attention_table_has_ratios_against_sdpa():
     assert "| cope (eager) |" in table.markdown()
 
 
+@pytest.mark.skipif(not native.available(), reason="the native DAPE kernel is not built here")
+def test_native_dape_rows_come_with_their_pytorch_counterpart():
+    """Both DAPE paths are timed in the same run, so the kernel's gain is a same-run ratio."""
+    table = bench.bench_attention(batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["dape"])
+    assert {"dape", "dape (PyTorch MLP)", "dape (eager)"} <= {r["attention"] for r in table.rows}
+    assert table.settings["native_dape_mlp"] is True
+    step = bench.bench_train_step(
+        d_model=16, layers=1, heads=2, batch=1, length=16, repeats=1, encodings=["dape"]
+    )
+    assert [r["encoding"] for r in step.rows] == ["rope", "dape", "dape (PyTorch MLP)"]
+
+
 def test_train_step_table_is_relative_to_rope():
     table = bench.bench_train_step(
         d_model=16, layers=1, heads=2, batch=1, length=16, repeats=1, encodings=["cope"]
@@ -32,13 +45,13 @@ def test_train_step_table_is_relative_to_rope():
 
 def test_decode_reports_identical_outputs():
     table = bench.bench_decode(
-        n_new=4, prompt=3, d_model=16, layers=1, heads=2, batches=(1, 3), encodings=["cope", "alibi"]
+        n_new=4, cases=((1, 3), (3, 5)), d_model=16, layers=1, heads=2, encodings=["cope", "alibi"]
     )
-    assert [(r["encoding"], r["batch"]) for r in table.rows] == [
-        ("cope", 1),
-        ("cope", 3),
-        ("alibi", 1),
-        ("alibi", 3),
+    assert [(r["encoding"], r["batch"], r["prompt"]) for r in table.rows] == [
+        ("cope", 1, 3),
+        ("cope", 3, 5),
+        ("alibi", 1, 3),
+        ("alibi", 3, 5),
     ]
     assert all(r["identical"] is True for r in table.rows)
 

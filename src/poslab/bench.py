@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import poslab
+from poslab.encodings.dape import DAPE
+from poslab.kernels import native
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
 
 ATTENTION_ENCODINGS = [
@@ -127,6 +129,8 @@ def bench_attention(
     for name in encodings or ATTENTION_ENCODINGS:
         enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim)).to(dev)
         candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
+        if uses_native_mlp(enc, q):
+            candidates[f"{name} (PyTorch MLP)"] = lambda enc=enc: _without_native(poslab.attend, q, k, v, enc)
         if enc.uses_logits:
             candidates[f"{name} (eager)"] = lambda enc=enc: poslab.attend(q, k, v, enc, impl="eager")
     both = interleaved_medians({n: fwd_bwd(f) for n, f in candidates.items()}, repeats=repeats)
@@ -136,7 +140,13 @@ def bench_attention(
         "Attention, causal, against SDPA in the same run",
         ["attention", "fwd+bwd ms", "fwd+bwd / sdpa", "fwd ms", "fwd / sdpa"],
         settings=dict(
-            batch=batch, heads=heads, length=length, head_dim=head_dim, repeats=repeats, device=device
+            batch=batch,
+            heads=heads,
+            length=length,
+            head_dim=head_dim,
+            repeats=repeats,
+            device=device,
+            native_dape_mlp=native.supports(q),
         ),
     )
     for name in candidates:
@@ -162,6 +172,7 @@ def bench_train_step(
     if "rope" not in names:
         names = ["rope", *names]
     x = torch.randint(0, vocab, (batch, length + 1), device=dev)
+    probe = torch.empty(1, heads, 1, 1, device=dev)  # stands for the model's queries
     steps = {}
     for name in names:
         cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name)
@@ -176,17 +187,38 @@ def bench_train_step(
             _sync(dev)
 
         steps[name] = step
+        if any(uses_native_mlp(enc, probe) for enc in model.encodings):
+            steps[f"{name} (PyTorch MLP)"] = lambda step=step: _without_native(step)
     medians = interleaved_medians(steps, repeats=repeats)
     table = Table(
         "Training step (forward, backward, AdamW), against the RoPE model in the same run",
         ["encoding", "step ms", "step / rope"],
-        settings=dict(d_model=d_model, layers=layers, heads=heads, batch=batch, length=length, device=device),
+        settings=dict(
+            d_model=d_model,
+            layers=layers,
+            heads=heads,
+            batch=batch,
+            length=length,
+            device=device,
+            native_dape_mlp=native.supports(probe),
+        ),
     )
-    for name in names:
+    for name in steps:
         table.rows.append(
             {"encoding": name, "step ms": medians[name] * 1e3, "step / rope": medians[name] / medians["rope"]}
         )
     return table
+
+
+def uses_native_mlp(encoding: poslab.PositionEncoding, q: torch.Tensor) -> bool:
+    """Whether DAPE's MLP (in ``encoding`` or one of its parts) runs in the C++ kernel for ``q``."""
+    parts = getattr(encoding, "parts", [encoding])
+    return any(isinstance(p, DAPE) and p.runs_natively(q) for p in parts)
+
+
+def _without_native(fn: Callable[..., Any], *args: Any) -> Any:
+    with native.switched_off():
+        return fn(*args)
 
 
 def _perturbed_model(model: torch.nn.Module) -> None:
@@ -195,25 +227,21 @@ def _perturbed_model(model: torch.nn.Module) -> None:
 
 
 def bench_decode(
-    *, n_new: int = 256, prompt: int = 16, d_model: int = 128, layers: int = 2, heads: int = 4,
-    batches: tuple[int, ...] = (1, 8), repeats: int = 3, encodings: list[str] | None = None,
-    device: str = "cpu",
+    *, n_new: int = 256, cases: tuple[tuple[int, int], ...] = ((1, 16), (8, 16), (1, 256)),
+    d_model: int = 128, layers: int = 2, heads: int = 4, repeats: int = 3,
+    encodings: list[str] | None = None, device: str = "cpu",
 ) -> Table:  # fmt: skip
     """Greedy generation of n_new tokens with the KV cache against recomputing the full forward,
-    for each batch size (one sequence: latency; several: the cached step reads the weights once for
-    all of them, while recomputing does the batch's work again)."""
+    for each (batch, prompt length) case. One sequence after a short prompt is the cache's hardest
+    case (a step costs a fixed number of small operations while recomputing a small model over a
+    few hundred tokens is cheap); with several sequences the cached step reads the weights once for
+    all of them, and with a longer prompt recomputation has more tokens to redo."""
     dev = torch.device(device)
     table = Table(
         "Decoding with the KV cache against recomputing the full forward each step",
-        ["encoding", "batch", "cached s", "recompute s", "speed-up", "identical"],
+        ["encoding", "batch", "prompt", "cached s", "recompute s", "speed-up", "identical"],
         settings=dict(
-            n_new=n_new,
-            prompt=prompt,
-            d_model=d_model,
-            layers=layers,
-            heads=heads,
-            repeats=repeats,
-            device=device,
+            n_new=n_new, d_model=d_model, layers=layers, heads=heads, repeats=repeats, device=device
         ),
     )
     for name in encodings or ["rope", "alibi", "cope", "dape", "dape[kernel_size=3]"]:
@@ -223,11 +251,11 @@ def bench_decode(
             n_layers=layers,
             n_heads=heads,
             encoding=name,
-            max_len=prompt + n_new,
+            max_len=max(prompt for _, prompt in cases) + n_new,
         )
         model = build_model(cfg).to(dev).eval()
         _perturbed_model(model)
-        for batch in batches:
+        for batch, prompt in cases:
             x = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(dev)
             for use_cache in (True, False):  # warm-up: first-call allocations and tables
                 model.generate(x, min(n_new, 4), use_cache=use_cache)
@@ -248,6 +276,7 @@ def bench_decode(
                 {
                     "encoding": name,
                     "batch": batch,
+                    "prompt": prompt,
                     "cached s": medians["cached"],
                     "recompute s": medians["full"],
                     "speed-up": medians["full"] / medians["cached"],
@@ -337,7 +366,7 @@ def run_bench(
             table = bench_train_step(device=device, **small)
         elif section == "decode":
             table = bench_decode(
-                device=device, **({"n_new": 32, "batches": (1,), "repeats": 1} if quick else {})
+                device=device, **({"n_new": 32, "cases": ((1, 16),), "repeats": 1} if quick else {})
             )
         else:
             table = bench_memory(device=device, **({"length": 2048} if quick else {}))

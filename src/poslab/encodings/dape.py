@@ -152,9 +152,12 @@ class DAPE(PositionEncoding):
         the scores, logits and their gradient, 2H is a fair size)."""
         if self.mlp is None:
             return self.n_heads
-        if self.kernel_size == 1 and self.reads_logits and uses_native(q, self.mlp):
-            return 2 * self.n_heads
-        return max(self.n_heads, self.width)
+        return 2 * self.n_heads if self.runs_natively(q) else max(self.n_heads, self.width)
+
+    def runs_natively(self, q: Tensor) -> bool:
+        """Whether ``attention_block`` runs the MLP in the C++ kernel for queries like ``q``."""
+        fused = self.mlp is not None and self.kernel_size == 1 and self.reads_logits
+        return fused and uses_native(q, self.mlp)
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
         if self.kernel_size != 1 or self.mlp is None or not self.reads_logits:

@@ -21,6 +21,8 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -31,9 +33,25 @@ SOURCE = Path(__file__).with_name("dape_mlp.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
+_switched_off = 0  # depth of ``switched_off()`` blocks
+
+
 def enabled() -> bool:
-    """False when the environment turns the native kernels off (POSLAB_NATIVE=0)."""
+    """False when the environment (POSLAB_NATIVE=0) or a ``switched_off()`` block turns them off."""
+    if _switched_off:
+        return False
     return os.environ.get("POSLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextmanager
+def switched_off() -> Iterator[None]:
+    """Within the block, kernels take their PyTorch path (e.g. to benchmark both side by side)."""
+    global _switched_off
+    _switched_off += 1
+    try:
+        yield
+    finally:
+        _switched_off -= 1
 
 
 def cache_dir() -> Path:
