@@ -27,7 +27,6 @@ import io
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 import torch
 
+from poslab import plotting
 from poslab.checkpoint import load_checkpoint, write_json, write_text
 from poslab.config import EvalConfig, ModelSpec, RunConfig, TaskConfig, TrainConfig
 from poslab.data.lm import HEADLINE_LAST, perplexity
@@ -541,19 +541,13 @@ def results_csv(result: dict[str, Any]) -> str:
 def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str = "ppl_last") -> Path | None:
     """Perplexity against evaluation length (log-log), one line per encoding with ±std bars; None
     (and a warning) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        warnings.warn(
-            "matplotlib is not installed (pip install 'poslab[plot]'); skipping plots", stacklevel=2
-        )
+    if not plotting.can_plot("the plots"):
         return None
+    from matplotlib.ticker import ScalarFormatter
+
     settings = result["settings"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = plotting.figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for label, entry in result["summary"].items():
         xs, ys, es = [], [], []
         for n in settings["lengths"]:
@@ -571,8 +565,8 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(settings["lengths"], [str(n) for n in settings["lengths"]])
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("evaluation length (tokens)")
     what = f"last {settings['last']} tokens" if metric == "ppl_last" else "all tokens"
     ax.set_ylabel(f"perplexity ({what})")
@@ -581,11 +575,7 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path, dpi=120)
 
 
 def write_extrapolation_report(

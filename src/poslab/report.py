@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from poslab import plotting
 from poslab.checkpoint import write_json, write_text
 
 log = logging.getLogger("poslab")
@@ -252,23 +253,20 @@ def _run_json(r: RunRecord) -> dict[str, Any]:
 def write_plots(summary: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     """Grouped bars of the headline metric per split, and metric-against-length lines where runs
     were evaluated per length. Returns the paths written ([] without matplotlib)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'poslab[plot]'); skipping the plots")
+    if not plotting.can_plot("the plots"):
         return []
     written = []
     for task, entries in summary.items():
-        written.append(_bar_plot(Figure, task, entries, out_dir / f"{task}_splits.png"))
+        written.append(_bar_plot(task, entries, out_dir / f"{task}_splits.png"))
         if any(e["lengths"] for e in entries.values()):
-            written.append(_length_plot(Figure, task, entries, out_dir / f"{task}_lengths.png"))
+            written.append(_length_plot(task, entries, out_dir / f"{task}_lengths.png"))
     return written
 
 
-def _bar_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
+def _bar_plot(task: str, entries: dict[str, Any], path: Path) -> Path:
     headline = next(iter(entries.values()))["headline"]
     splits = list(dict.fromkeys(k.split("/")[0] for e in entries.values() for k in e["metrics"]))
-    fig = Figure(figsize=(max(5.0, 1.2 * len(splits) * max(1, len(entries)) / 2 + 2), 3.6))
+    fig = plotting.figure(figsize=(max(5.0, 1.2 * len(splits) * max(1, len(entries)) / 2 + 2), 3.6))
     ax = fig.subplots()
     width = 0.8 / len(entries)
     for i, (label, entry) in enumerate(entries.items()):
@@ -283,14 +281,12 @@ def _bar_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"{headline} %")
     ax.set_title(f"{task}: {headline} per split (mean ± std over seeds)")
     ax.legend(fontsize="small", ncols=2 if len(entries) > 4 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plotting.save(fig, path, dpi=120)
 
 
-def _length_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path:
+def _length_plot(task: str, entries: dict[str, Any], path: Path) -> Path:
     metric = next(iter(entries.values()))["headline"]
-    fig = Figure(figsize=(7, 3.6))
+    fig = plotting.figure(figsize=(7, 3.6))
     ax = fig.subplots()
     boundary = None
     for label, entry in entries.items():
@@ -315,6 +311,4 @@ def _length_plot(Figure, task: str, entries: dict[str, Any], path: Path) -> Path
     ax.set_ylabel(f"{metric} %")
     ax.set_title(f"{task}: {metric} against length")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return path
+    return plotting.save(fig, path, dpi=120)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from poslab import plotting
 from poslab.encodings.base import PositionEncoding, causal_mask
 from poslab.encodings.compose import Composite
 from poslab.encodings.cope import CoPE
@@ -185,27 +186,6 @@ def dape_bias(
     return DapeBias(term.float().cpu(), base.float().cpu(), i, ll.layer, label)
 
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'poslab[plot]'") from None
-    return plt
-
-
-def _save(plt: Any, fig: Any, path: str | Path, *, dpi: int) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns its path."""
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-
 def _grid(n: int) -> tuple[int, int]:
     cols = min(n, 4)
     return math.ceil(n / cols), cols
@@ -213,10 +193,10 @@ def _grid(n: int) -> tuple[int, int]:
 
 def plot_dape_bias(bias: DapeBias, path: str | Path, *, title: str | None = None) -> Path:
     """One panel per head: B + f (the learned position term) and B alone against key position j."""
-    plt = _pyplot()
     n_heads = bias.position_term.shape[0]
     rows, cols = _grid(n_heads)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharex=True)
+    fig = plotting.figure(figsize=(3.2 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     j = torch.arange(bias.query + 1).numpy()
     term, base = bias.position_term.numpy(), bias.base.numpy()
     for h in range(rows * cols):
@@ -236,7 +216,7 @@ def plot_dape_bias(bias: DapeBias, path: str | Path, *, title: str | None = None
     fig.suptitle(
         title or f"{bias.label}: position term of query {bias.query}, layer {bias.layer}", fontsize=10
     )
-    return _save(plt, fig, path, dpi=110)
+    return plotting.save(fig, path, dpi=110)
 
 
 # -- CoPE ------------------------------------------------------------------------------------------
@@ -294,13 +274,11 @@ def plot_cope_positions(
 ) -> Path:
     """Per head (rows): p_ij as a heatmap, the attention as a heatmap, and, for one query, p_ij and
     the gates g_ij against j. Sentence ends (``boundaries``, token indices) are marked by lines."""
-    plt = _pyplot()
     n_heads, t, _ = cmap.positions.shape
     i = query % t
     future = ~torch.ones(t, t, dtype=torch.bool).tril()
-    fig, axes = plt.subplots(
-        n_heads, 3, figsize=(20, 3.6 * n_heads), squeeze=False, gridspec_kw={"width_ratios": [1, 1, 2]}
-    )
+    fig = plotting.figure(figsize=(20, 3.6 * n_heads))
+    axes = fig.subplots(n_heads, 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 2]})
     for h in range(n_heads):
         p = cmap.positions[h].masked_fill(future, float("nan"))
         a = cmap.attention[h].masked_fill(future, float("nan"))
@@ -332,7 +310,7 @@ def plot_cope_positions(
         ax.set_xlabel("key j")
         ax.set_ylabel("p_ij", color="tab:blue")
     fig.suptitle(title or f"{cmap.label}: CoPE layer {cmap.layer} (npos_max {cmap.npos_max})", fontsize=10)
-    return _save(plt, fig, path, dpi=80)
+    return plotting.save(fig, path, dpi=80)
 
 
 def _show(token: str) -> str:

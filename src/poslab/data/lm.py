@@ -124,9 +124,6 @@ class Perplexity:
     length: int
     n_last: int
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
 
 @torch.no_grad()
 def perplexity(
