@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from poslab import bench
 from poslab.kernels import native
+from poslab.model import ModelConfig, build_model
 
 
 def test_attention_table_has_ratios_against_sdpa():
@@ -54,6 +56,17 @@ def test_decode_reports_identical_outputs():
         ("alibi", 3, 5),
     ]
     assert all(r["identical"] is True for r in table.rows)
+
+
+def test_hand_written_nope_step_matches_the_model():
+    """The bench's floor row must generate the very tokens the model does, or it is no floor."""
+    table = bench.bench_decode(n_new=6, cases=((2, 5),), d_model=16, layers=2, heads=2, encodings=["nope"])
+    rows = {r["encoding"]: r for r in table.rows}
+    assert set(rows) == {"nope", "nope, hand-written step"}
+    assert all(r["identical"] is True for r in table.rows)
+    model = build_model(ModelConfig(vocab_size=8, d_model=8, n_heads=2, encoding="rope"))
+    with pytest.raises(ValueError, match="NoPE"):
+        bench.lean_nope_generate(model, torch.zeros(1, 2, dtype=torch.long), 1)
 
 
 def test_memory_runs_each_encoding_in_its_own_process():
