@@ -7,15 +7,16 @@ registers instead. It is plain C++ (no PyTorch headers), so it builds in a secon
 system compiler; the library is cached under ``$POSLAB_CACHE`` (default ``~/.cache/poslab``) by a
 hash of the source, the compiler and the CPU's flags (the build uses ``-march=native``).
 
-Nothing depends on it: when there is no compiler, the build fails, ``POSLAB_NATIVE=0`` is set, or a
-tensor is not a contiguous float32/float64 CPU tensor, the kernels use their PyTorch path (same
-results up to rounding; tests run both). ``available()`` says which one is in use.
+Nothing depends on it: when there is no compiler, the build fails, ``POSLAB_NATIVE=0`` is set, the
+tensors are not float32/float64 CPU tensors, or there are more than ``MAX_HEADS`` heads, DAPE uses its
+PyTorch path (same results up to rounding; tests run both). ``available()`` says whether it is built.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger("poslab")
 
 SOURCE = Path(__file__).with_name("dape_mlp.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -82,6 +85,7 @@ def _build(compiler: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling the native DAPE kernel into %s (once)", target)
     # Build beside the target and rename: a concurrent process never sees a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
