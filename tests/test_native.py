@@ -111,3 +111,37 @@ def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch):
         assert torch.isfinite(poslab.attend(q, k, v, enc)).all()
     finally:
         native._library.cache_clear()
+
+
+def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
+    """The kernel reads raw pointers; every shape, dtype and layout it assumes is checked first."""
+    scores, bias = torch.randn(1, 2, 3, 5), torch.randn(2, 3, 5)
+    w1, b1, w2, b2, row_len = (
+        torch.randn(4, 4),
+        torch.randn(4),
+        torch.randn(2, 4),
+        torch.randn(2),
+        torch.full((3,), 5),
+    )
+
+    def forward(**change):
+        args = {**dict(scores=scores, bias=bias, w1=w1, b1=b1, w2=w2, b2=b2, row_len=row_len), **change}
+        return native.dape_mlp_forward(**args, slope=0.01, add_base=True)
+
+    assert forward().shape == scores.shape
+    for change, message in (
+        ({"w1": torch.randn(4, 2)}, r"w1 must be \(4, 4\)"),  # bias given: 2H input channels
+        ({"bias": torch.randn(2, 3, 4)}, r"bias must be \(2, 3, 5\)"),
+        ({"scores": torch.randn(1, 2, 5, 3).transpose(-1, -2)}, "contiguous"),
+        ({"b2": torch.randn(2, dtype=torch.float64)}, "contiguous CPU tensor of torch.float32"),
+        ({"row_len": torch.full((2,), 5)}, r"row_len must be a CPU int64 tensor of shape \(3,\)"),
+        ({"scores": torch.randn(2, 3, 5)}, r"scores must be \(B, H, t, S\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            forward(**change)
+    grad = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"grad must be \(1, 2, 3, 5\)"):
+        native.dape_mlp_backward_(scores, bias, w1, b1, w2, row_len, grad, None, slope=0.01)
+    # a row that sees no key is all -inf, not an out-of-bounds write
+    out = forward(row_len=torch.tensor([0, -3, 5]))
+    assert torch.isneginf(out[:, :, :2]).all() and torch.isfinite(out[:, :, 2]).all()

@@ -20,3 +20,14 @@ def row_softmax_(logits: Tensor, *, need_lse: bool) -> tuple[Tensor, Tensor | No
         return torch.softmax(logits, dim=-1), None
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     return logits.sub_(lse).exp_(), lse
+
+
+def attention_backward(probs: Tensor, v: Tensor, out: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of out = probs @ v, probs = softmax(logits): (dL/dv, dL/dlogits).
+
+    dL/dlogits = probs * (grad_out v^T - rowsum(grad_out * out)), in a fresh tensor, never probs'
+    buffer (probs may be saved for a second backward).
+    """
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    row = (grad_out * out).sum(-1, keepdim=True)  # (B, H, t, 1)
+    return grad_v, torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)

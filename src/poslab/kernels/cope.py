@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from poslab.kernels.common import needs_autograd, row_softmax_
+from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_
 
 
 def _forward_block(q, k, v, table, bias, keep, npos_max):
@@ -76,9 +76,7 @@ class CoPEAttentionFn(torch.autograd.Function):
                 q, k, v, table, bias, keep, ctx.npos_max
             )
             probs = logits.sub_(saved[0]).exp_()  # (B, H, t, S)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        row = (grad_out * out).sum(-1, keepdim=True)  # (B, H, t, 1)
-        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)
+        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[4]:
             grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)

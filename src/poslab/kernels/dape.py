@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import needs_autograd, row_softmax_
+from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_
 
 SLOPE = 0.01  # LeakyReLU's negative slope
 
@@ -104,10 +104,7 @@ class DAPEAttentionFn(torch.autograd.Function):
             probs = logits.sub_(saved[0]).exp_()
         s = probs.shape[-1]
         n_rows = n_batch * t * s
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        row = (grad_out * out).sum(-1, keepdim=True)
-        # A fresh tensor, not probs' buffer: probs may be saved for a second backward.
-        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)  # (B, H, t, S)
+        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
         grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_rows, n_heads)
 
         # Reductions over the rows as (few, N) @ (N, D): BLAS is far slower as (D, N) @ (N, few).
@@ -182,10 +179,7 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
             scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, ctx.add_base)
             probs = logits.sub_(saved[0]).exp_()
         grad_out = grad_out.contiguous()
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        row = (grad_out * out).sum(-1, keepdim=True)
-        # A fresh tensor, not probs' buffer: probs may be saved for a second backward.
-        grad_logits = torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)  # (B, H, t, S)
+        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
         grad_b2 = grad_logits.sum((0, 2, 3))
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[3]:

@@ -98,7 +98,7 @@ void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Vec<T> f[2 * MAX_HEADS], acc[MAX_HEADS];
     for (int64_t i = tid; i < t; i += n_threads) {
-      const int64_t len = std::min(p.row_len[i], S);
+      const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
       for (int64_t b = 0; b < p.batch; ++b) {
         for (int64_t s0 = 0; s0 < len; s0 += LANES) {
           const int n = static_cast<int>(std::min<int64_t>(LANES, len - s0));
@@ -143,7 +143,7 @@ void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1
     Vec<T>* acc_w2 = acc_b1 + D;
     double* total = totals.data() + tid * n_params;
     for (int64_t i = tid; i < t; i += n_threads) {
-      const int64_t len = std::min(p.row_len[i], S);
+      const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
       std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
       for (int64_t b = 0; b < p.batch; ++b) {
         for (int64_t s0 = 0; s0 < len; s0 += LANES) {

@@ -160,6 +160,40 @@ def _threads(work: int) -> int:
     return 1 if work < MIN_PARALLEL_WORK else torch.get_num_threads()
 
 
+def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **others: Tensor | None) -> None:
+    """ValueError unless the arguments have the shapes, dtype and layout the C++ kernel assumes
+    (it reads raw pointers: a wrong shape would read or write out of bounds, not raise)."""
+    if scores.dim() != 4:
+        raise ValueError(f"native DAPE: scores must be (B, H, t, S), got {tuple(scores.shape)}")
+    _, n_heads, t, s = scores.shape
+    width = w1.shape[0] if w1.dim() == 2 else -1
+    expected = {
+        "bias": (n_heads, t, s),
+        "w1": (width, 2 * n_heads if bias is not None else n_heads),
+        "b1": (width,),
+        "w2": (n_heads, width),
+        "b2": (n_heads,),
+        "grad": tuple(scores.shape),
+        "grad_bias": (n_heads, t, s),
+    }
+    named = {"scores": scores, "bias": bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2, **others}
+    for name, tensor in named.items():
+        if tensor is None:
+            continue
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"native DAPE: {name} must be {expected[name]}, got {tuple(tensor.shape)}")
+        if tensor.dtype != scores.dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"native DAPE: {name} must be a contiguous CPU tensor of {scores.dtype}")
+    if scores.dtype not in _SUFFIX or n_heads > MAX_HEADS:
+        raise ValueError(
+            f"native DAPE: float32 or float64 and at most {MAX_HEADS} heads, got {scores.dtype}, {n_heads}"
+        )
+    if row_len.shape != (t,) or row_len.dtype != torch.int64 or row_len.device.type != "cpu":
+        raise ValueError(f"native DAPE: row_len must be a CPU int64 tensor of shape ({t},)")
+    if not row_len.is_contiguous():
+        raise ValueError("native DAPE: row_len must be contiguous")
+
+
 def dape_mlp_forward(
     scores: Tensor,
     bias: Tensor | None,
@@ -177,27 +211,13 @@ def dape_mlp_forward(
     scores (B, H, t, S), bias (H, t, S) or None, w1 (D, 2H) (D, H without bias), row_len (t,) int64;
     all contiguous.
     """
+    _check(scores, bias, w1, b1, w2, b2, row_len)
     n_batch, n_heads, t, s = scores.shape
     logits = torch.empty_like(scores)
     fn = getattr(_library(), f"dape_mlp_forward_{_SUFFIX[scores.dtype]}")
-    fn(
-        _ptr(scores),
-        _ptr(bias),
-        _ptr(w1),
-        _ptr(b1),
-        _ptr(w2),
-        _ptr(b2),
-        _ptr(row_len),
-        n_batch,
-        n_heads,
-        t,
-        s,
-        w1.shape[0],
-        slope,
-        int(add_base),
-        _ptr(logits),
-        _threads(scores.numel()),
-    )
+    pointers = map(_ptr, (scores, bias, w1, b1, w2, b2, row_len))
+    sizes = (n_batch, n_heads, t, s, w1.shape[0])
+    fn(*pointers, *sizes, slope, int(add_base), _ptr(logits), _threads(scores.numel()))
     return logits
 
 
@@ -217,27 +237,12 @@ def dape_mlp_backward_(
 
     Returns (dW1, db1, dW2). Arguments as for ``dape_mlp_forward``; all contiguous.
     """
+    _check(scores, bias, w1, b1, w2, None, row_len, grad=grad, grad_bias=grad_bias)
     n_batch, n_heads, t, s = scores.shape
     grad_w1, grad_b1, grad_w2 = torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2)
     fn = getattr(_library(), f"dape_mlp_backward_{_SUFFIX[scores.dtype]}")
-    fn(
-        _ptr(scores),
-        _ptr(bias),
-        _ptr(w1),
-        _ptr(b1),
-        _ptr(w2),
-        _ptr(row_len),
-        n_batch,
-        n_heads,
-        t,
-        s,
-        w1.shape[0],
-        slope,
-        _ptr(grad),
-        _ptr(grad_bias),
-        _ptr(grad_w1),
-        _ptr(grad_b1),
-        _ptr(grad_w2),
-        _threads(scores.numel()),
-    )
+    pointers = map(_ptr, (scores, bias, w1, b1, w2, row_len))
+    sizes = (n_batch, n_heads, t, s, w1.shape[0])
+    outputs = map(_ptr, (grad, grad_bias, grad_w1, grad_b1, grad_w2))
+    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()))
     return grad_w1, grad_b1, grad_w2
