@@ -80,7 +80,9 @@ def test_forward_and_backward_equal_the_reference(has_bias, add_base, dtype, thr
 
 
 def test_switched_off_by_the_environment(monkeypatch):
+    native._library.cache_clear()  # a first call while switched off must not stick
     monkeypatch.setenv("POSLAB_NATIVE", "0")
+    assert not native.available()
     assert not native.supports(torch.zeros(1))
     monkeypatch.setenv("POSLAB_NATIVE", "1")
     assert native.supports(torch.zeros(1))

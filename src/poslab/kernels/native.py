@@ -107,8 +107,8 @@ _PTR, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if not enabled():
-        return None
+    """The built library, or None (with a warning) when it cannot be built; built once per process,
+    whatever ``enabled()`` says at the time (the switch is read at every call, not cached here)."""
     compiler = _compiler()
     if compiler is None:
         warnings.warn("poslab: no C++ compiler found; DAPE uses its PyTorch path", stacklevel=3)
@@ -129,8 +129,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the native kernels are built and switched on (builds them on the first call)."""
-    return _library() is not None
+    """Whether the native kernels are switched on and built (builds them on the first such call)."""
+    return enabled() and _library() is not None
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
@@ -141,10 +141,7 @@ def supports(*tensors: Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
     return (
-        enabled()
-        and dtype in _SUFFIX
-        and all(t.device.type == "cpu" and t.dtype == dtype for t in present)
-        and available()
+        dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in present) and available()
     )
 
 
