@@ -154,14 +154,18 @@ class DAPE(PositionEncoding):
             return self.n_heads
         return 2 * self.n_heads if self.runs_natively(q) else max(self.n_heads, self.width)
 
+    @property
+    def has_fused_kernel(self) -> bool:
+        """The pointwise MLP over [A; B] has a fused kernel; V2 and the f(B) ablations take the eager path."""
+        return self.mlp is not None and self.kernel_size == 1 and self.reads_logits
+
     def runs_natively(self, q: Tensor) -> bool:
         """Whether ``attention_block`` runs the MLP in the C++ kernel for queries like ``q``."""
-        fused = self.mlp is not None and self.kernel_size == 1 and self.reads_logits
-        return fused and uses_native(q, self.mlp)
+        return self.has_fused_kernel and uses_native(q, self.mlp)
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
-        if self.kernel_size != 1 or self.mlp is None or not self.reads_logits:
-            return None  # V2 and the f(B) ablations take the eager path
+        if not self.has_fused_kernel:
+            return None
         return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base, save_bytes=save_bytes)
 
     def extra_repr(self) -> str:

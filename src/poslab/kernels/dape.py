@@ -137,7 +137,7 @@ class DAPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
-def _row_len(keep: Tensor | None, t: int, n_keys: int, device: torch.device) -> Tensor:
+def _row_len(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
     """Keys visible to each query row: ``keep`` is causal (a prefix of every row) or None (all)."""
     if keep is None:
         return torch.full((t,), n_keys, dtype=torch.int64)
@@ -145,7 +145,7 @@ def _row_len(keep: Tensor | None, t: int, n_keys: int, device: torch.device) -> 
 
 
 def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool) -> tuple[Tensor, Tensor]:
-    """Scores A and final logits (B, H, t, S), -inf where hidden; w1 without B's columns if B = 0."""
+    """Scores A and final logits (B, H, t, S), -inf where hidden."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
     logits = native.dape_mlp_forward(scores, bias, w1, b1, w2, b2, row_len, slope=SLOPE, add_base=add_base)
     return scores, logits
@@ -160,12 +160,11 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        w1_used = w1 if bias is not None else w1[:, : b2.shape[0]].contiguous()  # B = 0: its columns idle
-        scores, logits = _native_logits(q, k, bias, row_len, w1_used, b1, w2, b2, add_base)
+        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
         probs, lse = row_softmax_(logits, need_lse=not save)
         out = torch.matmul(probs, v)
         saved = (scores, probs) if save else (lse,)
-        ctx.save_for_backward(q, k, v, bias, row_len, w1_used, b1, w2, b2, out, *saved)
+        ctx.save_for_backward(q, k, v, bias, row_len, w1, b1, w2, b2, out, *saved)
         ctx.add_base = add_base
         return out
 
@@ -188,8 +187,6 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
         grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
             scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
         )
-        if bias is None:  # W1's B columns saw only zeros
-            grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
         grad_scores = grad_logits.mul_(scale)
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
@@ -243,14 +240,15 @@ def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
 def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:
     n_batch, n_heads, t, _ = q.shape
     n_keys = k.shape[2]
-    row_len = _row_len(keep, t, n_keys, q.device)
+    row_len = _row_len(keep, t, n_keys)
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w1, b1, w2, b2 = (p.contiguous() for p in params)
+    if bias is None:  # B = 0: W1's B columns see only zeros (autograd gives them a zero gradient)
+        w1 = w1[:, :n_heads].contiguous()
     if needs_autograd(q, k, v, bias, *params):
         save = n_batch * t * n_keys * 2 * n_heads * q.element_size() <= save_bytes
         return NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save)
-    w1_used = w1 if bias is not None else w1[:, :n_heads].contiguous()
-    _, logits = _native_logits(q, k, bias, row_len, w1_used, b1, w2, b2, add_base)
+    _, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
     return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
