@@ -161,10 +161,12 @@ def test_rope_angle_table_equals_direct_angles():
 def test_rope_rotation_is_the_textbook_formula():
     """x cos + rotate_half(x) sin, with rotate_half(x1, x2) = (-x2, x1), for q and k at different
     and at the same positions (the shared-angle shortcut)."""
-    from poslab.encodings.rope import rotate_half
-
     rope = poslab.build_encoding("rope", n_heads=2, head_dim=8).double()
     q, k = torch.randn(2, 2, 6, 8, dtype=torch.float64), torch.randn(2, 2, 6, 8, dtype=torch.float64)
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
 
     def textbook(x, positions):
         theta = positions.double()[:, None] * rope.inv_freq.double()[None, :]

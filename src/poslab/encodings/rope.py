@@ -16,12 +16,6 @@ from poslab.encodings.base import PositionEncoding, as_float, check_positive, re
 SCALINGS = ("none", "linear", "ntk", "yarn")
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 @register("rope")
 class RoPE(PositionEncoding):
     """Rotate channel pairs (k, k + Dh/2) of q and k by angle pos * theta_k, theta_k = base^(-2k/Dh).
@@ -90,7 +84,8 @@ class RoPE(PositionEncoding):
         return cos, signed_sin[:, half:].repeat(1, 2)
 
     def _cos_signed_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and (-sin, sin) (T, Dh): rotate_half(x) * sin == x.roll(Dh/2, -1) * (-sin, sin)."""
+        """cos and (-sin, sin) (T, Dh): with rotate_half(x1, x2) = (-x2, x1) on the halves of the last
+        axis, rotate_half(x) * sin == x.roll(Dh/2, -1) * (-sin, sin)."""
         if positions.is_floating_point() or positions.numel() == 0:
             return self._angles(positions)
         low, high = (int(p) for p in torch.aminmax(positions))
