@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from poslab.tasks import Batch, build_task
+from poslab.tasks import TASKS, Batch, build_task
+from poslab.tasks.chomsky import DEEPMIND_NAMES, ChomskyTask
 
 
 def gen(seed: int) -> torch.Generator:
@@ -82,3 +84,101 @@ def test_flipflop_middle_instructions_are_iid_with_probability_p(split: str, p: 
 def test_flipflop_needs_two_pairs() -> None:
     with pytest.raises(ValueError, match="length must be an integer >= 2, got 1"):
         build_task("flipflop").sample(4, 1, generator=gen(0))
+
+
+# -- Chomsky tasks ---------------------------------------------------------------------------------
+
+# DeepMind's code, experiments/constants.py and each task's class: key -> (level, input_size,
+# output_size, output length at input lengths 1..8); their level "dcf" is "context_free" here.
+# input_size excludes the placeholder (their "empty output" token, one more one-hot slot that the
+# model wrapper adds).
+REFERENCE = {
+    "even_pairs": ("regular", 2, 2, [1] * 8),
+    "modular_arithmetic": ("regular", 9, 5, [1] * 8),
+    "parity_check": ("regular", 2, 2, [1] * 8),
+    "cycle_navigation": ("regular", 3, 5, [1] * 8),
+    "stack_manipulation": ("context_free", 5, 3, [n + 1 for n in range(1, 9)]),
+    "reverse_string": ("context_free", 2, 2, list(range(1, 9))),
+    "modular_arithmetic_brackets": ("context_free", 11, 5, [1] * 8),
+    "solve_equation": ("context_free", 11, 5, [1] * 8),
+    "duplicate_string": ("context_sensitive", 2, 2, [2 * n for n in range(1, 9)]),
+    "missing_duplicate_string": ("context_sensitive", 4, 2, [1] * 8),
+    "odds_first": ("context_sensitive", 2, 2, list(range(1, 9))),
+    "binary_addition": ("context_sensitive", 3, 3, [n + 1 for n in range(1, 9)]),
+    "binary_multiplication": ("context_sensitive", 3, 3, list(range(1, 9))),
+    "compute_sqrt": ("context_sensitive", 2, 2, [(n + 1) // 2 for n in range(1, 9)]),
+    "bucket_sort": ("context_sensitive", 5, 5, list(range(1, 9))),
+}
+# Input slots of DeepMind's code that never occur (documented in poslab.tasks.chomsky).
+UNUSED_REFERENCE_SLOTS = {"modular_arithmetic": 1, "modular_arithmetic_brackets": 1}
+
+
+def chomsky_names() -> list[str]:
+    return [name for name, cls in TASKS.items() if issubclass(cls, ChomskyTask)]
+
+
+def test_every_chomsky_task_maps_to_one_deepmind_task() -> None:
+    names = chomsky_names()
+    mapped = [DEEPMIND_NAMES.get(n, n) for n in names]
+    assert sorted(mapped) == sorted(REFERENCE)
+    assert set(DEEPMIND_NAMES) <= set(names)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_chomsky_sizes_and_output_lengths_match_deepmind(name: str) -> None:
+    ours = {DEEPMIND_NAMES.get(n, n): n for n in chomsky_names()}[name]
+    task = build_task(ours)
+    level, input_size, output_size, output_lengths = REFERENCE[name]
+    assert task.level == level
+    assert len(task.input_alphabet) == input_size - UNUSED_REFERENCE_SLOTS.get(name, 0)
+    assert task.vocab_size == len(task.input_alphabet) + 1  # the placeholder
+    assert task.n_outputs == output_size
+    assert [task.output_length(n) for n in range(1, 9)] == output_lengths
+    if task.has_end_token:  # the end token is the last output id, as their output_size - 1
+        assert task.output_tokens.index("END") == output_size - 1
+
+
+def odds_first_reference(bits: list[str]) -> list[str]:
+    """DeepMind's code: the symbols at odd 0-based indices (s_2, s_4, .. in 1-based terms), then the
+    symbols at even 0-based indices."""
+    odd = [bits[i] for i in range(len(bits)) if i % 2 == 1]
+    even = [bits[i] for i in range(len(bits)) if i % 2 == 0]
+    return odd + even
+
+
+def test_odds_first_follows_deepmind_code_order() -> None:
+    assert "".join(odds_first_reference(list("00110101"))) == "01110100"  # not the docstring's 01000111
+    task = build_task("odds_first")
+    for seed, length in enumerate((1, 2, 3, 8, 41, 100)):
+        batch = task.sample(16, length, generator=gen(seed))
+        for b in range(16):
+            bits = task.decode(batch.inputs[b, :length]).split(" ")
+            got = task.decode_outputs(batch.targets[b, length:]).split(" ")
+            assert got == odds_first_reference(bits)
+
+
+def test_accuracy_is_pooled_over_the_batch_output_tokens() -> None:
+    task = build_task("binary_addition")
+    # Two rows of 2 inputs + 4 outputs: row 0 scores 1 output token (wrong), row 1 scores 4 (right).
+    inputs = torch.tensor([[0, 0, 3, 3, 3, 3], [1, 1, 3, 3, 3, 3]])
+    targets = torch.tensor([[0, 0, 2, 0, 0, 0], [0, 0, 1, 0, 1, 2]])
+    mask = torch.tensor([[False, False, True, False, False, False], [False, False, True, True, True, True]])
+    batch = Batch(inputs, targets, mask)
+    logits = F.one_hot(targets, task.n_outputs).float()
+    logits[0, 2] = F.one_hot(torch.tensor(0), task.n_outputs).float()
+    metrics = task.metrics(logits, batch)
+    per_sequence_mean = 100 * (0 / 1 + 4 / 4) / 2
+    assert per_sequence_mean == 50.0
+    assert metrics["accuracy"] == pytest.approx(100 * 4 / 5)  # DeepMind: sum(mask * correct) / sum(mask)
+    assert metrics["accuracy"] == pytest.approx(100 - metrics["error"])
+
+
+@pytest.mark.parametrize("name", ["stack_manipulation", "binary_addition", "binary_multiplication"])
+def test_accuracy_pools_random_predictions_on_end_token_tasks(name: str) -> None:
+    task = build_task(name)
+    batch = task.sample(64, 20, generator=gen(1))
+    logits = torch.randn(*batch.targets.shape, task.n_outputs, generator=gen(2))
+    correct = (logits.argmax(-1) == batch.targets) & batch.mask
+    assert batch.mask.sum(dim=1).unique().numel() > 1  # the rows' output lengths differ
+    expected = 100.0 * correct.sum().item() / batch.mask.sum().item()
+    assert task.metrics(logits, batch)["accuracy"] == pytest.approx(expected)

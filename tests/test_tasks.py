@@ -151,8 +151,8 @@ def solve_binary(s: list[str], op: str) -> list[str]:
 
 
 def solve_odds_first(s: list[str]) -> list[str]:
-    """1-based odd positions (0-based even indices) first."""
-    return [s[i] for i in range(0, len(s), 2)] + [s[i] for i in range(1, len(s), 2)]
+    """0-based odd indices (1-based even positions) first, as DeepMind's code."""
+    return [s[i] for i in range(1, len(s), 2)] + [s[i] for i in range(0, len(s), 2)]
 
 
 def solve_sqrt(s: list[str]) -> list[str]:
@@ -401,10 +401,8 @@ def test_metrics_perfect_and_corrupted(name: str) -> None:
     n_scored = batch.mask.sum().item()
     assert bad["error"] == pytest.approx(100 * len(rows) / n_scored)
     assert bad["seq_error"] == pytest.approx(100 * len(rows) / 16)
-    if not task.causal:
-        per_row = batch.mask.sum(dim=1).double()
-        expected = 100 * (1 - sum(1 / per_row[b].item() for b in rows) / 16)
-        assert bad["accuracy"] == pytest.approx(expected)
+    if not task.causal:  # pooled over the batch's scored tokens, as DeepMind's code
+        assert bad["accuracy"] == pytest.approx(100 * (1 - len(rows) / n_scored))
 
 
 def test_seq_error_counts_only_rows_with_scored_tokens() -> None:
