@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from poslab.presets import get_preset
 from poslab.tasks import TASKS, Batch, build_task
 from poslab.tasks.chomsky import DEEPMIND_NAMES, ChomskyTask
 
@@ -182,3 +183,73 @@ def test_accuracy_pools_random_predictions_on_end_token_tasks(name: str) -> None
     assert batch.mask.sum(dim=1).unique().numel() > 1  # the rows' output lengths differ
     expected = 100.0 * correct.sum().item() / batch.mask.sum().item()
     assert task.metrics(logits, batch)["accuracy"] == pytest.approx(expected)
+
+
+# -- counting --------------------------------------------------------------------------------------
+
+
+def run_window(words: list[str]) -> tuple[str, int, bool]:
+    """Interpret a program suffix ending in ``print x answer``: (x, increments of x since its last
+    visible reset, whether that reset is visible). A cut statement at the start is skipped."""
+    assert words[-3] == "print"
+    var = words[-2]
+    i = 0
+    while words[i] in ("=", "0", ";", "++;"):  # the tail of a statement cut by the window
+        i += 1
+    count, reset_seen = 0, False
+    while i < len(words) - 3:
+        if words[i] == "pass;":
+            i += 1
+        elif words[i + 1] == "++;":
+            count += words[i] == var
+            i += 2
+        else:
+            assert words[i + 1 : i + 4] == ["=", "0", ";"], words[i : i + 4]
+            if words[i] == var:
+                count, reset_seen = 0, True
+            i += 4
+    assert i == len(words) - 3
+    return var, count, reset_seen
+
+
+def unpadded(task, batch: Batch, b: int) -> list[str]:
+    return [w for w in sequence(task, batch, b) if w != "<pad>"]
+
+
+def test_counting_keeps_the_last_max_tokens_and_the_whole_program_answer() -> None:
+    whole = build_task("counting", n_vars=3)
+    cut = build_task("counting", n_vars=3, max_tokens=512)
+    full_batch = whole.sample(300, 512, generator=gen(4))
+    cut_batch = cut.sample(300, 512, generator=gen(4))  # the same programs: cutting draws nothing
+    assert cut_batch.inputs.shape[1] <= 511  # at most 512 tokens, the last one only a target
+    n_cut = n_reset_lost = 0
+    for b in range(300):
+        program, kept = unpadded(whole, full_batch, b), unpadded(cut, cut_batch, b)
+        assert kept == program[-512:]
+        assert cut_batch.mask[b].nonzero().flatten().tolist() == [len(kept) - 2]  # only the answer
+        var, count, reset_seen = run_window(program)
+        assert reset_seen and program[-1] == str(count)  # the whole program decides the answer
+        var, count, reset_seen = run_window(kept)
+        if reset_seen:
+            assert kept[-1] == str(count)
+        else:  # the reset was cut off: the answer still counts the increments before the window
+            assert count <= int(kept[-1]) <= 10
+            n_reset_lost += 1
+        n_cut += len(program) > 512
+    assert 10 <= n_cut < 300  # about 13% of the programs are longer than 512 tokens
+    assert n_reset_lost <= n_cut
+
+
+def test_counting_paper_preset_follows_the_official_run_script() -> None:
+    config = get_preset("counting_paper")
+    assert config.task.train_len == 512  # --max-steps 512
+    assert config.task.options == {"n_vars": 3, "max_tokens": 512}  # --nvars 3, --block-size 512
+    assert config.task.train_pool == 10000  # --ntrain 10000
+    task = config.task.build()
+    batch = task.sample(64, config.task.train_len, generator=gen(0))
+    assert batch.inputs.shape[1] == 511  # at 512 statements some programs are longer than the block
+
+
+def test_counting_max_tokens_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_tokens must be an integer >= 3, got 2"):
+        build_task("counting", max_tokens=2)
