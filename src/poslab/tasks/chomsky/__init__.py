@@ -17,9 +17,10 @@ Where poslab differs from that code without changing a reported number:
   an ``x`` left over from the equation alphabet). A symbol that never occurs never reaches the
   model, and the output sizes, hence chance levels, are the same.
 - Lengths below a task's ``min_length`` are raised to it (``solve_equation`` and the binary
-  arithmetic tasks: 3, ``missing_duplicate``: 2), where DeepMind's code emits a placeholder example
-  outside the task's grammar (a bare number, all-zero input). It concerns the shortest 1 or 2 of
-  the 40 training lengths only, never an evaluated length.
+  arithmetic tasks: 3, ``missing_duplicate``: 2), where DeepMind's code emits a filler example
+  outside the task's grammar (a binary number without operator, an all-zero string with answer 0,
+  a lone ``1``). This touches only the shortest one or two training lengths, none of the
+  out-of-distribution lengths that the tables report.
 - After the end token, outputs are padding and neither scored nor trained on; DeepMind's code also
   leaves them out of the accuracy but puts the padding (zeros) in the training loss.
 """
