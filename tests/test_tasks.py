@@ -54,7 +54,7 @@ def length_for(task: Task, name: str) -> int:
 
 
 def solve_flipflop(seq: list[str]) -> dict[int, str]:
-    assert seq[0] == "w"
+    assert seq[0] == "w" and seq[-2] == "r"
     expected, last_write = {}, None
     for k in range(len(seq) // 2):
         instruction, bit = seq[2 * k], seq[2 * k + 1]
@@ -151,8 +151,8 @@ def solve_binary(s: list[str], op: str) -> list[str]:
 
 
 def solve_odds_first(s: list[str]) -> list[str]:
-    """1-based odd positions (0-based even indices) first."""
-    return [s[i] for i in range(0, len(s), 2)] + [s[i] for i in range(1, len(s), 2)]
+    """0-based odd indices (1-based even positions) first, as DeepMind's code."""
+    return [s[i] for i in range(1, len(s), 2)] + [s[i] for i in range(0, len(s), 2)]
 
 
 def solve_sqrt(s: list[str]) -> list[str]:
@@ -223,7 +223,7 @@ def test_registry_holds_every_task() -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flipflop_against_solver(p: float, seed: int) -> None:
     task = build_task("flipflop")
-    for length in (1, 2, 9, 64):
+    for length in (2, 3, 9, 64):
         check_causal(task, task.sample(16, length, generator=gen(seed), p=p))
 
 
@@ -330,12 +330,12 @@ def test_flipflop_instruction_frequencies() -> None:
     task = build_task("flipflop")
     for split, p in (("id", 0.8), ("ood_sparse", 0.98), ("ood_dense", 0.1)):
         batch = task.sample(256, 256, generator=gen(0), **task.splits()[split])
-        instructions = batch.inputs[:, 2::2]  # all but the first (forced to w)
+        instructions = batch.inputs[:, 2:-1:2]  # all but the first (w) and the last (r)
         freq = [(instructions == k).float().mean().item() for k in range(3)]  # w, r, i
         assert freq[2] == pytest.approx(p, abs=0.01)
         assert freq[0] == pytest.approx((1 - p) / 2, abs=0.01)
         assert freq[1] == pytest.approx((1 - p) / 2, abs=0.01)
-        assert batch.inputs[:, 0].eq(0).all()
+        assert batch.inputs[:, 0].eq(0).all() and batch.inputs[:, -1].eq(1).all()
         seq = torch.cat([batch.inputs[:, :1], batch.targets], dim=1)
         free_bits = seq[:, 1::2][seq[:, 0::2] != 1]  # bits after w and i
         assert (free_bits == 4).float().mean().item() == pytest.approx(0.5, abs=0.01)
@@ -401,10 +401,8 @@ def test_metrics_perfect_and_corrupted(name: str) -> None:
     n_scored = batch.mask.sum().item()
     assert bad["error"] == pytest.approx(100 * len(rows) / n_scored)
     assert bad["seq_error"] == pytest.approx(100 * len(rows) / 16)
-    if not task.causal:
-        per_row = batch.mask.sum(dim=1).double()
-        expected = 100 * (1 - sum(1 / per_row[b].item() for b in rows) / 16)
-        assert bad["accuracy"] == pytest.approx(expected)
+    if not task.causal:  # pooled over the batch's scored tokens, as DeepMind's code
+        assert bad["accuracy"] == pytest.approx(100 * (1 - len(rows) / n_scored))
 
 
 def test_seq_error_counts_only_rows_with_scored_tokens() -> None:
@@ -466,6 +464,8 @@ def test_bad_sample_arguments_are_named() -> None:
         build_task("reverse_string").sample(2, 0, generator=gen(0))
     with pytest.raises(ValueError, match="p.*2"):
         build_task("flipflop").sample(2, 8, generator=gen(0), p=2.0)
+    with pytest.raises(ValueError, match="length.*2.*1"):
+        build_task("flipflop").sample(2, 1, generator=gen(0))
     with pytest.raises(ValueError, match="length.*2"):
         build_task("counting").sample(2, 2, generator=gen(0))
     with pytest.raises(ValueError, match="batch_size.*0"):

@@ -176,7 +176,10 @@ def counting_small() -> RunConfig:
 def counting_paper() -> RunConfig:
     return RunConfig(
         model=ModelSpec(d_model=256, n_layers=4, n_heads=4, norm="post", encoding="cope"),
-        task=TaskConfig(name="counting", options={"n_vars": 3}, train_len=64, train_pool=10000),
+        # The official run script: up to 512 statements, the last 512 tokens kept.
+        task=TaskConfig(
+            name="counting", options={"n_vars": 3, "max_tokens": 512}, train_len=512, train_pool=10000
+        ),
         train=TrainConfig(
             steps=10000,
             batch_size=64,

@@ -30,22 +30,35 @@ class Counting(Task):
     whole (length included), which is how a printable variable is guaranteed.
 
     Tokens are the official words (whitespace-split): ``<pad>``=0, ``=``, ``;``, ``pass;``, ``++;``,
-    ``print`` = 1..5, the numbers ``0``..``10`` = 6..16, then the variables ``a``, ``b``, ... . The
-    model reads the sequence as a language model; only the answer token is scored. Sequences are
-    right-padded with ``<pad>`` to the longest in the batch. One split, ``id``: the paper tests in
-    distribution.
+    ``print`` = 1..5, the numbers ``0``..``10`` = 6..16, then the variables ``a``, ``b``, ... (the
+    official tokenizer numbers the words in order of first appearance and reserves an unused
+    ``<sta>``: a word that never occurs changes no number). The model reads the sequence as a
+    language model; only the answer token is scored. Sequences are right-padded with ``<pad>`` to
+    the longest in the batch. One split, ``id``: the paper tests in distribution.
+
+    The official run script generates programs of up to 512 statements (up to about 600 tokens)
+    and trains with a block size of 512: its batch collator keeps the last 512 tokens of a longer
+    sequence. ``max_tokens`` does the same. The answer stays the value in the whole program even
+    when the cut drops the variable's last reset (and perhaps some increments after it), as in the
+    official data; the answer then cannot always be read off what is left (about 1 program in
+    2000 at 512 statements; 13% of them are cut at all).
 
     Args:
         n_vars: number of variables (the paper: 1, 3 or 5).
+        max_tokens: keep only the last ``max_tokens`` tokens of each program, answer included (the
+            official block size, 512); None keeps programs whole.
     """
 
     causal = True
 
-    def __init__(self, *, n_vars: int = 3) -> None:
+    def __init__(self, *, n_vars: int = 3, max_tokens: int | None = None) -> None:
         check_int("n_vars", n_vars, minimum=1)
         if n_vars > 26:
             raise ValueError(f"n_vars must be at most 26, got {n_vars}")
+        if max_tokens is not None:
+            check_int("max_tokens", max_tokens, minimum=3)  # at least ``print x`` and the answer
         self.n_vars = n_vars
+        self.max_tokens = max_tokens
         self.variables = tuple(string.ascii_lowercase[:n_vars])
         numbers = tuple(str(v) for v in range(MAX_VALUE + 1))
         self.tokens = (*KEYWORDS, *numbers, *self.variables)
@@ -57,11 +70,13 @@ class Counting(Task):
         return {"id": {}}
 
     def sample(self, batch_size: int, length: int, *, generator: torch.Generator) -> Batch:
-        """``batch_size`` programs of 3 to ``length`` statements each."""
+        """``batch_size`` programs of 3 to ``length`` statements each, cut to their last
+        ``max_tokens`` tokens if set: inputs and targets are then at most ``max_tokens - 1`` long."""
         check_int("batch_size", batch_size, minimum=1)
         check_int("length", length, minimum=3)
         rng = RandomStream(generator)
-        seqs = [[self._id[w] for w in self._program(rng, length)] for _ in range(batch_size)]
+        keep = -self.max_tokens if self.max_tokens is not None else 0
+        seqs = [[self._id[w] for w in self._program(rng, length)[keep:]] for _ in range(batch_size)]
         width = max(map(len, seqs))
         seq = torch.full((batch_size, width), PAD, dtype=torch.long)
         mask = torch.zeros(batch_size, width - 1, dtype=torch.bool)

@@ -12,12 +12,14 @@ WRITE, READ, IGNORE, ZERO, ONE = range(5)
 
 @register("flipflop")
 class FlipFlop(Task):
-    """FFL(p): ``length`` (instruction, bit) pairs such as ``w 1 i 0 r 1 ...``.
+    """FFL(p): ``length`` (instruction, bit) pairs such as ``w 1 i 0 w 0 i 1 r 0``.
 
-    The instruction is ``i`` (ignore) with probability p and ``w`` (write) or ``r`` (read) with
-    (1 - p) / 2 each; the first instruction is always ``w`` so every read has a write before it.
-    Bits after ``w`` and ``i`` are uniform; the bit after ``r`` equals the bit of the most recent
-    ``w``. Only the bits after ``r`` are scored (a sequence without ``r`` scores nothing).
+    Liu et al.'s canonical form: the first instruction is ``w`` (write), the last is ``r`` (read),
+    and each one in between is ``i`` (ignore) with probability p and ``w`` or ``r`` with
+    (1 - p) / 2 each, independently. Bits after ``w`` and ``i`` are uniform; the bit after ``r``
+    equals the bit of the most recent ``w``. Only the bits after ``r`` are scored, so every
+    sequence scores at least its final read, which at large p usually looks back further than any
+    other (in FFL(0.98) with 256 pairs, about 90 pairs on average).
 
     Tokens: ``w``=0, ``r``=1, ``i``=2, ``0``=3, ``1``=4. The sequence has 2 * length tokens, so a
     batch is (B, 2 * length - 1). Splits: id FFL(p), ood_sparse FFL(p_sparse), ood_dense
@@ -54,15 +56,15 @@ class FlipFlop(Task):
         generator: torch.Generator,
         p: float | None = None,
     ) -> Batch:
-        """``batch_size`` sequences of ``length`` pairs from FFL(p) (default: the id split's p)."""
+        """``batch_size`` sequences of ``length`` >= 2 pairs from FFL(p) (default: the id split's p)."""
         check_int("batch_size", batch_size, minimum=1)
-        check_int("length", length, minimum=1)
+        check_int("length", length, minimum=2)  # a first write and a last read
         p = self.p if p is None else p
         check_probability("p", p)
 
         u = torch.rand(batch_size, length, generator=generator)
         instr = torch.where(u < p, IGNORE, torch.where(u < p + (1 - p) / 2, WRITE, READ))  # (B, n)
-        instr[:, 0] = WRITE
+        instr[:, 0], instr[:, -1] = WRITE, READ
         bits = torch.randint(0, 2, (batch_size, length), generator=generator)
         steps = torch.arange(length).expand(batch_size, length)
         last_write = torch.where(instr == WRITE, steps, -1).cummax(dim=1).values  # (B, n), >= 0

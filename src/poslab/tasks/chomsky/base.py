@@ -113,14 +113,14 @@ class ChomskyTask(Task):
         return Batch(inputs.long(), targets.long(), mask)
 
     def metrics(self, logits: Tensor, batch: Batch) -> dict[str, float]:
-        """error and seq_error as for every task, plus accuracy: the per-token accuracy on the
-        scored output positions of each sequence, averaged over the batch (Deletang et al.)."""
+        """error and seq_error as for every task, plus accuracy: the % of correct tokens among all
+        scored output positions of the batch, pooled, as DeepMind's code computes it (so it is
+        100 - error). A sequence with a long output weighs more than a short one: this differs from
+        a mean of per-sequence accuracies only where outputs end at an end token."""
         result = super().metrics(logits, batch)
         correct, mask = self._correct(logits, batch)
-        counts = mask.sum(dim=1)
-        rows = counts > 0
-        per_row = (correct & mask).sum(dim=1)[rows].double() / counts[rows]
-        result["accuracy"] = 100.0 * per_row.mean().item() if rows.any() else float("nan")
+        n_scored = mask.sum().item()
+        result["accuracy"] = 100.0 * (correct & mask).sum().item() / n_scored if n_scored else float("nan")
         return result
 
 

@@ -55,10 +55,12 @@ class MissingDuplicate(ChomskyTask):
 
 @register("odds_first")
 class OddsFirst(ChomskyTask):
-    """s_1 .. s_n (binary) -> s_1 s_3 s_5 .. s_2 s_4 .. (odd positions, 1-based, first).
+    """s_1 .. s_n (binary) -> s_2 s_4 s_6 .. s_1 s_3 s_5 .. (even positions, 1-based, first).
 
-    This is the paper's definition and the reference docstring's example; the reference code takes
-    the other half first, a mirror image of equal difficulty.
+    The order of DeepMind's code, which produced the published numbers: it takes the symbols at odd
+    0-based indices first, e.g. 00110101 -> 0111 0100. The paper and that code's own docstring say
+    the other half comes first (s_1 s_3 ..); the two are mirror images of equal difficulty, but
+    only the code's order gives the same targets.
     """
 
     level = "context_sensitive"
@@ -70,7 +72,7 @@ class OddsFirst(ChomskyTask):
 
     def _generate(self, batch_size: int, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         x = torch.randint(0, 2, (batch_size, length), generator=generator)
-        return x, torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+        return x, torch.cat([x[:, 1::2], x[:, 0::2]], dim=1)
 
 
 class _BinaryArithmetic(ChomskyTask):
