@@ -94,7 +94,7 @@ def test_alibi_bias_is_the_true_relative_matrix():
     alibi = poslab.build_encoding("alibi", n_heads=8, head_dim=4)
     pos = torch.arange(6)
     b = alibi.bias(pos, pos, causal=False)
-    assert b[0, 5, 2].item() == pytest.approx(-0.5 * 3)
+    assert b[0, 5, 2].item() == pytest.approx(-0.5 * (3 - 0.5))  # a key on the left: half a step closer
     assert b[7, 1, 4].item() == pytest.approx(-(2**-8) * 3)
 
 
@@ -210,10 +210,10 @@ def test_kerple_forms():
     log = poslab.build_encoding("kerple_log", n_heads=2, head_dim=4)
     power = poslab.build_encoding("kerple_power", n_heads=2, head_dim=4)
     with torch.no_grad():
-        log.r1.copy_(torch.tensor([1.5, 0.001]))  # the second is clamped to 1e-2
-        log.r2.copy_(torch.tensor([0.5, 0.2]))
-        power.a.copy_(torch.tensor([0.5, 1.0]))
-        power.p.copy_(torch.tensor([1.5, 3.0]))  # p is clamped to 2
+        log.r1[0].copy_(torch.tensor([1.5, 0.001]))  # the second is clamped to 1e-2
+        log.r2[0].copy_(torch.tensor([0.5, 0.2]))
+        power.a[0].copy_(torch.tensor([0.5, 1.0]))
+        power.p[0].copy_(torch.tensor([1.5, 3.0]))  # p is clamped to 2
     pos = torch.arange(5)
     bl, bp = log.bias(pos, pos, causal=True), power.bias(pos, pos, causal=True)
     assert bl[0, 4, 1].item() == pytest.approx(-1.5 * math.log(1 + 0.5 * 3))

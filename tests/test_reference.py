@@ -120,8 +120,9 @@ def naive_dape(q, k, v, enc, causal):
         return q[b, h, i] @ k[b, h, j] / scale
 
     def bias(h, i, j):
-        dist = max(i - j, 0) if causal else abs(i - j)
-        return -slopes[h] * dist
+        if causal:
+            return -slopes[h] * max(i - j, 0)
+        return -slopes[h] * abs(i - j) + (0.5 * slopes[h] if j < i else 0.0)  # keys on the left: +m/2
 
     def features(b, i, j):
         """The 2H channels at (i, j); causal V2 sees zeros in the future."""

@@ -2,8 +2,9 @@
 evaluation, validated on construction, plus dotted overrides (``train.steps=200``).
 
 A `RunConfig` is everything needed to reproduce a run; `poslab.train` writes it to ``config.json``
-before anything else. The vocabulary size, the output head and causality come from the task, so the
-model section is `ModelSpec`: the fields of `poslab.model.ModelConfig` without those three.
+before anything else. The vocabulary size, the output head, causality and the training length come
+from the task, so the model section is `ModelSpec`: the fields of `poslab.model.ModelConfig` without
+those four.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from poslab.encodings.base import parse_spec, parse_value
 from poslab.model import ModelConfig
 
 # ModelConfig fields a run takes from its task instead of from the config.
-TASK_GIVEN = ("vocab_size", "n_outputs", "causal")
+TASK_GIVEN = ("vocab_size", "n_outputs", "causal", "train_len")
 LOSS_MODES = ("scored", "all")
 MAPPING_FIELDS = ("options", "encoding_options")
 
@@ -54,10 +55,14 @@ def _model_spec_post_init(self: Any) -> None:
     self.to_model_config(vocab_size=1, n_outputs=None, causal=True)
 
 
-def _to_model_config(self: Any, *, vocab_size: int, n_outputs: int | None, causal: bool) -> ModelConfig:
-    """The full `ModelConfig` with the sizes and causality a task gives."""
+def _to_model_config(
+    self: Any, *, vocab_size: int, n_outputs: int | None, causal: bool, train_len: int | None = None
+) -> ModelConfig:
+    """The full `ModelConfig` with the sizes, causality and training length a task gives."""
     values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    return ModelConfig(vocab_size=vocab_size, n_outputs=n_outputs, causal=causal, **values)
+    return ModelConfig(
+        vocab_size=vocab_size, n_outputs=n_outputs, causal=causal, train_len=train_len, **values
+    )
 
 
 def _model_spec_fields() -> list[tuple[str, Any, Any]]:
@@ -81,7 +86,7 @@ ModelSpec = dataclasses.make_dataclass(
     kw_only=True,
     namespace={
         "__doc__": "The model section of a run: every `poslab.model.ModelConfig` field except "
-        "vocab_size, n_outputs and causal, which the task gives.",
+        "vocab_size, n_outputs, causal and train_len, which the task gives.",
         "__post_init__": _model_spec_post_init,
         "to_model_config": _to_model_config,
     },
@@ -252,9 +257,13 @@ class RunConfig:
             )
 
     def model_config(self, task) -> ModelConfig:
-        """The full `ModelConfig` for ``task`` (vocabulary, output head and causality from it)."""
+        """The full `ModelConfig` for ``task`` (vocabulary, output head and causality from it, the
+        training length from ``task.train_len``)."""
         config = self.model.to_model_config(
-            vocab_size=task.vocab_size, n_outputs=task.n_outputs, causal=task.causal
+            vocab_size=task.vocab_size,
+            n_outputs=task.n_outputs,
+            causal=task.causal,
+            train_len=self.task.train_len,
         )
         config.build_encoding().check_mode(task.causal)
         return config

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poslab.attention import IMPLS, attend
-from poslab.encodings.base import PositionEncoding, build_encoding, encoding_options, parse_spec
+from poslab.encodings.base import PositionEncoding, accepts_option, build_encoding, parse_spec
 
 NORMS = ("pre", "post")
 
@@ -39,6 +39,7 @@ class ModelConfig:
     causal: bool = True
     n_outputs: int | None = None  # size of the output head; None means vocab_size
     max_len: int = 1024  # table size for encodings that have one (learned absolute), if not set
+    train_len: int | None = None  # the training length, for encodings initialised from it (FIRE)
     attn_impl: str = "auto"  # 'auto', 'fused' or 'eager' (see poslab.attend)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,8 @@ class ModelConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{key} must be a positive integer, got {value!r}")
+        if self.train_len is not None and (not isinstance(self.train_len, int) or self.train_len <= 0):
+            raise ValueError(f"model.train_len must be a positive integer or None, got {self.train_len!r}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"model.d_ff must be positive, got {self.d_ff!r}")
         if self.n_outputs is not None and self.n_outputs <= 0:
@@ -77,21 +80,17 @@ class ModelConfig:
         return self.n_outputs if self.n_outputs is not None else self.vocab_size
 
     def build_encoding(self) -> PositionEncoding:
-        """One encoding module as configured (``max_len`` filled in where the encoding takes one)."""
+        """One encoding module as configured (``max_len`` and ``train_len`` filled in where the
+        encoding takes them and they are not set)."""
         name, spec_options = parse_spec(self.encoding)
         options = {**spec_options, **self.encoding_options}
-        if "max_len" not in options and _accepts(name, "max_len"):
-            options["max_len"] = self.max_len
+        for key, value in (("max_len", self.max_len), ("train_len", self.train_len)):
+            if value is not None and key not in options and accepts_option(name, key):
+                options[key] = value
         return build_encoding(name, n_heads=self.n_heads, head_dim=self.head_dim, **options)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _accepts(name: str, option: str) -> bool:
-    from poslab.encodings.base import encoding_class
-
-    return any(option in encoding_options(encoding_class(part)) for part in name.split("+"))
 
 
 class KVCache:

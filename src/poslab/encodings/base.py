@@ -175,6 +175,11 @@ def encoding_class(name: str) -> type[PositionEncoding]:
     return _REGISTRY.lookup(name)
 
 
+def accepts_option(name: str, option: str) -> bool:
+    """Whether the encoding ``name`` (or some part of a composition such as 'cope+rope') takes ``option``."""
+    return any(option in encoding_options(encoding_class(part)) for part in name.split("+"))
+
+
 def encoding_options(cls: type[PositionEncoding]) -> dict[str, Any]:
     """Keyword options of an encoding class with their defaults (n_heads and head_dim excluded)."""
     params = inspect.signature(cls.__init__).parameters

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from poslab.encodings.base import (
     PositionEncoding,
+    accepts_option,
     build_encoding,
     causal_mask,
     check_positive,
+    parse_spec,
     register,
 )
 from poslab.kernels.dape import dape_attention, uses_native
@@ -40,10 +42,12 @@ class DAPE(PositionEncoding):
     Options:
         base: the encoding providing B (any bias and/or rotation encoding, e.g. 'alibi', 'kerple_log',
             'fire', 't5', 'rope'), or None/'nope' for B = 0 (NoPE + DAPE is A + f(A)).
-        base_options: options passed to the base.
+        base_options: options passed to the base. A FIRE base defaults to ``activation='leaky_relu'``,
+            as in the official DAPE-FIRE.
         width: D, the hidden width (32 by default; the paper sweeps 4 to 64).
         kernel_size: 1 (the MLP) or an odd k > 1 (V2).
         form: 'A+B+f(A,B)' (DAPE), or the ablations 'A+f(A,B)', 'A+f(B)', 'A+B'.
+        train_len: the training length, passed on to a base that takes it (FIRE's threshold).
 
     Attributes:
         mlp: the mixer f, a Sequential whose last entry is the output layer (None for 'A+B').
@@ -62,6 +66,7 @@ class DAPE(PositionEncoding):
         width: int = 32,
         kernel_size: int = 1,
         form: str = "A+B+f(A,B)",
+        train_len: int | None = None,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         check_positive(width=width, kernel_size=kernel_size)
@@ -71,7 +76,12 @@ class DAPE(PositionEncoding):
             raise ValueError(f"unknown dape form {form!r}; choose one of {', '.join(FORMS)}")
         self.base: PositionEncoding | None = None
         if base not in (None, "none", "nope"):
-            self.base = build_encoding(base, n_heads=n_heads, head_dim=head_dim, **(base_options or {}))
+            base_name, spec = parse_spec(base)
+            defaults = {"activation": "leaky_relu"} if base_name == "fire" else {}
+            if train_len is not None and accepts_option(base_name, "train_len"):
+                defaults["train_len"] = train_len
+            options = {**{k: v for k, v in defaults.items() if k not in spec}, **(base_options or {})}
+            self.base = build_encoding(base, n_heads=n_heads, head_dim=head_dim, **options)
             if self.base.uses_logits:
                 raise ValueError(
                     f"dape base {base!r} rewrites logits itself; use a bias or rotation encoding"

@@ -1,7 +1,19 @@
 """Kerple: kernelized relative positional biases (Chi et al. 2022, arXiv 2205.09921).
 
-Two variants of one method, sharing the parameter constraint: every learned scalar is clamped at
-1e-2 so the kernel stays conditionally positive definite.
+Two variants of one method, sharing the parameter constraint: every learned scalar is kept at or
+above 1e-2 so the kernel stays conditionally positive definite. As in the official code, the
+constraint is a projection of the stored values, not a clamp inside the formula: at the start of
+every forward the parameters are clamped in place (without autograd), and the bias is computed from
+the clamped values through an ordinary differentiable expression. A parameter that an optimizer step
+pushed below the floor is thus back at the floor before it is used, and still receives its gradient,
+so it can grow again (a clamp inside the formula would give it zero gradient forever). This works
+with any training loop; the optimizer step itself may leave a value below the floor until the next
+forward.
+
+Each parameter is (2, H): row 0 for keys at or before the query (the only row causal attention
+uses, the paper's parameters), row 1 for keys after it. The paper defines Kerple for decoders; with
+one set of parameters per direction an encoder can tell a key on the left from one on the right,
+which the symmetric kernel of |i - j| cannot. Both rows are drawn from the same distribution.
 """
 
 from __future__ import annotations
@@ -9,44 +21,63 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, as_float, register, relative_distance
+from poslab.encodings.base import PositionEncoding, as_float, register
 
 _MIN = 1e-2
 
 
+def _per_direction(param: Tensor, n: Tensor, *, causal: bool) -> Tensor:
+    """The (2, H) ``param`` as (H, 1, 1) (causal: row 0) or (H, T, S) picked by the sign of n = i - j."""
+    before, after = param[0][:, None, None], param[1][:, None, None]
+    return before if causal else torch.where(n < 0, after, before)
+
+
+def _distance(n: Tensor, like: Tensor, *, causal: bool) -> Tensor:
+    """|i - j| as a float like ``like``; causal future entries (masked later) are 0."""
+    return as_float(n.clamp(min=0) if causal else n.abs(), like)
+
+
 @register("kerple_log")
 class KerpleLog(PositionEncoding):
-    """bias = -r1_h * log(1 + r2_h * n), r1 ~ U(0, 2), r2 ~ U(0, 1) at init, one per head and layer."""
+    """bias = -r1 * log(1 + r2 * |i - j|), r1 ~ U(0, 2), r2 ~ U(0, 1) at init, per head, direction and
+    layer; both kept >= 1e-2 (see the module docstring)."""
 
     hooks = frozenset({"bias"})
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
-        self.r1 = nn.Parameter(torch.rand(n_heads) * 2)
-        self.r2 = nn.Parameter(torch.rand(n_heads))
+        self.r1 = nn.Parameter(torch.rand(2, n_heads) * 2)
+        self.r2 = nn.Parameter(torch.rand(2, n_heads))
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = as_float(relative_distance(q_pos, k_pos, causal=causal), self.r1)
-        r1 = self.r1.clamp(min=_MIN)[:, None, None]
-        r2 = self.r2.clamp(min=_MIN)[:, None, None]
-        return -r1 * torch.log1p(r2 * n)  # (H, T, S)
+        # The projection; through .data, so autograd neither records it nor sees a version change.
+        self.r1.data.clamp_(min=_MIN)
+        self.r2.data.clamp_(min=_MIN)
+        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        r1 = _per_direction(self.r1, n, causal=causal)
+        r2 = _per_direction(self.r2, n, causal=causal)
+        return -r1 * torch.log1p(r2 * _distance(n, self.r1, causal=causal))  # (H, T, S)
 
 
 @register("kerple_power")
 class KerplePower(PositionEncoding):
-    """bias = -a_h * n^p_h with 0 < p <= 2; a ~ U(0, 2), p ~ U(0, 2) at init, per head and layer."""
+    """bias = -a * |i - j|^p, a ~ U(0, 1), p ~ U(0, 2) at init, per head, direction and layer; a is
+    kept >= 1e-2 and p in [1e-2, 2] (see the module docstring)."""
 
     hooks = frozenset({"bias"})
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
-        self.a = nn.Parameter(torch.rand(n_heads) * 2)
-        self.p = nn.Parameter(torch.rand(n_heads) * 2)
+        self.a = nn.Parameter(torch.rand(2, n_heads))
+        self.p = nn.Parameter(torch.rand(2, n_heads) * 2)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = as_float(relative_distance(q_pos, k_pos, causal=causal), self.a)
-        a = self.a.clamp(min=_MIN)[:, None, None]
-        p = self.p.clamp(min=_MIN, max=2.0)[:, None, None]
-        # d(n^p)/dp = n^p log n is nan at n = 0; evaluate at n = 1 there (gradient 0), then zero it.
-        powered = torch.where(n > 0, n.clamp(min=1) ** p, torch.zeros_like(n))
+        self.a.data.clamp_(min=_MIN)
+        self.p.data.clamp_(min=_MIN, max=2.0)
+        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        a = _per_direction(self.a, n, causal=causal)
+        p = _per_direction(self.p, n, causal=causal)
+        d = _distance(n, self.a, causal=causal)
+        # d(d^p)/dp = d^p log d is nan at d = 0; evaluate at d = 1 there (gradient 0), then zero it.
+        powered = torch.where(d > 0, d.clamp(min=1) ** p, torch.zeros_like(d))
         return -a * powered  # (H, T, S)

@@ -5,16 +5,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from poslab.encodings.base import PositionEncoding, check_positive, register, relative_distance
+from poslab.encodings.base import PositionEncoding, check_positive, register
 
 
 @register("sandwich")
 class Sandwich(PositionEncoding):
-    """bias_h(n) = sum_k cos(n / (r_h * 10000^(2k/d'))) - d'/2, the inner product p_i . p_j of two
-    sinusoidal vectors of size d' (which depends only on n = i - j), shifted so the diagonal is 0.
+    """bias_h(d) = sum_k cos(d / (r_h * 10000^(2k/d'))) - d'/2, the inner product p_i . p_j of two
+    sinusoidal vectors of size d' (which depends only on d = i - j), shifted so the diagonal is 0.
 
     Each head compresses positions by its own ratio r_h = 8h/H (h = 1..H), the per-head scaling the
     paper uses in place of ALiBi's slopes; the bias decays (non-monotonically) with distance.
+
+    Bidirectional (encoder) attention, which the paper does not define: a cosine is even, so the bias
+    of |i - j| alone cannot tell left from right. As poslab's bidirectional ALiBi does (after the
+    randomized positional encodings code), keys before the query count as half a step closer:
+    d = |i - j| - 0.5 for j < i, d = j - i for j >= i. Causal attention is unchanged.
+
+    The frequencies are computed in the module's dtype from exact integers at every call, so
+    ``.double()`` gives float64 values.
     """
 
     hooks = frozenset({"bias"})
@@ -26,14 +34,24 @@ class Sandwich(PositionEncoding):
         if dim % 2:
             raise ValueError(f"sandwich dim must be even, got {dim}")
         self.dim = dim
-        freqs = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float32) * 2 / dim)  # (d'/2,)
-        ratios = 8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads  # (H,)
-        self.register_buffer("freqs", freqs[None, :] / ratios[:, None], persistent=False)  # (H, d'/2)
+        # Integers, exact in any dtype; they also carry the module's dtype and device.
+        self.register_buffer("channel", torch.arange(dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("head", torch.arange(1, n_heads + 1, dtype=torch.float32), persistent=False)
+
+    @property
+    def freqs(self) -> Tensor:
+        """1 / (r_h * 10000^(2k/d')), (H, d'/2)."""
+        ratios = 8.0 * self.head / self.n_heads  # (H,)
+        return 10000.0 ** (-2.0 * self.channel / self.dim)[None, :] / ratios[:, None]
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = relative_distance(q_pos, k_pos, causal=causal)  # (T, S)
-        # The bias depends on n alone: tabulate it once per distinct distance, then index.
-        distances = torch.arange(int(n.max()) + 1, device=n.device, dtype=self.freqs.dtype)
-        angles = distances[None, :, None] * self.freqs[:, None, :]  # (H, N, d'/2)
+        n = q_pos[:, None] - k_pos[None, :]  # (T, S), > 0 for keys on the left
+        # Twice the distance d, an integer: 2(i - j) causal (future entries, masked later, at 0),
+        # 2|i - j| - 1 for keys on the left of an encoder's query.
+        twice = 2 * n.clamp(min=0) if causal else 2 * n.abs() - (n > 0).long()
+        # The bias depends on d alone: tabulate it once per distinct half-step, then index.
+        freqs = self.freqs
+        distances = torch.arange(int(twice.max()) + 1, device=n.device, dtype=freqs.dtype) / 2
+        angles = distances[None, :, None] * freqs[:, None, :]  # (H, N, d'/2)
         table = angles.cos().sum(-1) - self.dim / 2  # (H, N)
-        return table[:, n]  # (H, T, S)
+        return table[:, twice]  # (H, T, S)

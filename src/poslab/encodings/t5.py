@@ -7,14 +7,32 @@ import math
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, check_positive, register, relative_distance
+from poslab.encodings.base import PositionEncoding, check_positive, register
 
 
-def t5_bucket(n: Tensor, *, n_buckets: int = 32, max_distance: int = 128) -> Tensor:
-    """Bucket of a non-negative distance n: exact below n_buckets/2, then log-spaced up to
-    max_distance, capped at n_buckets - 1. With the defaults: n < 16 -> n, else
-    16 + floor(log(n/16) / log(128/16) * 16), at most 31.
+def t5_bucket(
+    n: Tensor, *, n_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False
+) -> Tensor:
+    """Bucket of the relative position n = i - j (query minus key), as T5 and Hugging Face's
+    ``_relative_position_bucket`` compute it.
+
+    Causal: future keys (n < 0) share bucket 0 with n = 0; a distance n >= 0 is exact below
+    n_buckets/2, then log-spaced up to max_distance, capped at n_buckets - 1. With the defaults:
+    n < 16 -> n, else 16 + floor(log(n/16) / log(128/16) * 16), at most 31.
+
+    Bidirectional: each direction gets half the buckets. Keys at or before the query take the
+    buckets 0..h-1 of |n| (h = n_buckets // 2, exact below h/2), keys after it h..2h-1, so a key one
+    step to the left and one to the right get different buckets. With the defaults: 8 exact, 8
+    log-spaced up to 128 per side. The logarithm is taken in float32, as in the reference, so the
+    bucket boundaries agree exactly.
     """
+    if bidirectional:
+        half = n_buckets // 2
+        return _magnitude_bucket(n.abs(), half, max_distance) + half * (n < 0).long()
+    return _magnitude_bucket(n.clamp(min=0), n_buckets, max_distance)
+
+
+def _magnitude_bucket(n: Tensor, n_buckets: int, max_distance: int) -> Tensor:
     exact = n_buckets // 2
     n_float = n.to(torch.float32).clamp(min=1)  # avoids log(0); those entries take the exact branch
     log_bucket = exact + (
@@ -25,9 +43,8 @@ def t5_bucket(n: Tensor, *, n_buckets: int = 32, max_distance: int = 128) -> Ten
 
 @register("t5")
 class T5Bias(PositionEncoding):
-    """One learned scalar per (bucket, head); causal buckets over n = i - j (|i - j| for encoders).
-
-    Shared by all layers, as in T5.
+    """One learned scalar per (bucket, head): bias = table[bucket(i - j), h]; see `t5_bucket` for the
+    causal and the bidirectional (encoder) bucket layouts. Shared by all layers, as in T5.
     """
 
     hooks = frozenset({"bias"})
@@ -46,6 +63,8 @@ class T5Bias(PositionEncoding):
         self.table = nn.Parameter(torch.randn(n_buckets, n_heads) * 0.02)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = relative_distance(q_pos, k_pos, causal=causal)
-        buckets = t5_bucket(n, n_buckets=self.n_buckets, max_distance=self.max_distance)
+        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        buckets = t5_bucket(
+            n, n_buckets=self.n_buckets, max_distance=self.max_distance, bidirectional=not causal
+        )
         return self.table[buckets].permute(2, 0, 1)  # (T, S, H) -> (H, T, S)
