@@ -169,7 +169,8 @@ def blockwise_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     q_blocks, pos_blocks = q.split(block_size, dim=2), q_pos.split(block_size)
     n_keys = k.shape[2]
-    visible = [min(int(pb.max()) + 1, n_keys) if causal else n_keys for pb in pos_blocks]
+    ahead = encoding.key_lookahead if encoding is not None else 0
+    visible = [min(int(pb.max()) + 1 + ahead, n_keys) if causal else n_keys for pb in pos_blocks]
     save_bytes = SAVE_BYTES // len(q_blocks) if torch.is_grad_enabled() else 0
     k_blocks, v_blocks = _prefixes(k, visible), _prefixes(v, visible)
     e_blocks = [None] * len(visible) if extra_keys is None else _prefixes(extra_keys, visible)

@@ -243,6 +243,11 @@ class Transformer(nn.Module):
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model")
         offset = 0 if cache is None else cache.length
+        if offset and any(e.key_lookahead for e in self.encodings):
+            raise ValueError(
+                f"encoding {self.config.encoding!r} reads keys after each query (e.g. dape "
+                "v2_mask='input'), so cached decoding cannot equal the full forward; decode without a cache"
+            )
         positions = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         x = self.encodings[0].embed(self.embed(idx), positions)  # (B, T, D)
         x = self.drop(x)

@@ -46,6 +46,7 @@ class PositionEncoding(nn.Module):
         shared_across_layers: the papers' default for this method (one module for all layers, or
             one per layer); a model config can override it.
         supports_causal / supports_bidirectional: which attention modes the method is defined for.
+        key_lookahead: keys after a causal query that its logits depend on (0 for nearly all).
     """
 
     name: ClassVar[str] = ""
@@ -53,6 +54,9 @@ class PositionEncoding(nn.Module):
     shared_across_layers: ClassVar[bool] = False
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = True
+    # Keys after a causal query that its logits still read (they are masked, but shape the result):
+    # query blocks are given that many more keys, and cached decoding, which lacks them, is refused.
+    key_lookahead: int = 0
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()

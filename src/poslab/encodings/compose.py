@@ -51,6 +51,7 @@ class Composite(PositionEncoding):
         self.shared_across_layers = all(p.shared_across_layers for p in self.parts)
         self.supports_causal = all(p.supports_causal for p in self.parts)
         self.supports_bidirectional = all(p.supports_bidirectional for p in self.parts)
+        self.key_lookahead = max(p.key_lookahead for p in self.parts)
 
     def check_length(self, max_position: int) -> None:
         for part in self.parts:
