@@ -123,6 +123,23 @@ def test_cope_sep_key_needs_the_gate_keys():
         cope.keys(torch.randn(1, 3, 6))
 
 
+def test_cope_sep_key_visualizes():
+    """visualize recomputes a sep_key layer (its gate keys from the captured layer input)."""
+    from poslab.visualize import cope_map, layer_logits
+
+    config = poslab.ModelConfig(vocab_size=7, d_model=16, n_heads=2, encoding="cope[sep_key=true]")
+    model = poslab.build_model(config).eval()
+    with torch.no_grad():
+        for enc in model.encodings:
+            enc.pos_emb.normal_()
+    ids = torch.randint(0, 7, (12,))
+    ll = layer_logits(model, ids, layer=1)
+    torch.testing.assert_close(ll.output, ll.model_output, atol=1e-5, rtol=1e-4)
+    cmap = cope_map(model, ids, layer=1)
+    gates = torch.sigmoid(ll.q @ ll.extra_keys.transpose(-1, -2) / math.sqrt(8)).tril()
+    torch.testing.assert_close(cmap.gates, gates)
+
+
 def official_reverse_cumsum(gates: torch.Tensor) -> torch.Tensor:
     return gates.flip(-1).cumsum(-1).flip(-1)
 
