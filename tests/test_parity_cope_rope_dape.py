@@ -186,16 +186,18 @@ def test_bidirectional_cope_positions_are_rounded_once():
 # -- YaRN ----------------------------------------------------------------------------------------------
 
 
-def hf_yarn(head_dim, factor, original_len, base, beta_fast=32.0, beta_slow=1.0):
+def hf_yarn(head_dim, factor, original_len, base, beta_fast=32.0, beta_slow=1.0, truncate=True):
     """YaRN's frequencies and attention factor as Hugging Face computes them, in float64 scalars:
-    a linear ramp in the pair index between the rounded-out pair indices where a frequency makes
-    beta_fast and beta_slow turns within the original length."""
+    a linear ramp in the pair index between the pair indices where a frequency makes beta_fast and
+    beta_slow turns within the original length (rounded outwards unless truncate is off)."""
 
     def pair_at(turns):  # base^(-2d/Dh) * L / (2 pi) = turns, solved for d
         return math.log(original_len / (2 * math.pi * turns)) / math.log(base) * head_dim / 2
 
-    low = max(math.floor(pair_at(beta_fast)), 0)
-    high = min(math.ceil(pair_at(beta_slow)), head_dim - 1)
+    low, high = pair_at(beta_fast), pair_at(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
     freqs = []
@@ -206,11 +208,12 @@ def hf_yarn(head_dim, factor, original_len, base, beta_fast=32.0, beta_slow=1.0)
     return torch.tensor(freqs, dtype=torch.float64), 0.1 * math.log(factor) + 1.0
 
 
+@pytest.mark.parametrize("truncate", [True, False])
 @pytest.mark.parametrize(
     ("head_dim", "factor", "original_len", "base"),
     [(64, 4.0, 2048, 10000.0), (128, 8.0, 4096, 500000.0), (32, 2.0, 512, 10000.0), (16, 16.0, 64, 100.0)],
 )
-def test_yarn_equals_hugging_face(head_dim, factor, original_len, base):
+def test_yarn_equals_hugging_face(head_dim, factor, original_len, base, truncate):
     rope = poslab.build_encoding(
         "rope",
         n_heads=1,
@@ -219,8 +222,9 @@ def test_yarn_equals_hugging_face(head_dim, factor, original_len, base):
         scaling="yarn",
         factor=factor,
         original_max_len=original_len,
+        yarn_truncate=truncate,
     )
-    freqs, attention_factor = hf_yarn(head_dim, factor, original_len, base)
+    freqs, attention_factor = hf_yarn(head_dim, factor, original_len, base, truncate=truncate)
     torch.testing.assert_close(rope.inv_freq.double(), freqs, atol=0, rtol=1e-6)
     assert rope.mscale == pytest.approx(attention_factor, rel=1e-12)
     # HF multiplies cos and sin by the attention factor (so q.k by its square).
@@ -248,6 +252,8 @@ def test_yarn_paper_ramp_is_kept_as_an_option_and_differs():
     )
     with pytest.raises(ValueError, match="unknown rope yarn_ramp 'ratio'"):
         poslab.build_encoding("rope", yarn_ramp="ratio", **opts)
+    with pytest.raises(ValueError, match="yarn_truncate=False applies to yarn_ramp='hf'"):
+        poslab.build_encoding("rope", yarn_ramp="paper", yarn_truncate=False, **opts)
 
 
 # -- DAPE V2 -------------------------------------------------------------------------------------------

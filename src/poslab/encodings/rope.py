@@ -25,19 +25,27 @@ YARN_RAMPS = ("hf", "paper")
 
 
 def yarn_pair_ramp(
-    head_dim: int, base: float, original_max_len: int, beta_fast: float, beta_slow: float
+    head_dim: int,
+    base: float,
+    original_max_len: int,
+    beta_fast: float,
+    beta_slow: float,
+    *,
+    truncate: bool = True,
 ) -> Tensor:
     """YaRN's interpolation weight per channel pair (Dh/2,), float64, as the YaRN code computes it:
     0 (keep the frequency) up to pair index floor(d(beta_fast)), 1 (divide it by the factor) from
     ceil(d(beta_slow)) on, linear in between; d(r) = Dh ln(L / (2 pi r)) / (2 ln base) is the
     (fractional) pair index whose frequency turns r times within L, and the ends are clipped to
-    0..Dh-1."""
+    0..Dh-1. ``truncate=False`` skips the rounding (Hugging Face's ``truncate`` option)."""
 
     def pair_index(turns: float) -> float:
         return head_dim * math.log(original_max_len / (turns * 2 * math.pi)) / (2 * math.log(base))
 
-    low = max(math.floor(pair_index(beta_fast)), 0)
-    high = min(math.ceil(pair_index(beta_slow)), head_dim - 1)
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     width = high - low if high != low else 0.001  # as in the YaRN code: no division by zero
     return ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / width).clamp(0, 1)
 
@@ -58,6 +66,8 @@ class RoPE(PositionEncoding):
         yarn_ramp: 'hf' (default: linear in the pair index d between floor(d(beta_fast)) and
             ceil(d(beta_slow)), with d(r) = Dh ln(L / (2 pi r)) / (2 ln base), as the YaRN code and
             Hugging Face compute it) or 'paper' (linear in r itself, eq. 18).
+        yarn_truncate: with yarn_ramp 'hf', round the ramp's ends outwards (True, Hugging Face's
+            default) or keep them fractional (False, its ``truncate: false``, e.g. gpt-oss).
     """
 
     hooks = frozenset({"rotate"})
@@ -77,6 +87,7 @@ class RoPE(PositionEncoding):
         beta_fast: float = 32.0,
         beta_slow: float = 1.0,
         yarn_ramp: str = "hf",
+        yarn_truncate: bool = True,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         if head_dim % 2:
@@ -85,6 +96,8 @@ class RoPE(PositionEncoding):
             raise ValueError(f"unknown rope scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
         if yarn_ramp not in YARN_RAMPS:
             raise ValueError(f"unknown rope yarn_ramp {yarn_ramp!r}; choose one of {', '.join(YARN_RAMPS)}")
+        if not yarn_truncate and yarn_ramp != "hf":
+            raise ValueError(f"rope yarn_truncate=False applies to yarn_ramp='hf', not {yarn_ramp!r}")
         check_positive(original_max_len=original_max_len, beta_fast=beta_fast, beta_slow=beta_slow)
         if not base > 1:
             raise ValueError(f"rope base must be > 1, got {base!r}")
@@ -108,7 +121,10 @@ class RoPE(PositionEncoding):
                 turns = original_max_len * inv_freq / (2 * math.pi)
                 keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: extrapolate
             else:
-                keep = 1 - yarn_pair_ramp(head_dim, base, original_max_len, beta_fast, beta_slow)
+                ramp = yarn_pair_ramp(
+                    head_dim, base, original_max_len, beta_fast, beta_slow, truncate=yarn_truncate
+                )
+                keep = 1 - ramp
             inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
             self.mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
