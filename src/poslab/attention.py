@@ -1,8 +1,9 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits, keys; DESIGN.md section 1), then either calls
-``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding does not rewrite
-logits) or runs the eager path, which is also the executable specification tests compare against.
+``attend`` applies the encoding's hooks (rotate, bias, logits, keys; see ``poslab.encodings.base``),
+then either calls ``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding
+does not rewrite logits) or runs the eager path, which is also the executable specification tests
+compare against.
 """
 
 from __future__ import annotations
@@ -71,8 +72,9 @@ def attend(
         extra_keys: (B, H, S, Dk) what the encoding's ``keys`` hook made of the layer input, for the
             encodings that have that hook (CoPE with ``sep_key``); required for them, else unused.
 
-    Blocks are exact: every query row is independent and sees the keys up to its own position
-    (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
+    Blocks are exact: every query row is independent and sees the keys up to its own position (for
+    CoPE and DAPE too), so a causal block only computes keys up to the block's end (plus the
+    encoding's ``key_lookahead``, for the one form whose rows read a few keys beyond).
     With gradients on, the eager block path recomputes each block in backward (checkpointing), and
     the fused kernels recompute too, except what fits in ``SAVE_BYTES`` per call, so training memory
     is bounded too.

@@ -1,6 +1,6 @@
 """The position-encoding interface, the registry and `build_encoding`.
 
-A position encoding acts through up to five hooks (DESIGN.md section 1):
+A position encoding acts through up to five hooks:
 
 | hook   | method                              | examples                          |
 |--------|-------------------------------------|-----------------------------------|
