@@ -105,7 +105,8 @@ def test_attend_with_offset_queries_equals_the_last_rows(name):
     q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
     enc = enc.double()
     # Encodings that read the layer input (CoPE's sep_key) get it too.
-    extra = enc.keys(torch.randn(2, 12, 16, dtype=torch.float64)) if "keys" in enc.hooks else None
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    extra = enc.input_keys(x) if "input_keys" in enc.hooks else None
     full = poslab.attend(q, k, v, enc, extra_keys=extra)
     last = poslab.attend(q[:, :, -3:], k, v, enc, extra_keys=extra)
     torch.testing.assert_close(last, full[:, :, -3:])

@@ -120,7 +120,7 @@ def test_cope_sep_key_needs_the_gate_keys():
     with pytest.raises(ValueError, match="reads the layer input: attend needs extra_keys"):
         poslab.attend(q, q, q, cope)
     with pytest.raises(ValueError, match="cope sep_key projects inputs of width 8"):
-        cope.keys(torch.randn(1, 3, 6))
+        cope.input_keys(torch.randn(1, 3, 6))
 
 
 def test_cope_sep_key_visualizes():

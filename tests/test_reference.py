@@ -93,7 +93,7 @@ def test_cope_matches_naive_float64(causal, variant):
     with torch.no_grad():
         enc.pos_emb.normal_()
     q, k, v = rand(B, H, T, DH), rand(B, H, T, DH), rand(B, H, T, DH)
-    gate_keys = rand(B, H, T, DH) if variant == "sep_key" else None  # what the keys hook makes
+    gate_keys = rand(B, H, T, DH) if variant == "sep_key" else None  # what the input_keys hook makes
     out = poslab.attend(q, k, v, enc, causal=causal, extra_keys=gate_keys)
     ref = naive_cope(
         q,

@@ -1,9 +1,9 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits, keys; see ``poslab.encodings.base``),
-then either calls ``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding
-does not rewrite logits) or runs the eager path, which is also the executable specification tests
-compare against.
+``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys; see
+``poslab.encodings.base``), then either calls ``F.scaled_dot_product_attention`` with the bias as a
+float mask (when the encoding does not rewrite logits) or runs the eager path, which is also the
+executable specification tests compare against.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def attend(
             that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
         rotated: q and k were already rotated by the encoding's ``rotate`` hook (a KV cache keeps
             rotated keys, so each key is rotated once, not at every decoding step).
-        extra_keys: (B, H, S, Dk) what the encoding's ``keys`` hook made of the layer input, for the
-            encodings that have that hook (CoPE with ``sep_key``); required for them, else unused.
+        extra_keys: (B, H, S, Dk) what the encoding's ``input_keys`` hook made of the layer input,
+            for the encodings that have that hook (CoPE with ``sep_key``); required for them, else
+            unused.
 
     Blocks are exact: every query row is independent and sees the keys up to its own position (for
     CoPE and DAPE too), so a causal block only computes keys up to the block's end (plus the
@@ -101,13 +102,13 @@ def attend(
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
         if "rotate" in encoding.hooks and not rotated:
             q, k = encoding.rotate(q, k, q_pos, k_pos)
-        if "keys" not in encoding.hooks:
+        if "input_keys" not in encoding.hooks:
             extra_keys = None
         elif extra_keys is None or extra_keys.shape[:3] != k.shape[:3]:
             got = None if extra_keys is None else tuple(extra_keys.shape)
             raise ValueError(
-                f"encoding {encoding.name!r} reads the layer input: attend needs extra_keys = "
-                f"encoding.keys(x) of shape (B, H, S, Dk) with (B, H, S) = {tuple(k.shape[:3])}, got {got}"
+                f"encoding {encoding.name!r} reads the layer input: attend needs extra_keys = encoding."
+                f"input_keys(x) of shape (B, H, S, Dk) with (B, H, S) = {tuple(k.shape[:3])}, got {got}"
             )
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits

@@ -161,7 +161,7 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, H, T, Dh)
-        extra = encoding.keys(x) if "keys" in encoding.hooks else None  # (B, H, T, Dk)
+        extra = encoding.input_keys(x) if "input_keys" in encoding.hooks else None  # (B, H, T, Dk)
         rotated = False
         if cache is not None:
             if "rotate" in encoding.hooks:  # cache rotated keys: each key is rotated once

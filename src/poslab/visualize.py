@@ -48,7 +48,8 @@ class LayerLogits:
     (H, T, T). attention: softmax of the causally masked logits (H, T, T). output: attention @ v
     (T, H * Dh). model_output: what the model's attention produced in the same forward (T, H * Dh),
     equal to ``output`` up to rounding when the recomputation matches the model. extra_keys: what the
-    encoding's ``keys`` hook made of the layer input (H, T, Dk), e.g. CoPE's sep_key gate keys, or None.
+    encoding's ``input_keys`` hook made of the layer input (H, T, Dk), e.g. CoPE's sep_key gate keys,
+    or None.
     """
 
     layer: int
@@ -116,7 +117,7 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
         q, k = encoding.rotate(q, k, pos, pos)
     scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)  # (1, H, T, T)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
-    extra = {"extra_keys": encoding.keys(x)} if "keys" in encoding.hooks else {}
+    extra = {"extra_keys": encoding.input_keys(x)} if "input_keys" in encoding.hooks else {}
     if encoding.uses_logits:
         logits = encoding.logits(scores, bias, q, k, v, pos, pos, causal=True, **extra)
     else:

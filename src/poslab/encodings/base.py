@@ -2,13 +2,13 @@
 
 A position encoding acts through up to five hooks:
 
-| hook   | method                              | examples                          |
-|--------|-------------------------------------|-----------------------------------|
-| embed  | ``embed(x, positions)``             | learned absolute, sinusoidal      |
-| rotate | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
-| bias   | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
-| logits | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
-| keys   | ``keys(x)``, read by ``logits`` as ``extra_keys`` | CoPE's separate gate keys |
+| hook       | method                              | examples                          |
+|------------|-------------------------------------|-----------------------------------|
+| embed      | ``embed(x, positions)``             | learned absolute, sinusoidal      |
+| rotate     | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
+| bias       | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
+| logits     | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
+| input_keys | ``input_keys(x)``, passed to ``logits`` as ``extra_keys`` | CoPE's sep_key gate keys |
 
 Conventions shared by every hook:
 - ``q`` is (B, H, T, Dh), ``k`` and ``v`` are (B, H, S, Dh).
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from poslab.options import Registry
 
-HOOKS = ("embed", "rotate", "bias", "logits", "keys")
+HOOKS = ("embed", "rotate", "bias", "logits", "input_keys")
 
 _REGISTRY: Registry[type[PositionEncoding]] = Registry("encoding", "encodings")
 
@@ -95,13 +95,13 @@ class PositionEncoding(nn.Module):
         """Final pre-mask logits (B, H, T, S) from ``scores`` = q.k/sqrt(Dh) and the summed ``bias``."""
         return scores if bias is None else scores + bias
 
-    def keys(self, x: Tensor) -> Tensor:
+    def input_keys(self, x: Tensor) -> Tensor:
         """Extra per-token keys (B, H, T, Dk) from the attention layer's input x (B, T, D).
 
-        Only for encodings with ``keys`` in ``hooks``: the attention caches them alongside its keys and
-        hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``.
+        Only for encodings with ``input_keys`` in ``hooks``: the attention caches them alongside its
+        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``.
         """
-        raise NotImplementedError(f"encoding {self.name!r} has no keys hook")
+        raise NotImplementedError(f"encoding {self.name!r} has no input_keys hook")
 
     def attention_block(
         self,

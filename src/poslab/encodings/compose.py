@@ -45,9 +45,10 @@ class Composite(PositionEncoding):
         )
         self.name = "+".join(names)
         self.hooks = frozenset().union(*(p.hooks for p in self.parts))
-        self._keyed = [i for i, p in enumerate(self.parts) if "keys" in p.hooks]  # read the layer input
+        # the parts that read the layer input
+        self._keyed = [i for i, p in enumerate(self.parts) if "input_keys" in p.hooks]
         if len(self._keyed) > 1:
-            raise ValueError(f"composition {self.name!r}: at most one part may have a keys hook")
+            raise ValueError(f"composition {self.name!r}: at most one part may have an input_keys hook")
         self.shared_across_layers = all(p.shared_across_layers for p in self.parts)
         self.supports_causal = all(p.supports_causal for p in self.parts)
         self.supports_bidirectional = all(p.supports_bidirectional for p in self.parts)
@@ -67,8 +68,8 @@ class Composite(PositionEncoding):
             q, k = part.rotate(q, k, q_pos, k_pos)
         return q, k
 
-    def keys(self, x: Tensor) -> Tensor:
-        return self.parts[self._keyed[0]].keys(x)
+    def input_keys(self, x: Tensor) -> Tensor:
+        return self.parts[self._keyed[0]].input_keys(x)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
         total = None

@@ -63,8 +63,8 @@ class CoPE(PositionEncoding):
         npos_max: positions per direction (positions past npos_max - 1 are clamped).
         sep_key: gates use keys of their own, a separate projection W_g x_j + b_g of the attention
             layer's input x (an (H Dh) x (H Dh) Linear owned by this module; the official code's
-            ``--cope-sep-key``). The model passes x through the ``keys`` hook; the attention caches
-            these keys with its own.
+            ``--cope-sep-key``). The model passes x through the ``input_keys`` hook; the attention
+            caches these keys with its own.
         val_gates: gates use the values, sigmoid(q_i . v_j / sqrt(Dh)).
 
     Attributes:
@@ -94,10 +94,10 @@ class CoPE(PositionEncoding):
         self.val_gates = val_gates
         self.pos_emb = nn.Parameter(torch.zeros(2 * npos_max, head_dim))
         if sep_key:
-            self.hooks = frozenset({"logits", "keys"})
+            self.hooks = frozenset({"logits", "input_keys"})
             self.gate_key = nn.Linear(n_heads * head_dim, n_heads * head_dim)
 
-    def keys(self, x: Tensor) -> Tensor:
+    def input_keys(self, x: Tensor) -> Tensor:
         """The gates' own keys (B, H, T, Dh) from the attention layer's input x (B, T, H * Dh)."""
         width = self.n_heads * self.head_dim
         if x.shape[-1] != width:
@@ -108,10 +108,10 @@ class CoPE(PositionEncoding):
     def gate_logits(
         self, scores: Tensor, q: Tensor, k: Tensor, v: Tensor, extra_keys: Tensor | None = None
     ) -> Tensor:
-        """q . (key used for gating) / sqrt(Dh), (B, H, T, S); ``extra_keys`` are the ``keys`` hook's."""
+        """q . (key used for gating) / sqrt(Dh), (B, H, T, S); ``extra_keys``: from ``input_keys``."""
         if self.sep_key:
             if extra_keys is None:
-                raise ValueError("cope sep_key needs the gate keys of its 'keys' hook (extra_keys)")
+                raise ValueError("cope sep_key needs its gate keys, extra_keys = input_keys(x)")
             return q @ extra_keys.to(q.dtype).transpose(-1, -2) / math.sqrt(self.head_dim)
         if self.val_gates:
             return q @ v.transpose(-1, -2) / math.sqrt(self.head_dim)
