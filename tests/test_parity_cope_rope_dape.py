@@ -54,9 +54,10 @@ def test_causal_cope_reads_only_the_first_half_of_the_table():
     torch.testing.assert_close(poslab.attend(q, k, v, cope), before)  # the fused kernel too
 
 
-def official_sep_key_attention(x, w_qkv, b_qkv, w_gate, b_gate, table, n_heads):
-    """CoPE attention with --cope-sep-key as the official code computes it, float64, one layer:
-    the gates' keys are their own Linear of the layer input, the attention keys are the usual ones,
+def official_cope_attention(x, w_qkv, b_qkv, table, n_heads, *, gates_from="keys", gate_proj=None):
+    """One causal CoPE attention layer as the official code computes it, in float64, before the output
+    projection. The gates read the attention keys ('keys'), the values ('values', --cope-val-gates)
+    or keys of their own, a separate Linear (w, b) of the layer input ('sep', --cope-sep-key);
     logits = (q.k + q.e[p]) / sqrt(Dh) with p the flipped cumulative sum of the causal gates."""
     b, t, d = x.shape
     dh = d // n_heads
@@ -65,9 +66,13 @@ def official_sep_key_attention(x, w_qkv, b_qkv, w_gate, b_gate, table, n_heads):
         return y.view(b, t, n_heads, dh).transpose(1, 2)
 
     q, k, v = (heads(y) for y in (x @ w_qkv.t() + b_qkv).split(d, dim=-1))
-    key_gate = heads(x @ w_gate.t() + b_gate)
+    if gates_from == "sep":
+        w_gate, b_gate = gate_proj
+        gate_keys = heads(x @ w_gate.t() + b_gate)
+    else:
+        gate_keys = {"keys": k, "values": v}[gates_from]
     visible = torch.ones(t, t, dtype=torch.float64).tril()
-    gates = torch.sigmoid(q @ key_gate.transpose(-1, -2) / math.sqrt(dh)) * visible
+    gates = torch.sigmoid(q @ gate_keys.transpose(-1, -2) / math.sqrt(dh)) * visible
     p = gates.flip(-1).cumsum(-1).flip(-1).clamp(max=table.shape[0] - 1)
     fixed = q @ table.t()  # (B, H, T, npos): q . e[n] for every whole n
     lo, hi = p.floor().long(), p.ceil().long()
@@ -79,25 +84,44 @@ def official_sep_key_attention(x, w_qkv, b_qkv, w_gate, b_gate, table, n_heads):
     return out.transpose(1, 2).reshape(b, t, d)
 
 
-def test_cope_sep_key_is_the_official_separate_projection():
+@pytest.mark.parametrize("gates_from", ["keys", "values", "sep"])
+def test_cope_layer_is_the_official_formula(gates_from):
+    """plain CoPE, val_gates and sep_key (with the separate projection's weights copied in) equal the
+    official layer to float64 precision, outputs and gradients."""
     n_heads, d, npos = 2, 16, 5
-    config = poslab.ModelConfig(vocab_size=7, d_model=d, n_heads=n_heads, encoding="cope[sep_key=true]")
+    config = poslab.ModelConfig(vocab_size=7, d_model=d, n_heads=n_heads)
     attn = SelfAttention(config).double()
-    cope = poslab.build_encoding("cope", n_heads=n_heads, head_dim=d // n_heads, npos_max=npos, sep_key=True)
+    options = {"sep_key": gates_from == "sep", "val_gates": gates_from == "values"}
+    cope = poslab.build_encoding("cope", n_heads=n_heads, head_dim=d // n_heads, npos_max=npos, **options)
     cope = cope.double()
-    w_gate = torch.randn(d, d, dtype=torch.float64) / 4
-    b_gate = torch.randn(d, dtype=torch.float64) / 4
-    table = torch.randn(npos, d // n_heads, dtype=torch.float64)
+    table = torch.randn(npos, d // n_heads, dtype=torch.float64, requires_grad=True)
+    gate_proj = None
     with torch.no_grad():
-        cope.gate_key.weight.copy_(w_gate)
-        cope.gate_key.bias.copy_(b_gate)
         cope.pos_emb[:npos] = table
-    x = torch.randn(2, 9, d, dtype=torch.float64)
-    with torch.no_grad():
-        got = attn(x, cope, torch.arange(9))
-        want = official_sep_key_attention(x, attn.qkv.weight, attn.qkv.bias, w_gate, b_gate, table, n_heads)
-        want = attn.out(want)  # the same output projection on both
+        if gates_from == "sep":
+            w_gate = torch.randn(d, d, dtype=torch.float64) / 4
+            b_gate = torch.randn(d, dtype=torch.float64) / 4
+            cope.gate_key.weight.copy_(w_gate)
+            cope.gate_key.bias.copy_(b_gate)
+            gate_proj = (w_gate.requires_grad_(), b_gate.requires_grad_())
+    x = torch.randn(2, 9, d, dtype=torch.float64, requires_grad=True)
+    got = attn(x, cope, torch.arange(9))
+    want = attn.out(
+        official_cope_attention(
+            x, attn.qkv.weight, attn.qkv.bias, table, n_heads, gates_from=gates_from, gate_proj=gate_proj
+        )
+    )
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    probe = torch.randn_like(got)
+    ours = [x, cope.pos_emb] + ([cope.gate_key.weight, cope.gate_key.bias] if gate_proj else [])
+    theirs = [x, table] + list(gate_proj or [])
+    for g, g_ref in zip(
+        torch.autograd.grad((got * probe).sum(), ours),
+        torch.autograd.grad((want * probe).sum(), theirs),
+        strict=True,
+    ):
+        g = g[:npos] if g.shape[0] == 2 * npos else g  # our table has the encoders' half too
+        torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
 
 
 def test_cope_sep_key_caches_its_gate_keys():
