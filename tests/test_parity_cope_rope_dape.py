@@ -367,3 +367,24 @@ def test_dape_v2_mask_options_are_checked():
         poslab.build_encoding("dape", n_heads=2, head_dim=4, kernel_size=3, v2_mask="output")
     with pytest.raises(ValueError, match="applies to V2 only"):
         poslab.build_encoding("dape", n_heads=2, head_dim=4, v2_mask="input")
+
+
+def test_dape_over_nope_is_the_official_nope_c():
+    """The official NoPE + DAPE (V1) is A + MLP(A) over the H logit channels; poslab's A + f([A; 0])
+    is the same function once the official first layer is copied into the columns that read A (the
+    columns reading B = 0 are inert)."""
+    enc = poslab.build_encoding("dape", n_heads=3, head_dim=4, base="none", width=5).double()
+    lin1, _, lin2 = enc.mlp
+    w1, b1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    w2, b2 = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    with torch.no_grad():
+        lin1.weight[:, :3] = w1
+        lin1.bias.copy_(b1)
+        lin2.weight.copy_(w2)
+        lin2.bias.copy_(b2)
+    scores = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    pos = torch.arange(6)
+    got = enc.logits(scores, None, scores, scores, scores, pos, pos, causal=True)
+    a = scores.permute(0, 2, 3, 1)  # channels last, as the official code permutes
+    want = scores + (F.leaky_relu(a @ w1.t() + b1, 0.01) @ w2.t() + b2).permute(0, 3, 1, 2)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
