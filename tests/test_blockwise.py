@@ -20,6 +20,10 @@ def encoding64(name: str, n_heads: int = 2, head_dim: int = 8) -> poslab.Positio
 def run(enc, q, k, v, **kwargs):
     """Output and gradients of (q, k, v, every encoding parameter) under a fixed random probe."""
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    if "input_keys" in enc.hooks:  # CoPE's sep_key reads the layer input: a fixed random one
+        b, h, s, d = k.shape
+        x = torch.randn(b, s, h * d, generator=torch.Generator().manual_seed(2), dtype=k.dtype)
+        kwargs["extra_keys"] = enc.input_keys(x)
     out = poslab.attend(*inputs, enc, **kwargs)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     params = list(enc.parameters())

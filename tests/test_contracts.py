@@ -104,8 +104,11 @@ def test_attend_with_offset_queries_equals_the_last_rows(name):
             p.add_(torch.randn_like(p) * 0.1)
     q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
     enc = enc.double()
-    full = poslab.attend(q, k, v, enc)
-    last = poslab.attend(q[:, :, -3:], k, v, enc)
+    # Encodings that read the layer input (CoPE's sep_key) get it too.
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    extra = enc.input_keys(x) if "input_keys" in enc.hooks else None
+    full = poslab.attend(q, k, v, enc, extra_keys=extra)
+    last = poslab.attend(q[:, :, -3:], k, v, enc, extra_keys=extra)
     torch.testing.assert_close(last, full[:, :, -3:])
 
 

@@ -49,14 +49,15 @@ def naive_attention(logit_fn, v, causal):
     return torch.stack(rows)
 
 
-def naive_cope(q, k, v, table, *, causal, gate_key=None, gate_values=False):
-    npos = table.shape[0]
+def naive_cope(q, k, v, table, *, causal, gate_keys=None, gate_values=False):
+    """``table`` holds npos rows for keys at or before the query, then npos for keys after it."""
+    npos = table.shape[0] // 2
     scale = math.sqrt(q.shape[-1])
 
     def gate(b, h, i, t):
         key = v[b, h, t] if gate_values else k[b, h, t]
-        if gate_key is not None:
-            key = gate_key[h].t() @ k[b, h, t]
+        if gate_keys is not None:
+            key = gate_keys[b, h, t]
         return torch.sigmoid(q[b, h, i] @ key / scale)
 
     def logit(b, h, i, j):
@@ -66,7 +67,8 @@ def naive_cope(q, k, v, table, *, causal, gate_key=None, gate_values=False):
         f = math.floor(p.item())
         c = math.ceil(p.item())
         w = p - f
-        e = table[f] * (1 - w) + table[c] * w
+        side = table[npos:] if j > i else table[:npos]
+        e = side[f] * (1 - w) + side[c] * w
         return (q[b, h, i] @ k[b, h, j] + q[b, h, i] @ e) / scale
 
     return naive_attention(logit, v, causal)
@@ -90,21 +92,20 @@ def test_cope_matches_naive_float64(causal, variant):
     ).double()
     with torch.no_grad():
         enc.pos_emb.normal_()
-        if variant == "sep_key":
-            enc.gate_key.add_(torch.randn_like(enc.gate_key) * 0.5)
     q, k, v = rand(B, H, T, DH), rand(B, H, T, DH), rand(B, H, T, DH)
-    out = poslab.attend(q, k, v, enc, causal=causal)
+    gate_keys = rand(B, H, T, DH) if variant == "sep_key" else None  # what the input_keys hook makes
+    out = poslab.attend(q, k, v, enc, causal=causal, extra_keys=gate_keys)
     ref = naive_cope(
         q,
         k,
         v,
         enc.pos_emb,
         causal=causal,
-        gate_key=enc.gate_key if variant == "sep_key" else None,
+        gate_keys=gate_keys,
         gate_values=variant == "val_gates",
     )
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-    params = [q, k, v, enc.pos_emb] + ([enc.gate_key] if variant == "sep_key" else [])
+    params = [q, k, v, enc.pos_emb] + ([gate_keys] if variant == "sep_key" else [])
     probe = torch.randn_like(out)
     for g, g_ref in zip(grads(out, params, probe), grads(ref, params, probe), strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)

@@ -1,8 +1,9 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits; DESIGN.md section 1), then either calls
-``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding does not rewrite
-logits) or runs the eager path, which is also the executable specification tests compare against.
+``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys; see
+``poslab.encodings.base``), then either calls ``F.scaled_dot_product_attention`` with the bias as a
+float mask (when the encoding does not rewrite logits) or runs the eager path, which is also the
+executable specification tests compare against.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def attend(
     impl: Impl = "auto",
     block_size: int | None = None,
     rotated: bool = False,
+    extra_keys: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention with a position encoding.
 
@@ -67,9 +69,13 @@ def attend(
             that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
         rotated: q and k were already rotated by the encoding's ``rotate`` hook (a KV cache keeps
             rotated keys, so each key is rotated once, not at every decoding step).
+        extra_keys: (B, H, S, Dk) what the encoding's ``input_keys`` hook made of the layer input,
+            for the encodings that have that hook (CoPE with ``sep_key``); required for them, else
+            unused.
 
-    Blocks are exact: every query row is independent and sees the keys up to its own position
-    (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
+    Blocks are exact: every query row is independent and sees the keys up to its own position (for
+    CoPE and DAPE too), so a causal block only computes keys up to the block's end (plus the
+    encoding's ``key_lookahead``, for the one form whose rows read a few keys beyond).
     With gradients on, the eager block path recomputes each block in backward (checkpointing), and
     the fused kernels recompute too, except what fits in ``SAVE_BYTES`` per call, so training memory
     is bounded too.
@@ -96,6 +102,14 @@ def attend(
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
         if "rotate" in encoding.hooks and not rotated:
             q, k = encoding.rotate(q, k, q_pos, k_pos)
+        if "input_keys" not in encoding.hooks:
+            extra_keys = None
+        elif extra_keys is None or extra_keys.shape[:3] != k.shape[:3]:
+            got = None if extra_keys is None else tuple(extra_keys.shape)
+            raise ValueError(
+                f"encoding {encoding.name!r} reads the layer input: attend needs extra_keys = encoding."
+                f"input_keys(x) of shape (B, H, S, Dk) with (B, H, S) = {tuple(k.shape[:3])}, got {got}"
+            )
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and encoding.uses_logits
     if impl == "fused" and rewrites:
@@ -103,13 +117,15 @@ def attend(
 
     if impl == "eager":
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
-        return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal)
+        return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
     channels = encoding.block_channels(q) if hasattr(encoding, "block_channels") else q.shape[1]
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
-    return blockwise_attention(q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block)
+    return blockwise_attention(
+        q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block, extra_keys=extra_keys
+    )
 
 
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in
@@ -141,6 +157,7 @@ def blockwise_attention(
     *,
     causal: bool,
     block_size: int,
+    extra_keys: Tensor | None = None,
 ) -> Tensor:
     """Attention query block by query block (q and k already rotated); exact, O(block x S) memory.
 
@@ -155,11 +172,14 @@ def blockwise_attention(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     q_blocks, pos_blocks = q.split(block_size, dim=2), q_pos.split(block_size)
     n_keys = k.shape[2]
-    visible = [min(int(pb.max()) + 1, n_keys) if causal else n_keys for pb in pos_blocks]
+    ahead = encoding.key_lookahead if encoding is not None else 0
+    visible = [min(int(pb.max()) + 1 + ahead, n_keys) if causal else n_keys for pb in pos_blocks]
     save_bytes = SAVE_BYTES // len(q_blocks) if torch.is_grad_enabled() else 0
     k_blocks, v_blocks = _prefixes(k, visible), _prefixes(v, visible)
+    e_blocks = [None] * len(visible) if extra_keys is None else _prefixes(extra_keys, visible)
     outputs = []
-    for qb, pb, kb, vb, n_visible in zip(q_blocks, pos_blocks, k_blocks, v_blocks, visible, strict=True):
+    blocks = zip(q_blocks, pos_blocks, k_blocks, v_blocks, e_blocks, visible, strict=True)
+    for qb, pb, kb, vb, eb, n_visible in blocks:
         kpb = k_pos[:n_visible]
         bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
         if bias is not None:
@@ -173,9 +193,9 @@ def blockwise_attention(
         if out is None:
             args = (qb, kb, vb, encoding, bias, pb, kpb)
             if torch.is_grad_enabled() and q.shape[2] > block_size:
-                out = checkpoint(_eager_block, *args, causal, use_reentrant=False)
+                out = checkpoint(_eager_block, *args, causal, eb, use_reentrant=False)
             else:
-                out = eager_attention(*args, causal=causal)
+                out = eager_attention(*args, causal=causal, extra_keys=eb)
         outputs.append(out)
     return torch.cat(outputs, dim=2)
 
@@ -205,8 +225,8 @@ class _Prefixes(torch.autograd.Function):
         return grad, None
 
 
-def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal):
-    return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal)
+def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal, extra_keys):
+    return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
 
 
 def eager_attention(
@@ -219,11 +239,13 @@ def eager_attention(
     k_pos: Tensor,
     *,
     causal: bool,
+    extra_keys: Tensor | None = None,
 ) -> Tensor:
     """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if encoding is not None and encoding.uses_logits:
-        logits = encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
+        extra = {} if extra_keys is None else {"extra_keys": extra_keys}  # only encodings with keys
+        logits = encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal, **extra)
     else:
         logits = scores if bias is None else scores + bias.to(scores.dtype)
     if causal:

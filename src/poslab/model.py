@@ -160,14 +160,27 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, H, T, Dh)
+        extra = encoding.input_keys(x) if "input_keys" in encoding.hooks else None  # (B, H, T, Dk)
         rotated = False
         if cache is not None:
             if "rotate" in encoding.hooks:  # cache rotated keys: each key is rotated once
                 q, k = encoding.rotate(q, k, positions, positions)
                 rotated = True
-            k, v = cache.append(layer, k, v)  # (B, H, S, Dh)
+            if extra is None:
+                k, v = cache.append(layer, k, v)  # (B, H, S, Dh)
+            else:  # the encoding's extra keys ride in the key cache, after the key channels
+                both, v = cache.append(layer, torch.cat((k, extra.to(k.dtype)), dim=-1), v)
+                k, extra = both.split((self.head_dim, extra.shape[-1]), dim=-1)
         y = attend(
-            q, k, v, encoding, causal=self.causal, positions=positions, impl=self.impl, rotated=rotated
+            q,
+            k,
+            v,
+            encoding,
+            causal=self.causal,
+            positions=positions,
+            impl=self.impl,
+            rotated=rotated,
+            extra_keys=extra,
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -229,6 +242,11 @@ class Transformer(nn.Module):
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model")
         offset = 0 if cache is None else cache.length
+        if offset and any(e.key_lookahead for e in self.encodings):
+            raise ValueError(
+                f"encoding {self.config.encoding!r} reads keys after each query (e.g. dape "
+                "v2_mask='input'), so cached decoding cannot equal the full forward; decode without a cache"
+            )
         positions = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         x = self.encodings[0].embed(self.embed(idx), positions)  # (B, T, D)
         x = self.drop(x)

@@ -47,7 +47,9 @@ class LayerLogits:
     bias: the encoding's position-only bias B (H, T, T), or None. logits: the final pre-mask logits
     (H, T, T). attention: softmax of the causally masked logits (H, T, T). output: attention @ v
     (T, H * Dh). model_output: what the model's attention produced in the same forward (T, H * Dh),
-    equal to ``output`` up to rounding when the recomputation matches the model.
+    equal to ``output`` up to rounding when the recomputation matches the model. extra_keys: what the
+    encoding's ``input_keys`` hook made of the layer input (H, T, Dk), e.g. CoPE's sep_key gate keys,
+    or None.
     """
 
     layer: int
@@ -61,6 +63,7 @@ class LayerLogits:
     output: Tensor
     model_output: Tensor
     encoding: PositionEncoding
+    extra_keys: Tensor | None = None
 
 
 def _as_ids(idx: Tensor | Sequence[int]) -> Tensor:
@@ -114,8 +117,9 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
         q, k = encoding.rotate(q, k, pos, pos)
     scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)  # (1, H, T, T)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
+    extra = {"extra_keys": encoding.input_keys(x)} if "input_keys" in encoding.hooks else {}
     if encoding.uses_logits:
-        logits = encoding.logits(scores, bias, q, k, v, pos, pos, causal=True)
+        logits = encoding.logits(scores, bias, q, k, v, pos, pos, causal=True, **extra)
     else:
         logits = scores if bias is None else scores + bias
     attention = torch.softmax(logits.masked_fill(~causal_mask(pos, pos), float("-inf")), dim=-1)
@@ -132,6 +136,7 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
         output=output,
         model_output=captured["y"][0],
         encoding=encoding,
+        extra_keys=extra["extra_keys"][0] if extra else None,
     )
 
 
@@ -255,7 +260,8 @@ def cope_map(model: Transformer, idx: Tensor | Sequence[int], *, layer: int = 0)
     cope = find_cope(ll.encoding)
     t = ll.scores.shape[-1]
     pos = torch.arange(t, device=ll.scores.device)
-    gate_logits = cope.gate_logits(ll.scores[None], ll.q[None], ll.k[None], ll.v[None])
+    gate_keys = () if ll.extra_keys is None else (ll.extra_keys[None],)  # CoPE's sep_key
+    gate_logits = cope.gate_logits(ll.scores[None], ll.q[None], ll.k[None], ll.v[None], *gate_keys)
     gates = torch.sigmoid(gate_logits).masked_fill(~causal_mask(pos, pos), 0.0)[0]
     positions = cope.positions(gate_logits, pos, pos, causal=True)[0]
     label = getattr(model.config, "encoding", cope.name)

@@ -1,13 +1,14 @@
 """The position-encoding interface, the registry and `build_encoding`.
 
-A position encoding acts through up to four hooks (DESIGN.md section 1):
+A position encoding acts through up to five hooks:
 
-| hook   | method                              | examples                          |
-|--------|-------------------------------------|-----------------------------------|
-| embed  | ``embed(x, positions)``             | learned absolute, sinusoidal      |
-| rotate | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
-| bias   | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
-| logits | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
+| hook       | method                              | examples                          |
+|------------|-------------------------------------|-----------------------------------|
+| embed      | ``embed(x, positions)``             | learned absolute, sinusoidal      |
+| rotate     | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
+| bias       | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
+| logits     | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
+| input_keys | ``input_keys(x)``, passed to ``logits`` as ``extra_keys`` | CoPE's sep_key gate keys |
 
 Conventions shared by every hook:
 - ``q`` is (B, H, T, Dh), ``k`` and ``v`` are (B, H, S, Dh).
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from poslab.options import Registry
 
-HOOKS = ("embed", "rotate", "bias", "logits")
+HOOKS = ("embed", "rotate", "bias", "logits", "input_keys")
 
 _REGISTRY: Registry[type[PositionEncoding]] = Registry("encoding", "encodings")
 
@@ -45,6 +46,7 @@ class PositionEncoding(nn.Module):
         shared_across_layers: the papers' default for this method (one module for all layers, or
             one per layer); a model config can override it.
         supports_causal / supports_bidirectional: which attention modes the method is defined for.
+        key_lookahead: keys after a causal query that its logits depend on (0 for nearly all).
     """
 
     name: ClassVar[str] = ""
@@ -52,6 +54,9 @@ class PositionEncoding(nn.Module):
     shared_across_layers: ClassVar[bool] = False
     supports_causal: ClassVar[bool] = True
     supports_bidirectional: ClassVar[bool] = True
+    # Keys after a causal query that its logits still read (they are masked, but shape the result):
+    # query blocks are given that many more keys, and cached decoding, which lacks them, is refused.
+    key_lookahead: int = 0
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -89,6 +94,14 @@ class PositionEncoding(nn.Module):
     ) -> Tensor:
         """Final pre-mask logits (B, H, T, S) from ``scores`` = q.k/sqrt(Dh) and the summed ``bias``."""
         return scores if bias is None else scores + bias
+
+    def input_keys(self, x: Tensor) -> Tensor:
+        """Extra per-token keys (B, H, T, Dk) from the attention layer's input x (B, T, D).
+
+        Only for encodings with ``input_keys`` in ``hooks``: the attention caches them alongside its
+        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``.
+        """
+        raise NotImplementedError(f"encoding {self.name!r} has no input_keys hook")
 
     def attention_block(
         self,

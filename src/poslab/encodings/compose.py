@@ -45,9 +45,14 @@ class Composite(PositionEncoding):
         )
         self.name = "+".join(names)
         self.hooks = frozenset().union(*(p.hooks for p in self.parts))
+        # the parts that read the layer input
+        self._keyed = [i for i, p in enumerate(self.parts) if "input_keys" in p.hooks]
+        if len(self._keyed) > 1:
+            raise ValueError(f"composition {self.name!r}: at most one part may have an input_keys hook")
         self.shared_across_layers = all(p.shared_across_layers for p in self.parts)
         self.supports_causal = all(p.supports_causal for p in self.parts)
         self.supports_bidirectional = all(p.supports_bidirectional for p in self.parts)
+        self.key_lookahead = max(p.key_lookahead for p in self.parts)
 
     def check_length(self, max_position: int) -> None:
         for part in self.parts:
@@ -62,6 +67,9 @@ class Composite(PositionEncoding):
         for part in self.parts:
             q, k = part.rotate(q, k, q_pos, k_pos)
         return q, k
+
+    def input_keys(self, x: Tensor) -> Tensor:
+        return self.parts[self._keyed[0]].input_keys(x)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
         total = None
@@ -82,12 +90,15 @@ class Composite(PositionEncoding):
         k_pos: Tensor,
         *,
         causal: bool,
+        extra_keys: Tensor | None = None,
     ) -> Tensor:
-        rewriters = [p for p in self.parts if p.uses_logits]
+        rewriters = [i for i, p in enumerate(self.parts) if p.uses_logits]
         if not rewriters:
             return super().logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
-        for part in rewriters:
-            scores = part.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
+        for i in rewriters:
+            part = self.parts[i]
+            extra = {"extra_keys": extra_keys} if i in self._keyed else {}
+            scores = part.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal, **extra)
             bias = None
         return scores
 

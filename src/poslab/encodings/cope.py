@@ -2,6 +2,10 @@
 
 Positions are counted by gates computed from the query and key, so a head can attend to "the 3rd
 sentence back" rather than "512 tokens back".
+
+The paper defines CoPE for decoders only. poslab's encoder (bidirectional) form is an extension of its
+own: a key before the query and a key after it count their gates towards the query the same way, but
+look their position up in two separate halves of the table, so that a head can tell left from right.
 """
 
 from __future__ import annotations
@@ -19,22 +23,24 @@ from poslab.kernels.cope import cope_attention
 def cope_positions(gates: Tensor, q_pos: Tensor, *, causal: bool) -> Tensor:
     """Contextual positions p_ij = sum of g_it for t between j and i inclusive (eq. 3).
 
+    Each p is one cumulative sum over the gates between the key and the query, rounded once, as the
+    official flip-cumsum-flip does; the shorter rowsum - cumsum + g cancels and is ~3x less accurate in
+    float32 at long lengths.
+
     Args:
         gates: (B, H, T, S) gate values in [0, 1]; for causal use, future keys must already be 0.
         q_pos: (T,) query positions; they index the key axis (keys are 0..S-1).
-        causal: causal form (t = j..i) or the bidirectional extension (t between j and i on
-            whichever side j lies; not in the paper).
+        causal: causal form (t = j..i) or the bidirectional extension (t from j up to i for a key
+            before the query, from i up to j for a key after it; not in the paper).
     """
     if causal:
-        # Reverse cumulative sum along keys, as rowsum - cumsum + g (one pass, no flips).
-        csum = gates.cumsum(-1)
-        return csum[..., -1:] - csum + gates
-    csum = gates.cumsum(-1)  # C[j] = sum_{t <= j} g_t
-    index = q_pos.view(1, 1, -1, 1).expand(*gates.shape[:-1], 1)
-    c_i = csum.gather(-1, index)  # (B, H, T, 1): C[i]
-    g_i = gates.gather(-1, index)  # g_ii
-    j_before = torch.arange(gates.shape[-1], device=gates.device)[None, :] <= q_pos[:, None]
-    return torch.where(j_before, c_i - csum + gates, csum - c_i + g_i)
+        return gates.flip(-1).cumsum(-1).flip(-1)
+    before = torch.arange(gates.shape[-1], device=gates.device)[None, :] <= q_pos[:, None]  # (T, S)
+    after = ~before
+    after.scatter_(1, q_pos[:, None], True)  # the query's own gate counts on both sides
+    left = gates.masked_fill(~before, 0.0).flip(-1).cumsum(-1).flip(-1)  # sum_{t=j..i}
+    right = gates.masked_fill(~after, 0.0).cumsum(-1)  # sum_{t=i..j}
+    return torch.where(before, left, right)
 
 
 @register("cope")
@@ -47,14 +53,25 @@ class CoPE(PositionEncoding):
        then gathered, which is exactly interpolating the embeddings first (eq. 5).
     The gates get gradient only through the interpolation weight p - floor(p).
 
+    Encoder (bidirectional) extension, not in the paper: a key after the query (j > i) counts
+    p_ij = sum_{t=i..j} g_it and reads the second half of the table, e[npos_max + p]; keys at or
+    before the query read the first half as above. With every gate 1 both sides count |i - j| + 1, yet
+    i - 1 and i + 1 get different vectors. Decoders use the first half only (its second half then
+    gets zero gradient).
+
     Options:
-        npos_max: size of the position table (positions past it are clamped).
-        sep_key: gates use their own keys M_h k_j (a learned per-head Dh x Dh map of the attention
-            keys, i.e. a separate key projection restricted to the span of W_k) instead of k_j.
+        npos_max: positions per direction (positions past npos_max - 1 are clamped).
+        sep_key: gates use keys of their own, a separate projection W_g x_j + b_g of the attention
+            layer's input x (an (H Dh) x (H Dh) Linear owned by this module; the official code's
+            ``--cope-sep-key``). The model passes x through the ``input_keys`` hook; the attention
+            caches these keys with its own.
         val_gates: gates use the values, sigmoid(q_i . v_j / sqrt(Dh)).
 
     Attributes:
-        pos_emb: (npos_max, head_dim) learnable table e, zero-initialised, shared by the heads.
+        pos_emb: (2 npos_max, head_dim) learnable table, zero-initialised, shared by the heads: rows
+            0..npos_max-1 are the decoder's (and the official code's) table e, the rest the encoder's
+            table for keys after the query.
+        gate_key: the separate key projection (``sep_key`` only).
     """
 
     hooks = frozenset({"logits"})
@@ -75,16 +92,27 @@ class CoPE(PositionEncoding):
         self.npos_max = npos_max
         self.sep_key = sep_key
         self.val_gates = val_gates
-        self.pos_emb = nn.Parameter(torch.zeros(npos_max, head_dim))
+        self.pos_emb = nn.Parameter(torch.zeros(2 * npos_max, head_dim))
         if sep_key:
-            eye = torch.eye(head_dim).expand(n_heads, head_dim, head_dim)
-            self.gate_key = nn.Parameter(eye.clone())  # (H, Dh, Dh), starts at the attention keys
+            self.hooks = frozenset({"logits", "input_keys"})
+            self.gate_key = nn.Linear(n_heads * head_dim, n_heads * head_dim)
 
-    def gate_logits(self, scores: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q . (key used for gating) / sqrt(Dh), (B, H, T, S)."""
+    def input_keys(self, x: Tensor) -> Tensor:
+        """The gates' own keys (B, H, T, Dh) from the attention layer's input x (B, T, H * Dh)."""
+        width = self.n_heads * self.head_dim
+        if x.shape[-1] != width:
+            raise ValueError(f"cope sep_key projects inputs of width {width}, got {tuple(x.shape)}")
+        gk = self.gate_key(x)
+        return gk.view(*x.shape[:-1], self.n_heads, self.head_dim).transpose(-2, -3)
+
+    def gate_logits(
+        self, scores: Tensor, q: Tensor, k: Tensor, v: Tensor, extra_keys: Tensor | None = None
+    ) -> Tensor:
+        """q . (key used for gating) / sqrt(Dh), (B, H, T, S); ``extra_keys``: from ``input_keys``."""
         if self.sep_key:
-            gk = torch.einsum("bhsd,hde->bhse", k, self.gate_key.to(k.dtype))
-            return q @ gk.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if extra_keys is None:
+                raise ValueError("cope sep_key needs its gate keys, extra_keys = input_keys(x)")
+            return q @ extra_keys.to(q.dtype).transpose(-1, -2) / math.sqrt(self.head_dim)
         if self.val_gates:
             return q @ v.transpose(-1, -2) / math.sqrt(self.head_dim)
         return scores
@@ -107,13 +135,20 @@ class CoPE(PositionEncoding):
         k_pos: Tensor,
         *,
         causal: bool,
+        extra_keys: Tensor | None = None,
     ) -> Tensor:
-        pos = self.positions(self.gate_logits(scores, q, k, v), q_pos, k_pos, causal=causal)
-        z = q @ self.pos_emb.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, npos_max)
+        gate_keys = () if extra_keys is None else (extra_keys,)  # subclasses may not take them
+        pos = self.positions(self.gate_logits(scores, q, k, v, *gate_keys), q_pos, k_pos, causal=causal)
+        table = self.pos_emb[: self.npos_max] if causal else self.pos_emb
+        z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, npos_max or 2 npos_max)
         floor = pos.floor()
         weight = pos - floor  # the gates' only path to a gradient
-        z_floor = gather_positions(z, floor.long())
-        z_ceil = gather_positions(z, pos.ceil().long())
+        index_floor, index_ceil = floor.long(), pos.ceil().long()
+        if not causal:  # keys after the query read the second half of the table
+            side = (k_pos[None, :] > q_pos[:, None]).long() * self.npos_max  # (T, S)
+            index_floor, index_ceil = index_floor + side, index_ceil + side
+        z_floor = gather_positions(z, index_floor)
+        z_ceil = gather_positions(z, index_ceil)
         out = scores + z_floor + weight * (z_ceil - z_floor)
         return out if bias is None else out + bias
 
@@ -121,7 +156,8 @@ class CoPE(PositionEncoding):
         custom_gates = type(self).gate_logits is not CoPE.gate_logits
         if not causal or self.sep_key or self.val_gates or custom_gates:
             return None  # these variants (and subclasses with their own gates) take the eager path
-        return cope_attention(q, k, v, self.pos_emb, bias, keep, self.npos_max, save_bytes=save_bytes)
+        table = self.pos_emb[: self.npos_max]
+        return cope_attention(q, k, v, table, bias, keep, self.npos_max, save_bytes=save_bytes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, npos_max={self.npos_max}"

@@ -20,6 +20,10 @@ from poslab.encodings.base import (
 )
 from poslab.kernels.dape import dape_attention, uses_native
 
+# How causal V2 keeps the future out: 'hidden' zeroes [A; B] and the hidden map above the diagonal
+# (poslab's default), 'input' zeroes [A; B] only (the official code).
+V2_MASKS = ("hidden", "input")
+
 # Which terms the final logits hold: A the raw logits, B the base bias, f the learned mixer.
 FORMS = {
     "A+B+f(A,B)": (True, True),  # DAPE (the paper's final form)
@@ -36,8 +40,17 @@ class DAPE(PositionEncoding):
     f = Linear(2H, D) -> LeakyReLU(0.01) -> Linear(D, H), pointwise (``kernel_size=1``, the NeurIPS
     paper), or Conv2d(2H, D, (1, k)) -> LeakyReLU -> Conv2d(D, H, (1, k)) sliding along the keys of
     each query row (``kernel_size=k > 1``, V2). For causal V2 the future entries (j > i) of [A; B]
-    and of the hidden map are zeroed: otherwise future logits leak into the past, and a row's output
-    would depend on how many future keys exist (cached decoding must equal the full forward).
+    and, by default, of the hidden map are zeroed: otherwise future logits leak into the past, and a
+    row's output would depend on how many future keys exist (cached decoding must equal the full
+    forward).
+
+    The official V2 code zeroes [A; B] only (``v2_mask='input'``). Its hidden map is then nonzero just
+    past the diagonal (j = i+1..i+k//2, from the taps that still reach j <= i, and the bias), and the
+    second convolution reads it into the band j = i-k//2..i. So a row depends on whether the sequence
+    goes on after it: the full forward's last k//2 rows see zero padding there, the others do not.
+    That form reproduces weights trained with the official code; poslab gives query blocks k//2
+    extra keys for it (``key_lookahead``) so blocks equal the full forward, but cached decoding cannot
+    (the keys after the query do not exist yet) and the model refuses it.
 
     Options:
         base: the encoding providing B (any bias and/or rotation encoding, e.g. 'alibi', 'kerple_log',
@@ -47,6 +60,8 @@ class DAPE(PositionEncoding):
         width: D, the hidden width (32 by default; the paper sweeps 4 to 64).
         kernel_size: 1 (the MLP) or an odd k > 1 (V2).
         form: 'A+B+f(A,B)' (DAPE), or the ablations 'A+f(A,B)', 'A+f(B)', 'A+B'.
+        v2_mask: causal V2 only: 'hidden' (zero [A; B] and the hidden map above the diagonal) or
+            'input' (zero [A; B] only, as the official code does).
         train_len: the training length, passed on to a base that takes it (FIRE's threshold).
 
     Attributes:
@@ -66,6 +81,7 @@ class DAPE(PositionEncoding):
         width: int = 32,
         kernel_size: int = 1,
         form: str = "A+B+f(A,B)",
+        v2_mask: str = "hidden",
         train_len: int | None = None,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
@@ -74,6 +90,10 @@ class DAPE(PositionEncoding):
             raise ValueError(f"dape kernel_size must be odd (1 = MLP, 3 = V2), got {kernel_size}")
         if form not in FORMS:
             raise ValueError(f"unknown dape form {form!r}; choose one of {', '.join(FORMS)}")
+        if v2_mask not in V2_MASKS:
+            raise ValueError(f"unknown dape v2_mask {v2_mask!r}; choose one of {', '.join(V2_MASKS)}")
+        if v2_mask != "hidden" and kernel_size == 1:
+            raise ValueError(f"dape v2_mask={v2_mask!r} applies to V2 only (kernel_size > 1)")
         self.base: PositionEncoding | None = None
         if base not in (None, "none", "nope"):
             base_name, spec = parse_spec(base)
@@ -91,7 +111,9 @@ class DAPE(PositionEncoding):
         self.hooks = frozenset({"logits"} | (self.base.hooks if self.base is not None else set()))
         self.supports_causal = self.base is None or self.base.supports_causal
         self.supports_bidirectional = self.base is None or self.base.supports_bidirectional
-        self.form, self.width, self.kernel_size = form, width, kernel_size
+        self.form, self.width, self.kernel_size, self.v2_mask = form, width, kernel_size, v2_mask
+        # The official mask reads hidden entries up to k//2 keys after the query.
+        self.key_lookahead = kernel_size // 2 if v2_mask == "input" else 0
         self.add_base, self.reads_logits = FORMS[form]
 
         self.mlp: nn.Sequential | None = None
@@ -124,15 +146,16 @@ class DAPE(PositionEncoding):
             self.base.check_length(max_position)
 
     def mix(self, features: Tensor, keep: Tensor | None) -> Tensor:
-        """Apply f to (B, C, T, S) channel-first features; ``keep`` (T, S) zeroes V2's future."""
+        """Apply f to (B, C, T, S) channel-first features; ``keep`` (T, S) zeroes V2's future (the input
+        and, unless ``v2_mask='input'``, the hidden map)."""
         assert self.mlp is not None
         if self.kernel_size == 1:
             return self.mlp(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, T, S)
         conv_in, act, conv_out = self.mlp
         if keep is None:
             return conv_out(act(conv_in(features)))
-        hidden = act(conv_in(features * keep)) * keep
-        return conv_out(hidden)
+        hidden = act(conv_in(features * keep))
+        return conv_out(hidden * keep if self.v2_mask == "hidden" else hidden)
 
     def logits(
         self,
@@ -179,4 +202,8 @@ class DAPE(PositionEncoding):
         return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base, save_bytes=save_bytes)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, form={self.form}, width={self.width}, kernel_size={self.kernel_size}"
+        mask = f", v2_mask={self.v2_mask}" if self.kernel_size > 1 else ""
+        return (
+            f"{super().extra_repr()}, form={self.form}, width={self.width}, kernel_size={self.kernel_size}"
+            f"{mask}"
+        )

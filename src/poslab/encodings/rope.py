@@ -2,6 +2,13 @@
 
 Scalings: linear position interpolation (Chen et al. 2023, arXiv 2306.15595), NTK-aware base scaling
 (bloc97, 2023), and YaRN (Peng et al. 2023, arXiv 2309.00071, eq. 17-20).
+
+YaRN's ramp comes in two forms. The paper's eq. 18 ramps in the ratio r = L / lambda (turns a
+frequency makes within the original context L). The YaRN authors' code, and Hugging Face transformers
+after it, ramp linearly in the channel-pair index instead, between the pair indices where r equals
+beta_fast and beta_slow, rounded outwards (floor and ceil). The two differ on the frequencies inside the
+ramp (for Dh = 64, factor 4, L = 2048: 12 of 32, by up to 44%); poslab uses the code's form by default
+so that checkpoints trained with it rotate the same here.
 """
 
 from __future__ import annotations
@@ -14,6 +21,33 @@ from torch import Tensor
 from poslab.encodings.base import PositionEncoding, as_float, check_positive, register
 
 SCALINGS = ("none", "linear", "ntk", "yarn")
+YARN_RAMPS = ("hf", "paper")
+
+
+def yarn_pair_ramp(
+    head_dim: int,
+    base: float,
+    original_max_len: int,
+    beta_fast: float,
+    beta_slow: float,
+    *,
+    truncate: bool = True,
+) -> Tensor:
+    """YaRN's interpolation weight per channel pair (Dh/2,), float64, as the YaRN code computes it:
+    0 (keep the frequency) up to pair index floor(d(beta_fast)), 1 (divide it by the factor) from
+    ceil(d(beta_slow)) on, linear in between; d(r) = Dh ln(L / (2 pi r)) / (2 ln base) is the
+    (fractional) pair index whose frequency turns r times within L, and the ends are clipped to
+    0..Dh-1. ``truncate=False`` skips the rounding (Hugging Face's ``truncate`` option)."""
+
+    def pair_index(turns: float) -> float:
+        return head_dim * math.log(original_max_len / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = pair_index(beta_fast), pair_index(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    width = high - low if high != low else 0.001  # as in the YaRN code: no division by zero
+    return ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / width).clamp(0, 1)
 
 
 @register("rope")
@@ -23,11 +57,17 @@ class RoPE(PositionEncoding):
     Options:
         base: the frequency base (10000).
         scaling: 'none', 'linear' (positions / factor), 'ntk' (base * factor^(Dh / (Dh - 2))), or
-            'yarn' (per-frequency interpolation ramp between beta_fast and beta_slow rotations within
-            ``original_max_len``, plus the attention temperature sqrt(1/t) = 0.1 ln(factor) + 1
-            applied to both q and k).
+            'yarn' (per-frequency blend of the original and the interpolated frequency, ramping
+            between beta_fast and beta_slow turns within ``original_max_len``, plus the attention
+            temperature sqrt(1/t) = 0.1 ln(factor) + 1 multiplying cos and sin, so both q and k).
         factor: the context extension factor s >= 1 for the scalings.
-        original_max_len: the training context, used by YaRN's ramp.
+        original_max_len: the training context L, used by YaRN's ramp.
+        beta_fast, beta_slow: YaRN's ramp ends, in turns within L (32 and 1).
+        yarn_ramp: 'hf' (default: linear in the pair index d between floor(d(beta_fast)) and
+            ceil(d(beta_slow)), with d(r) = Dh ln(L / (2 pi r)) / (2 ln base), as the YaRN code and
+            Hugging Face compute it) or 'paper' (linear in r itself, eq. 18).
+        yarn_truncate: with yarn_ramp 'hf', round the ramp's ends outwards (True, Hugging Face's
+            default) or keep them fractional (False, its ``truncate: false``, e.g. gpt-oss).
     """
 
     hooks = frozenset({"rotate"})
@@ -46,12 +86,18 @@ class RoPE(PositionEncoding):
         original_max_len: int = 2048,
         beta_fast: float = 32.0,
         beta_slow: float = 1.0,
+        yarn_ramp: str = "hf",
+        yarn_truncate: bool = True,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         if head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         if scaling not in SCALINGS:
             raise ValueError(f"unknown rope scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+        if yarn_ramp not in YARN_RAMPS:
+            raise ValueError(f"unknown rope yarn_ramp {yarn_ramp!r}; choose one of {', '.join(YARN_RAMPS)}")
+        if not yarn_truncate and yarn_ramp != "hf":
+            raise ValueError(f"rope yarn_truncate=False applies to yarn_ramp='hf', not {yarn_ramp!r}")
         check_positive(original_max_len=original_max_len, beta_fast=beta_fast, beta_slow=beta_slow)
         if not base > 1:
             raise ValueError(f"rope base must be > 1, got {base!r}")
@@ -60,7 +106,7 @@ class RoPE(PositionEncoding):
         if beta_fast <= beta_slow:
             raise ValueError(f"rope needs beta_fast > beta_slow, got {beta_fast} <= {beta_slow}")
         self.base, self.scaling, self.factor = base, scaling, factor
-        self.original_max_len = original_max_len
+        self.original_max_len, self.yarn_ramp = original_max_len, yarn_ramp
 
         k = torch.arange(head_dim // 2, dtype=torch.float64)
         if scaling == "ntk":
@@ -70,9 +116,15 @@ class RoPE(PositionEncoding):
             inv_freq = inv_freq / factor
         self.mscale = 1.0
         if scaling == "yarn":
-            # r = how many full turns a frequency makes within the original context.
-            turns = original_max_len * inv_freq / (2 * math.pi)
-            keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: extrapolate
+            if yarn_ramp == "paper":
+                # r = how many full turns a frequency makes within the original context.
+                turns = original_max_len * inv_freq / (2 * math.pi)
+                keep = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)  # 1: extrapolate
+            else:
+                ramp = yarn_pair_ramp(
+                    head_dim, base, original_max_len, beta_fast, beta_slow, truncate=yarn_truncate
+                )
+                keep = 1 - ramp
             inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
             self.mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
@@ -121,4 +173,5 @@ class RoPE(PositionEncoding):
         return self.apply(q, q_pos), self.apply(k, k_pos)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, base={self.base}, scaling={self.scaling}, factor={self.factor}"
+        ramp = f", yarn_ramp={self.yarn_ramp}" if self.scaling == "yarn" else ""
+        return f"{super().extra_repr()}, base={self.base}, scaling={self.scaling}, factor={self.factor}{ramp}"

@@ -32,9 +32,8 @@ def _forward_block(q, k, v, table, bias, keep, npos_max):
     gates = torch.sigmoid(logits)
     if keep is not None:
         gates.masked_fill_(~keep, 0.0)
-    pos = gates.cumsum(-1)  # p = rowsum - cumsum + g
-    total = pos[..., -1:].clone()
-    pos.neg_().add_(total).add_(gates).clamp_(max=npos_max - 1)
+    # p = reverse cumulative sum, one rounding per entry (rowsum - cumsum + g cancels in float32)
+    pos = gates.flip(-1).cumsum_(-1).flip(-1).clamp_(max=npos_max - 1)
     idx_ceil = pos.ceil().long()
     floor = pos.floor()
     idx_floor = floor.long()
