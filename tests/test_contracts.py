@@ -96,6 +96,32 @@ def test_fused_path_equals_eager_path(name, causal):
 
 
 @pytest.mark.parametrize("name", ALL_ENCODINGS)
+def test_encoder_tells_the_key_on_the_left_from_the_key_on_the_right(name):
+    """With the same content at every position, the attention weight of the key at i - 1 and of the
+    key at i + 1 must differ: an encoding of |i - j| alone cannot tell them apart. The values are
+    one-hot key indices, so the output rows are the attention weights."""
+    enc = poslab.build_encoding(name, n_heads=2, head_dim=12)
+    if not enc.supports_bidirectional or not enc.hooks - {"embed"}:
+        pytest.skip(f"{name} does not act in bidirectional attention")
+    if name == "dape[base=none]":
+        pytest.skip("DAPE over NoPE has no position information in an encoder")
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    enc = enc.double()
+    S = 12
+    # q differs from k: RoPE's q.R(n)k is symmetric in n when q == k.
+    q, k = (torch.randn(1, 2, 1, 12, dtype=torch.float64).expand(1, 2, S, 12) for _ in range(2))
+    v = torch.eye(S, dtype=torch.float64).expand(1, 2, S, S)
+    x = torch.randn(1, 1, 24, dtype=torch.float64).expand(1, S, 24)  # same layer input everywhere
+    extra = enc.input_keys(x) if "input_keys" in enc.hooks else None
+    weights = poslab.attend(q, k, v, enc, causal=False, impl="eager", extra_keys=extra)[0]  # (H, S, S)
+    for i in (1, 5, 10):
+        left, right = weights[:, i, i - 1], weights[:, i, i + 1]
+        assert ((left - right).abs() > 1e-9).all(), f"query {i}: left {left} vs right {right}"
+
+
+@pytest.mark.parametrize("name", ALL_ENCODINGS)
 def test_attend_with_offset_queries_equals_the_last_rows(name):
     """Queries given as the last T of S keys (what a cache does) reproduce the full forward's rows."""
     enc = poslab.build_encoding(name, n_heads=2, head_dim=8)

@@ -26,16 +26,15 @@ class AllGatesOpen(CoPE):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_cope_with_all_gates_one_is_relative_pe(causal):
-    """p_ij = |i - j| + 1, so CoPE's e[p] is relative PE's r[n] with r[n] = e[n + 1] (both capped;
-    relative PE has one table for both directions, so CoPE's table for keys after the query is set
-    equal to the one for keys before it)."""
+    """p_ij = |i - j| + 1, so CoPE's e[p] is relative PE's r[n] with r[n] = e[n + 1] (both capped),
+    in each half of the tables (keys before the query and, in an encoder, keys after it)."""
     npos = 6
     cope = AllGatesOpen(n_heads=4, head_dim=8, npos_max=npos).double()
     rel = poslab.build_encoding("relative", n_heads=4, head_dim=8, max_dist=npos - 2).double()
     with torch.no_grad():
-        cope.pos_emb[:npos].normal_()
-        cope.pos_emb[npos:] = cope.pos_emb[:npos]
-        rel.pos_emb.copy_(cope.pos_emb[1:npos])
+        cope.pos_emb.normal_()
+        rel.pos_emb[: npos - 1] = cope.pos_emb[1:npos]
+        rel.pos_emb[npos - 1 :] = cope.pos_emb[npos + 1 :]
     q, k, v = qkv()
     torch.testing.assert_close(
         poslab.attend(q, k, v, cope, causal=causal), poslab.attend(q, k, v, rel, causal=causal)

@@ -2,6 +2,9 @@
 
 The "Relative PE" baseline of the CoPE paper (arXiv 2405.18719, section 5): an extra logit
 q_i . r[min(i - j, max_dist)]. CoPE with every gate equal to 1 is exactly this with r[n] = e[n + 1].
+
+In an encoder, keys after the query read a second table, as Shaw et al.'s signed, clipped distance
+(one vector per j - i in -max_dist..max_dist) does, so that a head can tell left from right.
 """
 
 from __future__ import annotations
@@ -23,11 +26,20 @@ def gather_positions(z: Tensor, index: Tensor) -> Tensor:
 
 @register("relative")
 class RelativePE(PositionEncoding):
-    """logit += q_i . r[min(n, max_dist)] / sqrt(Dh), n = i - j (|i - j| for encoders).
+    """logit += q_i . r[min(n, max_dist)] / sqrt(Dh), n = i - j.
 
-    The table r has shape (max_dist + 1, head_dim), zero-initialised like CoPE's, and is shared by the
-    heads; by default one table is shared across layers too, as in the CoPE paper's code. Past
-    max_dist the last vector is reused (the paper's "relative-capped").
+    The table is zero-initialised like CoPE's and shared by the heads; by default one table is shared
+    across layers too, as in the CoPE paper's code. Past max_dist the last vector is reused (the
+    paper's "relative-capped").
+
+    In an encoder, a key after the query (j > i) reads r[max_dist + 1 + min(j - i, max_dist)]
+    instead: the second half of the table, the same layout as CoPE's encoder form, so CoPE with every
+    gate 1 stays this encoding in both modes (Shaw et al.'s clipped signed distance, with the distance-0
+    row of the second half unused).
+
+    Attributes:
+        pos_emb: (2 (max_dist + 1), head_dim): rows 0..max_dist for keys at or before the query (the
+            only rows a decoder reads), the rest for keys after it.
     """
 
     hooks = frozenset({"logits"})
@@ -37,7 +49,7 @@ class RelativePE(PositionEncoding):
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         check_positive(max_dist=max_dist)
         self.max_dist = max_dist
-        self.pos_emb = nn.Parameter(torch.zeros(max_dist + 1, head_dim))
+        self.pos_emb = nn.Parameter(torch.zeros(2 * (max_dist + 1), head_dim))
 
     def logits(
         self,
@@ -52,6 +64,12 @@ class RelativePE(PositionEncoding):
         causal: bool,
     ) -> Tensor:
         n = relative_distance(q_pos, k_pos, causal=causal).clamp(max=self.max_dist)  # (T, S)
-        z = q @ self.pos_emb.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, max_dist + 1)
+        table = self.pos_emb
+        if causal:
+            table = table[: self.max_dist + 1]
+        else:
+            after = k_pos[None, :] > q_pos[:, None]
+            n = torch.where(after, n + self.max_dist + 1, n)
+        z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, rows)
         out = scores + gather_positions(z, n)
         return out if bias is None else out + bias
