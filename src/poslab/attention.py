@@ -1,6 +1,6 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits; DESIGN.md section 1), then either calls
+``attend`` applies the encoding's hooks (rotate, bias, logits; docs/encodings.md), then either calls
 ``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding does not rewrite
 logits) or runs the eager path, which is also the executable specification tests compare against.
 """
@@ -69,7 +69,7 @@ def attend(
             rotated keys, so each key is rotated once, not at every decoding step).
 
     Blocks are exact: every query row is independent and sees the keys up to its own position
-    (DESIGN.md sections 3 and 4), so a causal block only computes keys up to the block's end.
+    (docs/attention.md), so a causal block only computes keys up to the block's end.
     With gradients on, the eager block path recomputes each block in backward (checkpointing), and
     the fused kernels recompute too, except what fits in ``SAVE_BYTES`` per call, so training memory
     is bounded too.
@@ -107,7 +107,7 @@ def attend(
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
-    channels = encoding.block_channels(q) if hasattr(encoding, "block_channels") else q.shape[1]
+    channels = encoding.block_channels(q)
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
     return blockwise_attention(q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block)
 
