@@ -221,14 +221,33 @@ def eager_attention(
     causal: bool,
 ) -> Tensor:
     """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    _, logits = eager_logits(q, k, v, encoding, bias, q_pos, k_pos, causal=causal)
+    return eager_probabilities(logits, q_pos, k_pos, causal=causal) @ v  # (B, H, T, Dv)
+
+
+def eager_logits(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    encoding: PositionEncoding | None,
+    bias: Tensor | None,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    causal: bool,
+) -> tuple[Tensor, Tensor]:
+    """The raw scores A = q.k / sqrt(Dh) and the final pre-mask logits, both (B, H, T, S)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if encoding is not None and encoding.uses_logits:
-        logits = encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
-    else:
-        logits = scores if bias is None else scores + bias.to(scores.dtype)
+        return scores, encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal)
+    return scores, scores if bias is None else scores + bias.to(scores.dtype)
+
+
+def eager_probabilities(logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+    """Softmax over the keys of the (causally masked) logits."""
     if causal:
         logits = logits.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v  # (B, H, T, Dv)
+    return torch.softmax(logits, dim=-1)
 
 
 def fused_attention(

@@ -74,6 +74,12 @@ def _print_runs(records: list[RunRecord]) -> None:
     print(markdown_table(summarize(records)), end="")
 
 
+def _print_page(table: str, lead: str, out: str, files: list[Path]) -> None:
+    """A results page's table, then ``<lead>report in OUT: table.md, ...``."""
+    print(table, end="")
+    print(f"{lead}report in {out}: {', '.join(p.name for p in files)}")
+
+
 # -- subcommands: single runs ----------------------------------------------------------------------
 
 
@@ -161,8 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     report = write_report(load_runs(args.runs), Path(args.out), plots=not args.no_plots)
-    print(report["table"], end="")
-    print(f"report in {args.out}: {', '.join(p.name for p in report['files'])}")
+    _print_page(report["table"], "", args.out, report["files"])
     return 0
 
 
@@ -226,10 +231,8 @@ def cmd_extrapolate(args: argparse.Namespace) -> int:
     """``poslab extrapolate RUN_DIR... --out DIR``: score existing runs and write the report."""
     result = extrapolate(args.runs, last=args.last, **_window_options(args))
     files = write_extrapolation_report(result, args.out, plots=not args.no_plots)
-    print(markdown_tables(result), end="")
     wall = result["settings"]["eval_wall_time"]
-    names = ", ".join(p.name for p in files)
-    print(f"{len(result['runs'])} runs in {wall:.0f} s; report in {args.out}: {names}")
+    _print_page(markdown_tables(result), f"{len(result['runs'])} runs in {wall:.0f} s; ", args.out, files)
     return 0
 
 

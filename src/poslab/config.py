@@ -17,6 +17,7 @@ from typing import Any
 from poslab.encodings.base import parse_spec, parse_value
 from poslab.model import ModelConfig
 from poslab.options import check_int, split_list
+from poslab.tasks import build_task
 
 # ModelConfig fields a run takes from its task instead of from the config.
 TASK_GIVEN = ("vocab_size", "n_outputs", "causal")
@@ -115,8 +116,6 @@ class TaskConfig:
 
     def build(self):
         """The `poslab.tasks.Task` this section describes."""
-        from poslab.tasks import build_task
-
         return build_task(self.name, **self.options)
 
 

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poslab.attention import IMPLS, attend
-from poslab.encodings.base import PositionEncoding, build_encoding, encoding_options, parse_spec
+from poslab.encodings.base import (
+    PositionEncoding,
+    build_encoding,
+    encoding_class,
+    encoding_options,
+    parse_spec,
+)
 
 NORMS = ("pre", "post")
 
@@ -89,8 +95,6 @@ class ModelConfig:
 
 
 def _accepts(name: str, option: str) -> bool:
-    from poslab.encodings.base import encoding_class
-
     return any(option in encoding_options(encoding_class(part)) for part in name.split("+"))
 
 

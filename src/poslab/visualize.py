@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from poslab import plotting
+from poslab.attention import eager_logits, eager_probabilities
 from poslab.encodings.base import PositionEncoding, causal_mask
 from poslab.encodings.compose import Composite
 from poslab.encodings.cope import CoPE
@@ -112,13 +113,9 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
     pos = torch.arange(t, device=x.device)
     if "rotate" in encoding.hooks:
         q, k = encoding.rotate(q, k, pos, pos)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)  # (1, H, T, T)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
-    if encoding.uses_logits:
-        logits = encoding.logits(scores, bias, q, k, v, pos, pos, causal=True)
-    else:
-        logits = scores if bias is None else scores + bias
-    attention = torch.softmax(logits.masked_fill(~causal_mask(pos, pos), float("-inf")), dim=-1)
+    scores, logits = eager_logits(q, k, v, encoding, bias, pos, pos, causal=True)  # (1, H, T, T)
+    attention = eager_probabilities(logits, pos, pos, causal=True)
     output = (attention @ v).transpose(1, 2).reshape(t, -1)  # (T, H * Dh)
     return LayerLogits(
         layer=layer,
