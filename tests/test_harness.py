@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+from poslab import cli, experiments
 from poslab.config import TASK_GIVEN, EvalConfig, ModelSpec, RunConfig
 from poslab.evaluate import evaluate
 from poslab.experiments.grid import plan_grid
@@ -117,3 +118,12 @@ def test_one_cell_format_for_every_page():
     assert stats_cell({"mean": 1.234, "std": 0.5, "n": 3}) == "1.23 ± 0.50"
     assert stats_cell({"mean": 12345.6, "std": 10.0, "n": 2}) == "12346 ± 10"
     assert stats_cell({"mean": None, "std": None, "n": 2}) == "inf"  # infinite, read back from JSON
+
+
+def test_the_command_line_offers_every_declared_command():
+    names = [command.name for command in cli.COMMANDS]
+    assert len(names) == len(set(names))
+    assert {command.name for command in experiments.COMMANDS} <= set(names)
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == names

@@ -22,68 +22,48 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from poslab.checkpoint import write_json
 from poslab.config import RunConfig, format_value, slug
-from poslab.data.lm import HEADLINE_LAST
 from poslab.encodings import encoding_class, encoding_options, list_encodings
 from poslab.evaluate import evaluate
-from poslab.experiments.compare import compare
-from poslab.experiments.extrapolation import extrapolate, run_experiment
-from poslab.experiments.extrapolation_page import markdown_tables, write_extrapolation_report
-from poslab.options import parse_int_list, parse_lengths, parse_seeds, split_list, split_top_level
-from poslab.presets import DEMO_ENCODINGS, DESCRIPTIONS, get_preset, list_presets
+from poslab.experiments import COMMANDS as EXPERIMENT_COMMANDS
+from poslab.experiments.command import OVERRIDES, RUN_FLAGS, Command, arg, progress
+from poslab.options import parse_int_list, split_list
+from poslab.options import split_top_level as split_top_level  # the command line's spec lists
+from poslab.presets import DESCRIPTIONS, get_preset, list_presets
 from poslab.progress import setup_logging
-from poslab.report.runs import RunRecord, load_runs, markdown_table, summarize, write_report
+from poslab.report.runs import RunRecord, markdown_table, summarize
 from poslab.runs import CONFIG, RunDir, RunDirError, load_model, resumable_change
 from poslab.runtime import tune_allocator
 from poslab.tasks import TASKS, list_tasks
 from poslab.train import NonFiniteLossError, resolve_device, train
 from poslab.visualize import visualize_run
 
-log = logging.getLogger("poslab")
-
 EVAL_KEYS = ("eval.", "train.device")
-
-__all__ = ["build_parser", "main", "split_top_level"]
-
-
-class UsageError(ValueError):
-    """A command-line mistake (reported like any other user error)."""
 
 
 def preset_config(preset: str | None, overrides: Sequence[str]) -> RunConfig:
     if preset is None:
-        raise UsageError("give --preset NAME (see `poslab list presets`)")
+        raise ValueError("give --preset NAME (see `poslab list presets`)")
     return get_preset(preset).override(list(overrides))
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
+def _runs_table(record: RunRecord) -> str:
+    return markdown_table(summarize([record]))
 
 
-def _print_runs(records: list[RunRecord]) -> None:
-    print(markdown_table(summarize(records)), end="")
+# -- the commands of single runs and the tools -----------------------------------------------------
 
 
-def _print_page(table: str, lead: str, out: str, files: list[Path]) -> None:
-    """A results page's table, then ``<lead>report in OUT: table.md, ...``."""
-    print(table, end="")
-    print(f"{lead}report in {out}: {', '.join(p.name for p in files)}")
-
-
-# -- subcommands: single runs ----------------------------------------------------------------------
-
-
-def cmd_list(args: argparse.Namespace) -> int:
+def cmd_list(args: Any) -> str:
     what = args.what
     out = []
     if what in (None, "encodings"):
@@ -106,11 +86,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         out.append("presets (poslab train --preset NAME):")
         for name in list_presets():
             out.append(f"  {name:<22} {DESCRIPTIONS[name]}")
-    print("\n".join(out))
-    return 0
+    return "\n".join(out) + "\n"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: Any) -> str:
     out = Path(args.out) if args.out else None
     if args.resume and out is not None and (out / CONFIG).exists():
         config = RunDir(out).load_config().override(list(args.overrides))
@@ -126,19 +105,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = preset_config(args.preset, args.overrides)
     if out is None:
         out = Path("runs") / f"{args.preset}_{slug(config.encoding_label)}_seed{config.train.seed}"
-    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=_progress(args))
-    if result.results.get("metrics"):  # process 0
-        _print_runs(
-            [RunRecord(out, config.task.name, config.encoding_label, config.train.seed, result.results)]
-        )
-        print(f"run: {out}  ({result.results['wall_time']:.0f} s)")
-    return 0
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=progress(args))
+    if not result.results.get("metrics"):  # not process 0
+        return ""
+    record = RunRecord(out, config.task.name, config.encoding_label, config.train.seed, result.results)
+    return _runs_table(record) + f"run: {out}  ({result.results['wall_time']:.0f} s)\n"
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: Any) -> str:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS)]
     if bad:
-        raise UsageError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
+        raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
     loaded = load_model(args.checkpoint, overrides=args.overrides)
     config, task = loaded.config, loaded.task
     device = resolve_device(config.train.device)
@@ -156,111 +133,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "metrics": metrics,
         "eval_time": time.monotonic() - started,
     }
-    _print_runs(
-        [RunRecord(Path(args.checkpoint), results["task"], results["encoding"], results["seed"], results)]
-    )
-    print(f"checkpoint step {results['step']}, evaluated in {results['eval_time']:.1f} s")
     if args.json:
         write_json(args.json, results)
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    report = write_report(load_runs(args.runs), Path(args.out), plots=not args.no_plots)
-    _print_page(report["table"], "", args.out, report["files"])
-    return 0
-
-
-# -- subcommands: experiments ----------------------------------------------------------------------
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    encodings = split_top_level(args.encodings)
-    if not encodings:
-        raise UsageError("--encodings needs at least one encoding, e.g. --encodings nope,rope,cope")
-    return _compare(args.preset, encodings, args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    return _compare("flipflop_demo", list(DEMO_ENCODINGS), args)
-
-
-def _compare(preset: str | None, encodings: list[str], args: argparse.Namespace) -> int:
-    """Train every (encoding, seed) of the grid under ``--out``, then write and print the report."""
-    if preset is None:
-        raise UsageError("give --preset NAME (see `poslab list presets`)")
-    result = compare(
-        preset,
-        encodings,
-        parse_seeds(args.seeds),
-        Path(args.out),
-        overrides=list(args.overrides),
-        resume=args.resume,
-        overwrite=args.overwrite,
-        jobs=args.jobs,
-        plots=not args.no_plots,
-        progress=_progress(args),
+    record = RunRecord(Path(args.checkpoint), results["task"], results["encoding"], results["seed"], results)
+    return (
+        _runs_table(record)
+        + f"checkpoint step {results['step']}, evaluated in {results['eval_time']:.1f} s\n"
     )
-    print(result.report["table"], end="")
-    print(
-        f"{result.n_runs} runs ({result.n_trained} trained) in {result.wall_time:.0f} s wall time; "
-        f"report in {Path(args.out)}"
-    )
-    return 0
 
 
-def _max_windows(args: argparse.Namespace) -> int | None:
-    if args.max_windows < 0:
-        raise ValueError(f"--max-windows must be >= 0 (0: all windows), got {args.max_windows}")
-    return args.max_windows or None
-
-
-def _window_options(args: argparse.Namespace) -> dict:
-    """The options `extrapolate` and `run_experiment` share, from the shared flags."""
-    return {
-        "lengths": parse_lengths(args.lengths) if args.lengths else None,
-        "max_len": args.max_len,
-        "max_windows": _max_windows(args),
-        "split": args.split,
-        "device": args.device,
-        "aligned": args.aligned,
-    }
-
-
-def cmd_extrapolate(args: argparse.Namespace) -> int:
-    """``poslab extrapolate RUN_DIR... --out DIR``: score existing runs and write the report."""
-    result = extrapolate(args.runs, last=args.last, **_window_options(args))
-    files = write_extrapolation_report(result, args.out, plots=not args.no_plots)
-    wall = result["settings"]["eval_wall_time"]
-    _print_page(markdown_tables(result), f"{len(result['runs'])} runs in {wall:.0f} s; ", args.out, files)
-    return 0
-
-
-def cmd_lm_extrapolation(args: argparse.Namespace) -> int:
-    """``poslab lm-extrapolation --encodings ... --out DIR``: train, score and report."""
-    encodings = split_top_level(args.encodings)
-    if not encodings:
-        raise ValueError("--encodings needs at least one encoding, e.g. --encodings nope,rope,alibi")
-    result = run_experiment(
-        args.preset,
-        encodings,
-        parse_seeds(args.seeds),
-        args.out,
-        overrides=list(args.overrides),
-        resume=not args.no_resume,
-        plots=not args.no_plots,
-        **_window_options(args),
-    )
-    print(markdown_tables(result), end="")
-    wall = result["settings"]["total_wall_time"]
-    print(f"{len(result['runs'])} runs; {wall:.0f} s wall time; report in {args.out}")
-    return 0
-
-
-# -- subcommands: tools ----------------------------------------------------------------------------
-
-
-def cmd_visualize(args: argparse.Namespace) -> int:
+def cmd_visualize(args: Any) -> str:
     """``poslab visualize RUN_DIR --out DIR``."""
     text = args.text
     if args.text_file is not None:
@@ -282,20 +164,90 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         )
     except ImportError as error:
         raise ValueError(str(error)) from None
-    print("\n".join(str(p) for p in paths))
-    return 0
+    return "".join(f"{p}\n" for p in paths)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: Any) -> str:
     from poslab.bench import run_bench  # loads the native kernels' build machinery: only when asked
 
     sections = split_list(args.sections)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} but CUDA is not available here")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    run_bench(sections, out=args.out, quick=args.quick, device=args.device)
-    print(f"wrote {args.out}")
-    return 0
+    run_bench(sections, out=args.out, quick=args.quick, device=args.device)  # prints each table
+    return f"wrote {args.out}\n"
+
+
+LIST = Command(
+    "list",
+    "list encodings, tasks and presets",
+    (arg("what", nargs="?", choices=("encodings", "tasks", "presets")),),
+    cmd_list,
+)
+RUN_COMMANDS = (
+    Command(
+        "train",
+        "train one run",
+        (
+            arg("--preset", help="named configuration (poslab list presets)"),
+            arg("--out", help="run directory (default runs/PRESET_ENCODING_seedN)"),
+            *RUN_FLAGS,
+            OVERRIDES,
+        ),
+        cmd_train,
+    ),
+    Command(
+        "eval",
+        "evaluate a checkpoint (a file or a run directory)",
+        (
+            arg("checkpoint", help="checkpoint.pt or a run directory"),
+            arg("--json", help="also write the results to this JSON file"),
+            OVERRIDES,
+        ),
+        cmd_eval,
+    ),
+)
+TOOL_COMMANDS = (
+    Command(
+        "visualize",
+        "plot DAPE's learned bias or CoPE's positions of a run",
+        (
+            arg(
+                "run_dir", metavar="RUN_DIR", help="a trained LM run directory (config.json + checkpoint.pt)"
+            ),
+            arg("--out", required=True, help="directory for the PNG files"),
+            arg("--kind", default="auto", choices=("auto", "dape", "cope")),
+            arg("--layers", help="comma-separated layers (default all)"),
+            arg("--length", type=int, help="window length in tokens (default 4L for DAPE, L for CoPE)"),
+            arg("--query", type=int, default=-1, help="query position (default the last)"),
+            arg(
+                "--text",
+                help="text to read (default: held-out text with the most sentence ends)",
+                exclusive="text",
+            ),
+            arg("--text-file", help="read the text from this file", exclusive="text"),
+            arg("--split", default="validation", choices=("train", "validation", "test")),
+        ),
+        cmd_visualize,
+    ),
+    Command(
+        "bench",
+        "speed and memory ratios against SDPA / the RoPE model, measured side by side in one run",
+        (
+            arg(
+                "--sections",
+                default="attention,step,decode,memory",
+                help="comma-separated: attention, step, decode, memory (default all)",
+            ),
+            arg("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)"),
+            arg("--quick", action="store_true", help="small sizes, for a first look"),
+            arg("--device", default="cpu", help="cpu or cuda"),
+        ),
+        cmd_bench,
+    ),
+)
+# In the order `poslab --help` lists them.
+COMMANDS = (LIST, *RUN_COMMANDS, *EXPERIMENT_COMMANDS, *TOOL_COMMANDS)
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -308,161 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="list encodings, tasks and presets")
-    p.add_argument("what", nargs="?", choices=("encodings", "tasks", "presets"))
-    p.set_defaults(run=cmd_list)
-    _add_run_parsers(sub)
-    _add_compare_parsers(sub)
-    _add_extrapolation_parsers(sub)
-    _add_visualize_parser(sub)
-    _add_bench_parser(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+        for a in command.args:
+            if a.exclusive is not None and a.exclusive not in groups:
+                groups[a.exclusive] = p.add_mutually_exclusive_group()
+            target = p if a.exclusive is None else groups[a.exclusive]
+            target.add_argument(*a.names, **a.settings)
+        p.set_defaults(run=command.run)
     return parser
-
-
-def _overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=200")
-
-
-def _run_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue existing run(s)")
-    group.add_argument("--overwrite", action="store_true", help="replace existing run(s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _grid_flags(p: argparse.ArgumentParser, default_jobs: int = 1) -> None:
-    p.add_argument("--seeds", default="0", help="seeds: 0,1,2 or 0-2 (default 0)")
-    p.add_argument(
-        "--jobs",
-        type=int,
-        default=default_jobs,
-        help="runs trained at once, in worker processes that share the CPU cores between "
-        f"them (default {default_jobs}); small models train faster this way than with "
-        "several threads each",
-    )
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-
-
-def _add_run_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one run")
-    p.add_argument("--preset", help="named configuration (poslab list presets)")
-    p.add_argument("--out", help="run directory (default runs/PRESET_ENCODING_seedN)")
-    _run_flags(p)
-    _overrides(p)
-    p.set_defaults(run=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint (a file or a run directory)")
-    p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    _overrides(p)
-    p.set_defaults(run=cmd_eval)
-
-
-def _add_compare_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="train a grid of encodings x seeds and report")
-    p.add_argument("--preset", help="named configuration (poslab list presets)")
-    p.add_argument("--encodings", required=True, help="comma-separated specs, e.g. nope,rope,dape[base=fire]")
-    p.add_argument("--out", required=True, help="output directory (one subdirectory per run)")
-    _grid_flags(p)
-    _run_flags(p)
-    _overrides(p)
-    p.set_defaults(run=cmd_compare)
-
-    p = sub.add_parser("report", help="table and plots from existing run directories")
-    p.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
-    p.add_argument("--out", required=True, help="where to write the report")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.set_defaults(run=cmd_report)
-
-    p = sub.add_parser(
-        "demo",
-        help=f"flip-flop ID/OOD with {', '.join(DEMO_ENCODINGS)} (preset flipflop_demo)",
-    )
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    _grid_flags(p, default_jobs=min(2, os.cpu_count() or 1))
-    _run_flags(p)
-    _overrides(p)
-    p.set_defaults(run=cmd_demo)
-
-
-def _window_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of `_window_options`, shared by ``extrapolate`` and ``lm-extrapolation``."""
-    p.add_argument("--lengths", help="evaluation lengths, e.g. 128,256,512 (default L, 2L, ... to --max-len)")
-    p.add_argument(
-        "--max-len",
-        type=int,
-        help="largest length for the default doubling (default 64L on GPU, 32L on CPU)",
-    )
-    p.add_argument(
-        "--max-windows", type=int, default=8, help="windows per length at most (default 8; 0: all)"
-    )
-    p.add_argument("--split", default="validation", choices=("validation", "test"), help="held-out split")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument(
-        "--aligned",
-        action="store_true",
-        help="windows of every length end at the same tokens (default: the DAPE protocol's "
-        "non-overlapping windows per length)",
-    )
-
-
-def _add_extrapolation_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "extrapolate", help="perplexity of trained LM runs at L, 2L, 4L, ... on held-out windows"
-    )
-    p.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
-    p.add_argument("--out", required=True, help="where to write table.md, results.csv/json and plots")
-    p.add_argument("--last", type=int, default=HEADLINE_LAST, help="headline scores the last N tokens (256)")
-    _window_flags(p)
-    p.set_defaults(run=cmd_extrapolate)
-
-    p = sub.add_parser(
-        "lm-extrapolation", help="train LM runs (encodings x seeds) and report their length extrapolation"
-    )
-    p.add_argument("--preset", default="lm_stdlib_small", help="an LM preset (default lm_stdlib_small)")
-    p.add_argument(
-        "--encodings", required=True, help="comma-separated specs, e.g. nope,rope,dape[base=kerple_log]"
-    )
-    p.add_argument("--seeds", default="0", help="seeds: 0,1 or 0-1 (default 0)")
-    p.add_argument("--out", required=True, help="output directory (runs/ below it, the report in it)")
-    p.add_argument("--no-resume", action="store_true", help="fail instead of reusing finished runs in --out")
-    _window_flags(p)
-    _overrides(p)
-    p.set_defaults(run=cmd_lm_extrapolation)
-
-
-def _add_visualize_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("visualize", help="plot DAPE's learned bias or CoPE's positions of a run")
-    p.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a trained LM run directory (config.json + checkpoint.pt)"
-    )
-    p.add_argument("--out", required=True, help="directory for the PNG files")
-    p.add_argument("--kind", default="auto", choices=("auto", "dape", "cope"))
-    p.add_argument("--layers", help="comma-separated layers (default all)")
-    p.add_argument("--length", type=int, help="window length in tokens (default 4L for DAPE, L for CoPE)")
-    p.add_argument("--query", type=int, default=-1, help="query position (default the last)")
-    text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", help="text to read (default: held-out text with the most sentence ends)")
-    text.add_argument("--text-file", help="read the text from this file")
-    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-    p.set_defaults(run=cmd_visualize)
-
-
-def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="speed and memory ratios against SDPA / the RoPE model, measured side by side in one run",
-    )
-    p.add_argument(
-        "--sections",
-        default="attention,step,decode,memory",
-        help="comma-separated: attention, step, decode, memory (default all)",
-    )
-    p.add_argument("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)")
-    p.add_argument("--quick", action="store_true", help="small sizes, for a first look")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(run=cmd_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -477,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
     try:
-        return args.run(args)
+        print(args.run(args), end="")
+        return 0
     except ValueError as error:
         print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
         return 2

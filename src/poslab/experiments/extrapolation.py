@@ -25,10 +25,15 @@ from typing import Any
 import torch
 
 from poslab.data.lm import HEADLINE_LAST, perplexity
-from poslab.experiments.extrapolation_page import summarize_extrapolation, write_extrapolation_report
+from poslab.experiments.command import NO_PLOTS, Command, arg, files_line
+from poslab.experiments.extrapolation_page import (
+    markdown_tables,
+    summarize_extrapolation,
+    write_extrapolation_report,
+)
 from poslab.experiments.grid import plan_grid, train_grid
 from poslab.model import Transformer
-from poslab.options import parse_lengths
+from poslab.options import parse_lengths, parse_seeds, split_top_level
 from poslab.presets import get_preset
 from poslab.runs import LoadedModel, RunDir, find_trained_runs
 from poslab.train import resolve_device
@@ -350,3 +355,106 @@ def run_experiment(
     )
     result["files"] = [str(p) for p in write_extrapolation_report(result, out, plots=plots)]
     return result
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+def _max_windows(args: Any) -> int | None:
+    if args.max_windows < 0:
+        raise ValueError(f"--max-windows must be >= 0 (0: all windows), got {args.max_windows}")
+    return args.max_windows or None
+
+
+def _window_options(args: Any) -> dict[str, Any]:
+    """The options `extrapolate` and `run_experiment` share, from `WINDOW_ARGS`."""
+    return {
+        "lengths": parse_lengths(args.lengths) if args.lengths else None,
+        "max_len": args.max_len,
+        "max_windows": _max_windows(args),
+        "split": args.split,
+        "device": args.device,
+        "aligned": args.aligned,
+    }
+
+
+def _extrapolate_command(args: Any) -> str:
+    """``poslab extrapolate RUN_DIR... --out DIR``: score existing runs and write the report."""
+    result = extrapolate(args.runs, last=args.last, **_window_options(args))
+    files = write_extrapolation_report(result, args.out, plots=not args.no_plots)
+    wall = result["settings"]["eval_wall_time"]
+    return markdown_tables(result) + files_line(
+        f"{len(result['runs'])} runs in {wall:.0f} s; ", args.out, files
+    )
+
+
+def _lm_extrapolation_command(args: Any) -> str:
+    """``poslab lm-extrapolation --encodings ... --out DIR``: train, score and report."""
+    encodings = split_top_level(args.encodings)
+    if not encodings:
+        raise ValueError("--encodings needs at least one encoding, e.g. --encodings nope,rope,alibi")
+    result = run_experiment(
+        args.preset,
+        encodings,
+        parse_seeds(args.seeds),
+        args.out,
+        overrides=list(args.overrides),
+        resume=not args.no_resume,
+        plots=not args.no_plots,
+        **_window_options(args),
+    )
+    wall = result["settings"]["total_wall_time"]
+    return (
+        markdown_tables(result)
+        + f"{len(result['runs'])} runs; {wall:.0f} s wall time; report in {args.out}\n"
+    )
+
+
+WINDOW_ARGS = (
+    arg("--lengths", help="evaluation lengths, e.g. 128,256,512 (default L, 2L, ... to --max-len)"),
+    arg(
+        "--max-len", type=int, help="largest length for the default doubling (default 64L on GPU, 32L on CPU)"
+    ),
+    arg("--max-windows", type=int, default=8, help="windows per length at most (default 8; 0: all)"),
+    arg("--split", default="validation", choices=("validation", "test"), help="held-out split"),
+    arg("--device", default="auto", help="auto, cpu, cuda, cuda:N"),
+    NO_PLOTS,
+    arg(
+        "--aligned",
+        action="store_true",
+        help="windows of every length end at the same tokens (default: the DAPE protocol's "
+        "non-overlapping windows per length)",
+    ),
+)
+
+COMMANDS = (
+    Command(
+        "extrapolate",
+        "perplexity of trained LM runs at L, 2L, 4L, ... on held-out windows",
+        (
+            arg("runs", nargs="+", help="run directories, or directories holding runs"),
+            arg("--out", required=True, help="where to write table.md, results.csv/json and plots"),
+            arg("--last", type=int, default=HEADLINE_LAST, help="headline scores the last N tokens (256)"),
+            *WINDOW_ARGS,
+        ),
+        _extrapolate_command,
+    ),
+    Command(
+        "lm-extrapolation",
+        "train LM runs (encodings x seeds) and report their length extrapolation",
+        (
+            arg("--preset", default="lm_stdlib_small", help="an LM preset (default lm_stdlib_small)"),
+            arg(
+                "--encodings",
+                required=True,
+                help="comma-separated specs, e.g. nope,rope,dape[base=kerple_log]",
+            ),
+            arg("--seeds", default="0", help="seeds: 0,1 or 0-1 (default 0)"),
+            arg("--out", required=True, help="output directory (runs/ below it, the report in it)"),
+            arg("--no-resume", action="store_true", help="fail instead of reusing finished runs in --out"),
+            *WINDOW_ARGS,
+            arg("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=500"),
+        ),
+        _lm_extrapolation_command,
+    ),
+)
