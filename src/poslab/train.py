@@ -207,7 +207,7 @@ def train(
         config: the run.
         out_dir: the run directory (created if needed); None trains without writing files.
         resume: continue from ``out_dir``'s checkpoint (a fresh start when it has none). The
-            config must equal the saved one except for `RESUMABLE_CHANGES` (e.g. more steps).
+            config must equal the saved one except for `poslab.runs.RESUMABLE_CHANGES` (e.g. more steps).
         overwrite: replace a run already in ``out_dir``.
         progress: draw a progress bar; None draws one only when stderr is a terminal.
         callback: called as ``callback(step, model)`` after every update (and its checkpoint).
