@@ -41,7 +41,7 @@ from poslab.options import split_top_level as split_top_level  # the command lin
 from poslab.presets import DESCRIPTIONS, get_preset, list_presets
 from poslab.progress import setup_logging
 from poslab.report.runs import RunRecord, markdown_table, summarize
-from poslab.runs import CONFIG, RunDir, RunDirError, load_model, resumable_change
+from poslab.runs import CONFIG, RunDir, RunDirError, load_model, results_record, resumable_change
 from poslab.runtime import tune_allocator
 from poslab.tasks import TASKS, list_tasks
 from poslab.train import NonFiniteLossError, resolve_device, train
@@ -122,17 +122,14 @@ def cmd_eval(args: Any) -> str:
     loaded.model.to(device)
     started = time.monotonic()
     metrics = evaluate(loaded.model, task, config.eval, train_len=config.task.train_len, device=device)
-    results = {
-        "task": config.task.name,
-        "encoding": config.encoding_label,
-        "seed": config.train.seed,
-        "step": loaded.step,
-        "checkpoint": str(args.checkpoint),
-        "chance": task.chance,
-        "headline": task.headline,
-        "metrics": metrics,
-        "eval_time": time.monotonic() - started,
-    }
+    results = results_record(
+        config,
+        task,
+        step=loaded.step,
+        metrics=metrics,
+        about={"checkpoint": str(args.checkpoint)},
+        timing={"eval_time": time.monotonic() - started},
+    )
     if args.json:
         write_json(args.json, results)
     record = RunRecord(Path(args.checkpoint), results["task"], results["encoding"], results["seed"], results)

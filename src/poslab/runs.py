@@ -187,6 +187,34 @@ class RunDir:
         return load_model(self / CHECKPOINT, device=device)
 
 
+# -- results ---------------------------------------------------------------------------------------
+
+
+def results_record(
+    config: RunConfig,
+    task: Any,
+    *,
+    step: int,
+    metrics: dict[str, Any] | None,
+    about: dict[str, Any],
+    timing: dict[str, Any],
+) -> dict[str, Any]:
+    """The results of an evaluated model, as results.json holds them (and ``poslab eval --json``):
+    identification, ``about`` (e.g. n_params and wall_time, or the checkpoint), the chance level,
+    the task's headline metric, the metrics (`poslab.evaluate.evaluate`), then ``timing``."""
+    return {
+        "task": config.task.name,
+        "encoding": config.encoding_label,
+        "seed": config.train.seed,
+        "step": step,
+        **about,
+        "chance": task.chance,
+        "headline": task.headline if metrics else None,
+        "metrics": metrics,
+        **timing,
+    }
+
+
 # -- models from checkpoints -----------------------------------------------------------------------
 
 

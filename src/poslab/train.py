@@ -40,7 +40,7 @@ from poslab.config import RunConfig, TrainConfig
 from poslab.evaluate import evaluate, format_metrics
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
-from poslab.runs import CHECKPOINT, LOG, METRICS, RunDir, load_model_state
+from poslab.runs import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
 
 log = logging.getLogger("poslab")
 
@@ -484,17 +484,8 @@ def _evaluate(session: _Session, state: TrainState) -> dict[str, Any] | None:
 def _finish(session: _Session, state: TrainState, n_params: int, elapsed: float) -> TrainResult:
     """The results (results.json on process 0) and the `TrainResult`."""
     config, task = session.config, session.task
-    results = {
-        "task": config.task.name,
-        "encoding": config.encoding_label,
-        "seed": config.train.seed,
-        "step": state.step,
-        "n_params": n_params,
-        "wall_time": elapsed,
-        "chance": task.chance,
-        "headline": task.headline if state.last_eval else None,
-        "metrics": state.last_eval,
-    }
+    about = {"n_params": n_params, "wall_time": elapsed}
+    results = results_record(config, task, step=state.step, metrics=state.last_eval, about=about, timing={})
     if session.writer is not None:
         session.writer.write_results(results)
         summary = format_metrics(state.last_eval, task.headline)
