@@ -12,17 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poslab.extrapolate import (
+from poslab.experiments.extrapolation import (
     aligned_windows,
     doubling_lengths,
     extrapolate,
     find_run_dirs,
     load_run,
-    markdown_tables,
-    parse_lengths,
     run_experiment,
-    write_extrapolation_report,
 )
+from poslab.experiments.extrapolation_page import markdown_tables, write_extrapolation_report
+from poslab.options import parse_lengths
 from poslab.presets import get_preset
 from poslab.tasks import build_task
 from poslab.train import train

@@ -1,4 +1,4 @@
-"""Paper identities and exact forms of the baselines (DESIGN.md sections 2 to 4)."""
+"""Paper identities and exact forms of the baselines (docs/encodings.md)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ def test_builds_where_there_is_a_compiler():
 
 
 def reference(scores, bias, w1, b1, w2, b2, row_len, add_base):
-    """The MLP as DESIGN.md writes it, channels-last through F.linear, -inf past each row's length."""
+    """The MLP as docs/attention.md writes it, channels-last through F.linear, -inf past each row's length."""
     n_batch = scores.shape[0]
     feats = scores if bias is None else torch.cat((scores, bias.expand(n_batch, -1, -1, -1)), dim=1)
     hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)

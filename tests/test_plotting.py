@@ -24,7 +24,7 @@ def test_reports_skip_plots_with_a_warning(no_matplotlib, caplog):
 
 
 def test_extrapolation_plot_is_skipped(no_matplotlib, tmp_path):
-    from poslab.extrapolate import plot_extrapolation
+    from poslab.experiments.extrapolation_page import plot_extrapolation
 
     assert plot_extrapolation({"settings": {}, "summary": {}}, tmp_path / "x.png") is None
     assert not (tmp_path / "x.png").exists()

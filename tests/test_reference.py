@@ -1,6 +1,6 @@
 """Reference tests: CoPE and DAPE against naive float64 loops written from the papers' equations.
 
-Each naive function below is written from DESIGN.md sections 3 and 4, loop by loop, independently of
+Each naive function below is written from docs/attention.md, loop by loop, independently of
 the library's vectorised code; forward outputs and gradients (inputs and parameters) must agree.
 """
 

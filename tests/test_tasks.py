@@ -32,7 +32,7 @@ CHOMSKY = [
 ]
 # A typical training length per causal task (pairs, content tokens, max statements).
 CAUSAL_LENGTH = {"flipflop": 64, "selective_copy": 16, "counting": 40}
-CHANCE = {  # DESIGN.md section 5's table
+CHANCE = {  # the table of docs/tasks.md
     **dict.fromkeys(["modular_arithmetic_simple", "cycle_navigation", "modular_arithmetic"], 20.0),
     **dict.fromkeys(["solve_equation", "bucket_sort"], 20.0),
     "counting": 100 / 11,  # answers 0..10

@@ -17,13 +17,8 @@ from poslab.evaluate import eval_seed
 from poslab.model import build_model
 from poslab.presets import get_preset, list_presets
 from poslab.progress import Progress, ProgressLogHandler
-from poslab.train import (
-    NonFiniteLossError,
-    RunDirError,
-    lr_at,
-    run_status,
-    train,
-)
+from poslab.runs import RunDir, RunDirError
+from poslab.train import NonFiniteLossError, lr_at, train
 
 
 def tiny(**overrides) -> RunConfig:
@@ -82,7 +77,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Stop):  # killed two steps after the checkpoint at step 4
         train(config, tmp_path / "cut", callback=stop_at(6))
-    assert run_status(tmp_path / "cut") == "unfinished"
+    assert RunDir(tmp_path / "cut").status() == "unfinished"
     assert load_checkpoint(tmp_path / "cut")["step"] == 4
     resumed = train(config, tmp_path / "cut", resume=True)
 
@@ -157,7 +152,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "run")
     assert state["step"] == 4
     assert all(torch.isfinite(p).all() for p in state["model"].values())
-    assert run_status(tmp_path / "run") == "unfinished"
+    assert RunDir(tmp_path / "run").status() == "unfinished"
     resumed = train(tiny(), tmp_path / "run", resume=True)  # the good checkpoint still resumes
     assert resumed.results["step"] == 12
 

@@ -1,9 +1,9 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys; see
-``poslab.encodings.base``), then either calls ``F.scaled_dot_product_attention`` with the bias as a
-float mask (when the encoding does not rewrite logits) or runs the eager path, which is also the
-executable specification tests compare against.
+``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys; docs/encodings.md), then
+either calls ``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding does
+not rewrite logits) or runs the eager path, which is also the executable specification tests compare
+against.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ def attend(
             for the encodings that have that hook (CoPE with ``sep_key``); required for them, else
             unused.
 
-    Blocks are exact: every query row is independent and sees the keys up to its own position (for
-    CoPE and DAPE too), so a causal block only computes keys up to the block's end (plus the
+    Blocks are exact: every query row is independent and sees the keys up to its own position
+    (docs/attention.md), so a causal block only computes keys up to the block's end (plus the
     encoding's ``key_lookahead``, for the one form whose rows read a few keys beyond).
     With gradients on, the eager block path recomputes each block in backward (checkpointing), and
     the fused kernels recompute too, except what fits in ``SAVE_BYTES`` per call, so training memory
@@ -121,7 +121,7 @@ def attend(
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
-    channels = encoding.block_channels(q) if hasattr(encoding, "block_channels") else q.shape[1]
+    channels = encoding.block_channels(q)
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
     return blockwise_attention(
         q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block, extra_keys=extra_keys
@@ -242,15 +242,35 @@ def eager_attention(
     extra_keys: Tensor | None = None,
 ) -> Tensor:
     """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax."""
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    _, logits = eager_logits(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
+    return eager_probabilities(logits, q_pos, k_pos, causal=causal) @ v  # (B, H, T, Dv)
+
+
+def eager_logits(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    encoding: PositionEncoding | None,
+    bias: Tensor | None,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    causal: bool,
+    extra_keys: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The raw scores A = q.k / sqrt(Dh) and the final pre-mask logits, both (B, H, T, S)."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if encoding is not None and encoding.uses_logits:
         extra = {} if extra_keys is None else {"extra_keys": extra_keys}  # only encodings with keys
-        logits = encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal, **extra)
-    else:
-        logits = scores if bias is None else scores + bias.to(scores.dtype)
+        return scores, encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal, **extra)
+    return scores, scores if bias is None else scores + bias.to(scores.dtype)
+
+
+def eager_probabilities(logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+    """Softmax over the keys of the (causally masked) logits."""
     if causal:
         logits = logits.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v  # (B, H, T, Dv)
+    return torch.softmax(logits, dim=-1)
 
 
 def fused_attention(

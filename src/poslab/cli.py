@@ -1,4 +1,6 @@
-"""The ``poslab`` command line (also ``python -m poslab``).
+"""The ``poslab`` command line (also ``python -m poslab``): argparse and printing only; the work
+is done by `poslab.train`, `poslab.experiments`, `poslab.report`, `poslab.visualize` and
+`poslab.bench`.
 
     poslab list [encodings|tasks|presets]
     poslab train --preset NAME [KEY=VALUE ...] [--out DIR] [--resume | --overwrite]
@@ -6,6 +8,9 @@
     poslab compare --preset NAME --encodings E1,E2,... [--seeds 0,1] --out DIR [KEY=VALUE ...]
     poslab report RUN_DIR [RUN_DIR ...] --out DIR
     poslab demo [--out DIR] [--seeds 0]
+    poslab lm-extrapolation --encodings E1,E2,... --out DIR   /   poslab extrapolate RUN_DIR... --out DIR
+    poslab visualize RUN_DIR --out DIR
+    poslab bench [--quick]
 
 KEY=VALUE options override the preset with dotted keys (``model.encoding=cope``,
 ``train.steps=200``, ``task.options.p=0.9``). Errors a user can cause (an unknown task, preset,
@@ -17,90 +22,48 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import logging
-import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from poslab.checkpoint import write_json
 from poslab.config import RunConfig, format_value, slug
-from poslab.presets import DEMO_ENCODINGS, DESCRIPTIONS, get_preset, list_presets
-from poslab.progress import ProgressLogHandler
-
-log = logging.getLogger("poslab")
+from poslab.encodings import encoding_class, encoding_options, list_encodings
+from poslab.evaluate import evaluate
+from poslab.experiments import COMMANDS as EXPERIMENT_COMMANDS
+from poslab.experiments.command import OVERRIDES, RUN_FLAGS, Command, arg, progress
+from poslab.options import parse_int_list, split_list
+from poslab.options import split_top_level as split_top_level  # the command line's spec lists
+from poslab.presets import DESCRIPTIONS, get_preset, list_presets
+from poslab.progress import setup_logging
+from poslab.report.runs import RunRecord, markdown_table, summarize
+from poslab.runs import CONFIG, RunDir, RunDirError, load_model, results_record, resumable_change
+from poslab.runtime import tune_allocator
+from poslab.tasks import TASKS, list_tasks
+from poslab.train import NonFiniteLossError, resolve_device, train
+from poslab.visualize import visualize_run
 
 EVAL_KEYS = ("eval.", "train.device")
 
 
-class UsageError(ValueError):
-    """A command-line mistake (reported like any other user error)."""
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets: ``'rope,dape[base=fire,width=16]'`` -> 2 items."""
-    items, depth, current = [], 0, ""
-    for char in text:
-        if char in "[(":
-            depth += 1
-        elif char in "])":
-            depth -= 1
-        if char == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-        else:
-            current += char
-    items.append(current.strip())
-    return [item for item in items if item]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``'0,1,2'`` or a range ``'0-2'`` -> [0, 1, 2]."""
-    try:
-        if re.fullmatch(r"\d+-\d+", text.strip()):
-            low, high = map(int, text.split("-"))
-            seeds = list(range(low, high + 1))
-        else:
-            seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--seeds takes integers such as 0,1,2 or 0-2, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise UsageError(f"--seeds takes non-negative integers such as 0,1,2, got {text!r}")
-    return list(dict.fromkeys(seeds))
-
-
 def preset_config(preset: str | None, overrides: Sequence[str]) -> RunConfig:
     if preset is None:
-        raise UsageError("give --preset NAME (see `poslab list presets`)")
+        raise ValueError("give --preset NAME (see `poslab list presets`)")
     return get_preset(preset).override(list(overrides))
 
 
-def setup_logging(quiet: bool) -> None:
-    handler = ProgressLogHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.handlers = [h for h in log.handlers if not isinstance(h, ProgressLogHandler)]
-    log.addHandler(handler)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
+def _runs_table(record: RunRecord) -> str:
+    return markdown_table(summarize([record]))
 
 
-def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
+# -- the commands of single runs and the tools -----------------------------------------------------
 
 
-# -- subcommands -----------------------------------------------------------------------------------
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from poslab.encodings import encoding_class, encoding_options, list_encodings
-    from poslab.tasks import TASKS, list_tasks
-
+def cmd_list(args: Any) -> str:
     what = args.what
     out = []
     if what in (None, "encodings"):
@@ -123,17 +86,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         out.append("presets (poslab train --preset NAME):")
         for name in list_presets():
             out.append(f"  {name:<22} {DESCRIPTIONS[name]}")
-    print("\n".join(out))
-    return 0
+    return "\n".join(out) + "\n"
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from poslab.report import RunRecord, markdown_table, summarize
-    from poslab.train import CONFIG, RunDirError, load_run_config, resumable_change, train
-
+def cmd_train(args: Any) -> str:
     out = Path(args.out) if args.out else None
     if args.resume and out is not None and (out / CONFIG).exists():
-        config = load_run_config(out).override(list(args.overrides))
+        config = RunDir(out).load_config().override(list(args.overrides))
         if args.preset is not None:
             wanted = preset_config(args.preset, args.overrides)
             changed = [k for k in wanted.diff(config) if not resumable_change(k)]
@@ -146,168 +105,146 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = preset_config(args.preset, args.overrides)
     if out is None:
         out = Path("runs") / f"{args.preset}_{slug(config.encoding_label)}_seed{config.train.seed}"
-    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=_progress(args))
-    if result.results.get("metrics"):  # process 0
-        record = RunRecord(out, config.task.name, config.encoding_label, config.train.seed, result.results)
-        print(markdown_table(summarize([record])), end="")
-        print(f"run: {out}  ({result.results['wall_time']:.0f} s)")
-    return 0
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=progress(args))
+    if not result.results.get("metrics"):  # not process 0
+        return ""
+    record = RunRecord(out, config.task.name, config.encoding_label, config.train.seed, result.results)
+    return _runs_table(record) + f"run: {out}  ({result.results['wall_time']:.0f} s)\n"
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from poslab.checkpoint import load_checkpoint, write_json
-    from poslab.evaluate import evaluate, headline_metric
-    from poslab.model import build_model
-    from poslab.report import RunRecord, markdown_table, summarize
-    from poslab.train import load_model_state, resolve_device
-
+def cmd_eval(args: Any) -> str:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS)]
     if bad:
-        raise UsageError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
-    state = load_checkpoint(args.checkpoint)
-    config = RunConfig.from_dict(state["config"]).override(list(args.overrides))
-    task = config.task.build()
-    model = build_model(config.model_config(task))
-    load_model_state(model, state, args.checkpoint)
+        raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
+    loaded = load_model(args.checkpoint, overrides=args.overrides)
+    config, task = loaded.config, loaded.task
     device = resolve_device(config.train.device)
-    model.to(device)
+    loaded.model.to(device)
     started = time.monotonic()
-    metrics = evaluate(model, task, config.eval, train_len=config.task.train_len, device=device)
-    results = {
-        "task": config.task.name,
-        "encoding": config.encoding_label,
-        "seed": config.train.seed,
-        "step": int(state["step"]),
-        "checkpoint": str(args.checkpoint),
-        "chance": task.chance,
-        "headline": headline_metric(metrics["splits"]),
-        "metrics": metrics,
-        "eval_time": time.monotonic() - started,
-    }
-    record = RunRecord(Path(args.checkpoint), results["task"], results["encoding"], results["seed"], results)
-    print(markdown_table(summarize([record])), end="")
-    print(f"checkpoint step {results['step']}, evaluated in {results['eval_time']:.1f} s")
+    metrics = evaluate(loaded.model, task, config.eval, train_len=config.task.train_len, device=device)
+    results = results_record(
+        config,
+        task,
+        step=loaded.step,
+        metrics=metrics,
+        about={"checkpoint": str(args.checkpoint)},
+        timing={"eval_time": time.monotonic() - started},
+    )
     if args.json:
         write_json(args.json, results)
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    encodings = split_top_level(args.encodings)
-    if not encodings:
-        raise UsageError("--encodings needs at least one encoding, e.g. --encodings nope,rope,cope")
-    return run_compare(
-        preset=args.preset,
-        encodings=encodings,
-        seeds=parse_seeds(args.seeds),
-        overrides=list(args.overrides),
-        out=Path(args.out),
-        args=args,
+    record = RunRecord(Path(args.checkpoint), results["task"], results["encoding"], results["seed"], results)
+    return (
+        _runs_table(record)
+        + f"checkpoint step {results['step']}, evaluated in {results['eval_time']:.1f} s\n"
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    return run_compare(
-        preset="flipflop_demo",
-        encodings=list(DEMO_ENCODINGS),
-        seeds=parse_seeds(args.seeds),
-        overrides=list(args.overrides),
-        out=Path(args.out),
-        args=args,
-    )
-
-
-def run_compare(
-    *,
-    preset: str | None,
-    encodings: list[str],
-    seeds: list[int],
-    overrides: list[str],
-    out: Path,
-    args: argparse.Namespace,
-) -> int:
-    """Train every (encoding, seed) of the grid under ``out``, then write and print the report."""
-    from poslab.checkpoint import write_json
-    from poslab.report import load_runs, write_report
-    from poslab.train import plan_grid, run_status
-
-    base = preset_config(preset, overrides)
-    grid = plan_grid(base, encodings, seeds, out, resume=args.resume, overwrite=args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        out / "grid.json",
-        {"preset": preset, "encodings": encodings, "seeds": seeds, "overrides": overrides},
-    )
-    started = time.monotonic()
-    todo = [(c, d) for c, d in grid if not (args.resume and run_status(d) == "finished")]
-    if len(todo) < len(grid):
-        log.info("%d of %d runs already finished; resuming the rest", len(grid) - len(todo), len(grid))
-    jobs = max(1, min(args.jobs, len(todo))) if todo else 1
-    if jobs == 1:
-        from poslab.train import train
-
-        for config, run_dir in todo:
-            train(
-                config,
-                run_dir,
-                resume=args.resume,
-                overwrite=args.overwrite,
-                progress=_progress(args),
-            )
-    else:
-        _train_parallel(todo, jobs, args)
-    report = write_report(load_runs([d for _, d in grid]), out, plots=not args.no_plots)
-    wall = time.monotonic() - started
-    print(report["table"], end="")
-    print(f"{len(grid)} runs ({len(todo)} trained) in {wall:.0f} s wall time; report in {out}")
-    return 0
-
-
-def _train_parallel(todo: list, jobs: int, args: argparse.Namespace) -> None:
-    """Train runs in ``jobs`` worker processes, splitting the CPU threads between them."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    context = multiprocessing.get_context("spawn")
-    quiet = log.level > logging.INFO
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet)
-    ) as pool:
-        futures = [
-            pool.submit(_train_worker, c.to_dict(), str(d), args.resume, args.overwrite) for c, d in todo
-        ]
+def cmd_visualize(args: Any) -> str:
+    """``poslab visualize RUN_DIR --out DIR``."""
+    text = args.text
+    if args.text_file is not None:
         try:
-            for future in futures:
-                future.result()
-        except BaseException:  # a failed run stops the grid: runs not yet started are dropped
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read --text-file {args.text_file}: {error}") from None
+    layers = parse_int_list(args.layers, "--layers", "0,1") if args.layers else None
+    try:
+        paths = visualize_run(
+            args.run_dir,
+            args.out,
+            kind=args.kind,
+            layers=layers,
+            length=args.length,
+            query=args.query,
+            text=text,
+            split=args.split,
+        )
+    except ImportError as error:
+        raise ValueError(str(error)) from None
+    return "".join(f"{p}\n" for p in paths)
 
 
-def _worker_init(threads: int, quiet: bool) -> None:
-    import torch
+def cmd_bench(args: Any) -> str:
+    from poslab.bench import run_bench  # loads the native kernels' build machinery: only when asked
 
-    from poslab.runtime import tune_allocator
-
-    tune_allocator()
-    torch.set_num_threads(threads)
-    setup_logging(quiet)
-
-
-def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
-    from poslab.train import train
-
-    train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
+    sections = split_list(args.sections)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} but CUDA is not available here")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    run_bench(sections, out=args.out, quick=args.quick, device=args.device)  # prints each table
+    return f"wrote {args.out}\n"
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from poslab.report import load_runs, write_report
-
-    report = write_report(load_runs(args.runs), Path(args.out), plots=not args.no_plots)
-    print(report["table"], end="")
-    print(f"report in {args.out}: {', '.join(p.name for p in report['files'])}")
-    return 0
+LIST = Command(
+    "list",
+    "list encodings, tasks and presets",
+    (arg("what", nargs="?", choices=("encodings", "tasks", "presets")),),
+    cmd_list,
+)
+RUN_COMMANDS = (
+    Command(
+        "train",
+        "train one run",
+        (
+            arg("--preset", help="named configuration (poslab list presets)"),
+            arg("--out", help="run directory (default runs/PRESET_ENCODING_seedN)"),
+            *RUN_FLAGS,
+            OVERRIDES,
+        ),
+        cmd_train,
+    ),
+    Command(
+        "eval",
+        "evaluate a checkpoint (a file or a run directory)",
+        (
+            arg("checkpoint", help="checkpoint.pt or a run directory"),
+            arg("--json", help="also write the results to this JSON file"),
+            OVERRIDES,
+        ),
+        cmd_eval,
+    ),
+)
+TOOL_COMMANDS = (
+    Command(
+        "visualize",
+        "plot DAPE's learned bias or CoPE's positions of a run",
+        (
+            arg(
+                "run_dir", metavar="RUN_DIR", help="a trained LM run directory (config.json + checkpoint.pt)"
+            ),
+            arg("--out", required=True, help="directory for the PNG files"),
+            arg("--kind", default="auto", choices=("auto", "dape", "cope")),
+            arg("--layers", help="comma-separated layers (default all)"),
+            arg("--length", type=int, help="window length in tokens (default 4L for DAPE, L for CoPE)"),
+            arg("--query", type=int, default=-1, help="query position (default the last)"),
+            arg(
+                "--text",
+                help="text to read (default: held-out text with the most sentence ends)",
+                exclusive="text",
+            ),
+            arg("--text-file", help="read the text from this file", exclusive="text"),
+            arg("--split", default="validation", choices=("train", "validation", "test")),
+        ),
+        cmd_visualize,
+    ),
+    Command(
+        "bench",
+        "speed and memory ratios against SDPA / the RoPE model, measured side by side in one run",
+        (
+            arg(
+                "--sections",
+                default="attention,step,decode,memory",
+                help="comma-separated: attention, step, decode, memory (default all)",
+            ),
+            arg("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)"),
+            arg("--quick", action="store_true", help="small sizes, for a first look"),
+            arg("--device", default="cpu", help="cpu or cuda"),
+        ),
+        cmd_bench,
+    ),
+)
+# In the order `poslab --help` lists them.
+COMMANDS = (LIST, *RUN_COMMANDS, *EXPERIMENT_COMMANDS, *TOOL_COMMANDS)
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -320,115 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="list encodings, tasks and presets")
-    p.add_argument("what", nargs="?", choices=("encodings", "tasks", "presets"))
-    p.set_defaults(run=cmd_list)
-
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="KEY=VALUE",
-            help="dotted overrides, e.g. train.steps=200",
-        )
-
-    def run_flags(p: argparse.ArgumentParser) -> None:
-        group = p.add_mutually_exclusive_group()
-        group.add_argument("--resume", action="store_true", help="continue existing run(s)")
-        group.add_argument("--overwrite", action="store_true", help="replace existing run(s)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    p = sub.add_parser("train", help="train one run")
-    p.add_argument("--preset", help="named configuration (poslab list presets)")
-    p.add_argument("--out", help="run directory (default runs/PRESET_ENCODING_seedN)")
-    run_flags(p)
-    overrides(p)
-    p.set_defaults(run=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint (a file or a run directory)")
-    p.add_argument("checkpoint", help="checkpoint.pt or a run directory")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    overrides(p)
-    p.set_defaults(run=cmd_eval)
-
-    def grid_flags(p: argparse.ArgumentParser, default_jobs: int = 1) -> None:
-        p.add_argument("--seeds", default="0", help="seeds: 0,1,2 or 0-2 (default 0)")
-        p.add_argument(
-            "--jobs",
-            type=int,
-            default=default_jobs,
-            help="runs trained at once, in worker processes that share the CPU cores between "
-            f"them (default {default_jobs}); small models train faster this way than with "
-            "several threads each",
-        )
-        p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-
-    p = sub.add_parser("compare", help="train a grid of encodings x seeds and report")
-    p.add_argument("--preset", help="named configuration (poslab list presets)")
-    p.add_argument("--encodings", required=True, help="comma-separated specs, e.g. nope,rope,dape[base=fire]")
-    p.add_argument("--out", required=True, help="output directory (one subdirectory per run)")
-    grid_flags(p)
-    run_flags(p)
-    overrides(p)
-    p.set_defaults(run=cmd_compare)
-
-    p = sub.add_parser("report", help="table and plots from existing run directories")
-    p.add_argument("runs", nargs="+", help="run directories, or directories holding runs")
-    p.add_argument("--out", required=True, help="where to write the report")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.set_defaults(run=cmd_report)
-
-    p = sub.add_parser(
-        "demo",
-        help=f"flip-flop ID/OOD with {', '.join(DEMO_ENCODINGS)} (preset flipflop_demo)",
-    )
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    grid_flags(p, default_jobs=min(2, os.cpu_count() or 1))
-    run_flags(p)
-    overrides(p)
-    p.set_defaults(run=cmd_demo)
-
-    # Subcommands that live with their modules: LM length extrapolation and visualisation.
-    from poslab.extrapolate import add_extrapolate_parser
-    from poslab.visualize import add_visualize_parser
-
-    add_extrapolate_parser(sub)
-    add_visualize_parser(sub)
-
-    p = sub.add_parser(
-        "bench",
-        help="speed and memory ratios against SDPA / the RoPE model, measured side by side in one run",
-    )
-    p.add_argument(
-        "--sections",
-        default="attention,step,decode,memory",
-        help="comma-separated: attention, step, decode, memory (default all)",
-    )
-    p.add_argument("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)")
-    p.add_argument("--quick", action="store_true", help="small sizes, for a first look")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.set_defaults(run=cmd_bench)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+        for a in command.args:
+            if a.exclusive is not None and a.exclusive not in groups:
+                groups[a.exclusive] = p.add_mutually_exclusive_group()
+            target = p if a.exclusive is None else groups[a.exclusive]
+            target.add_argument(*a.names, **a.settings)
+        p.set_defaults(run=command.run)
     return parser
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from poslab.bench import run_bench
-
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} but CUDA is not available here")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    run_bench(sections, out=args.out, quick=args.quick, device=args.device)
-    print(f"wrote {args.out}")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from poslab.runtime import tune_allocator
-    from poslab.train import NonFiniteLossError
-
     tune_allocator()  # process-wide, so only here and in workers, never on import of the library
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -439,7 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
     try:
-        return args.run(args)
+        print(args.run(args), end="")
+        return 0
     except ValueError as error:
         print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
         return 2

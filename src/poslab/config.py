@@ -17,16 +17,13 @@ from typing import Any
 
 from poslab.encodings.base import parse_spec, parse_value
 from poslab.model import ModelConfig
+from poslab.options import check_int, split_list
+from poslab.tasks import build_task
 
 # ModelConfig fields a run takes from its task instead of from the config.
 TASK_GIVEN = ("vocab_size", "n_outputs", "causal", "train_len")
 LOSS_MODES = ("scored", "all")
 MAPPING_FIELDS = ("options", "encoding_options")
-
-
-def _check_int(key: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_float(key: str, value: Any, *, low: float, high: float | None = None) -> float:
@@ -47,51 +44,40 @@ def _set(obj: Any, name: str, value: Any) -> None:
 # -- model -----------------------------------------------------------------------------------------
 
 
-def _model_spec_post_init(self: Any) -> None:
-    if not isinstance(self.encoding_options, dict):
-        raise ValueError(f"model.encoding_options must be a mapping, got {self.encoding_options!r}")
-    # ModelConfig validates every field (its messages name them model.<field>) and builds the
-    # encoding once. The run config checks again with the task's sizes and attention mode.
-    self.to_model_config(vocab_size=1, n_outputs=None, causal=True)
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model section of a run: every `poslab.model.ModelConfig` field except vocab_size,
+    n_outputs, causal and train_len, which the task gives (see `ModelConfig` for what each field
+    means; a test keeps the two in step)."""
 
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int | None = None
+    dropout: float = 0.0
+    encoding: str = "rope"
+    encoding_options: dict[str, Any] = field(default_factory=dict)
+    share_encoding: bool | None = None
+    norm: str = "pre"
+    tie_embeddings: bool = False
+    max_len: int = 1024
+    attn_impl: str = "auto"
 
-def _to_model_config(
-    self: Any, *, vocab_size: int, n_outputs: int | None, causal: bool, train_len: int | None = None
-) -> ModelConfig:
-    """The full `ModelConfig` with the sizes, causality and training length a task gives."""
-    values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    return ModelConfig(
-        vocab_size=vocab_size, n_outputs=n_outputs, causal=causal, train_len=train_len, **values
-    )
+    def __post_init__(self) -> None:
+        if not isinstance(self.encoding_options, dict):
+            raise ValueError(f"model.encoding_options must be a mapping, got {self.encoding_options!r}")
+        # ModelConfig validates every field (its messages name them model.<field>) and builds the
+        # encoding once. The run config checks again with the task's sizes and attention mode.
+        self.to_model_config(vocab_size=1, n_outputs=None, causal=True)
 
-
-def _model_spec_fields() -> list[tuple[str, Any, Any]]:
-    specs = []
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in TASK_GIVEN:
-            continue
-        if f.default_factory is not dataclasses.MISSING:
-            default = field(default_factory=f.default_factory)
-        else:
-            default = field(default=f.default)
-        specs.append((f.name, f.type, default))
-    return specs
-
-
-# Derived from ModelConfig, so a field added there is configurable here (and on the command line).
-ModelSpec = dataclasses.make_dataclass(
-    "ModelSpec",
-    _model_spec_fields(),
-    frozen=True,
-    kw_only=True,
-    namespace={
-        "__doc__": "The model section of a run: every `poslab.model.ModelConfig` field except "
-        "vocab_size, n_outputs, causal and train_len, which the task gives.",
-        "__post_init__": _model_spec_post_init,
-        "to_model_config": _to_model_config,
-    },
-)
-ModelSpec.__module__ = __name__
+    def to_model_config(
+        self, *, vocab_size: int, n_outputs: int | None, causal: bool, train_len: int | None = None
+    ) -> ModelConfig:
+        """The full `ModelConfig` with the sizes, causality and training length a task gives."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return ModelConfig(
+            vocab_size=vocab_size, n_outputs=n_outputs, causal=causal, train_len=train_len, **values
+        )
 
 
 # -- task, training, evaluation --------------------------------------------------------------------
@@ -99,7 +85,7 @@ ModelSpec.__module__ = __name__
 
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    """Which task to train on, and at what length (DESIGN.md section 5)."""
+    """Which task to train on, and at what length (docs/tasks.md)."""
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)  # the task constructor's keyword options
@@ -117,10 +103,10 @@ class TaskConfig:
         if not isinstance(self.options, dict):
             raise ValueError(f"task.options must be a mapping, got {self.options!r}")
         if self.train_len is not None:
-            _check_int("task.train_len", self.train_len, minimum=1)
-        _check_int("task.train_pool", self.train_pool, minimum=0)
+            check_int("task.train_len", self.train_len, minimum=1)
+        check_int("task.train_pool", self.train_pool, minimum=0)
         task = self.build()  # unknown name or option -> ValueError naming it
-        if "lengths" in task.splits()["id"]:
+        if task.split_lengths("id") is not None:
             if self.train_len is not None:
                 raise ValueError(
                     f"task {self.name!r} draws its training lengths from its 'id' split; leave "
@@ -135,8 +121,6 @@ class TaskConfig:
 
     def build(self):
         """The `poslab.tasks.Task` this section describes."""
-        from poslab.tasks import build_task
-
         return build_task(self.name, **self.options)
 
 
@@ -163,9 +147,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size"):
-            _check_int(f"train.{key}", getattr(self, key), minimum=1)
+            check_int(f"train.{key}", getattr(self, key), minimum=1)
         for key in ("warmup", "log_every", "eval_every", "checkpoint_every", "seed"):
-            _check_int(f"train.{key}", getattr(self, key), minimum=0)
+            check_int(f"train.{key}", getattr(self, key), minimum=0)
         if self.seed >= 2**32:
             raise ValueError(f"train.seed must be below 2**32, got {self.seed}")
         _set(self, "lr", _check_float("train.lr", self.lr, low=0.0))
@@ -199,22 +183,26 @@ class EvalConfig:
     batches: int = 8  # held-out batches per split (per length for length-range splits)
     batch_size: int = 64
     seed: int = 0
+    # Language models (`poslab lm-extrapolation`): the largest length scored, as L, 2L, 4L, ... up
+    # to it; None: 64L on a GPU, 32L on a CPU.
+    extrapolate_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.splits is not None:
             splits = self.splits
             if isinstance(splits, str):  # the command line: eval.splits=id,ood_dense
-                splits = [part.strip() for part in splits.split(",") if part.strip()]
+                splits = split_list(splits)
             if not isinstance(splits, (list, tuple)) or not all(isinstance(s, str) for s in splits):
                 raise ValueError(f"eval.splits must be a list of split names, got {self.splits!r}")
             if not splits:
                 raise ValueError("eval.splits must name at least one split (or be none for all)")
             _set(self, "splits", tuple(splits))
-        if self.length is not None:
-            _check_int("eval.length", self.length, minimum=1)
+        for key in ("length", "extrapolate_to"):
+            if getattr(self, key) is not None:
+                check_int(f"eval.{key}", getattr(self, key), minimum=1)
         for key in ("len_stride", "batches", "batch_size"):
-            _check_int(f"eval.{key}", getattr(self, key), minimum=1)
-        _check_int("eval.seed", self.seed, minimum=0)
+            check_int(f"eval.{key}", getattr(self, key), minimum=1)
+        check_int("eval.seed", self.seed, minimum=0)
         if self.seed >= 2**31:
             raise ValueError(f"eval.seed must be below 2**31, got {self.seed}")
 
@@ -250,7 +238,7 @@ class RunConfig:
                     f"unknown eval split(s) {', '.join(unknown)} for task {task.name!r}; "
                     f"its splits: {', '.join(splits)}"
                 )
-        if self.eval.length is not None and all("lengths" in p for p in splits.values()):
+        if self.eval.length is not None and all(task.split_lengths(s) is not None for s in splits):
             raise ValueError(
                 f"eval.length does not apply to task {task.name!r}, whose splits are length "
                 "ranges; use eval.len_stride or the task's max_eval_len option"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,12 +28,14 @@ def eval_seed(seed: int, split: str, length: int) -> int:
     return ((1 + seed) << 32) | zlib.crc32(f"{split}/{length}".encode())
 
 
-def eval_lengths(split_params: dict[str, Any], config: EvalConfig, default_len: int | None) -> list[int]:
-    """Lengths to evaluate a split at: every ``len_stride``-th of its range (the top included), or
-    the one fixed length (``eval.length``, else the training length)."""
-    if "lengths" in split_params:
-        lengths = list(split_params["lengths"][:: config.len_stride])
-        top = split_params["lengths"][-1]
+def eval_lengths(
+    split_lengths: Sequence[int] | None, config: EvalConfig, default_len: int | None
+) -> list[int]:
+    """Lengths to evaluate a split at: every ``len_stride``-th of its range ``split_lengths`` (the
+    top included), or the one fixed length (``eval.length``, else the training length)."""
+    if split_lengths is not None:
+        lengths = list(split_lengths[:: config.len_stride])
+        top = split_lengths[-1]
         return lengths if lengths[-1] == top else [*lengths, top]
     length = config.length if config.length is not None else default_len
     assert length is not None, "a fixed-length split needs eval.length or task.train_len"
@@ -73,9 +76,9 @@ def evaluate(
     known_metrics = {"error": None, "seq_error": None}  # ordered set, grown by what the task reports
     try:
         for name in names:
-            params = splits[name]
+            params, split_lengths = splits[name], task.split_lengths(name)
             per_length = {}
-            for length in eval_lengths(params, config, train_len):
+            for length in eval_lengths(split_lengths, config, train_len):
                 generator = torch.Generator().manual_seed(eval_seed(config.seed, name, length))
                 scores = []
                 for _ in range(config.batches):
@@ -91,7 +94,7 @@ def evaluate(
                     known_metrics.update(dict.fromkeys(scores[-1]))
                 per_length[length] = mean_metrics(scores)
             result["splits"][name] = mean_metrics(list(per_length.values()))
-            if "lengths" in params:
+            if split_lengths is not None:
                 result["lengths"][name] = {str(k): v for k, v in per_length.items()}
     finally:
         model.train(was_training)
@@ -108,15 +111,8 @@ def mean_metrics(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def headline_metric(metrics: dict[str, dict[str, float]]) -> str:
-    """The metric a table shows: 'accuracy' where the task reports it (Chomsky), else 'error'."""
-    first = next(iter(metrics.values()), {})
-    return "accuracy" if "accuracy" in first else "error"
-
-
-def format_metrics(result: dict[str, Any]) -> str:
-    """One line: ``id error 1.23 | ood_sparse error 4.56 | ...`` (the headline metric, in %)."""
-    metric = headline_metric(result["splits"])
+def format_metrics(result: dict[str, Any], headline: str) -> str:
+    """One line: ``id error 1.23 | ood_sparse error 4.56 | ...`` (the task's headline metric, in %)."""
     return " | ".join(
-        f"{split} {metric} {m.get(metric, math.nan):.2f}" for split, m in result["splits"].items()
+        f"{split} {headline} {m.get(headline, math.nan):.2f}" for split, m in result["splits"].items()
     )

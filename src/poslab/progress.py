@@ -128,3 +128,15 @@ def _clock(seconds: float) -> str:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def setup_logging(quiet: bool) -> None:
+    """Send the ``poslab`` log to stderr through a `ProgressLogHandler` (INFO, or WARNING when
+    ``quiet``); the command line and each grid worker process call it once."""
+    log = logging.getLogger("poslab")
+    handler = ProgressLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers = [h for h in log.handlers if not isinstance(h, ProgressLogHandler)]
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False

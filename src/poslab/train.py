@@ -1,13 +1,7 @@
 """The training loop: AdamW with warmup and cosine decay, clipping, periodic evaluation, atomic
 checkpoints that resume to the same result, and data-parallel training under ``torchrun``.
 
-A run lives in its own directory:
-
-    config.json     the resolved `RunConfig`, written first
-    metrics.jsonl   one JSON record per line: training loss every ``log_every`` steps, evaluations
-    checkpoint.pt   the last checkpoint (see `poslab.checkpoint`)
-    train.log       the log lines of the run
-    results.json    the final evaluation; its presence marks a finished run
+A run writes the files of its `poslab.runs.RunDir` (config.json first, results.json last).
 
 Determinism: the model is initialised from ``train.seed``, the training batches come from one
 ``torch.Generator`` seeded with it, and the learning rate is a function of the step, so a run
@@ -17,6 +11,10 @@ uninterrupted one (bit for bit on CPU).
 Data parallel: launched with ``torchrun --nproc_per_node N -m poslab train ...``, every process
 draws the same global batch and trains on its 1/N slice; DDP averages the gradients (gloo on CPU,
 nccl on GPU). Process 0 writes the files and evaluates.
+
+The loop reads top to bottom: `train` sets up the process group, `_train` the run directory,
+`_start` builds (or restores) the `TrainState`, `_update` is one optimizer step and `_after_update`
+its logging, evaluation and checkpoint; `_finish` writes results.json.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,48 +35,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from poslab.checkpoint import (
-    CheckpointError,
-    json_safe,
-    load_checkpoint,
-    save_checkpoint,
-    write_json,
-    write_text,
-)
-from poslab.config import RunConfig, TrainConfig, encoding_label, slug
-from poslab.evaluate import evaluate, format_metrics, headline_metric
+from poslab.checkpoint import json_safe, save_checkpoint, write_text
+from poslab.config import RunConfig, TrainConfig
+from poslab.evaluate import evaluate, format_metrics
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
+from poslab.runs import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
 
 log = logging.getLogger("poslab")
-
-CONFIG, METRICS, CHECKPOINT, RESULTS, LOG = (
-    "config.json",
-    "metrics.jsonl",
-    "checkpoint.pt",
-    "results.json",
-    "train.log",
-)
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG)
-# Keys a resumed run may change: they alter how long it runs, when it logs, where, and how it is
-# evaluated, but not what a given step learns.
-RESUMABLE_CHANGES = (
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.checkpoint_every",
-    "train.device",
-    "eval.",
-)
-
-
-def resumable_change(key: str) -> bool:
-    """Whether a resumed run may differ from its saved config in dotted ``key``."""
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
-
-
-class RunDirError(ValueError):
-    """The output directory holds a run that would be overwritten."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,107 +64,7 @@ class TrainResult:
         return self.results["metrics"]
 
 
-# -- run directories -------------------------------------------------------------------------------
-
-
-def run_status(run_dir: str | Path) -> str:
-    """'empty' (no run files), 'finished' (results.json) or 'unfinished' (anything else)."""
-    run_dir = Path(run_dir)
-    if (run_dir / RESULTS).is_file():
-        return "finished"
-    if any((run_dir / name).exists() for name in (CONFIG, METRICS, CHECKPOINT)):
-        return "unfinished"
-    return "empty"
-
-
-def check_run_dir(
-    run_dir: str | Path, *, resume: bool, overwrite: bool, config: RunConfig | None = None
-) -> str:
-    """Raise `RunDirError` when ``run_dir`` holds a run and neither flag allows touching it, or when
-    resuming it with a ``config`` that differs from the saved one beyond `RESUMABLE_CHANGES`.
-    Returns the directory's `run_status`."""
-    run_dir = Path(run_dir)
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite exclude each other")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory")
-    status = run_status(run_dir)
-    if status != "empty" and not (resume or overwrite):
-        raise RunDirError(
-            f"{run_dir} already holds a {status} run; pass --resume to continue it or "
-            "--overwrite to replace it"
-        )
-    if resume and config is not None and (run_dir / CONFIG).exists():
-        changed = [k for k in config.diff(load_run_config(run_dir)) if not resumable_change(k)]
-        if changed:
-            raise RunDirError(
-                f"{run_dir} holds a run with a different config ({', '.join(changed)}); "
-                "use another --out or --overwrite"
-            )
-    return status
-
-
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove the files a run writes (and nothing else)."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-
-
-def plan_grid(
-    base: RunConfig,
-    encodings: Sequence[str],
-    seeds: Sequence[int],
-    root: str | Path,
-    *,
-    resume: bool,
-    overwrite: bool,
-) -> list[tuple[RunConfig, Path]]:
-    """One run per encoding and seed at ``root/<encoding>/seed<k>``, every directory checked
-    (`check_run_dir`) before anything trains; ValueError when two encodings share a directory."""
-    grid = []
-    for spec in encodings:
-        for seed in seeds:
-            config = base.override({"model.encoding": spec, "train.seed": seed})
-            run_dir = Path(root) / slug(encoding_label(spec)) / f"seed{seed}"
-            check_run_dir(run_dir, resume=resume, overwrite=overwrite, config=config)
-            grid.append((config, run_dir))
-    if len({d for _, d in grid}) < len(grid):
-        raise ValueError("two encodings of --encodings map to the same directory; list each once")
-    return grid
-
-
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config.json of a run directory."""
-    path = Path(run_dir) / CONFIG
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ValueError(f"{run_dir} holds no run ({CONFIG} is missing)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-
-
-def load_results(run_dir: str | Path) -> dict[str, Any]:
-    """The results.json of a finished run."""
-    path = Path(run_dir) / RESULTS
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{run_dir} holds no finished run ({RESULTS} is missing)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
-
-
 # -- pieces of the loop ----------------------------------------------------------------------------
-
-
-def load_model_state(model: nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
-    """Load a checkpoint's weights; `CheckpointError` when they do not fit the model."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit its model config ({first})") from None
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -253,6 +117,7 @@ class BatchStream:
     def __init__(self, task, config: RunConfig, generator: torch.Generator) -> None:
         self.task, self.config, self.generator = task, config, generator
         self.split = task.splits()["id"]
+        self.lengths = task.split_lengths("id")
         self.pool = None
         if config.task.train_pool:
             self.pool = task.sample(
@@ -264,8 +129,8 @@ class BatchStream:
         if self.pool is not None:
             rows = torch.randint(0, self.config.task.train_pool, (size,), generator=self.generator)
             return type(self.pool)(self.pool.inputs[rows], self.pool.targets[rows], self.pool.mask[rows])
-        if "lengths" in self.split:
-            lengths = self.split["lengths"]
+        if self.lengths is not None:
+            lengths = self.lengths
             length = lengths[int(torch.randint(0, len(lengths), (1,), generator=self.generator))]
         else:
             length = self.config.task.train_len
@@ -342,7 +207,7 @@ def train(
         config: the run.
         out_dir: the run directory (created if needed); None trains without writing files.
         resume: continue from ``out_dir``'s checkpoint (a fresh start when it has none). The
-            config must equal the saved one except for `RESUMABLE_CHANGES` (e.g. more steps).
+            config must equal the saved one except for `poslab.runs.RESUMABLE_CHANGES` (e.g. more steps).
         overwrite: replace a run already in ``out_dir``.
         progress: draw a progress bar; None draws one only when stderr is a terminal.
         callback: called as ``callback(step, model)`` after every update (and its checkpoint).
@@ -376,181 +241,257 @@ def _train(
             f"train.batch_size ({tc.batch_size}) must be divisible by the number of processes ({ctx.world})"
         )
     device = resolve_device(tc.device, ctx.local_rank)
-    run_dir = Path(out_dir) if out_dir is not None else None
+    run_dir = RunDir(out_dir) if out_dir is not None else None
 
     # Every process checks the directory before process 0 touches it.
     checkpoint = None
     if run_dir is not None:
-        check_run_dir(run_dir, resume=resume, overwrite=overwrite, config=config)
-        if resume and (run_dir / CHECKPOINT).exists():
-            checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+        run_dir.check(resume=resume, overwrite=overwrite, config=config)
+        if resume and run_dir.has_checkpoint():
+            checkpoint = run_dir.load_checkpoint()
         ctx.barrier()
         if ctx.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir.path.mkdir(parents=True, exist_ok=True)
             if overwrite or (resume and checkpoint is None):
-                clear_run_dir(run_dir)
-            write_text(run_dir / CONFIG, config.to_json())
-    metrics_log = _MetricsLog(run_dir / METRICS if run_dir is not None and ctx.main else None)
-    file_log = _attach_file_log(run_dir / LOG if run_dir is not None and ctx.main else None)
+                run_dir.clear()
+            run_dir.write_config(config)
+    writer = run_dir if ctx.main else None
+    file_log = _attach_file_log(writer / LOG if writer is not None else None)
     try:
-        return _loop(config, run_dir, ctx, device, checkpoint, metrics_log, progress, callback)
+        session = _Session(
+            config=config,
+            run_dir=run_dir,
+            writer=writer,
+            ctx=ctx,
+            device=device,
+            task=config.task.build(),
+            metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
+        )
+        return _loop(session, checkpoint, progress, callback)
     finally:
         _detach_file_log(file_log)
 
 
-def _loop(config, run_dir, ctx, device, checkpoint, metrics_log, progress, callback) -> TrainResult:
-    tc = config.train
-    task = config.task.build()
-    seed_everything(tc.seed)
-    model = build_model(config.model_config(task)).to(device)
-    optimizer = build_optimizer(model, tc)
-    generator = torch.Generator().manual_seed(tc.seed)
-    batches = BatchStream(task, config, generator)
-    step, elapsed_before, last_eval = 0, 0.0, None
-    if checkpoint is not None:
-        load_model_state(model, checkpoint, run_dir / CHECKPOINT)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["data_rng"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint.get("cuda_rng"):
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], device)
-        step = int(checkpoint["step"])
-        elapsed_before = float(checkpoint.get("elapsed", 0.0))
-        last_eval = checkpoint.get("eval")
-        metrics_log.truncate_after(step)
-        if ctx.main:
-            log.info("resumed %s at step %d", run_dir, step)
+@dataclass(frozen=True)
+class _Session:
+    """What stays fixed while a run trains: its config and task, where it writes, on what it runs."""
 
-    label = f"{config.task.name} {config.encoding_label} seed {tc.seed}"
-    n_params = sum(p.numel() for p in model.parameters())
-    if ctx.main:
-        log.info(
-            "%s: %d parameters, %d steps, batch %d, on %s%s%s",
-            label,
-            n_params,
-            tc.steps,
-            tc.batch_size,
-            device,
-            f" x {ctx.world} processes" if ctx.world > 1 else "",
-            f" -> {run_dir}" if run_dir is not None else "",
-        )
-    if ctx.world > 1:
-        ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        net = nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=_has_unused_parameters(model, task, device), **ddp_args
-        )
-    else:
-        net = model
-    rows = slice(ctx.rank * tc.batch_size // ctx.world, (ctx.rank + 1) * tc.batch_size // ctx.world)
+    config: RunConfig
+    run_dir: RunDir | None
+    writer: RunDir | None  # the run directory on the process that writes it (process 0), else None
+    ctx: _Dist
+    device: torch.device
+    task: Any  # a poslab.tasks.Task
+    metrics_log: _MetricsLog
 
-    def save(step: int, elapsed: float, last_eval: dict | None) -> None:
-        if run_dir is None or not ctx.main:
-            return
-        state = {
-            "step": step,
-            "config": config.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "data_rng": generator.get_state(),
+    @property
+    def label(self) -> str:
+        return f"{self.config.task.name} {self.config.encoding_label} seed {self.config.train.seed}"
+
+
+@dataclass
+class TrainState:
+    """Everything a training step changes, and what a checkpoint saves: the model, the optimizer,
+    the training-data generator, the step, the time spent before this process started, and the
+    last evaluation; plus the running loss since the last log record."""
+
+    model: Transformer
+    optimizer: torch.optim.AdamW
+    generator: torch.Generator
+    batches: BatchStream
+    step: int = 0
+    elapsed_before: float = 0.0
+    last_eval: dict[str, Any] | None = None
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    def checkpoint(self, session: _Session, elapsed: float) -> dict[str, Any]:
+        """The checkpoint state (see `poslab.checkpoint.REQUIRED`)."""
+        device = session.device
+        return {
+            "step": self.step,
+            "config": session.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "data_rng": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
             "elapsed": elapsed,
-            "eval": last_eval,
+            "eval": self.last_eval,
         }
-        save_checkpoint(run_dir / CHECKPOINT, state)
 
-    def run_eval(step: int) -> dict | None:
-        result = None
-        if ctx.main:
-            result = evaluate(model, task, config.eval, train_len=config.task.train_len, device=device)
-            metrics_log.write({"step": step, "kind": "eval", **result})
-            log.info("%s: step %d/%d eval: %s", label, step, tc.steps, format_metrics(result))
-        ctx.barrier()
-        return result
+    def restore(self, checkpoint: dict[str, Any], session: _Session) -> None:
+        """Continue from ``checkpoint``: weights, optimizer, data generator, RNGs and step."""
+        load_model_state(self.model, checkpoint, session.run_dir / CHECKPOINT)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.generator.set_state(checkpoint["data_rng"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if session.device.type == "cuda" and checkpoint.get("cuda_rng"):
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"][0], session.device)
+        self.step = int(checkpoint["step"])
+        self.elapsed_before = float(checkpoint.get("elapsed", 0.0))
+        self.last_eval = checkpoint.get("eval")
 
+
+def _start(session: _Session, checkpoint: dict[str, Any] | None) -> TrainState:
+    """A fresh `TrainState` seeded from ``train.seed``, or the one ``checkpoint`` saved."""
+    config, tc = session.config, session.config.train
+    seed_everything(tc.seed)
+    model = build_model(config.model_config(session.task)).to(session.device)
+    optimizer = build_optimizer(model, tc)
+    generator = torch.Generator().manual_seed(tc.seed)
+    state = TrainState(model, optimizer, generator, BatchStream(session.task, config, generator))
+    if checkpoint is not None:
+        state.restore(checkpoint, session)
+        session.metrics_log.truncate_after(state.step)
+        if session.ctx.main:
+            log.info("resumed %s at step %d", session.run_dir, state.step)
+    return state
+
+
+def _wrap_parallel(session: _Session, model: Transformer) -> nn.Module:
+    """The module the steps call: the model itself, or its DDP wrapper under ``torchrun``."""
+    if session.ctx.world == 1:
+        return model
+    device = session.device
+    ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    unused = _has_unused_parameters(model, session.task, device)
+    return nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused, **ddp_args)
+
+
+def _loop(
+    session: _Session,
+    checkpoint: dict[str, Any] | None,
+    progress: bool | None,
+    callback: Callable[[int, nn.Module], None] | None,
+) -> TrainResult:
+    ctx, tc = session.ctx, session.config.train
+    state = _start(session, checkpoint)
+    n_params = sum(p.numel() for p in state.model.parameters())
+    if ctx.main:
+        log.info(
+            "%s: %d parameters, %d steps, batch %d, on %s%s%s",
+            session.label,
+            n_params,
+            tc.steps,
+            tc.batch_size,
+            session.device,
+            f" x {ctx.world} processes" if ctx.world > 1 else "",
+            f" -> {session.run_dir}" if session.run_dir is not None else "",
+        )
+    net = _wrap_parallel(session, state.model)
+    rows = slice(ctx.rank * tc.batch_size // ctx.world, (ctx.rank + 1) * tc.batch_size // ctx.world)
     started = time.monotonic()
-    bar = Progress(tc.steps, desc=label, initial=step, enabled=(progress if ctx.main else False))
-    loss_sum, loss_count = 0.0, 0
+    enabled = progress if ctx.main else False
+    bar = Progress(tc.steps, desc=session.label, initial=state.step, enabled=enabled)
     final_eval_done = False
-    milestone = max(1, tc.steps // 10)  # without a progress bar, log progress ten times a run
     try:
-        model.train()
-        while step < tc.steps:
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = batches.next()
-            inputs, targets, mask = (t[rows].to(device) for t in (batch.inputs, batch.targets, batch.mask))
-            logits = net(inputs)
-            loss = masked_cross_entropy(logits, targets, mask if tc.loss == "scored" else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-            loss_value = loss.detach()
-            if ctx.world > 1:
-                dist.all_reduce(loss_value)
-                loss_value /= ctx.world
-            loss_value = float(loss_value)
-            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                where = (
-                    f"; the last good checkpoint is {run_dir / CHECKPOINT}"
-                    if run_dir is not None and (run_dir / CHECKPOINT).exists()
-                    else ""
-                )
-                raise NonFiniteLossError(
-                    f"non-finite {what} ({loss_value if what == 'loss' else grad_norm}) at step "
-                    f"{step + 1}; training stopped{where}. Try a lower train.lr or train.grad_clip"
-                )
-            optimizer.step()
-            step += 1
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-            bar.update(1, loss=loss_sum / loss_count)  # mean since the last log record
-            elapsed = elapsed_before + time.monotonic() - started
-            if ctx.main and not bar.enabled and step % milestone == 0 and step < tc.steps:
-                mean_loss = loss_sum / loss_count
-                log.info("%s: step %d/%d, loss %.4f, %.0f s", label, step, tc.steps, mean_loss, elapsed)
-            if tc.log_every and step % tc.log_every == 0:
-                metrics_log.write(
-                    {
-                        "step": step,
-                        "kind": "train",
-                        "loss": loss_sum / loss_count,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "elapsed": elapsed,
-                    }
-                )
-                loss_sum, loss_count = 0.0, 0
-            if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
-                last_eval = run_eval(step)
-                final_eval_done = step == tc.steps
-            if step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                save(step, elapsed, last_eval)
+        state.model.train()
+        while state.step < tc.steps:
+            lr, grad_norm = _update(session, state, net, rows)
+            bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
+            elapsed = state.elapsed_before + time.monotonic() - started
+            final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
             if callback is not None:
-                callback(step, model)
+                callback(state.step, state.model)
     finally:
         bar.close()
-
     if not final_eval_done:  # resumed at or past the last step: evaluate what was loaded
-        last_eval = run_eval(step)
-    elapsed = elapsed_before + time.monotonic() - started
-    results = {
-        "task": config.task.name,
-        "encoding": config.encoding_label,
-        "seed": tc.seed,
-        "step": step,
-        "n_params": n_params,
-        "wall_time": elapsed,
-        "chance": task.chance,
-        "headline": headline_metric(last_eval["splits"]) if last_eval else None,
-        "metrics": last_eval,
-    }
-    if run_dir is not None and ctx.main:
-        write_json(run_dir / RESULTS, results)
-        log.info("%s: done in %.0f s: %s", label, elapsed, format_metrics(last_eval))
-    return TrainResult(config=config, model=model, results=results, run_dir=run_dir)
+        state.last_eval = _evaluate(session, state)
+    return _finish(session, state, n_params, state.elapsed_before + time.monotonic() - started)
+
+
+def _update(session: _Session, state: TrainState, net: nn.Module, rows: slice) -> tuple[float, float]:
+    """One optimizer step on this process's rows of the next batch; returns (lr, gradient norm).
+
+    Raises `NonFiniteLossError` before the step when the loss or the gradient norm is not finite.
+    """
+    tc, ctx, device = session.config.train, session.ctx, session.device
+    lr = lr_at(state.step, tc)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    batch = state.batches.next()
+    inputs, targets, mask = (t[rows].to(device) for t in (batch.inputs, batch.targets, batch.mask))
+    logits = net(inputs)
+    loss = masked_cross_entropy(logits, targets, mask if tc.loss == "scored" else None)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    grad_norm = float(nn.utils.clip_grad_norm_(state.model.parameters(), max_norm))
+    loss_value = loss.detach()
+    if ctx.world > 1:
+        dist.all_reduce(loss_value)
+        loss_value /= ctx.world
+    loss_value = float(loss_value)
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        run_dir = session.run_dir
+        where = (
+            f"; the last good checkpoint is {run_dir / CHECKPOINT}"
+            if run_dir is not None and run_dir.has_checkpoint()
+            else ""
+        )
+        raise NonFiniteLossError(
+            f"non-finite {what} ({loss_value if what == 'loss' else grad_norm}) at step "
+            f"{state.step + 1}; training stopped{where}. Try a lower train.lr or train.grad_clip"
+        )
+    state.optimizer.step()
+    state.step += 1
+    state.loss_sum, state.loss_count = state.loss_sum + loss_value, state.loss_count + 1
+    return lr, grad_norm
+
+
+def _after_update(
+    session: _Session, state: TrainState, lr: float, grad_norm: float, elapsed: float, bar_shown: bool
+) -> bool:
+    """Log, evaluate and checkpoint on their schedules after an update; returns whether this was
+    the final evaluation (at the last step)."""
+    tc, step = session.config.train, state.step
+    milestone = max(1, tc.steps // 10)  # without a progress bar, log progress ten times a run
+    if session.ctx.main and not bar_shown and step % milestone == 0 and step < tc.steps:
+        mean_loss = state.loss_sum / state.loss_count
+        log.info("%s: step %d/%d, loss %.4f, %.0f s", session.label, step, tc.steps, mean_loss, elapsed)
+    if tc.log_every and step % tc.log_every == 0:
+        record = {"step": step, "kind": "train", "loss": state.loss_sum / state.loss_count}
+        session.metrics_log.write({**record, "lr": lr, "grad_norm": grad_norm, "elapsed": elapsed})
+        state.loss_sum, state.loss_count = 0.0, 0
+    final = False
+    if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
+        state.last_eval = _evaluate(session, state)
+        final = step == tc.steps
+    due = step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
+    if due and session.writer is not None:
+        save_checkpoint(session.writer / CHECKPOINT, state.checkpoint(session, elapsed))
+    return final
+
+
+def _evaluate(session: _Session, state: TrainState) -> dict[str, Any] | None:
+    """Evaluate on process 0 (logged to metrics.jsonl); every process waits for it."""
+    result = None
+    config = session.config
+    if session.ctx.main:
+        result = evaluate(
+            state.model, session.task, config.eval, train_len=config.task.train_len, device=session.device
+        )
+        session.metrics_log.write({"step": state.step, "kind": "eval", **result})
+        steps = config.train.steps
+        summary = format_metrics(result, session.task.headline)
+        log.info("%s: step %d/%d eval: %s", session.label, state.step, steps, summary)
+    session.ctx.barrier()
+    return result
+
+
+def _finish(session: _Session, state: TrainState, n_params: int, elapsed: float) -> TrainResult:
+    """The results (results.json on process 0) and the `TrainResult`."""
+    config, task = session.config, session.task
+    about = {"n_params": n_params, "wall_time": elapsed}
+    results = results_record(config, task, step=state.step, metrics=state.last_eval, about=about, timing={})
+    if session.writer is not None:
+        session.writer.write_results(results)
+        summary = format_metrics(state.last_eval, task.headline)
+        log.info("%s: done in %.0f s: %s", session.label, elapsed, summary)
+    run_dir = session.run_dir.path if session.run_dir is not None else None
+    return TrainResult(config=config, model=state.model, results=results, run_dir=run_dir)
 
 
 def _has_unused_parameters(model: nn.Module, task, device: torch.device) -> bool:

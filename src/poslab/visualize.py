@@ -9,7 +9,7 @@
 Both read one attention layer by recomputing it from the input the layer received in a real forward
 (`layer_logits`), so they work on trained run directories and on freshly built models alike:
 
-    run = load_run("runs/x/dape_base=kerple_log/seed0")            # poslab.extrapolate
+    run = load_run("runs/x/dape_base=kerple_log/seed0")   # poslab.experiments.extrapolation
     ids = encode_text(run.task.data.tokenizer, "def f(x):\\n    return x\\n")
     bias = dape_bias(run.model, ids, layer=0, query=-1)            # bias.position_term (H, i + 1)
     plot_dape_bias(bias, "dape_layer0.png")
@@ -21,7 +21,6 @@ matplotlib is imported only to draw (``pip install 'poslab[plot]'``).
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +31,12 @@ import torch
 from torch import Tensor
 
 from poslab import plotting
+from poslab.attention import eager_logits, eager_probabilities
 from poslab.encodings.base import PositionEncoding, causal_mask
 from poslab.encodings.compose import Composite
 from poslab.encodings.cope import CoPE
 from poslab.encodings.dape import DAPE
+from poslab.experiments.extrapolation import load_run
 from poslab.model import Transformer
 
 
@@ -115,14 +116,12 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
     pos = torch.arange(t, device=x.device)
     if "rotate" in encoding.hooks:
         q, k = encoding.rotate(q, k, pos, pos)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)  # (1, H, T, T)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
-    extra = {"extra_keys": encoding.input_keys(x)} if "input_keys" in encoding.hooks else {}
-    if encoding.uses_logits:
-        logits = encoding.logits(scores, bias, q, k, v, pos, pos, causal=True, **extra)
-    else:
-        logits = scores if bias is None else scores + bias
-    attention = torch.softmax(logits.masked_fill(~causal_mask(pos, pos), float("-inf")), dim=-1)
+    extra_keys = encoding.input_keys(x) if "input_keys" in encoding.hooks else None
+    scores, logits = eager_logits(
+        q, k, v, encoding, bias, pos, pos, causal=True, extra_keys=extra_keys
+    )  # (1, H, T, T) each
+    attention = eager_probabilities(logits, pos, pos, causal=True)
     output = (attention @ v).transpose(1, 2).reshape(t, -1)  # (T, H * Dh)
     return LayerLogits(
         layer=layer,
@@ -136,7 +135,7 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
         output=output,
         model_output=captured["y"][0],
         encoding=encoding,
-        extra_keys=extra["extra_keys"][0] if extra else None,
+        extra_keys=None if extra_keys is None else extra_keys[0],
     )
 
 
@@ -365,7 +364,7 @@ def sentence_window(tokenizer: Any, stream: Tensor, length: int) -> Tensor:
     return s[start : start + length]
 
 
-# -- run directories and the command line ----------------------------------------------------------
+# -- run directories ------------------------------------------------------------------------
 
 
 def visualize_run(
@@ -386,8 +385,6 @@ def visualize_run(
     CoPE, readable character by character). text: the text to read (default: the window of the
     held-out ``split`` with the most sentence ends).
     """
-    from poslab.extrapolate import load_run
-
     run = load_run(run_dir)
     model, tokenizer = run.model, run.task.data.tokenizer
     if kind == "auto":
@@ -437,52 +434,3 @@ def visualize_run(
                 )
             )
     return paths
-
-
-def add_visualize_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``visualize`` subcommand (sets ``run`` to `cmd_visualize`)."""
-    p = subparsers.add_parser("visualize", help="plot DAPE's learned bias or CoPE's positions of a run")
-    p.add_argument(
-        "run_dir", metavar="RUN_DIR", help="a trained LM run directory (config.json + checkpoint.pt)"
-    )
-    p.add_argument("--out", required=True, help="directory for the PNG files")
-    p.add_argument("--kind", default="auto", choices=("auto", "dape", "cope"))
-    p.add_argument("--layers", help="comma-separated layers (default all)")
-    p.add_argument("--length", type=int, help="window length in tokens (default 4L for DAPE, L for CoPE)")
-    p.add_argument("--query", type=int, default=-1, help="query position (default the last)")
-    text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", help="text to read (default: held-out text with the most sentence ends)")
-    text.add_argument("--text-file", help="read the text from this file")
-    p.add_argument("--split", default="validation", choices=("train", "validation", "test"))
-    p.set_defaults(run=cmd_visualize)
-
-
-def cmd_visualize(args: argparse.Namespace) -> int:
-    """``poslab visualize RUN_DIR --out DIR``."""
-    text = args.text
-    if args.text_file is not None:
-        try:
-            text = Path(args.text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"cannot read --text-file {args.text_file}: {error}") from None
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(part) for part in args.layers.split(",") if part.strip()]
-        except ValueError:
-            raise ValueError(f"--layers takes integers such as 0,1, got {args.layers!r}") from None
-    try:
-        paths = visualize_run(
-            args.run_dir,
-            args.out,
-            kind=args.kind,
-            layers=layers,
-            length=args.length,
-            query=args.query,
-            text=text,
-            split=args.split,
-        )
-    except ImportError as error:
-        raise ValueError(str(error)) from None
-    print("\n".join(str(p) for p in paths))
-    return 0

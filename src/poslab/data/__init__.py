@@ -1,5 +1,5 @@
 """Real text for language modelling: corpora split by document, tokenizers, LM batches and the
-length-extrapolation evaluation (DESIGN.md section 5).
+length-extrapolation evaluation (docs/tasks.md).
 
     corpus = load_corpus("stdlib")
     data = build_lm_data(corpus, tokenizer="bytes")

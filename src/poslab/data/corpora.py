@@ -6,7 +6,7 @@ already on the machine; nothing is downloaded at run time except by the optional
     corpus = load_corpus("stdlib")                 # the running Python's standard library
     parts = corpus.split()                         # {"train": [...], "validation": [...], ...}
 
-Sources (DESIGN.md section 5, language modelling):
+Sources (docs/tasks.md, language modelling):
 - "stdlib": the .py files of the running Python's standard library (code; on every machine).
 - "files": a directory, a file or a glob of text files (``path=``).
 - "python_docs": the reST sources of the Python documentation from Debian's python3.11-doc.

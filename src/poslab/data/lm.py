@@ -1,6 +1,6 @@
 """Language-modelling data and the length-extrapolation evaluation of the DAPE protocol.
 
-DESIGN.md section 5: train at length L on random windows of the training split; evaluate at
+The protocol (docs/tasks.md): train at length L on random windows of the training split; evaluate at
 L, 2L, ..., 64L on non-overlapping windows of held-out documents with the full causal context, and
 report the perplexity of the last 256 tokens of each window (the DAPE paper's headline,
 arXiv 2405.14722) and of all tokens.

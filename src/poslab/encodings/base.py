@@ -1,6 +1,6 @@
 """The position-encoding interface, the registry and `build_encoding`.
 
-A position encoding acts through up to five hooks:
+A position encoding acts through up to five hooks (docs/encodings.md):
 
 | hook       | method                              | examples                          |
 |------------|-------------------------------------|-----------------------------------|
@@ -139,6 +139,11 @@ class PositionEncoding(nn.Module):
     def check_length(self, max_position: int) -> None:
         """Raise ValueError when positions up to ``max_position`` cannot be encoded."""
 
+    def block_channels(self, q: Tensor) -> int:
+        """Channels per (batch, query, key) of the largest per-block intermediate, for sizing the
+        attention's query blocks: H (the logits) unless an encoding stores more."""
+        return self.n_heads
+
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, head_dim={self.head_dim}"
 
@@ -241,8 +246,19 @@ def parse_value(text: str) -> Any:
     return text
 
 
+# The class that builds a composition 'a+b' (`poslab.encodings.compose.Composite`, which registers
+# itself): it builds its parts with `build_encoding`, so importing it here would be a cycle.
+_COMPOSITION: list[type[PositionEncoding]] = []
+
+
+def register_composition(cls: type[PositionEncoding]) -> type[PositionEncoding]:
+    """Class decorator: ``cls(names, n_heads=, head_dim=, **options)`` builds 'a+b' compositions."""
+    _COMPOSITION[:] = [cls]
+    return cls
+
+
 def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) -> PositionEncoding:
-    """Build a position encoding by registry name (DESIGN.md sections 2 to 4).
+    """Build a position encoding by registry name (docs/encodings.md).
 
     Args:
         name: a registered name (``list_encodings()``), a composition such as ``'cope+rope'``, or a
@@ -258,9 +274,8 @@ def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) ->
     name, spec_options = parse_spec(name)
     options = {**spec_options, **options}
     if "+" in name:
-        from poslab.encodings.compose import Composite
-
-        return Composite(name.split("+"), n_heads=n_heads, head_dim=head_dim, **options)
+        (composite,) = _COMPOSITION
+        return composite(name.split("+"), n_heads=n_heads, head_dim=head_dim, **options)
     cls = encoding_class(name)
     known = encoding_options(cls)
     unknown = sorted(set(options) - set(known))

@@ -11,11 +11,13 @@ from poslab.encodings.base import (
     build_encoding,
     encoding_class,
     encoding_options,
+    register_composition,
 )
 
 
+@register_composition
 class Composite(PositionEncoding):
-    """Several encodings acting together through their hooks (DESIGN.md section 1).
+    """Several encodings acting together through their hooks (docs/encodings.md).
 
     embed and rotate are applied in order, biases are summed, and logits rewriters run in order:
     the first receives the raw logits A and the summed bias, each later one the previous output (with
@@ -111,7 +113,7 @@ class Composite(PositionEncoding):
         )
 
     def block_channels(self, q: Tensor) -> int:
-        return max(p.block_channels(q) if hasattr(p, "block_channels") else self.n_heads for p in self.parts)
+        return max(p.block_channels(q) for p in self.parts)
 
     def extra_repr(self) -> str:
         return f"{self.name}"

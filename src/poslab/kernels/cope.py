@@ -1,7 +1,7 @@
 """Fused CoPE attention for one block of queries, with a hand-written backward.
 
 Exactly the math of ``poslab.encodings.cope.CoPE`` followed by mask, softmax and the value product
-(DESIGN.md section 3), but: unless the caller lets the block keep its intermediates (``save_bytes``,
+(docs/attention.md, CoPE), but: unless the caller lets the block keep its intermediates (``save_bytes``,
 a share of ``poslab.attention.SAVE_BYTES``), the forward keeps nothing of size (T, S) for backward
 (only the output and the row log-sum-exp) and the backward recomputes the block; intermediate
 tensors are reused in place. On CPU the allocation of large fresh tensors costs as much as the

@@ -1,6 +1,6 @@
 """Fused DAPE attention (pointwise MLP, kernel_size 1) for one block of queries, hand-written backward.
 
-logits = A + [B] + W2 leaky(W1 [A; B; 1]) + b2 (DESIGN.md section 4, the first layer's bias b1 folded
+logits = A + [B] + W2 leaky(W1 [A; B; 1]) + b2 (docs/attention.md, DAPE; the first layer's bias b1 folded
 into W1 as a column for a constant 1 feature), then mask, softmax and the value product. The MLP runs
 channels-last as plain matrix products over (B*t*S, C) rows: only the few input channels [A; B; 1]
 are transposed, never the D-channel hidden map, and one product gives the gradient of W1 and b1.

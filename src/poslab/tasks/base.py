@@ -1,7 +1,7 @@
 """The task interface: `Batch`, `Task`, the registry and `build_task`.
 
 A task turns (batch size, length, seeded generator, split parameters) into a `Batch` of token ids,
-targets and a mask of the scored positions, and scores a model's logits on it (DESIGN.md section 5).
+targets and a mask of the scored positions, and scores a model's logits on it (docs/tasks.md).
 Two kinds exist:
 
 - causal (decoder) tasks, trained as language models: ``inputs = seq[:-1]``,
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from poslab.options import Registry
+from poslab.options import check_int as check_int  # re-exported for the task modules
 
 TASKS: Registry[type[Task]] = Registry("task", "tasks")
 
@@ -58,6 +59,7 @@ class Task:
     Class attributes a subclass sets:
         name: the registry name (set by `register`).
         causal: True for decoder (next-token) tasks, False for encoder tasks.
+        headline: the metric a results table shows ('error', lower is better, or 'accuracy').
     Instance attributes set by the constructor:
         tokens: the name of every input id, ``tokens[i]`` for id i (used by `decode`).
         output_tokens: the name of every output id (the same as ``tokens`` for causal tasks).
@@ -67,6 +69,7 @@ class Task:
 
     name: ClassVar[str] = ""
     causal: ClassVar[bool] = True
+    headline: ClassVar[str] = "error"
 
     tokens: tuple[str, ...]
     output_tokens: tuple[str, ...]
@@ -83,6 +86,11 @@ class Task:
     def splits(self) -> dict[str, dict[str, Any]]:
         """Named splits -> keyword arguments for `sample`; the training split is ``"id"``."""
         raise NotImplementedError
+
+    def split_lengths(self, split: str) -> Sequence[int] | None:
+        """The lengths split ``split`` ranges over (``splits()[split]["lengths"]``; training draws
+        one per batch, evaluation scores each), or None for a split at one fixed length."""
+        return self.splits()[split].get("lengths")
 
     def sample(
         self, batch_size: int, length: int, *, generator: torch.Generator, **split_params: Any
@@ -154,12 +162,6 @@ def build_task(name: str, **options: Any) -> Task:
 
 
 # -- helpers shared by the task modules ------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, *, minimum: int) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def check_probability(name: str, value: Any) -> None:

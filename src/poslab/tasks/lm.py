@@ -1,4 +1,4 @@
-"""Language modelling on real text and code (DESIGN.md section 5, last item).
+"""Language modelling on real text and code (docs/tasks.md, language modelling).
 
 The task wraps `poslab.data` so that the harness (``poslab train``, ``poslab compare``, the presets)
 trains a decoder on random windows of a corpus's training documents exactly as it trains on the

@@ -37,6 +37,7 @@ class ChomskyTask(Task):
     """
 
     causal = False
+    headline = "accuracy"
     level: ClassVar[str]
     input_alphabet: ClassVar[tuple[str, ...]]
     output_alphabet: ClassVar[tuple[str, ...]]

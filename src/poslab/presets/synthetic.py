@@ -1,61 +1,18 @@
-"""Named run configurations, from a seconds-long smoke test to the papers' GPU-sized setups.
-
-Every preset is a function returning a `RunConfig`; override any field on the command line
-(``poslab train --preset flipflop_small model.encoding=cope train.steps=200``). Preset encodings
-carry no options, so ``model.encoding`` can be swapped for any registered encoding.
-"""
+"""Presets of the synthetic tasks: flip-flop, selective copy, counting and the Chomsky hierarchy,
+from a seconds-long smoke test to the papers' GPU-sized setups (the protocols: docs/tasks.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from poslab.config import EvalConfig, ModelSpec, RunConfig, TaskConfig, TrainConfig
+from poslab.presets.registry import preset
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {}
-DESCRIPTIONS: dict[str, str] = {}
-
-# The encodings of the README's main comparison (`poslab demo`).
+# The encodings of the README's main comparison (`poslab demo`, on flipflop_demo).
 DEMO_ENCODINGS = ("nope", "learned", "rope", "alibi", "cope", "dape")
-
-
-def preset(name: str, description: str) -> Callable[[Callable[[], RunConfig]], Callable[[], RunConfig]]:
-    """Register a preset function under ``name``."""
-
-    def wrap(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
-        PRESETS[name] = fn
-        DESCRIPTIONS[name] = description
-        return fn
-
-    return wrap
-
-
-# Modules that register presets of their own (imported on first use: they import this one).
-PRESET_MODULES = ("poslab.extrapolate",)
-
-
-def _load_preset_modules() -> None:
-    import importlib
-
-    for module in PRESET_MODULES:
-        importlib.import_module(module)
-
-
-def list_presets() -> list[str]:
-    _load_preset_modules()
-    return sorted(PRESETS)
-
-
-def get_preset(name: str) -> RunConfig:
-    """The `RunConfig` of preset ``name``; ValueError listing the known presets otherwise."""
-    _load_preset_modules()
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
-    return PRESETS[name]()
 
 
 # -- flip-flop (Liu et al. 2023; CoPE paper section 5.2) -------------------------------------------
 
-# DESIGN.md section 7: the CPU model that already separates the encodings.
+# The CPU model that already separates the encodings (calibration: docs/tasks.md).
 SMALL_DECODER = dict(d_model=64, n_layers=2, n_heads=4, norm="pre")
 
 
@@ -77,12 +34,12 @@ def smoke() -> RunConfig:
     )
 
 
-@preset("flipflop_small", "CPU, minutes: DESIGN.md section 7, 2 layers d 64, 64 pairs, 3000 steps")
+@preset("flipflop_small", "CPU, minutes: the calibrated CPU model, 2 layers d 64, 64 pairs, 3000 steps")
 def flipflop_small() -> RunConfig:
     # The loss is on the scored read bits only (train.loss=scored). With the next-token loss on
     # every token (train.loss=all, as the paper-scale preset), the random bits and instructions
     # drown the signal at this budget: CoPE at 600 steps had 33% read error against 15%.
-    # 3000 steps, not DESIGN.md's 1500: CoPE learns late (its zero-initialised position table
+    # 3000 steps, not the calibration's 1500: CoPE learns late (its zero-initialised position table
     # gives the gates no gradient at first) and at 1500 steps one seed in three had not finished
     # (docs/results/flipflop).
     return RunConfig(

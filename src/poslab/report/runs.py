@@ -1,6 +1,7 @@
-"""Tables and plots from finished runs: mean ± std over seeds per encoding.
+"""The results page of finished runs (train, eval, compare, report): mean ± std over seeds per
+encoding.
 
-`write_report` turns run directories (each with config.json and results.json, see `poslab.train`)
+`write_report` turns run directories (each with config.json and results.json, see `poslab.runs`)
 into ``table.md`` (Markdown), ``results.csv`` (one row per run), ``lengths.csv`` (per-length
 metrics, for tasks evaluated per length), ``results.json`` (runs and summary) and PNG plots:
 ``<task>_splits.png`` (the headline metric per split as grouped bars) and ``<task>_lengths.png``
@@ -13,13 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from poslab import plotting
-from poslab.checkpoint import write_json, write_text
+from poslab.checkpoint import write_text
+from poslab.report.common import csv_value, mean_std, stats_cell, write_page
+from poslab.runs import RESULTS, RunDir, find_finished_runs
 
 log = logging.getLogger("poslab")
 
@@ -43,52 +46,18 @@ class RunRecord:
         return self.results["metrics"].get("lengths") or {}
 
 
-def is_finished_run(path: Path) -> bool:
-    """A run directory with its results (a report directory has results.json but no config.json)."""
-    return (path / "results.json").is_file() and (path / "config.json").is_file()
-
-
-def find_runs(paths: list[str | Path]) -> list[Path]:
-    """Finished run directories given directly or found below the given paths."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise ValueError(f"no such run directory: {path}")
-        if is_finished_run(path):
-            found.append(path)
-        else:
-            found.extend(sorted(p.parent for p in path.rglob("results.json") if is_finished_run(p.parent)))
-    if not found:
-        raise ValueError(f"no finished runs (results.json) under {', '.join(map(str, paths))}")
-    return list(dict.fromkeys(found))
-
-
-def load_runs(paths: list[str | Path]) -> list[RunRecord]:
+def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
     """`RunRecord` of every finished run at or below ``paths``."""
-    from poslab.train import load_results
-
     records = []
-    for run_dir in find_runs(paths):
-        results = load_results(run_dir)
+    for run_dir in find_finished_runs(paths):
+        results = RunDir(run_dir).load_results()
         if not results.get("metrics"):
-            raise ValueError(f"{run_dir / 'results.json'} holds no evaluation")
+            raise ValueError(f"{run_dir / RESULTS} holds no evaluation")
         records.append(RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results))
     return records
 
 
 # -- statistics ------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float | None]) -> dict[str, float]:
-    """Mean, sample standard deviation (n - 1 in the denominator; 0 for one value) and n, ignoring
-    missing and NaN values (mean and std NaN when none is left)."""
-    xs = [v for v in values if v is not None and not math.isnan(v)]
-    n = len(xs)
-    if n == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
 
 
 def flat_metrics(splits: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -131,14 +100,6 @@ def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
 # -- outputs ---------------------------------------------------------------------------------------
 
 
-def _cell(stats: dict[str, float] | None) -> str:
-    if stats is None or stats["n"] == 0:
-        return "–"
-    if stats["n"] == 1:
-        return f"{stats['mean']:.2f}"
-    return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
-
-
 def table_columns(entries: dict[str, Any]) -> list[tuple[str, str]]:
     """(metric key, column title) pairs: the headline metric of each split, then for error
     tables the sequence error of each split."""
@@ -176,7 +137,7 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         lines.append("| encoding | n | " + " | ".join(title for _, title in columns) + " |")
         lines.append("|---|---|" + "---|" * len(columns))
         for label, entry in entries.items():
-            cells = [_cell(entry["metrics"].get(key)) for key, _ in columns]
+            cells = [stats_cell(entry["metrics"].get(key)) for key, _ in columns]
             lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
@@ -193,7 +154,7 @@ def runs_csv(runs: list[RunRecord]) -> str:
         flat = flat_metrics(r.splits)
         ident = [r.task, r.label, r.seed, str(r.run_dir)]
         ident += [r.results.get(k) for k in ("step", "n_params", "wall_time")]
-        writer.writerow(ident + [_csv_value(flat.get(k)) for k in keys])
+        writer.writerow(ident + [csv_value(flat.get(k)) for k in keys])
     return out.getvalue()
 
 
@@ -206,12 +167,8 @@ def lengths_csv(runs: list[RunRecord]) -> str:
         for split, per_length in r.lengths.items():
             for length, metrics in per_length.items():
                 for metric, value in metrics.items():
-                    writer.writerow([r.task, r.label, r.seed, split, length, metric, _csv_value(value)])
+                    writer.writerow([r.task, r.label, r.seed, split, length, metric, csv_value(value)])
     return out.getvalue()
-
-
-def _csv_value(value: float | None) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)
 
 
 def write_report(runs: list[RunRecord], out_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
@@ -220,13 +177,10 @@ def write_report(runs: list[RunRecord], out_dir: str | Path, *, plots: bool = Tr
     if not runs:
         raise ValueError("no runs to report")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(runs)
     table = markdown_table(summary)
-    files = [out_dir / "table.md", out_dir / "results.csv", out_dir / "results.json"]
-    write_text(files[0], table)
-    write_text(files[1], runs_csv(runs))
-    write_json(files[2], {"runs": [_run_json(r) for r in runs], "summary": summary})
+    data = {"runs": [_run_json(r) for r in runs], "summary": summary}
+    files = write_page(out_dir, table=table, csv=runs_csv(runs), data=data)
     if any(r.lengths for r in runs):
         files.append(out_dir / "lengths.csv")
         write_text(files[-1], lengths_csv(runs))
