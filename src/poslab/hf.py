@@ -104,6 +104,7 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
             )
         attn.position_encoding = encoding
         attn.poslab_impl = impl
+        attn.poslab_model_rope = model_rope
     if not model_rope:
         decoder.rotary_emb = NoRotary(head_dim)
 
@@ -201,6 +202,8 @@ def poslab_attention(
         out = attend(query, key, value, encoding, impl=impl)
         return out.transpose(1, 2).contiguous(), None
     q_pos = torch.arange(n_keys - n_queries, n_keys, device=query.device)
+    if module.poslab_model_rope and encoding is not None:
+        check_rotary_positions(kwargs.get("position_ids"), starts, q_pos)
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
     for start in starts.unique().tolist():
         rows = (starts == start).nonzero().flatten()
@@ -216,6 +219,22 @@ def poslab_attention(
             impl=impl,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def check_rotary_positions(position_ids: Tensor | None, starts: Tensor, q_pos: Tensor) -> None:
+    """With left padding, the model's rotary embedding must count each row from its first real token.
+
+    RoPE alone only sees position differences, but a poslab part composed with it (CoPE's position
+    logits read the rotated queries) would see the padding offset. ``generate`` passes such
+    position_ids itself; a plain forward must be given them.
+    """
+    expected = q_pos[None, :] - starts[:, None]  # (B, T)
+    real = expected >= 0
+    if position_ids is None or not torch.equal(position_ids.expand_as(expected)[real], expected[real]):
+        raise ValueError(
+            "poslab.hf: with left padding and the model's rotary embedding, pass position_ids that count "
+            "each row from its first real token (attention_mask.cumsum(-1) - 1, as generate does)"
+        )
 
 
 def padding_starts(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor | None:
@@ -260,7 +279,9 @@ def from_pretrained(path: str | Path, **config_overrides: Any) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(path, **config_overrides)
     record = getattr(config, CONFIG_KEY, None)
     if not record:
-        raise ValueError(f"{path}/config.json records no {CONFIG_KEY}; was the model saved after poslab.hf.apply?")
+        raise ValueError(
+            f"{path}/config.json records no {CONFIG_KEY}; was the model saved after poslab.hf.apply?"
+        )
     model = transformers.AutoModelForCausalLM.from_config(config)
     apply(model, record["spec"], impl=record.get("impl", "auto"), **record.get("options", {}))
     load_weights(model, path)
