@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +317,15 @@ def test_nope_reads_the_earlier_tokens_as_a_set():
         with torch.no_grad():
             change = (model(x).logits[0, -1] - model(reversed_).logits[0, -1]).abs().max()
         assert (change < 1e-9) == invariant
+
+
+@pytest.mark.slow
+def test_the_trainer_example_runs(tmp_path):
+    pytest.importorskip("accelerate")
+    example = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    args = ["--out", str(tmp_path), "--steps", "4", "--batch", "2", "--train-len", "16", "--multiples", "1,2"]
+    args += ["--eval-windows", "1", "--max-docs", "30", "--hidden", "16"]
+    subprocess.run([sys.executable, str(example), *args], check=True, capture_output=True, timeout=300)
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["spec"] for r in results] == ["dape", "rope"]
+    assert all(r["scores"]["2"]["length"] == 32 for r in results)
