@@ -290,6 +290,13 @@ def test_a_mask_poslab_cannot_honour_is_refused():
         applied("alibi")(tokens(1, 8), attention_mask=middle)
 
 
+@pytest.mark.parametrize("spec", ["alibi", "rope"])
+def test_a_static_cache_is_refused(spec):
+    """Its keys include empty future slots and its prefill mask is None (SDPA's top-left causal)."""
+    with pytest.raises(ValueError, match="static cache"):
+        applied(spec).generate(tokens(1, 5), max_new_tokens=3, cache_implementation="static", pad_token_id=0)
+
+
 def test_poslab_imports_without_transformers_and_hf_says_what_to_install():
     code = (
         "import sys; sys.modules['transformers'] = None\n"

@@ -237,6 +237,11 @@ def check_rotary_positions(position_ids: Tensor | None, starts: Tensor, q_pos: T
         )
 
 
+STATIC_CACHE = (
+    "poslab.hf: the queries are not the last of the keys (a static cache?); use the default dynamic cache"
+)
+
+
 def padding_starts(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor | None:
     """Index of each row's first real key (B,), or None when no row is left-padded.
 
@@ -245,6 +250,8 @@ def padding_starts(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor |
     inside a row) would need positions poslab.attend cannot express.
     """
     if mask is None:
+        if 1 < n_queries < n_keys:  # None then means SDPA's top-left causal mask: a static cache
+            raise ValueError(STATIC_CACHE)
         return None
     if mask.dtype != torch.bool:
         mask = mask == 0  # a float mask: 0 where visible, -inf where masked
@@ -263,6 +270,8 @@ def padding_starts(mask: Tensor | None, n_queries: int, n_keys: int) -> Tensor |
             "poslab.hf: the attention mask is not causal with left or right padding (padding inside a "
             "row, sliding window, packed sequences or a static cache?); poslab.attend cannot honour it"
         )
+    if bool((valid.any(dim=1) & (stops <= n_keys - n_queries)).any()):
+        raise ValueError(STATIC_CACHE)  # no query is a real token: keys past the last one are empty slots
     if not bool((starts > 0).any()):
         return None  # right padding at most: real queries never see the padding after them
     return starts
