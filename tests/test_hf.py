@@ -273,6 +273,18 @@ def test_unsupported_models_and_options_get_a_one_line_error(make, spec, message
 def test_bad_impl_and_unsaveable_options_are_refused():
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         hf.apply(tiny(), "alibi", impl="flash")
+    with pytest.raises(ValueError, match="rewrites logits; impl='fused' cannot run it"):
+        hf.apply(tiny(), "cope+rope", impl="fused")
+    model = tiny()
+    with pytest.raises(ValueError, match="acts on token embeddings"):
+        hf.apply(model, "alibi+learned")
+    assert not isinstance(model.model.rotary_emb, hf.NoRotary)  # a refused spec leaves the model as it was
+    assert model.config._attn_implementation != "poslab"
+    x = tokens(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf.apply(tiny(), "alibi", impl="eager")(x).logits, applied("alibi")(x).logits
+        )
     with pytest.raises(ValueError, match="JSON values"):
         hf.apply(tiny(), "rope", rope={"base": object()})
 

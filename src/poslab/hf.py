@@ -93,15 +93,19 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
 
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    for layer in layers:
+        if not math.isclose(layer.self_attn.scaling, head_dim**-0.5, rel_tol=1e-6):
+            raise ValueError(
+                f"attention scale {layer.self_attn.scaling} is not 1/sqrt(head_dim); poslab.attend "
+                "scales by 1/sqrt(head_dim) only"
+            )
     model_rope, rest, rest_options = split_rope(spec, options)
+    # Everything is checked and built before the model is touched: a refused spec leaves it as it was.
     encodings = [build_layer_encoding(rest, rest_options, n_heads, head_dim) for _ in layers]
+    if impl == "fused" and encodings[0] is not None and encodings[0].uses_logits:
+        raise ValueError(f"encoding {encodings[0].name!r} rewrites logits; impl='fused' cannot run it")
     for layer, encoding in zip(layers, encodings, strict=True):
         attn = layer.self_attn
-        if not math.isclose(attn.scaling, head_dim**-0.5, rel_tol=1e-6):
-            raise ValueError(
-                f"attention scale {attn.scaling} is not 1/sqrt(head_dim); poslab.attend scales by "
-                "1/sqrt(head_dim) only"
-            )
         attn.position_encoding = encoding
         attn.poslab_impl = impl
         attn.poslab_model_rope = model_rope
