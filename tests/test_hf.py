@@ -104,6 +104,23 @@ def test_rope_leaves_the_models_logits_unchanged(model_type):
     assert expected.abs().max() > 1  # logits large enough for the comparison to mean something
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_take_encodings_too(model_type):
+    model = applied("dape[base=kerple_log]", model_type).double()
+    assert isinstance(model.model.rotary_emb, hf.NoRotary)
+    x, left = tokens(2, 8), torch.ones(2, 8, dtype=torch.long)
+    left[1, :3] = 0
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True)
+    runs = [
+        model.generate(x, attention_mask=left, use_cache=c, return_dict_in_generate=True, **settings)
+        for c in (True, False)
+    ]
+    for cached, full in zip(runs[0].logits, runs[1].logits, strict=True):
+        torch.testing.assert_close(cached, full, rtol=1e-9, atol=1e-9)
+    alone = model.generate(x[1:, 3:], return_dict_in_generate=True, **settings)
+    torch.testing.assert_close(runs[0].logits[-1][1], alone.logits[-1][0], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("spec", ["nope", "alibi", "cope"])
 def test_other_encodings_do_change_the_logits(spec):
     x = tokens(2, 10)
