@@ -245,6 +245,14 @@ def test_counting_paper_preset_follows_the_official_run_script() -> None:
     assert config.task.train_len == 512  # --max-steps 512
     assert config.task.options == {"n_vars": 3, "max_tokens": 512}  # --nvars 3, --block-size 512
     assert config.task.train_pool == 10000  # --ntrain 10000
+    # run.sh: --emb-tie --drop 0.1 --batch-sz 64 --lr 0.00007 --nepochs 100 --post-norm, and the
+    # trainer's defaults: Adam, no lr decay, no warmup, no gradient clipping.
+    model, train = config.model, config.train
+    assert (model.n_layers, model.d_model, model.n_heads, model.norm) == (4, 256, 4, "post")
+    assert model.tie_embeddings and model.dropout == 0.1
+    assert (train.batch_size, train.lr, train.weight_decay, train.grad_clip) == (64, 7e-5, 0.0, 0.0)
+    assert (train.warmup, train.min_lr_ratio, train.beta2) == (0, 1.0, 0.999)
+    assert train.steps == 100 * -(-10000 // 64)  # 100 epochs of 157 batches
     task = config.task.build()
     batch = task.sample(64, config.task.train_len, generator=gen(0))
     assert batch.inputs.shape[1] == 511  # at 512 statements some programs are longer than the block

@@ -129,21 +129,29 @@ def counting_small() -> RunConfig:
     )
 
 
-@preset("counting_paper", "GPU: the paper's 4 layers d 256 4 heads post-LN, 10k training programs")
+@preset("counting_paper", "GPU: the official run script: 4 layers d 256 4 heads post-LN, 10k programs")
 def counting_paper() -> RunConfig:
+    # The official CoPE run script and trainer defaults: 512 statements with the last 512 tokens
+    # kept, 10k training programs, tied embeddings, dropout 0.1, Adam (no weight decay) at a constant
+    # 7e-5 without warmup or clipping, batch 64 for 100 epochs (157 batches each), loss on the answer.
     return RunConfig(
-        model=ModelSpec(d_model=256, n_layers=4, n_heads=4, norm="post", encoding="cope"),
-        # The official run script: up to 512 statements, the last 512 tokens kept.
+        model=ModelSpec(
+            d_model=256, n_layers=4, n_heads=4, norm="post", dropout=0.1, tie_embeddings=True, encoding="cope"
+        ),
         task=TaskConfig(
             name="counting", options={"n_vars": 3, "max_tokens": 512}, train_len=512, train_pool=10000
         ),
         train=TrainConfig(
-            steps=10000,
+            steps=15700,
             batch_size=64,
-            lr=3e-4,
-            warmup=500,
-            eval_every=1000,
-            checkpoint_every=1000,
+            lr=7e-5,
+            min_lr_ratio=1.0,
+            warmup=0,
+            weight_decay=0.0,
+            beta2=0.999,
+            grad_clip=0.0,
+            eval_every=1570,
+            checkpoint_every=1570,
         ),
         eval=EvalConfig(batches=16, batch_size=64),
     )
