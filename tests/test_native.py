@@ -3,6 +3,8 @@ threads, its build cache, and the PyTorch fallback when it is switched off or ca
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,14 +32,25 @@ def reference(scores, bias, w1, b1, w2, b2, row_len, add_base):
     return logits.masked_fill(~keep, float("-inf")), keep
 
 
+# The builds this CPU runs (AVX2 and, where the CPU has it, AVX-512), or the one -march=native build.
+LEVELS = [level for level in native.supported_levels() if level in ("x86-64-v3", "x86-64-v4")] or ["native"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("n_heads", [3, 4])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("has_bias,add_base", [(True, True), (True, False), (False, False)])
-def test_forward_and_backward_equal_the_reference(has_bias, add_base, dtype, threads, monkeypatch):
+def test_forward_and_backward_equal_the_reference(
+    has_bias, add_base, dtype, threads, n_heads, level, monkeypatch
+):
+    monkeypatch.setenv("POSLAB_NATIVE_ARCH", level)
     monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert native.build_info(n_heads).startswith(level)
     gen = torch.Generator().manual_seed(0)
-    n_batch, n_heads, t, s, width = 2, 3, 5, 37, 8  # 37 keys: two full chunks of 16 and a partial one
+    # 37 keys: full vectors of 4, 8 or 16 lanes and a partial one
+    n_batch, t, s, width = 2, 5, 37, 8
     channels = 2 * n_heads if has_bias else n_heads
 
     def rand(*shape):
@@ -83,10 +96,11 @@ def test_switched_off_by_the_environment(monkeypatch):
     native._library.cache_clear()  # a first call while switched off must not stick
     monkeypatch.setenv("POSLAB_NATIVE", "0")
     assert not native.available()
-    assert not native.supports(torch.zeros(1))
+    assert not native.supports(torch.zeros(1), n_heads=4)
     monkeypatch.setenv("POSLAB_NATIVE", "1")
-    assert native.supports(torch.zeros(1))
-    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16))  # float32 and float64 only
+    assert native.supports(torch.zeros(1), n_heads=4)
+    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16), n_heads=4)  # float32 and float64 only
+    assert not native.supports(torch.zeros(1), n_heads=native.MAX_HEADS + 1)
 
 
 def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch):
@@ -147,3 +161,68 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     # a row that sees no key is all -inf, not an out-of-bounds write
     out = forward(row_len=torch.tensor([0, -3, 5]))
     assert torch.isneginf(out[:, :, :2]).all() and torch.isfinite(out[:, :, 2]).all()
+
+
+def test_the_target_level_is_checked_and_named():
+    """POSLAB_NATIVE_ARCH forces a build; a level the CPU cannot run is refused, not a crash later."""
+    assert native.arch() in (*native.LEVELS, "native")
+    assert native.cpu_model()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POSLAB_NATIVE_ARCH", "pentium")
+        with pytest.raises(ValueError, match="POSLAB_NATIVE_ARCH must be native or one of"):
+            native.arch()
+        missing = [level for level in native.LEVELS if level not in native.supported_levels()]
+        if missing:
+            mp.setenv("POSLAB_NATIVE_ARCH", missing[0])
+            with pytest.raises(ValueError, match="cannot run it"):
+                native.arch()
+
+
+def test_the_guard_times_once_caches_beside_the_library_and_is_honoured(tmp_path, monkeypatch):
+    """By default DAPE takes the kernel only where a one-off timing found it faster; the timing is
+    kept beside the library (a later process reads it instead of timing again); POSLAB_NATIVE=1 and
+    =0 override it."""
+    from poslab.kernels import dape
+
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("POSLAB_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_decisions", {})
+    native._library.cache_clear()
+    try:
+        enc = poslab.build_encoding("dape", n_heads=4, head_dim=8)
+        q = torch.randn(1, 4, 6, 8)
+        calls = []
+
+        def slower(n_heads, width, dtype):
+            calls.append((n_heads, width, dtype))
+            return {"native": 2.0, "torch": 1.0}
+
+        monkeypatch.setattr(dape, "time_both_paths", slower)
+        assert not enc.runs_natively(q) and not enc.runs_natively(q)
+        assert calls == [(4, 32, torch.float32)]  # timed once per process
+        (guard,) = tmp_path.glob("*.guard.json")
+        assert (tmp_path / guard.name.replace(".guard.json", ".so")).exists()
+        cached = json.loads(guard.read_text())
+        assert cached == {"dape-k1-h4-d32-float32": {"native": 2.0, "torch": 1.0, "native_wins": False}}
+
+        monkeypatch.setattr(native, "_decisions", {})  # a new process: reads the file, times nothing
+        monkeypatch.setattr(dape, "time_both_paths", lambda *a: pytest.fail("timed again"))
+        cached["dape-k1-h4-d32-float32"]["native_wins"] = True
+        guard.write_text(json.dumps(cached))
+        assert enc.runs_natively(q)
+        monkeypatch.setenv("POSLAB_NATIVE", "0")
+        assert not enc.runs_natively(q)
+        monkeypatch.setattr(native, "_decisions", {})
+        cached["dape-k1-h4-d32-float32"]["native_wins"] = False
+        guard.write_text(json.dumps(cached))
+        monkeypatch.setenv("POSLAB_NATIVE", "1")
+        assert enc.runs_natively(q)
+    finally:
+        native._library.cache_clear()
+
+
+def test_the_guard_timing_measures_both_paths():
+    from poslab.kernels import dape
+
+    timing = dape.time_both_paths(2, 8, torch.float32, rounds=1)
+    assert set(timing) == {"native", "torch"} and all(0 < x < 10 for x in timing.values())

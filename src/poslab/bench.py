@@ -147,7 +147,7 @@ def bench_attention(
             head_dim=head_dim,
             repeats=repeats,
             device=device,
-            native_dape_mlp=native.supports(q),
+            native_dape_mlp=native.supports(q, n_heads=heads),
         ),
     )
     for name in candidates:
@@ -201,7 +201,7 @@ def bench_train_step(
             batch=batch,
             length=length,
             device=device,
-            native_dape_mlp=native.supports(probe),
+            native_dape_mlp=native.supports(probe, n_heads=heads),
         ),
     )
     for name in steps:

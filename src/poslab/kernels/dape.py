@@ -22,6 +22,7 @@ path above remains for GPUs, other dtypes and machines without a compiler.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -216,7 +217,7 @@ def dape_attention(
     """
     lin1, _, lin2 = mlp
     params = (lin1.weight, lin1.bias, lin2.weight, lin2.bias)
-    if uses_native(q, mlp) and native.supports(k, v, bias):
+    if uses_native(q, mlp) and native.supports(k, v, bias, n_heads=q.shape[1]):
         return _native_attention(q, k, v, bias, keep, params, add_base=add_base, save_bytes=save_bytes)
     args = (q, k, v, bias, keep, *params)
     if needs_autograd(*args):
@@ -232,9 +233,52 @@ def dape_attention(
 
 
 def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
-    """Whether ``dape_attention`` runs the MLP natively for queries like ``q`` (CPU, float32/64,
-    at most ``native.MAX_HEADS`` heads, the kernels built and not switched off)."""
-    return q.shape[1] <= native.MAX_HEADS and native.supports(q, *mlp.parameters())
+    """Whether ``dape_attention`` runs the MLP natively for queries like ``q``: CPU, float32/64, at
+    most ``native.MAX_HEADS`` heads, the kernels built and switched on, and (unless forced with
+    POSLAB_NATIVE=1) faster than the PyTorch path on this machine by the guard's cached timing."""
+    n_heads = q.shape[1]
+    if not native.supports(q, *mlp.parameters(), n_heads=n_heads):
+        return False
+    if native.mode() == "on":
+        return True
+    width = mlp[0].weight.shape[0]
+    key = f"dape-k1-h{n_heads}-d{width}-{str(q.dtype).removeprefix('torch.')}"
+    return native.decision(key, n_heads, lambda: time_both_paths(n_heads, width, q.dtype))
+
+
+def time_both_paths(n_heads: int, width: int, dtype: torch.dtype, *, rounds: int = 3) -> dict[str, float]:
+    """Seconds (best of ``rounds``, interleaved) of one block's forward and backward on each path,
+    at a representative shape: 4 sequences, the last 64 queries of 256 keys, a base bias, 32 dims."""
+    # Fresh tensors with autograd on, whatever mode the caller is in (e.g. inference_mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _time_both_paths(n_heads, width, dtype, rounds)
+
+
+def _time_both_paths(n_heads: int, width: int, dtype: torch.dtype, rounds: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    n_batch, t, s, head_dim = 4, 64, 256, 32
+
+    def rand(*shape: int) -> Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * 0.5).requires_grad_()
+
+    q, k, v = (rand(n_batch, n_heads, n, head_dim) for n in (t, s, s))
+    bias = rand(n_heads, t, s)
+    params = (rand(width, 2 * n_heads), rand(width), rand(n_heads, width), rand(n_heads))
+    keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    row_len = _row_len(keep, t, s)
+    grad = torch.randn(n_batch, n_heads, t, head_dim, generator=gen, dtype=dtype)
+    runs = {
+        "native": lambda: NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, *params, True, True),
+        "torch": lambda: DAPEAttentionFn.apply(q, k, v, bias, keep, *params, True, True),
+    }
+    best = {name: math.inf for name in runs}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn().backward(grad)
+            if round_ > 0:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:
