@@ -21,14 +21,20 @@ def test_builds_where_there_is_a_compiler():
 
 
 def reference(scores, bias, w1, b1, w2, b2, row_len, add_base):
-    """The MLP as DESIGN.md writes it, channels-last through F.linear, -inf past each row's length."""
+    """The MLP as the paper writes it, channels-last through F.linear, -inf past each row's length;
+    with (D, C, 3) weights V2's two convolutions over the keys, features and hidden map masked."""
     n_batch = scores.shape[0]
     feats = scores if bias is None else torch.cat((scores, bias.expand(n_batch, -1, -1, -1)), dim=1)
-    hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)
-    logits = scores + F.linear(hidden, w2, b2).permute(0, 3, 1, 2)
+    keep = torch.arange(scores.shape[-1]) < row_len[:, None]
+    if w1.dim() == 3:
+        hidden = F.leaky_relu(F.conv2d(feats * keep, w1[:, :, None], b1, padding=(0, 1)), 0.01) * keep
+        mixed = F.conv2d(hidden, w2[:, :, None], b2, padding=(0, 1))
+    else:
+        hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)
+        mixed = F.linear(hidden, w2, b2).permute(0, 3, 1, 2)
+    logits = scores + mixed
     if add_base and bias is not None:
         logits = logits + bias
-    keep = torch.arange(scores.shape[-1]) < row_len[:, None]
     return logits.masked_fill(~keep, float("-inf")), keep
 
 
@@ -37,12 +43,13 @@ LEVELS = [level for level in native.supported_levels() if level in ("x86-64-v3",
 
 
 @pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("kernel_size", [1, 3])
 @pytest.mark.parametrize("n_heads", [3, 4])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("has_bias,add_base", [(True, True), (True, False), (False, False)])
 def test_forward_and_backward_equal_the_reference(
-    has_bias, add_base, dtype, threads, n_heads, level, monkeypatch
+    has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch
 ):
     monkeypatch.setenv("POSLAB_NATIVE_ARCH", level)
     monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
@@ -56,11 +63,12 @@ def test_forward_and_backward_equal_the_reference(
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
+    taps = (3,) if kernel_size == 3 else ()
     scores, w1, b1, w2, b2 = (
         rand(n_batch, n_heads, t, s),
-        rand(width, channels),
+        rand(width, channels, *taps),
         rand(width),
-        rand(n_heads, width),
+        rand(n_heads, width, *taps),
         rand(n_heads),
     )
     bias = rand(n_heads, t, s) if has_bias else None

@@ -74,15 +74,19 @@ struct Problem {
   T slope;
 };
 
-// The weights as full vectors, d-major: w1[d * C + c], b1[d], w2[d * H + h] (W2 transposed).
+// The weights as full vectors, d-major: w1[(d * C + c) * K + j], b1[d], w2[(d * H + h) * K + j]
+// (W2 transposed); K taps per weight (1 for the MLP, 3 for V2's convolutions).
 template <typename T>
 struct Broadcast {
   std::vector<Vec<T>> w1, b1, w2;
-  explicit Broadcast(const Problem<T>& p) : w1(p.width * p.channels), b1(p.width), w2(p.width * p.heads) {
-    for (int64_t d = 0; d < p.width; ++d) {
+  explicit Broadcast(const Problem<T>& p, int K = 1)
+      : w1(p.width * p.channels * K), b1(p.width), w2(p.width * p.heads * K) {
+    const int64_t D = p.width, C = p.channels, H = p.heads;
+    for (int64_t d = 0; d < D; ++d) {
       b1[d] = Vec<T>{} + p.b1[d];
-      for (int64_t c = 0; c < p.channels; ++c) w1[d * p.channels + c] = Vec<T>{} + p.w1[d * p.channels + c];
-      for (int64_t h = 0; h < p.heads; ++h) w2[d * p.heads + h] = Vec<T>{} + p.w2[h * p.width + d];
+      for (int64_t j = 0; j < C * K; ++j) w1[d * C * K + j] = Vec<T>{} + p.w1[d * C * K + j];
+      for (int64_t h = 0; h < H; ++h)
+        for (int j = 0; j < K; ++j) w2[(d * H + h) * K + j] = Vec<T>{} + p.w2[(h * D + d) * K + j];
     }
   }
 };
@@ -266,14 +270,211 @@ struct Kernel {
   }
 };
 
+// DAPE V2 with kernel_size 3: Conv(1 x 3) -> leaky -> Conv(1 x 3) along the keys of each query row,
+// features and hidden map zero past the row's visible keys (causal masking of both) and outside the
+// row (the convolutions' zero padding). W1 (D, C, 3) and W2 (H, D, 3) as Conv2d stores them
+// (out[s] = sum_j w[j] in[s + j - 1]). Per row the features, the hidden map and, in backward,
+// dL/dlogits and dL/dpre live in zero-padded row buffers (entry s at index s + 1), so every shifted
+// read is a plain vector load; the work is one multiply-add per weight and key, the hidden map
+// touches only the thread's row buffer, never a (B, t, S, D) tensor.
+template <typename T, int H, bool BIAS>
+struct Conv3 {
+  static constexpr int C = BIAS ? 2 * H : H;
+  static constexpr int W = LANES<T>;
+
+  // Padded row buffers of n_channels x stride; stride covers S keys, both pads and a vector overrun.
+  struct Rows {
+    int64_t stride;
+    std::vector<T> data;
+    Rows(int64_t channels, int64_t keys) : stride(keys + 2 * W + 2), data(channels * stride) {}
+    T* operator[](int64_t c) { return data.data() + c * stride; }
+    // Copy len entries from src into channel c (at index 1), zeros around.
+    void fill(int64_t c, const T* src, int64_t len) {
+      T* row = (*this)[c];
+      row[0] = T(0);
+      std::memcpy(row + 1, src, len * sizeof(T));
+      std::fill(row + 1 + len, row + stride, T(0));
+    }
+  };
+
+  // Lanes of the chunk at s0 past len are zeroed (masked keys).
+  static inline Vec<T> mask_tail(Vec<T> v, int n) {
+    for (int l = n; l < W; ++l) v[l] = T(0);
+    return v;
+  }
+
+  static inline Vec<T> at(const T* row, int64_t s0, int j) {  // keys s0 + j - 1 .. of a padded row
+    return load(row + s0 + j, W);
+  }
+
+  // Row (b, i): features into F; the pre-activation into P (unpadded layout: P[d][s]) and the
+  // masked hidden map into Hd (padded).
+  static void hidden(const Problem<T>& p, const Broadcast<T>& w, int64_t b, int64_t i, int64_t len, Rows& F,
+                     Rows& P, Rows& Hd) {
+    const int64_t t = p.rows, S = p.keys, D = p.width;
+    for (int h = 0; h < H; ++h) F.fill(h, p.scores + ((b * H + h) * t + i) * S, len);
+    if (BIAS)
+      for (int h = 0; h < H; ++h) F.fill(H + h, p.bias + (h * t + i) * S, len);
+    for (int64_t d = 0; d < D; ++d) {
+      T* hrow = Hd[d];
+      hrow[0] = T(0);
+      std::fill(hrow + 1 + len, hrow + Hd.stride, T(0));
+      const Vec<T>* wd = &w.w1[d * C * 3];
+      for (int64_t s0 = 0; s0 < len; s0 += W) {
+        const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
+        Vec<T> even = w.b1[d], odd = Vec<T>{};
+        for (int c = 0; c < C; ++c) {
+          const T* frow = F[c];
+          even += at(frow, s0, 0) * wd[c * 3];
+          odd += at(frow, s0, 1) * wd[c * 3 + 1];
+          even += at(frow, s0, 2) * wd[c * 3 + 2];
+        }
+        const Vec<T> x = even + odd;
+        std::memcpy(P[d] + s0, &x, sizeof x);
+        const Vec<T> hid = mask_tail(leaky(x, x, p.slope), n);
+        std::memcpy(hrow + 1 + s0, &hid, sizeof hid);  // the overrun past len is re-zeroed below
+      }
+      std::fill(hrow + 1 + len, hrow + Hd.stride, T(0));
+    }
+  }
+
+  static void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
+    const int64_t t = p.rows, S = p.keys, D = p.width;
+    const Broadcast<T> w(p, 3);
+    parallel_rows(t, threads, [&](int tid, int n_threads) {
+      Rows F(C, S), P(D, S), Hd(D, S);
+      Vec<T> acc[H];
+      for (int64_t i = tid; i < t; i += n_threads) {
+        const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
+        for (int64_t b = 0; b < p.batch; ++b) {
+          hidden(p, w, b, i, len, F, P, Hd);
+          T* out_row = logits + ((b * H) * t + i) * S;
+          for (int64_t s0 = 0; s0 < len; s0 += W) {
+            const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
+            for (int h = 0; h < H; ++h) acc[h] = at(F[h], s0, 1) + p.b2[h];
+            if (BIAS && add_base)
+              for (int h = 0; h < H; ++h) acc[h] += at(F[H + h], s0, 1);
+            for (int64_t d = 0; d < D; ++d) {
+              const T* hrow = Hd[d];
+              const Vec<T> x0 = at(hrow, s0, 0), x1 = at(hrow, s0, 1), x2 = at(hrow, s0, 2);
+              const Vec<T>* wd = &w.w2[d * H * 3];
+              for (int h = 0; h < H; ++h) acc[h] += x0 * wd[h * 3] + x1 * wd[h * 3 + 1] + x2 * wd[h * 3 + 2];
+            }
+            for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
+          }
+          for (int h = 0; h < H; ++h)
+            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, -std::numeric_limits<T>::infinity());
+        }
+      }
+    });
+  }
+
+  // As Kernel::backward, with grad_w1 (D, C, 3) and grad_w2 (H, D, 3).
+  static void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1, T* grad_w2,
+                       int threads) {
+    const int64_t t = p.rows, S = p.keys, D = p.width;
+    const int n_threads_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t)));
+    const Broadcast<T> w(p, 3);
+    const int64_t n_params = D * C * 3 + D + D * H * 3;  // d-major, as the broadcast weights
+    std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
+    const bool want_bias = BIAS && grad_bias != nullptr;
+    parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
+      Rows F(C, S), P(D, S), Hd(D, S), G(H, S), GP(D, S);
+      std::vector<Vec<T>> lane_acc(n_params);
+      Vec<T>* acc_w1 = lane_acc.data();
+      Vec<T>* acc_b1 = acc_w1 + D * C * 3;
+      Vec<T>* acc_w2 = acc_b1 + D;
+      double* total = totals.data() + tid * n_params;
+      Vec<T> g[H], gf[C];
+      for (int64_t i = tid; i < t; i += n_threads) {
+        const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
+        if (len == 0) continue;
+        std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
+        for (int64_t b = 0; b < p.batch; ++b) {
+          hidden(p, w, b, i, len, F, P, Hd);
+          T* g_row = grad + ((b * H) * t + i) * S;
+          for (int h = 0; h < H; ++h) G.fill(h, g_row + h * t * S, len);
+          // dW2 and dL/dpre = leaky'(pre) * sum_{h, j} W2[h, d, j] dL/dlogits[h, s + 1 - j].
+          for (int64_t d = 0; d < D; ++d) {
+            T* gp_row = GP[d];
+            gp_row[0] = T(0);
+            const Vec<T>* wd = &w.w2[d * H * 3];
+            const T* hrow = Hd[d];
+            for (int64_t s0 = 0; s0 < len; s0 += W) {
+              const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
+              const Vec<T> x0 = at(hrow, s0, 0), x1 = at(hrow, s0, 1), x2 = at(hrow, s0, 2);
+              Vec<T> gh = Vec<T>{};
+              for (int h = 0; h < H; ++h) {
+                const T* grow = G[h];
+                const Vec<T> gs = at(grow, s0, 1);
+                acc_w2[(d * H + h) * 3] += gs * x0;
+                acc_w2[(d * H + h) * 3 + 1] += gs * x1;
+                acc_w2[(d * H + h) * 3 + 2] += gs * x2;
+                gh += at(grow, s0, 2) * wd[h * 3] + gs * wd[h * 3 + 1] + at(grow, s0, 0) * wd[h * 3 + 2];
+              }
+              Vec<T> x;
+              std::memcpy(&x, P[d] + s0, sizeof x);
+              const Vec<T> gp = mask_tail(leaky(x, gh, p.slope), n);
+              std::memcpy(gp_row + 1 + s0, &gp, sizeof gp);
+              acc_b1[d] += gp;
+              Vec<T>* aw = acc_w1 + d * C * 3;
+              for (int c = 0; c < C; ++c) {
+                const T* frow = F[c];
+                aw[c * 3] += gp * at(frow, s0, 0);
+                aw[c * 3 + 1] += gp * at(frow, s0, 1);
+                aw[c * 3 + 2] += gp * at(frow, s0, 2);
+              }
+            }
+            std::fill(gp_row + 1 + len, gp_row + GP.stride, T(0));
+          }
+          // dL/dfeatures[c, s] = sum_{d, j} W1[d, c, j] dL/dpre[d, s + 1 - j], zero past len.
+          for (int64_t s0 = 0; s0 < len; s0 += W) {
+            const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
+            for (int c = 0; c < C; ++c) gf[c] = Vec<T>{};
+            for (int64_t d = 0; d < D; ++d) {
+              const T* gp_row = GP[d];
+              const Vec<T> y0 = at(gp_row, s0, 2), y1 = at(gp_row, s0, 1), y2 = at(gp_row, s0, 0);
+              const Vec<T>* wd = &w.w1[d * C * 3];
+              for (int c = 0; c < C; ++c) gf[c] += y0 * wd[c * 3] + y1 * wd[c * 3 + 1] + y2 * wd[c * 3 + 2];
+            }
+            for (int h = 0; h < H; ++h) g[h] = at(G[h], s0, 1) + gf[h];
+            for (int h = 0; h < H; ++h) store(g_row + h * t * S + s0, g[h], n);
+            if (want_bias)
+              for (int h = 0; h < H; ++h) {
+                T* dst = grad_bias + (h * t + i) * S + s0;
+                store(dst, load(dst, n) + gf[H + h], n);
+              }
+          }
+        }
+        for (int64_t j = 0; j < n_params; ++j) {
+          double sum = 0.0;
+          for (int l = 0; l < W; ++l) sum += lane_acc[j][l];
+          total[j] += sum;
+        }
+      }
+    });
+    auto sum = [&](int64_t j) {
+      double s = 0.0;
+      for (int tid = 0; tid < n_threads_used; ++tid) s += totals[tid * n_params + j];
+      return static_cast<T>(s);
+    };
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t j = 0; j < C * 3; ++j) grad_w1[d * C * 3 + j] = sum(d * C * 3 + j);
+      grad_b1[d] = sum(D * C * 3 + d);
+      for (int h = 0; h < H; ++h)
+        for (int j = 0; j < 3; ++j) grad_w2[(h * D + d) * 3 + j] = sum(D * C * 3 + D + (d * H + h) * 3 + j);
+    }
+  }
+};
+
 #ifndef POSLAB_HEADS
 #error "compile with -DPOSLAB_HEADS=<the head count>"
 #endif
 
-template <typename T, typename Fn>
+template <typename T, template <typename, int, bool> class K, typename Fn>
 void dispatch(const Problem<T>& p, Fn fn) {
-  if (p.bias != nullptr) return fn(Kernel<T, POSLAB_HEADS, true>{});
-  return fn(Kernel<T, POSLAB_HEADS, false>{});
+  if (p.bias != nullptr) return fn(K<T, POSLAB_HEADS, true>{});
+  return fn(K<T, POSLAB_HEADS, false>{});
 }
 
 template <typename T>
@@ -292,23 +493,26 @@ extern "C" const char* dape_mlp_isa() { return ISA; }
 extern "C" int dape_mlp_vector_bytes() { return VECTOR_BYTES; }
 extern "C" int dape_mlp_heads() { return POSLAB_HEADS; }
 
-#define POSLAB_DAPE_ENTRY_POINTS(T, SUFFIX)                                                          \
-  extern "C" void dape_mlp_forward_##SUFFIX(const T* scores, const T* bias, const T* w1, const T* b1, \
-                                            const T* w2, const T* b2, const int64_t* row_len,        \
-                                            int64_t batch, int64_t heads, int64_t rows, int64_t keys, \
-                                            int64_t width, double slope, int add_base, T* logits,    \
-                                            int threads) {                                           \
+// kernel_size 1 (the MLP) or 3 (V2); W1 (D, C, kernel_size), W2 (H, D, kernel_size).
+#define POSLAB_DAPE_ENTRY_POINTS(T, SUFFIX)                                                              \
+  extern "C" void dape_mlp_forward_##SUFFIX(const T* scores, const T* bias, const T* w1, const T* b1,     \
+                                            const T* w2, const T* b2, const int64_t* row_len,            \
+                                            int64_t batch, int64_t heads, int64_t rows, int64_t keys,     \
+                                            int64_t width, double slope, int add_base, T* logits,        \
+                                            int threads, int kernel_size) {                              \
     const auto p = problem(scores, bias, w1, b1, w2, b2, row_len, batch, heads, rows, keys, width, slope); \
-    dispatch<T>(p, [&](auto k) { k.forward(p, logits, add_base != 0, threads); });           \
-  }                                                                                                  \
-  extern "C" void dape_mlp_backward_##SUFFIX(const T* scores, const T* bias, const T* w1, const T* b1,\
-                                             const T* w2, const int64_t* row_len, int64_t batch,     \
-                                             int64_t heads, int64_t rows, int64_t keys, int64_t width, \
-                                             double slope, T* grad, T* grad_bias, T* grad_w1,        \
-                                             T* grad_b1, T* grad_w2, int threads) {                  \
-    const auto p = problem(scores, bias, w1, b1, w2, static_cast<const T*>(nullptr), row_len, batch,  \
-                           heads, rows, keys, width, slope);                                         \
-    dispatch<T>(p, [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); }); \
+    auto run = [&](auto k) { k.forward(p, logits, add_base != 0, threads); };                            \
+    kernel_size == 3 ? dispatch<T, Conv3>(p, run) : dispatch<T, Kernel>(p, run);                         \
+  }                                                                                                      \
+  extern "C" void dape_mlp_backward_##SUFFIX(const T* scores, const T* bias, const T* w1, const T* b1,    \
+                                             const T* w2, const int64_t* row_len, int64_t batch,         \
+                                             int64_t heads, int64_t rows, int64_t keys, int64_t width,     \
+                                             double slope, T* grad, T* grad_bias, T* grad_w1,            \
+                                             T* grad_b1, T* grad_w2, int threads, int kernel_size) {     \
+    const auto p = problem(scores, bias, w1, b1, w2, static_cast<const T*>(nullptr), row_len, batch,      \
+                           heads, rows, keys, width, slope);                                             \
+    auto run = [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); };      \
+    kernel_size == 3 ? dispatch<T, Conv3>(p, run) : dispatch<T, Kernel>(p, run);                         \
   }
 
 POSLAB_DAPE_ENTRY_POINTS(float, f32)

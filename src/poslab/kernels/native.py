@@ -187,8 +187,8 @@ def _library(n_heads: int, target: str) -> ctypes.CDLL | None:
         warnings.warn(message, stacklevel=3)
         return None
     # The signatures of dape_mlp.cpp's entry points: pointers, sizes, the slope, flags, threads.
-    forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT]
-    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT]
+    forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT, _INT]
+    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT, _INT]
     for suffix in ("f32", "f64"):
         getattr(lib, f"dape_mlp_forward_{suffix}").argtypes = forward_args
         getattr(lib, f"dape_mlp_backward_{suffix}").argtypes = backward_args
@@ -273,18 +273,25 @@ def _threads(work: int) -> int:
     return 1 if work < MIN_PARALLEL_WORK else torch.get_num_threads()
 
 
+def _taps(w1: Tensor) -> int:
+    return w1.shape[2] if w1.dim() == 3 else 1
+
+
 def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **others: Tensor | None) -> None:
     """ValueError unless the arguments have the shapes, dtype and layout the C++ kernel assumes
     (it reads raw pointers: a wrong shape would read or write out of bounds, not raise)."""
     if scores.dim() != 4:
         raise ValueError(f"native DAPE: scores must be (B, H, t, S), got {tuple(scores.shape)}")
     _, n_heads, t, s = scores.shape
-    width = w1.shape[0] if w1.dim() == 2 else -1
+    width = w1.shape[0] if w1.dim() in (2, 3) else -1
+    taps = (w1.shape[2],) if w1.dim() == 3 else ()  # V2: (D, C, 3) and (H, D, 3)
+    if taps not in ((), (3,)):
+        raise ValueError(f"native DAPE: kernel_size 1 or 3, got w1 of shape {tuple(w1.shape)}")
     expected = {
         "bias": (n_heads, t, s),
-        "w1": (width, 2 * n_heads if bias is not None else n_heads),
+        "w1": (width, 2 * n_heads if bias is not None else n_heads, *taps),
         "b1": (width,),
-        "w2": (n_heads, width),
+        "w2": (n_heads, width, *taps),
         "b2": (n_heads,),
         "grad": tuple(scores.shape),
         "grad_bias": (n_heads, t, s),
@@ -322,7 +329,8 @@ def dape_mlp_forward(
     """Logits (B, H, t, S): scores + [bias] + b2 + w2 leaky(w1 [scores; bias] + b1), -inf past row_len.
 
     scores (B, H, t, S), bias (H, t, S) or None, w1 (D, 2H) (D, H without bias), row_len (t,) int64;
-    all contiguous.
+    all contiguous. With w1 (D, C, 3) and w2 (H, D, 3), DAPE V2: both products are convolutions of
+    width 3 along each row's keys, the features and the hidden map zero past row_len.
     """
     _check(scores, bias, w1, b1, w2, b2, row_len)
     n_batch, n_heads, t, s = scores.shape
@@ -330,7 +338,7 @@ def dape_mlp_forward(
     fn = getattr(library(n_heads), f"dape_mlp_forward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, bias, w1, b1, w2, b2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
-    fn(*pointers, *sizes, slope, int(add_base), _ptr(logits), _threads(scores.numel()))
+    fn(*pointers, *sizes, slope, int(add_base), _ptr(logits), _threads(scores.numel()), _taps(w1))
     return logits
 
 
@@ -357,5 +365,5 @@ def dape_mlp_backward_(
     pointers = map(_ptr, (scores, bias, w1, b1, w2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
     outputs = map(_ptr, (grad, grad_bias, grad_w1, grad_b1, grad_w2))
-    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()))
+    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()), _taps(w1))
     return grad_w1, grad_b1, grad_w2
