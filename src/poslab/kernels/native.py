@@ -52,12 +52,15 @@ LEVELS = {
 
 
 _switched_off = 0  # depth of ``switched_off()`` blocks
+_forced = 0  # depth of ``forced()`` blocks
 
 
 def mode() -> str:
     """'off', 'on' (always, where built) or 'auto' (where the cached timing found it faster)."""
     if _switched_off:
         return "off"
+    if _forced:
+        return "on"
     value = os.environ.get("POSLAB_NATIVE", "auto").strip().lower()
     if value in ("0", "false", "no", "off"):
         return "off"
@@ -78,6 +81,17 @@ def switched_off() -> Iterator[None]:
         yield
     finally:
         _switched_off -= 1
+
+
+@contextmanager
+def forced() -> Iterator[None]:
+    """Within the block, kernels are used wherever they are built, whatever the guard's timing said."""
+    global _forced
+    _forced += 1
+    try:
+        yield
+    finally:
+        _forced -= 1
 
 
 def cache_dir() -> Path:
