@@ -199,3 +199,25 @@ def test_native_mode_takes_the_native_kernel(name, dape_impl):
         poslab.attend(q.requires_grad_(), k, v, enc, block_size=2).sum().backward()
         poslab.attend(q, k, v, wide, block_size=2).sum().backward()
     assert len(calls) == (2 if dape_impl == "native" else 0)  # two blocks of V1/V2, none for k = 5
+
+
+@pytest.mark.parametrize("name", ["cope", "dape"])
+def test_block_temporaries_live_in_reused_scratch_buffers(name, save_bytes, dape_impl):
+    """A library user's process has glibc's default allocator (fresh pages for every large tensor):
+    the kernels' per-block temporaries come from buffers reused across blocks and calls instead, and
+    reusing them changes no result."""
+    from poslab.kernels import common
+
+    common.release_scratch()
+    enc = encoding64(name)
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    first = run(enc, q, k, v, block_size=4)
+    pool = {key: t.data_ptr() for key, t in common._scratch.pool.items()}
+    assert ("grad_logits", torch.float64) in pool
+    if name == "cope" or dape_impl == "native":  # DAPE's PyTorch MLP keeps its own tensors
+        assert any(key[0].startswith(f"{name}_") for key in pool)
+    second = run(enc, q, k, v, block_size=4)
+    assert {key: t.data_ptr() for key, t in common._scratch.pool.items()} == pool  # reused, not regrown
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -201,13 +201,13 @@ def test_the_guard_times_once_caches_beside_the_library_and_is_honoured(tmp_path
         q = torch.randn(1, 4, 6, 8)
         calls = []
 
-        def slower(n_heads, width, dtype):
-            calls.append((n_heads, width, dtype))
+        def slower(n_heads, width, dtype, taps):
+            calls.append((n_heads, width, dtype, taps))
             return {"native": 2.0, "torch": 1.0}
 
         monkeypatch.setattr(dape, "time_both_paths", slower)
         assert not enc.runs_natively(q) and not enc.runs_natively(q)
-        assert calls == [(4, 32, torch.float32)]  # timed once per process
+        assert calls == [(4, 32, torch.float32, 1)]  # timed once per process
         (guard,) = tmp_path.glob("*.guard.json")
         assert (tmp_path / guard.name.replace(".guard.json", ".so")).exists()
         cached = json.loads(guard.read_text())

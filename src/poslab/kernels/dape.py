@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_
+from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
 
 SLOPE = 0.01  # LeakyReLU's negative slope
 
@@ -145,10 +145,24 @@ def _row_len(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
     return keep.sum(-1, dtype=torch.int64).cpu()
 
 
-def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool) -> tuple[Tensor, Tensor]:
-    """Scores A and final logits (B, H, t, S), -inf where hidden."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
-    logits = native.dape_mlp_forward(scores, bias, w1, b1, w2, b2, row_len, slope=SLOPE, add_base=add_base)
+def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool, saved: bool = False):
+    """Scores A and final logits (B, H, t, S), -inf where hidden. The logits, and the scores unless
+    ``saved`` for backward, are scratch buffers (``common.scratch``)."""
+    shape = (*q.shape[:-1], k.shape[2])
+    scores = torch.empty(shape, dtype=q.dtype) if saved else scratch("dape_scores", shape, q)
+    torch.matmul(q, k.transpose(-1, -2), out=scores).mul_(1.0 / math.sqrt(q.shape[-1]))
+    logits = native.dape_mlp_forward(
+        scores,
+        bias,
+        w1,
+        b1,
+        w2,
+        b2,
+        row_len,
+        slope=SLOPE,
+        add_base=add_base,
+        out=scratch("dape_logits", shape, q),
+    )
     return scores, logits
 
 
@@ -161,7 +175,7 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
+        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base, saved=save)
         probs, lse = row_softmax_(logits, need_lse=not save)
         out = torch.matmul(probs, v)
         saved = (scores, probs) if save else (lse,)

@@ -308,6 +308,7 @@ def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **other
         "w2": (n_heads, width, *taps),
         "b2": (n_heads,),
         "grad": tuple(scores.shape),
+        "out": tuple(scores.shape),
         "grad_bias": (n_heads, t, s),
     }
     named = {"scores": scores, "bias": bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2, **others}
@@ -339,16 +340,18 @@ def dape_mlp_forward(
     *,
     slope: float,
     add_base: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Logits (B, H, t, S): scores + [bias] + b2 + w2 leaky(w1 [scores; bias] + b1), -inf past row_len.
 
     scores (B, H, t, S), bias (H, t, S) or None, w1 (D, 2H) (D, H without bias), row_len (t,) int64;
     all contiguous. With w1 (D, C, 3) and w2 (H, D, 3), DAPE V2: both products are convolutions of
-    width 3 along each row's keys, the features and the hidden map zero past row_len.
+    width 3 along each row's keys, the features and the hidden map zero past row_len. ``out``: where
+    to write the logits (else a new tensor).
     """
-    _check(scores, bias, w1, b1, w2, b2, row_len)
+    _check(scores, bias, w1, b1, w2, b2, row_len, out=out)
     n_batch, n_heads, t, s = scores.shape
-    logits = torch.empty_like(scores)
+    logits = torch.empty_like(scores) if out is None else out
     fn = getattr(library(n_heads), f"dape_mlp_forward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, bias, w1, b1, w2, b2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
