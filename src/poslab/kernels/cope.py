@@ -5,7 +5,9 @@ Exactly the math of ``poslab.encodings.cope.CoPE`` followed by mask, softmax and
 a share of ``poslab.attention.SAVE_BYTES``), the forward keeps nothing of size (T, S) for backward
 (only the output and the row log-sum-exp) and the backward recomputes the block; intermediate
 tensors are reused in place. On CPU the allocation of large fresh tensors costs as much as the
-arithmetic, so fewer, reused buffers are most of the speed-up; memory stays O(block x S).
+arithmetic, so fewer, reused buffers are most of the speed-up; memory stays O(block x S). Temporaries
+that die within the call live in ``common.scratch`` buffers, reused across blocks and calls, so the
+speed does not depend on the process's allocator settings.
 
 Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - z[floor p]):
     dlogits = a * (dO . v_j - dO . o_i)                   softmax and value product

@@ -15,8 +15,12 @@ be smaller than for plain attention (the caller sizes them).
 
 On CPU the MLP runs in C++ instead where it can (``NativeDAPEAttentionFn``, ``poslab.kernels.native``):
 the same function with the hidden map kept in registers, so only the scores and the probabilities
-(2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The PyTorch
-path above remains for GPUs, other dtypes and machines without a compiler.
+(2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The same
+function runs DAPE V2 (arXiv 2410.04798) with kernel_size 3, both convolutions along the keys in C++.
+By default the kernel is used where a one-off timing against the other path (``time_both_paths``,
+cached beside the library) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch
+path above remains for GPUs, other dtypes and machines without a compiler (V2 then takes the eager
+path). Per-block temporaries come from ``common.scratch`` buffers, reused across blocks and calls.
 """
 
 from __future__ import annotations
