@@ -234,3 +234,14 @@ def test_the_guard_timing_measures_both_paths():
 
     timing = dape.time_both_paths(2, 8, torch.float32, rounds=1)
     assert set(timing) == {"native", "torch"} and all(0 < x < 10 for x in timing.values())
+
+
+@pytest.mark.parametrize("level", ["x86-64-v3", "x86-64-v4"])
+def test_every_x86_level_compiles_even_where_it_cannot_run(level, tmp_path, monkeypatch):
+    """CI may lack AVX-512: the v4 build (16-float vectors) must at least compile everywhere, and its
+    library is named by level and head count (one per instruction set, cached side by side)."""
+    if not native.supported_levels():
+        pytest.skip("not an x86-64 CPU")
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+    path = native._build(native._compiler(), 4, level)
+    assert path.exists() and path.name.startswith(f"dape_mlp-h4-{level}-")
