@@ -315,25 +315,36 @@ struct Conv3 {
     for (int h = 0; h < H; ++h) F.fill(h, p.scores + ((b * H + h) * t + i) * S, len);
     if (BIAS)
       for (int h = 0; h < H; ++h) F.fill(H + h, p.bias + (h * t + i) * S, len);
-    for (int64_t d = 0; d < D; ++d) {
-      T* hrow = Hd[d];
-      hrow[0] = T(0);
-      std::fill(hrow + 1 + len, hrow + Hd.stride, T(0));
-      const Vec<T>* wd = &w.w1[d * C * 3];
-      for (int64_t s0 = 0; s0 < len; s0 += W) {
-        const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-        Vec<T> even = w.b1[d], odd = Vec<T>{};
-        for (int c = 0; c < C; ++c) {
-          const T* frow = F[c];
-          even += at(frow, s0, 0) * wd[c * 3];
-          odd += at(frow, s0, 1) * wd[c * 3 + 1];
-          even += at(frow, s0, 2) * wd[c * 3 + 2];
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) hidden_channels<4>(p, w, d, len, F, P, Hd);
+    for (; d < D; ++d) hidden_channels<1>(p, w, d, len, F, P, Hd);
+  }
+
+  // NB hidden channels from d0 at once: each feature vector loaded is used for NB multiply-adds.
+  template <int NB>
+  static void hidden_channels(const Problem<T>& p, const Broadcast<T>& w, int64_t d0, int64_t len, Rows& F,
+                              Rows& P, Rows& Hd) {
+    for (int64_t s0 = 0; s0 < len; s0 += W) {
+      const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
+      Vec<T> acc[NB];
+      for (int q = 0; q < NB; ++q) acc[q] = w.b1[d0 + q];
+      for (int c = 0; c < C; ++c) {
+        const T* frow = F[c];
+        const Vec<T> x0 = at(frow, s0, 0), x1 = at(frow, s0, 1), x2 = at(frow, s0, 2);
+        for (int q = 0; q < NB; ++q) {
+          const Vec<T>* wd = &w.w1[((d0 + q) * C + c) * 3];
+          acc[q] += x0 * wd[0] + x1 * wd[1] + x2 * wd[2];
         }
-        const Vec<T> x = even + odd;
-        std::memcpy(P[d] + s0, &x, sizeof x);
-        const Vec<T> hid = mask_tail(leaky(x, x, p.slope), n);
-        std::memcpy(hrow + 1 + s0, &hid, sizeof hid);  // the overrun past len is re-zeroed below
       }
+      for (int q = 0; q < NB; ++q) {
+        std::memcpy(P[d0 + q] + s0, &acc[q], sizeof acc[q]);
+        const Vec<T> hid = mask_tail(leaky(acc[q], acc[q], p.slope), n);
+        std::memcpy(Hd[d0 + q] + 1 + s0, &hid, sizeof hid);  // the overrun past len is re-zeroed below
+      }
+    }
+    for (int q = 0; q < NB; ++q) {
+      T* hrow = Hd[d0 + q];
+      hrow[0] = T(0);
       std::fill(hrow + 1 + len, hrow + Hd.stride, T(0));
     }
   }
@@ -369,6 +380,31 @@ struct Conv3 {
     });
   }
 
+  // acc[q * 3 + j] += sum_s over the row's keys of x[s + j - 1] y_q[s] (SHIFT_ROWS: x[s] y_q[s + j - 1]),
+  // x a padded row, y_q = rows + q * stride the NB rows of a padded buffer (key s at index s + 1).
+  template <int NB, bool SHIFT_ROWS>
+  static void row_products(const T* x, const T* rows, int64_t stride, int64_t len, Vec<T>* acc) {
+    Vec<T> sum[NB][3];
+    for (int q = 0; q < NB; ++q) sum[q][0] = sum[q][1] = sum[q][2] = Vec<T>{};
+    for (int64_t s0 = 0; s0 < len; s0 += W) {  // the unshifted side is zero past len
+      if (SHIFT_ROWS) {
+        const Vec<T> x1 = at(x, s0, 1);
+        for (int q = 0; q < NB; ++q)
+          for (int j = 0; j < 3; ++j) sum[q][j] += x1 * at(rows + q * stride, s0, j);
+      } else {
+        const Vec<T> x0 = at(x, s0, 0), x1 = at(x, s0, 1), x2 = at(x, s0, 2);
+        for (int q = 0; q < NB; ++q) {
+          const Vec<T> y = at(rows + q * stride, s0, 1);
+          sum[q][0] += y * x0;
+          sum[q][1] += y * x1;
+          sum[q][2] += y * x2;
+        }
+      }
+    }
+    for (int q = 0; q < NB; ++q)
+      for (int j = 0; j < 3; ++j) acc[q * 3 + j] += sum[q][j];
+  }
+
   // As Kernel::backward, with grad_w1 (D, C, 3) and grad_w2 (H, D, 3).
   static void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1, T* grad_w2,
                        int threads) {
@@ -394,38 +430,34 @@ struct Conv3 {
           hidden(p, w, b, i, len, F, P, Hd);
           T* g_row = grad + ((b * H) * t + i) * S;
           for (int h = 0; h < H; ++h) G.fill(h, g_row + h * t * S, len);
-          // dW2 and dL/dpre = leaky'(pre) * sum_{h, j} W2[h, d, j] dL/dlogits[h, s + 1 - j].
+          // dL/dpre = leaky'(pre) * sum_{h, j} W2[h, d, j] dL/dlogits[h, s + 1 - j], then the weight
+          // gradients as sums over the row, in registers (no read-modify-write per chunk).
           for (int64_t d = 0; d < D; ++d) {
             T* gp_row = GP[d];
             gp_row[0] = T(0);
             const Vec<T>* wd = &w.w2[d * H * 3];
-            const T* hrow = Hd[d];
+            Vec<T> db = Vec<T>{};
             for (int64_t s0 = 0; s0 < len; s0 += W) {
               const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-              const Vec<T> x0 = at(hrow, s0, 0), x1 = at(hrow, s0, 1), x2 = at(hrow, s0, 2);
-              Vec<T> gh = Vec<T>{};
+              Vec<T> gh = Vec<T>{}, gh2 = Vec<T>{};
               for (int h = 0; h < H; ++h) {
                 const T* grow = G[h];
-                const Vec<T> gs = at(grow, s0, 1);
-                acc_w2[(d * H + h) * 3] += gs * x0;
-                acc_w2[(d * H + h) * 3 + 1] += gs * x1;
-                acc_w2[(d * H + h) * 3 + 2] += gs * x2;
-                gh += at(grow, s0, 2) * wd[h * 3] + gs * wd[h * 3 + 1] + at(grow, s0, 0) * wd[h * 3 + 2];
+                gh += at(grow, s0, 2) * wd[h * 3] + at(grow, s0, 0) * wd[h * 3 + 2];
+                gh2 += at(grow, s0, 1) * wd[h * 3 + 1];
               }
               Vec<T> x;
               std::memcpy(&x, P[d] + s0, sizeof x);
-              const Vec<T> gp = mask_tail(leaky(x, gh, p.slope), n);
+              const Vec<T> gp = mask_tail(leaky(x, gh + gh2, p.slope), n);
               std::memcpy(gp_row + 1 + s0, &gp, sizeof gp);
-              acc_b1[d] += gp;
-              Vec<T>* aw = acc_w1 + d * C * 3;
-              for (int c = 0; c < C; ++c) {
-                const T* frow = F[c];
-                aw[c * 3] += gp * at(frow, s0, 0);
-                aw[c * 3 + 1] += gp * at(frow, s0, 1);
-                aw[c * 3 + 2] += gp * at(frow, s0, 2);
-              }
+              db += gp;
             }
             std::fill(gp_row + 1 + len, gp_row + GP.stride, T(0));
+            acc_b1[d] += db;
+            row_products<H, false>(Hd[d], G[0], G.stride, len, acc_w2 + d * H * 3);
+            int c0 = 0;
+            for (; c0 + 4 <= C; c0 += 4)
+              row_products<4, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
+            for (; c0 < C; ++c0) row_products<1, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
           }
           // dL/dfeatures[c, s] = sum_{d, j} W1[d, c, j] dL/dpre[d, s + 1 - j], zero past len.
           for (int64_t s0 = 0; s0 < len; s0 += W) {
