@@ -11,10 +11,11 @@
 // Built once per instruction set and head count (poslab/kernels/native.py passes -march=x86-64-v3,
 // x86-64-v4, ... and -DPOSLAB_HEADS=H): the vector is one machine register (8 floats with AVX2, 16
 // with AVX-512), and H is a compile-time constant, so that the channel loops unroll and the C + H
-// vectors of a key chunk stay in registers (16 on AVX2) for the common head counts. Every weight is broadcast once per call into a
-// full vector, read as a memory operand of the multiply-adds. The backward runs two passes over D
-// per chunk (the first keeps f and dL/dlogits in registers and stores dL/dpre for D vectors; the
-// second sums it into dL/dA and dL/dB), so neither pass needs more than about 16 live vectors.
+// vectors of a key chunk stay in registers (16 on AVX2) for the common head counts. Every weight is
+// broadcast once per call into a full vector, read as a memory operand of the multiply-adds. The
+// backward runs two passes over D per chunk (the first keeps f and dL/dlogits in registers and
+// stores dL/dpre for D vectors; the second sums it into dL/dA and dL/dB), so neither pass needs
+// more than about 16 live vectors.
 //
 // Plain C ABI (loaded with ctypes), templated over float and double so that tests can compare it
 // with the float64 reference. Work is split over query rows (row i to thread i mod n), so threads
@@ -60,6 +61,8 @@ template <typename T>
 using Vec = typename VecOf<T>::type;
 template <typename T>
 constexpr int LANES = VECTOR_BYTES / sizeof(T);
+template <typename T>
+constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
 
 template <typename T>
 struct Problem {
@@ -175,7 +178,7 @@ struct Kernel {
             for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
           }
           for (int h = 0; h < H; ++h)
-            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, -std::numeric_limits<T>::infinity());
+            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, NEG_INF<T>);
         }
       }
     });
@@ -374,7 +377,7 @@ struct Conv3 {
             for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
           }
           for (int h = 0; h < H; ++h)
-            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, -std::numeric_limits<T>::infinity());
+            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, NEG_INF<T>);
         }
       }
     });
@@ -457,7 +460,8 @@ struct Conv3 {
             int c0 = 0;
             for (; c0 + 4 <= C; c0 += 4)
               row_products<4, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
-            for (; c0 < C; ++c0) row_products<1, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
+            for (; c0 < C; ++c0)
+              row_products<1, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
           }
           // dL/dfeatures[c, s] = sum_{d, j} W1[d, c, j] dL/dpre[d, s + 1 - j], zero past len.
           for (int64_t s0 = 0; s0 < len; s0 += W) {
