@@ -25,9 +25,11 @@ def scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype 
         return torch.empty(shape, dtype=dtype, device=like.device)
     pool = _scratch.__dict__.setdefault("pool", {})
     numel = math.prod(shape)
-    buffer = pool.get((name, dtype))
+    # Tensors made in inference mode cannot be written outside it: one set of buffers per mode.
+    key = (name, dtype, torch.is_inference_mode_enabled())
+    buffer = pool.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = pool[name, dtype] = torch.empty(numel, dtype=dtype)
+        buffer = pool[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 
