@@ -26,15 +26,41 @@ def test_attention_table_has_ratios_against_sdpa():
 
 
 @pytest.mark.skipif(not native.available(), reason="the native DAPE kernel is not built here")
-def test_native_dape_rows_come_with_their_pytorch_counterpart():
-    """Both DAPE paths are timed in the same run, so the kernel's gain is a same-run ratio."""
-    table = bench.bench_attention(batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["dape"])
-    assert {"dape", "dape (PyTorch MLP)", "dape (eager)"} <= {r["attention"] for r in table.rows}
-    assert table.settings["native_dape_mlp"] is True
+def test_native_dape_rows_come_with_their_pytorch_counterpart(monkeypatch):
+    """Both DAPE paths are timed in the same run, so the kernel's gain is a same-run ratio; each row
+    says which path it took, and the table which CPU and build it ran on."""
+    monkeypatch.setenv("POSLAB_NATIVE", "1")
+    table = bench.bench_attention(
+        batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["dape", "dape[kernel_size=3]"]
+    )
+    paths = {r["attention"]: r["path"] for r in table.rows}
+    level = native.arch()
+    assert paths["dape"] == paths["dape[kernel_size=3]"] == f"C++ {level}"
+    assert paths["dape (PyTorch MLP)"] == "PyTorch MLP"
+    assert paths["dape (eager)"] == paths["dape[kernel_size=3] (eager)"] == "eager"
+    assert table.settings["native_kernel"].startswith(level)
+    assert table.settings["cpu"] == native.cpu_model() and table.settings["allocator_tuned"] in (True, False)
+    assert f"| dape | C++ {level} |" in table.markdown()
     step = bench.bench_train_step(
         d_model=16, layers=1, heads=2, batch=1, length=16, repeats=1, encodings=["dape"]
     )
     assert [r["encoding"] for r in step.rows] == ["rope", "dape", "dape (PyTorch MLP)"]
+    assert [r["path"] for r in step.rows] == ["auto", f"C++ {level}", "PyTorch MLP"]
+
+
+@pytest.mark.skipif(not native.available(), reason="the native DAPE kernel is not built here")
+def test_when_the_guard_declines_the_kernel_it_is_timed_as_the_forced_row(monkeypatch):
+    monkeypatch.delenv("POSLAB_NATIVE", raising=False)
+    monkeypatch.setattr(native, "decision", lambda *args: False)
+    table = bench.bench_attention(batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["dape"])
+    paths = {r["attention"]: r["path"] for r in table.rows}
+    assert paths == {
+        "sdpa (causal)": "sdpa",
+        "plain materialised": "eager",
+        "dape": "PyTorch MLP",
+        "dape (C++ forced)": f"C++ {native.arch()}",
+        "dape (eager)": "eager",
+    }
 
 
 def test_train_step_table_is_relative_to_rope():

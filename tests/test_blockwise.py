@@ -91,7 +91,8 @@ def test_sdpa_with_bias_goes_blockwise_when_large(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["cope", "cope+alibi", "dape", "dape[base=kerple_log]", "dape[form=A+f(A,B)]"]
+    "name",
+    ["cope", "cope+alibi", "dape", "dape[base=kerple_log]", "dape[form=A+f(A,B)]", "dape[kernel_size=3]"],
 )
 def test_fused_kernels_stay_within_the_error_budget(name):
     """In float32 the fused kernel may be at most ~2x as wrong as the eager path (flash-attention's
@@ -157,7 +158,17 @@ def test_save_budget_is_split_between_blocks(monkeypatch, dape_impl):
     assert decisions == []  # inference takes no autograd function at all
 
 
-@pytest.mark.parametrize("name", ["cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[base=rope]"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cope",
+        "cope+rope",
+        "dape",
+        "dape[base=kerple_log]",
+        "dape[base=rope]",
+        "dape[kernel_size=3,base=rope]",
+    ],
+)
 def test_inference_path_of_fused_kernels_equals_the_eager_reference(name):
     """Without gradients the kernels skip autograd.Function; the output must not change."""
     enc = encoding64(name)
@@ -171,3 +182,49 @@ def test_inference_path_of_fused_kernels_equals_the_eager_reference(name):
         # a decoding step: the last query alone against all keys
         last = poslab.attend(q[:, :, -1:], k, v, enc)
         torch.testing.assert_close(last, ref[:, :, -1:], atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dape", "dape[kernel_size=3]", "dape[base=rope,kernel_size=3]"])
+def test_native_mode_takes_the_native_kernel(name, dape_impl):
+    """The 'native' half of these tests must not pass by falling back: DAPE and V2 (kernel size 3)
+    run in C++ when forced on; V2 with another kernel size stays on its eager path."""
+    from poslab.kernels import dape as dape_kernel
+
+    enc = encoding64(name)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    assert enc.runs_natively(q) == (dape_impl == "native")
+    wide = encoding64("dape[kernel_size=5]")
+    assert not wide.runs_natively(q)
+    calls = []
+    original = dape_kernel.NativeDAPEAttentionFn.apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dape_kernel.NativeDAPEAttentionFn, "apply", lambda *a: calls.append(1) or original(*a))
+        k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(2))
+        poslab.attend(q.requires_grad_(), k, v, enc, block_size=2).sum().backward()
+        poslab.attend(q, k, v, wide, block_size=2).sum().backward()
+    assert len(calls) == (2 if dape_impl == "native" else 0)  # two blocks of V1/V2, none for k = 5
+
+
+@pytest.mark.parametrize("name", ["cope", "dape"])
+def test_block_temporaries_live_in_reused_scratch_buffers(name, save_bytes, dape_impl):
+    """A library user's process has glibc's default allocator (fresh pages for every large tensor):
+    the kernels' per-block temporaries come from buffers reused across blocks and calls instead, and
+    reusing them changes no result."""
+    from poslab.kernels import common
+
+    common.release_scratch()
+    enc = encoding64(name)
+    q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
+    first = run(enc, q, k, v, block_size=4)
+    pool = {key: t.data_ptr() for key, t in common._scratch.pool.items()}
+    assert ("grad_logits", torch.float64, False) in pool
+    with torch.inference_mode():  # buffers made here could not be written outside inference mode
+        poslab.attend(q, k, v, enc, block_size=4)
+    if name == "cope" or dape_impl == "native":  # DAPE's PyTorch MLP keeps its own tensors
+        assert any(key[0].startswith(f"{name}_") for key in pool)
+    second = run(enc, q, k, v, block_size=4)
+    after = {key: t.data_ptr() for key, t in common._scratch.pool.items() if not key[2]}
+    assert after == pool  # reused, not regrown
+    for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

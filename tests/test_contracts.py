@@ -44,6 +44,8 @@ def test_dape_v2_without_causal_zeroing_leaks(monkeypatch):
     """The causality test bites: V2's convolution without zeroing the future leaks it into the past."""
     model = poslab.build_model(tiny_config("dape[kernel_size=3]"))
     perturb_parameters(model)
+    assert future_leak(model) < 1e-5  # the native kernel where it is built
+    monkeypatch.setenv("POSLAB_NATIVE", "0")  # the eager path, whose mix is patched below
     assert future_leak(model) < 1e-5
     original = DAPE.mix
     monkeypatch.setattr(DAPE, "mix", lambda self, features, keep: original(self, features, None))

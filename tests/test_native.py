@@ -3,6 +3,8 @@ threads, its build cache, and the PyTorch fallback when it is switched off or ca
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,35 +21,54 @@ def test_builds_where_there_is_a_compiler():
 
 
 def reference(scores, bias, w1, b1, w2, b2, row_len, add_base):
-    """The MLP as docs/attention.md writes it, channels-last through F.linear, -inf past each row's length."""
+    """The MLP as docs/attention.md writes it, channels-last through F.linear, -inf past each row's
+    length; with (D, C, 3) weights V2's two convolutions over the keys, features and hidden map masked."""
     n_batch = scores.shape[0]
     feats = scores if bias is None else torch.cat((scores, bias.expand(n_batch, -1, -1, -1)), dim=1)
-    hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)
-    logits = scores + F.linear(hidden, w2, b2).permute(0, 3, 1, 2)
+    keep = torch.arange(scores.shape[-1]) < row_len[:, None]
+    if w1.dim() == 3:
+        hidden = F.leaky_relu(F.conv2d(feats * keep, w1[:, :, None], b1, padding=(0, 1)), 0.01) * keep
+        mixed = F.conv2d(hidden, w2[:, :, None], b2, padding=(0, 1))
+    else:
+        hidden = F.leaky_relu(F.linear(feats.permute(0, 2, 3, 1), w1, b1), 0.01)
+        mixed = F.linear(hidden, w2, b2).permute(0, 3, 1, 2)
+    logits = scores + mixed
     if add_base and bias is not None:
         logits = logits + bias
-    keep = torch.arange(scores.shape[-1]) < row_len[:, None]
     return logits.masked_fill(~keep, float("-inf")), keep
 
 
+# The builds this CPU runs (AVX2 and, where the CPU has it, AVX-512), or the one -march=native build.
+LEVELS = [level for level in native.supported_levels() if level in ("x86-64-v3", "x86-64-v4")] or ["native"]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("n_heads", [3, 4])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("has_bias,add_base", [(True, True), (True, False), (False, False)])
-def test_forward_and_backward_equal_the_reference(has_bias, add_base, dtype, threads, monkeypatch):
+def test_forward_and_backward_equal_the_reference(
+    has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch
+):
+    monkeypatch.setenv("POSLAB_NATIVE_ARCH", level)
     monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert native.build_info(n_heads).startswith(level)
     gen = torch.Generator().manual_seed(0)
-    n_batch, n_heads, t, s, width = 2, 3, 5, 37, 8  # 37 keys: two full chunks of 16 and a partial one
+    # 37 keys: full vectors of 4, 8 or 16 lanes and a partial one
+    n_batch, t, s, width = 2, 5, 37, 8
     channels = 2 * n_heads if has_bias else n_heads
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
 
+    taps = (3,) if kernel_size == 3 else ()
     scores, w1, b1, w2, b2 = (
         rand(n_batch, n_heads, t, s),
-        rand(width, channels),
+        rand(width, channels, *taps),
         rand(width),
-        rand(n_heads, width),
+        rand(n_heads, width, *taps),
         rand(n_heads),
     )
     bias = rand(n_heads, t, s) if has_bias else None
@@ -83,10 +104,11 @@ def test_switched_off_by_the_environment(monkeypatch):
     native._library.cache_clear()  # a first call while switched off must not stick
     monkeypatch.setenv("POSLAB_NATIVE", "0")
     assert not native.available()
-    assert not native.supports(torch.zeros(1))
+    assert not native.supports(torch.zeros(1), n_heads=4)
     monkeypatch.setenv("POSLAB_NATIVE", "1")
-    assert native.supports(torch.zeros(1))
-    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16))  # float32 and float64 only
+    assert native.supports(torch.zeros(1), n_heads=4)
+    assert not native.supports(torch.zeros(1, dtype=torch.bfloat16), n_heads=4)  # float32 and float64 only
+    assert not native.supports(torch.zeros(1), n_heads=native.MAX_HEADS + 1)
 
 
 def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch):
@@ -147,3 +169,79 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     # a row that sees no key is all -inf, not an out-of-bounds write
     out = forward(row_len=torch.tensor([0, -3, 5]))
     assert torch.isneginf(out[:, :, :2]).all() and torch.isfinite(out[:, :, 2]).all()
+
+
+def test_the_target_level_is_checked_and_named():
+    """POSLAB_NATIVE_ARCH forces a build; a level the CPU cannot run is refused, not a crash later."""
+    assert native.arch() in (*native.LEVELS, "native")
+    assert native.cpu_model()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POSLAB_NATIVE_ARCH", "pentium")
+        with pytest.raises(ValueError, match="POSLAB_NATIVE_ARCH must be native or one of"):
+            native.arch()
+        missing = [level for level in native.LEVELS if level not in native.supported_levels()]
+        if missing:
+            mp.setenv("POSLAB_NATIVE_ARCH", missing[0])
+            with pytest.raises(ValueError, match="cannot run it"):
+                native.arch()
+
+
+def test_the_guard_times_once_caches_beside_the_library_and_is_honoured(tmp_path, monkeypatch):
+    """By default DAPE takes the kernel only where a one-off timing found it faster; the timing is
+    kept beside the library (a later process reads it instead of timing again); POSLAB_NATIVE=1 and
+    =0 override it."""
+    from poslab.kernels import dape
+
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("POSLAB_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_decisions", {})
+    native._library.cache_clear()
+    try:
+        enc = poslab.build_encoding("dape", n_heads=4, head_dim=8)
+        q = torch.randn(1, 4, 6, 8)
+        calls = []
+
+        def slower(n_heads, width, dtype, taps):
+            calls.append((n_heads, width, dtype, taps))
+            return {"native": 2.0, "torch": 1.0}
+
+        monkeypatch.setattr(dape, "time_both_paths", slower)
+        assert not enc.runs_natively(q) and not enc.runs_natively(q)
+        assert calls == [(4, 32, torch.float32, 1)]  # timed once per process
+        (guard,) = tmp_path.glob("*.guard.json")
+        assert (tmp_path / guard.name.replace(".guard.json", ".so")).exists()
+        cached = json.loads(guard.read_text())
+        assert cached == {"dape-k1-h4-d32-float32": {"native": 2.0, "torch": 1.0, "native_wins": False}}
+
+        monkeypatch.setattr(native, "_decisions", {})  # a new process: reads the file, times nothing
+        monkeypatch.setattr(dape, "time_both_paths", lambda *a: pytest.fail("timed again"))
+        cached["dape-k1-h4-d32-float32"]["native_wins"] = True
+        guard.write_text(json.dumps(cached))
+        assert enc.runs_natively(q)
+        monkeypatch.setenv("POSLAB_NATIVE", "0")
+        assert not enc.runs_natively(q)
+        monkeypatch.setattr(native, "_decisions", {})
+        cached["dape-k1-h4-d32-float32"]["native_wins"] = False
+        guard.write_text(json.dumps(cached))
+        monkeypatch.setenv("POSLAB_NATIVE", "1")
+        assert enc.runs_natively(q)
+    finally:
+        native._library.cache_clear()
+
+
+def test_the_guard_timing_measures_both_paths():
+    from poslab.kernels import dape
+
+    timing = dape.time_both_paths(2, 8, torch.float32, rounds=1)
+    assert set(timing) == {"native", "torch"} and all(0 < x < 10 for x in timing.values())
+
+
+@pytest.mark.parametrize("level", ["x86-64-v3", "x86-64-v4"])
+def test_every_x86_level_compiles_even_where_it_cannot_run(level, tmp_path, monkeypatch):
+    """CI may lack AVX-512: the v4 build (16-float vectors) must at least compile everywhere, and its
+    library is named by level and head count (one per instruction set, cached side by side)."""
+    if not native.supported_levels():
+        pytest.skip("not an x86-64 CPU")
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+    path = native._build(native._compiler(), 4, level)
+    assert path.exists() and path.name.startswith(f"dape_mlp-h4-{level}-")

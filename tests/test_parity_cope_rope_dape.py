@@ -336,9 +336,11 @@ def test_dape_v2_input_mask_is_the_official_formula(kernel_size):
     torch.testing.assert_close(default[..., far], got[..., far], atol=1e-12, rtol=1e-12)
 
 
-def test_dape_v2_input_mask_in_query_blocks_equals_the_full_forward():
-    """Blocks get k//2 keys past their last query (the hidden map there is read back)."""
-    enc = dape_v2("input", 5)
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_dape_v2_input_mask_in_query_blocks_equals_the_full_forward(kernel_size):
+    """Blocks get k//2 keys past their last query (the hidden map there is read back); k = 3 must
+    not take the native V2 kernel, which implements the default mask only."""
+    enc = dape_v2("input", kernel_size)
     q, k, v = (torch.randn(1, 2, 13, 8, dtype=torch.float64) for _ in range(3))
     full = poslab.attend(q, k, v, enc, impl="eager")
     for block in (1, 3, 4):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import poslab
+from poslab import runtime
 from poslab.encodings.dape import DAPE
 from poslab.kernels import native
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
@@ -127,19 +128,23 @@ def bench_attention(
         "sdpa (causal)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "plain materialised": plain_materialised,
     }
+    paths = {"sdpa (causal)": "sdpa", "plain materialised": "eager"}
     for name in encodings or ATTENTION_ENCODINGS:
         enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim)).to(dev)
         candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
-        if uses_native_mlp(enc, q):
-            candidates[f"{name} (PyTorch MLP)"] = lambda enc=enc: _without_native(poslab.attend, q, k, v, enc)
+        paths[name] = attention_path(enc, q)
+        for label, path, fn in _other_dape_paths(enc, q):
+            candidates[f"{name} ({label})"] = lambda enc=enc, fn=fn: fn(poslab.attend, q, k, v, enc)
+            paths[f"{name} ({label})"] = path
         if enc.uses_logits:
             candidates[f"{name} (eager)"] = lambda enc=enc: poslab.attend(q, k, v, enc, impl="eager")
+            paths[f"{name} (eager)"] = "eager"
     both = interleaved_medians({n: fwd_bwd(f) for n, f in candidates.items()}, repeats=repeats)
     forward = interleaved_medians({n: fwd(f) for n, f in candidates.items()}, repeats=repeats)
     base_b, base_f = both["sdpa (causal)"], forward["sdpa (causal)"]
     table = Table(
         "Attention, causal, against SDPA in the same run",
-        ["attention", "fwd+bwd ms", "fwd+bwd / sdpa", "fwd ms", "fwd / sdpa"],
+        ["attention", "path", "fwd+bwd ms", "fwd+bwd / sdpa", "fwd ms", "fwd / sdpa"],
         settings=dict(
             batch=batch,
             heads=heads,
@@ -147,13 +152,14 @@ def bench_attention(
             head_dim=head_dim,
             repeats=repeats,
             device=device,
-            native_dape_mlp=native.supports(q),
+            **machine_settings(heads),
         ),
     )
     for name in candidates:
         table.rows.append(
             {
                 "attention": name,
+                "path": paths.get(name, "auto"),
                 "fwd+bwd ms": both[name] * 1e3,
                 "fwd+bwd / sdpa": both[name] / base_b,
                 "fwd ms": forward[name] * 1e3,
@@ -174,7 +180,7 @@ def bench_train_step(
         names = ["rope", *names]
     x = torch.randint(0, vocab, (batch, length + 1), device=dev)
     probe = torch.empty(1, heads, 1, 1, device=dev)  # stands for the model's queries
-    steps = {}
+    steps, paths = {}, {}
     for name in names:
         cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name)
         model = build_model(cfg).to(dev)
@@ -188,12 +194,14 @@ def bench_train_step(
             _sync(dev)
 
         steps[name] = step
-        if any(uses_native_mlp(enc, probe) for enc in model.encodings):
-            steps[f"{name} (PyTorch MLP)"] = lambda step=step: _without_native(step)
+        paths[name] = ", ".join(sorted({attention_path(enc, probe) for enc in model.encodings}))
+        for label, path, fn in _other_dape_paths(model.encodings[0], probe):
+            steps[f"{name} ({label})"] = lambda step=step, fn=fn: fn(step)
+            paths[f"{name} ({label})"] = path
     medians = interleaved_medians(steps, repeats=repeats)
     table = Table(
         "Training step (forward, backward, AdamW), against the RoPE model in the same run",
-        ["encoding", "step ms", "step / rope"],
+        ["encoding", "path", "step ms", "step / rope"],
         settings=dict(
             d_model=d_model,
             layers=layers,
@@ -201,25 +209,74 @@ def bench_train_step(
             batch=batch,
             length=length,
             device=device,
-            native_dape_mlp=native.supports(probe),
+            **machine_settings(heads),
         ),
     )
     for name in steps:
         table.rows.append(
-            {"encoding": name, "step ms": medians[name] * 1e3, "step / rope": medians[name] / medians["rope"]}
+            {
+                "encoding": name,
+                "path": paths[name],
+                "step ms": medians[name] * 1e3,
+                "step / rope": medians[name] / medians["rope"],
+            }
         )
     return table
 
 
 def uses_native_mlp(encoding: poslab.PositionEncoding, q: torch.Tensor) -> bool:
     """Whether DAPE's MLP (in ``encoding`` or one of its parts) runs in the C++ kernel for ``q``."""
-    parts = getattr(encoding, "parts", [encoding])
-    return any(isinstance(p, DAPE) and p.runs_natively(q) for p in parts)
+    return any(p.runs_natively(q) for p in _fused_dape_parts(encoding))
+
+
+def _fused_dape_parts(encoding: poslab.PositionEncoding) -> list[DAPE]:
+    return [p for p in getattr(encoding, "parts", [encoding]) if isinstance(p, DAPE) and p.has_fused_kernel]
+
+
+def attention_path(encoding: poslab.PositionEncoding, q: torch.Tensor) -> str:
+    """Which path ``poslab.attend`` takes for ``encoding`` by default: for DAPE the C++ kernel (and
+    the level it was built for), the PyTorch MLP or the eager path; 'auto' for the others."""
+    parts = _fused_dape_parts(encoding)
+    if not parts:
+        return "auto"
+    if uses_native_mlp(encoding, q):
+        return f"C++ {native.arch()}"
+    return "eager" if any(p.kernel_size > 1 for p in parts) else "PyTorch MLP"
+
+
+def _other_dape_paths(encoding: poslab.PositionEncoding, q: torch.Tensor) -> list[tuple[str, str, Callable]]:
+    """(label, path, runner) for each DAPE path the default did not take, to time side by side:
+    the PyTorch MLP when the default is the C++ kernel, the kernel when the guard declined it."""
+    parts = _fused_dape_parts(encoding)
+    if not parts or not native.available(q.shape[1]) or q.device.type != "cpu":
+        return []
+    if uses_native_mlp(encoding, q):
+        if any(p.kernel_size > 1 for p in parts):
+            return []  # V2's other path is the eager one, which has its own row
+        return [("PyTorch MLP", "PyTorch MLP", _without_native)]
+    return [("C++ forced", f"C++ {native.arch()}", _with_native)]
 
 
 def _without_native(fn: Callable[..., Any], *args: Any) -> Any:
     with native.switched_off():
         return fn(*args)
+
+
+def _with_native(fn: Callable[..., Any], *args: Any) -> Any:
+    with native.forced():
+        return fn(*args)
+
+
+def machine_settings(heads: int) -> dict[str, Any]:
+    """The CPU, the native kernel's build and whether glibc's allocator was tuned (``poslab``
+    tunes it unless POSLAB_NO_MALLOC_TUNING=1; a library user's process is untuned)."""
+    return {
+        "cpu": native.cpu_model(),
+        "threads": torch.get_num_threads(),
+        "native_kernel": native.build_info(heads) if native.available(heads) else "off",
+        "native_mode": native.mode(),
+        "allocator_tuned": runtime.allocator_tuned(),
+    }
 
 
 def _perturbed_model(model: torch.nn.Module) -> None:

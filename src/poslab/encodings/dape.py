@@ -189,15 +189,18 @@ class DAPE(PositionEncoding):
 
     @property
     def has_fused_kernel(self) -> bool:
-        """The pointwise MLP over [A; B] has a fused kernel; V2 and the f(B) ablations take the eager path."""
-        return self.mlp is not None and self.kernel_size == 1 and self.reads_logits
+        """f over [A; B] has a fused kernel: the MLP (C++ or PyTorch) and V2 with kernel_size 3 in
+        its default mask (C++ only); other kernel sizes, the official V2 mask (``v2_mask='input'``)
+        and the f(B) ablations take the eager path."""
+        v2_native = self.kernel_size == 3 and self.v2_mask == "hidden"
+        return self.mlp is not None and (self.kernel_size == 1 or v2_native) and self.reads_logits
 
     def runs_natively(self, q: Tensor) -> bool:
-        """Whether ``attention_block`` runs the MLP in the C++ kernel for queries like ``q``."""
+        """Whether ``attention_block`` runs f in the C++ kernel for queries like ``q``."""
         return self.has_fused_kernel and uses_native(q, self.mlp)
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
-        if not self.has_fused_kernel:
+        if not self.has_fused_kernel or (self.kernel_size > 1 and not self.runs_natively(q)):
             return None
         return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base, save_bytes=save_bytes)
 

@@ -2,8 +2,40 @@
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 from torch import Tensor
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A buffer of ``shape`` (contents undefined) for a temporary that dies before the kernel returns,
+    reused across blocks and calls: one per name, dtype and device, per thread, grown as needed.
+
+    On CPU a fresh (B, H, t, S) tensor per block costs page faults unless the process has tuned
+    glibc's allocator (``poslab.runtime.tune_allocator``, which only the command line applies); with
+    reused buffers a library user's process is as fast as the CLI. Never for a tensor that is
+    returned or saved for backward. CUDA has a caching allocator: there this is ``torch.empty``.
+    """
+    dtype = dtype or like.dtype
+    if like.device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=like.device)
+    pool = _scratch.__dict__.setdefault("pool", {})
+    numel = math.prod(shape)
+    # Tensors made in inference mode cannot be written outside it: one set of buffers per mode.
+    key = (name, dtype, torch.is_inference_mode_enabled())
+    buffer = pool.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = pool[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (they hold the largest block's temporaries until then)."""
+    _scratch.__dict__.pop("pool", None)
 
 
 def needs_autograd(*tensors: Tensor | None) -> bool:
@@ -25,9 +57,12 @@ def row_softmax_(logits: Tensor, *, need_lse: bool) -> tuple[Tensor, Tensor | No
 def attention_backward(probs: Tensor, v: Tensor, out: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of out = probs @ v, probs = softmax(logits): (dL/dv, dL/dlogits).
 
-    dL/dlogits = probs * (grad_out v^T - rowsum(grad_out * out)), in a fresh tensor, never probs'
-    buffer (probs may be saved for a second backward).
+    dL/dlogits = probs * (grad_out v^T - rowsum(grad_out * out)), in the 'grad_logits' scratch
+    buffer, never probs' (probs may be saved for a second backward): the caller must be done with it
+    before the next block's backward.
     """
     grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
     row = (grad_out * out).sum(-1, keepdim=True)  # (B, H, t, 1)
-    return grad_v, torch.matmul(grad_out, v.transpose(-1, -2)).sub_(row).mul_(probs)
+    grad_logits = scratch("grad_logits", probs.shape, probs)
+    torch.matmul(grad_out, v.transpose(-1, -2), out=grad_logits)
+    return grad_v, grad_logits.sub_(row).mul_(probs)

@@ -5,7 +5,9 @@ Exactly the math of ``poslab.encodings.cope.CoPE`` followed by mask, softmax and
 a share of ``poslab.attention.SAVE_BYTES``), the forward keeps nothing of size (T, S) for backward
 (only the output and the row log-sum-exp) and the backward recomputes the block; intermediate
 tensors are reused in place. On CPU the allocation of large fresh tensors costs as much as the
-arithmetic, so fewer, reused buffers are most of the speed-up; memory stays O(block x S).
+arithmetic, so fewer, reused buffers are most of the speed-up; memory stays O(block x S). Temporaries
+that die within the call live in ``common.scratch`` buffers, reused across blocks and calls, so the
+speed does not depend on the process's allocator settings.
 
 Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - z[floor p]):
     dlogits = a * (dO . v_j - dO . o_i)                   softmax and value product
@@ -22,25 +24,36 @@ import math
 import torch
 from torch import Tensor
 
-from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_
+from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
 
 
-def _forward_block(q, k, v, table, bias, keep, npos_max):
-    """All the block's intermediates, (B, H, t, S) each, reusing buffers where the math allows."""
+def _forward_block(q, k, v, table, bias, keep, npos_max, *, saved: bool = False):
+    """All the block's intermediates, (B, H, t, S) each, reusing buffers where the math allows.
+
+    The logits and the pure temporaries live in scratch buffers (``common.scratch``); so do the
+    others unless ``saved`` (the forward keeps them for backward: fresh tensors)."""
+    shape = (*q.shape[:-1], k.shape[2])
+
+    def buffer(name: str, dtype: torch.dtype | None = None) -> Tensor:
+        if saved:
+            return torch.empty(shape, dtype=dtype or q.dtype, device=q.device)
+        return scratch(f"cope_{name}", shape, q, dtype)
+
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # (B, H, t, S): A
-    gates = torch.sigmoid(logits)
+    logits = torch.matmul(q, k.transpose(-1, -2), out=scratch("cope_logits", shape, q)).mul_(scale)  # A
+    gates = torch.sigmoid(logits, out=buffer("gates"))
     if keep is not None:
         gates.masked_fill_(~keep, 0.0)
     # p = reverse cumulative sum, one rounding per entry (rowsum - cumsum + g cancels in float32)
     pos = gates.flip(-1).cumsum_(-1).flip(-1).clamp_(max=npos_max - 1)
-    idx_ceil = pos.ceil().long()
-    floor = pos.floor()
-    idx_floor = floor.long()
+    floor = torch.ceil(pos, out=scratch("cope_floor", shape, q))  # ceil p for now
+    idx_ceil = buffer("idx_ceil", torch.int64).copy_(floor)
+    torch.floor(pos, out=floor)
+    idx_floor = buffer("idx_floor", torch.int64).copy_(floor)
     weight = pos.sub_(floor)  # w = p - floor p, in p's buffer
     z = torch.matmul(q, table.t()).mul_(scale)  # (B, H, t, P)
-    z_floor = z.gather(-1, idx_floor)
-    delta = z.gather(-1, idx_ceil).sub_(z_floor)  # d = z[ceil] - z[floor]
+    z_floor = torch.gather(z, -1, idx_floor, out=floor)  # floor p is no longer needed
+    delta = torch.gather(z, -1, idx_ceil, out=buffer("delta")).sub_(z_floor)  # d = z[ceil] - z[floor]
     logits.add_(z_floor).addcmul_(weight, delta)
     if bias is not None:
         logits.add_(bias)
@@ -54,7 +67,7 @@ class CoPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, bias, keep, npos_max, save):  # noqa: D102
-        logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max)
+        logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max, saved=save)
         probs, lse = row_softmax_(logits, need_lse=not save)
         # Either the block's intermediates (backward skips the recomputation) or the row lse.
         saved = (probs, *rest) if save else (lse,)
@@ -81,13 +94,14 @@ class CoPEAttentionFn(torch.autograd.Function):
             grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)
 
         grad_z = torch.zeros(*q.shape[:-1], table.shape[0], dtype=q.dtype, device=q.device)
-        upper = torch.mul(grad_logits, weight, out=None if kept else probs)  # probs' buffer is free
+        # Unless kept, probs' buffer is free now (and delta's once read).
+        upper = torch.mul(grad_logits, weight, out=scratch("cope_upper", probs.shape, q) if kept else probs)
         grad_z.scatter_add_(-1, idx_ceil, upper)
         grad_z.scatter_add_(-1, idx_floor, torch.sub(grad_logits, upper, out=upper))
-        # dg_it = sum_{j<=t} dp_ij, then * g (1 - g); g = 0 in the future
-        grad_gates = (delta * grad_logits if kept else delta.mul_(grad_logits)).cumsum_(-1)
+        # dg_it = sum_{j<=t} dp_ij, then * g (1 - g) = x g - (x g) g; g = 0 in the future
+        grad_gates = torch.mul(delta, grad_logits, out=upper if kept else delta).cumsum_(-1)
         grad_gates.mul_(gates)
-        grad_gates.mul_(1.0 - gates if kept else gates.neg_().add_(1.0))
+        grad_gates.addcmul_(grad_gates, gates, value=-1.0)
         grad_scores = grad_logits.add_(grad_gates).mul_(scale)  # dA, scaled for the q.k product
 
         grad_q = torch.matmul(grad_scores, k).add_(torch.matmul(grad_z, table), alpha=scale)

@@ -15,20 +15,25 @@ be smaller than for plain attention (the caller sizes them).
 
 On CPU the MLP runs in C++ instead where it can (``NativeDAPEAttentionFn``, ``poslab.kernels.native``):
 the same function with the hidden map kept in registers, so only the scores and the probabilities
-(2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The PyTorch
-path above remains for GPUs, other dtypes and machines without a compiler.
+(2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The same
+function runs DAPE V2 (arXiv 2410.04798) with kernel_size 3, both convolutions along the keys in C++.
+By default the kernel is used where a one-off timing against the other path (``time_both_paths``,
+cached beside the library) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch
+path above remains for GPUs, other dtypes and machines without a compiler (V2 then takes the eager
+path). Per-block temporaries come from ``common.scratch`` buffers, reused across blocks and calls.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_
+from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
 
 SLOPE = 0.01  # LeakyReLU's negative slope
 
@@ -144,10 +149,24 @@ def _row_len(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
     return keep.sum(-1, dtype=torch.int64).cpu()
 
 
-def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool) -> tuple[Tensor, Tensor]:
-    """Scores A and final logits (B, H, t, S), -inf where hidden."""
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / math.sqrt(q.shape[-1]))
-    logits = native.dape_mlp_forward(scores, bias, w1, b1, w2, b2, row_len, slope=SLOPE, add_base=add_base)
+def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool, saved: bool = False):
+    """Scores A and final logits (B, H, t, S), -inf where hidden. The logits, and the scores unless
+    ``saved`` for backward, are scratch buffers (``common.scratch``)."""
+    shape = (*q.shape[:-1], k.shape[2])
+    scores = torch.empty(shape, dtype=q.dtype) if saved else scratch("dape_scores", shape, q)
+    torch.matmul(q, k.transpose(-1, -2), out=scores).mul_(1.0 / math.sqrt(q.shape[-1]))
+    logits = native.dape_mlp_forward(
+        scores,
+        bias,
+        w1,
+        b1,
+        w2,
+        b2,
+        row_len,
+        slope=SLOPE,
+        add_base=add_base,
+        out=scratch("dape_logits", shape, q),
+    )
     return scores, logits
 
 
@@ -160,7 +179,7 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
+        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base, saved=save)
         probs, lse = row_softmax_(logits, need_lse=not save)
         out = torch.matmul(probs, v)
         saved = (scores, probs) if save else (lse,)
@@ -193,6 +212,17 @@ class NativeDAPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
+def v2_eager_block(q, k, v, bias, keep, w1, b1, w2, b2) -> Tensor:
+    """DAPE V2 (A + B + f, f two width-k convolutions, features and hidden map masked) as the eager
+    path computes it; w1 (D, 2H, k), w2 (H, D, k). The guard's PyTorch side for V2."""
+    pad = (0, w1.shape[-1] // 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    feats = torch.cat((scores, bias.expand_as(scores)), dim=1) * keep
+    hidden = F.leaky_relu(F.conv2d(feats, w1[:, :, None], b1, padding=pad), SLOPE) * keep
+    logits = scores + bias + F.conv2d(hidden, w2[:, :, None], b2, padding=pad)
+    return torch.matmul(torch.softmax(logits.masked_fill(~keep, float("-inf")), -1), v)
+
+
 def saved_floats_per_entry(n_heads: int, width: int, has_bias: bool) -> int:
     """Floats the forward keeps per (batch, query, key) when it saves instead of recomputing."""
     return (2 * n_heads + 1 if has_bias else n_heads + 1) + width + n_heads
@@ -216,8 +246,10 @@ def dape_attention(
     """
     lin1, _, lin2 = mlp
     params = (lin1.weight, lin1.bias, lin2.weight, lin2.bias)
-    if uses_native(q, mlp) and native.supports(k, v, bias):
+    if uses_native(q, mlp) and native.supports(k, v, bias, n_heads=q.shape[1]):
         return _native_attention(q, k, v, bias, keep, params, add_base=add_base, save_bytes=save_bytes)
+    if lin1.weight.dim() != 2:
+        raise ValueError("dape_attention: V2's convolutions run only in the native kernel (CPU, C++)")
     args = (q, k, v, bias, keep, *params)
     if needs_autograd(*args):
         n_batch, n_heads, t, _ = q.shape
@@ -232,9 +264,60 @@ def dape_attention(
 
 
 def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
-    """Whether ``dape_attention`` runs the MLP natively for queries like ``q`` (CPU, float32/64,
-    at most ``native.MAX_HEADS`` heads, the kernels built and not switched off)."""
-    return q.shape[1] <= native.MAX_HEADS and native.supports(q, *mlp.parameters())
+    """Whether ``dape_attention`` runs the MLP natively for queries like ``q``: CPU, float32/64, at
+    most ``native.MAX_HEADS`` heads, the kernels built and switched on, and (unless forced with
+    POSLAB_NATIVE=1) faster than the PyTorch path on this machine by the guard's cached timing."""
+    n_heads = q.shape[1]
+    if not native.supports(q, *mlp.parameters(), n_heads=n_heads):
+        return False
+    if native.mode() == "on":
+        return True
+    width, taps = mlp[0].weight.shape[0], mlp[0].weight.shape[-1] if mlp[0].weight.dim() == 4 else 1
+    key = f"dape-k{taps}-h{n_heads}-d{width}-{str(q.dtype).removeprefix('torch.')}"
+    return native.decision(key, n_heads, lambda: time_both_paths(n_heads, width, q.dtype, taps=taps))
+
+
+def time_both_paths(
+    n_heads: int, width: int, dtype: torch.dtype, *, taps: int = 1, rounds: int = 3
+) -> dict[str, float]:
+    """Seconds (best of ``rounds``, interleaved) of one block's forward and backward on each path,
+    at a representative shape: 4 sequences, the last 64 queries of 256 keys, a base bias, 32 dims.
+    ``taps`` 3: V2, whose other path is the eager one (``v2_eager_block``)."""
+    # Fresh tensors with autograd on, whatever mode the caller is in (e.g. inference_mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        return _time_both_paths(n_heads, width, dtype, taps, rounds)
+
+
+def _time_both_paths(
+    n_heads: int, width: int, dtype: torch.dtype, taps: int, rounds: int
+) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    n_batch, t, s, head_dim = 4, 64, 256, 32
+
+    def rand(*shape: int) -> Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * 0.5).requires_grad_()
+
+    q, k, v = (rand(n_batch, n_heads, n, head_dim) for n in (t, s, s))
+    bias = rand(n_heads, t, s)
+    conv = (taps,) if taps > 1 else ()
+    params = (rand(width, 2 * n_heads, *conv), rand(width), rand(n_heads, width, *conv), rand(n_heads))
+    keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+    row_len = _row_len(keep, t, s)
+    grad = torch.randn(n_batch, n_heads, t, head_dim, generator=gen, dtype=dtype)
+    runs = {
+        "native": lambda: NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, *params, True, True),
+        "torch": lambda: DAPEAttentionFn.apply(q, k, v, bias, keep, *params, True, True),
+    }
+    if taps > 1:
+        runs["torch"] = lambda: v2_eager_block(q, k, v, bias, keep, *params)
+    best = {name: math.inf for name in runs}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn().backward(grad)
+            if round_ > 0:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:
@@ -244,7 +327,7 @@ def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    w1, b1, w2, b2 = (p.contiguous() for p in params)
+    w1, b1, w2, b2 = (p.squeeze(2).contiguous() if p.dim() == 4 else p.contiguous() for p in params)
     if bias is None:  # B = 0: W1's B columns see only zeros (autograd gives them a zero gradient)
         w1 = w1[:, :n_heads].contiguous()
     if needs_autograd(q, k, v, bias, *params):

@@ -3,26 +3,32 @@
 The DAPE MLP over a (B, H, t, S) score map is small per entry (2H -> D -> H channels) but applied to
 B x t x S entries; in PyTorch it becomes a handful of skinny matrix products and elementwise passes
 over a (B x t x S, D) hidden map, which is memory-bound. ``dape_mlp.cpp`` keeps the hidden map in
-registers instead. It is plain C++ (no PyTorch headers), so it builds in a second or two with the
-system compiler; the library is cached under ``$POSLAB_CACHE`` (default ``~/.cache/poslab``) by a
-hash of the source, the compiler and the CPU's flags (the build uses ``-march=native``).
+registers instead. It is plain C++ (no PyTorch headers), built with the system compiler into
+``$POSLAB_CACHE`` (default ``~/.cache/poslab``), keyed by a hash of the source, the compiler and
+the flags. A library is built per head count (a compile-time constant: the channel loops unroll
+into registers) and per x86-64 level (``-march=x86-64-v3``: AVX2 and FMA, 8-float vectors;
+``x86-64-v4``: AVX-512, 16-float vectors), the highest this CPU runs, so the code does not depend on
+the machine it was first built on; ``POSLAB_NATIVE_ARCH`` picks another level (or ``native``).
 
-Nothing depends on it: when there is no compiler, the build fails, ``POSLAB_NATIVE=0`` is set, the
-tensors are not float32/float64 CPU tensors, or there are more than ``MAX_HEADS`` heads, DAPE uses its
-PyTorch path (same results up to rounding; tests run both). ``available()`` says whether it is built.
+``POSLAB_NATIVE``: ``auto`` (default) uses the kernel where a one-off timing against the PyTorch
+path, cached beside the library, found it faster (``poslab.kernels.dape``); ``1`` always; ``0``
+never. Nothing depends on it: when there is no compiler, the build fails, or the tensors are not
+float32/float64 CPU tensors, DAPE uses its PyTorch path (same results up to rounding).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -33,17 +39,37 @@ from torch import Tensor
 log = logging.getLogger("poslab")
 
 SOURCE = Path(__file__).with_name("dape_mlp.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
+# -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode turns contraction off).
+FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+# x86-64 micro-architecture levels, highest first, with the CPU flags each needs (beyond the lower
+# level's; /proc/cpuinfo names). The kernel's vector width follows the level: 32 bytes on v3, 64 on v4.
+LEVELS = {
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "x86-64-v3": ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"),
+    "x86-64-v2": ("sse4_1", "sse4_2", "ssse3", "popcnt", "cx16"),
+}
 
 
 _switched_off = 0  # depth of ``switched_off()`` blocks
+_forced = 0  # depth of ``forced()`` blocks
+
+
+def mode() -> str:
+    """'off', 'on' (always, where built) or 'auto' (where the cached timing found it faster)."""
+    if _switched_off:
+        return "off"
+    if _forced:
+        return "on"
+    value = os.environ.get("POSLAB_NATIVE", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "on" if value in ("1", "true", "yes", "on", "force") else "auto"
 
 
 def enabled() -> bool:
     """False when the environment (POSLAB_NATIVE=0) or a ``switched_off()`` block turns them off."""
-    if _switched_off:
-        return False
-    return os.environ.get("POSLAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return mode() != "off"
 
 
 @contextmanager
@@ -57,92 +83,196 @@ def switched_off() -> Iterator[None]:
         _switched_off -= 1
 
 
+@contextmanager
+def forced() -> Iterator[None]:
+    """Within the block, kernels are used wherever they are built, whatever the guard's timing said."""
+    global _forced
+    _forced += 1
+    try:
+        yield
+    finally:
+        _forced -= 1
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("POSLAB_CACHE") or Path.home() / ".cache" / "poslab")
 
 
-def _cpu_flags() -> str:
+def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return line
+                return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return os.uname().machine
+    return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def supported_levels() -> list[str]:
+    """The x86-64 levels this CPU executes, highest first (empty off x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = _cpu_flags()
+    names = list(LEVELS)
+    return [name for i, name in enumerate(names) if all(set(LEVELS[n]) <= flags for n in names[i:])]
+
+
+def arch() -> str:
+    """The -march the kernel is built for: $POSLAB_NATIVE_ARCH, else the highest level this CPU runs
+    (v3 or v4; 'native' off x86-64 or below v3)."""
+    chosen = os.environ.get("POSLAB_NATIVE_ARCH", "").strip()
+    if chosen:
+        if chosen != "native" and chosen not in LEVELS:
+            raise ValueError(
+                f"POSLAB_NATIVE_ARCH must be native or one of {', '.join(LEVELS)}, got {chosen!r}"
+            )
+        if chosen != "native" and chosen not in supported_levels():
+            raise ValueError(f"POSLAB_NATIVE_ARCH={chosen}: this CPU ({cpu_model()}) cannot run it")
+        return chosen
+    levels = [level for level in supported_levels() if level in ("x86-64-v4", "x86-64-v3")]
+    return levels[0] if levels else "native"
 
 
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE into the cache (once per source, compiler and CPU); return the library's path."""
+def _flags(n_heads: int, target: str) -> list[str]:
+    return [*FLAGS, f"-march={target}", f"-DPOSLAB_HEADS={n_heads}"]
+
+
+def _build(compiler: str, n_heads: int, target: str) -> Path:
+    """Compile SOURCE into the cache (once per source, compiler, flags, and CPU for -march=native)."""
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    flags = _flags(n_heads, target)
+    parts = [source, " ".join(flags).encode(), version.encode()]
+    if target == "native":
+        parts.append(" ".join(sorted(_cpu_flags())).encode())
     key = hashlib.sha256(b"\0".join(parts))
-    target = cache_dir() / f"dape_mlp-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the native DAPE kernel into %s (once)", target)
+    target_path = cache_dir() / f"dape_mlp-h{n_heads}-{target}-{key.hexdigest()[:16]}.so"
+    if target_path.exists():
+        return target_path
+    target_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling the native DAPE kernel into %s (once)", target_path)
     # Build beside the target and rename: a concurrent process never sees a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_path.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
-        os.replace(tmp, target)
+            errors = [line for line in result.stderr.splitlines() if "error" in line] or ["failed"]
+            raise RuntimeError(errors[0].strip())
+        os.replace(tmp, target_path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
+    return target_path
 
 
-MAX_HEADS = 32  # the C++ kernel's stack arrays (MAX_HEADS in dape_mlp.cpp)
+MAX_HEADS = 32  # beyond, one library per head count is not worth it: DAPE takes its PyTorch path
 
 _PTR, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 
 
 @cache
-def _library() -> ctypes.CDLL | None:
-    """The built library, or None (with a warning) when it cannot be built; built once per process,
-    whatever ``enabled()`` says at the time (the switch is read at every call, not cached here)."""
+def _library(n_heads: int, target: str) -> ctypes.CDLL | None:
+    """The library for ``n_heads`` heads built for ``target``, or None (with a warning) when it cannot
+    be built; built once per process, whatever ``enabled()`` says at the time."""
     compiler = _compiler()
     if compiler is None:
         warnings.warn("poslab: no C++ compiler found; DAPE uses its PyTorch path", stacklevel=3)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(compiler, n_heads, target)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         message = f"poslab: building the native DAPE kernel failed ({error}); using PyTorch"
         warnings.warn(message, stacklevel=3)
         return None
     # The signatures of dape_mlp.cpp's entry points: pointers, sizes, the slope, flags, threads.
-    forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT]
-    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT]
+    forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT, _INT]
+    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT, _INT]
     for suffix in ("f32", "f64"):
         getattr(lib, f"dape_mlp_forward_{suffix}").argtypes = forward_args
         getattr(lib, f"dape_mlp_backward_{suffix}").argtypes = backward_args
+    lib.dape_mlp_isa.restype = ctypes.c_char_p
     return lib
 
 
-def available() -> bool:
-    """Whether the native kernels are switched on and built (builds them on the first such call)."""
-    return enabled() and _library() is not None
+def library(n_heads: int) -> ctypes.CDLL | None:
+    """The library for this head count and the current target, or None (not built, or too many heads)."""
+    if not 1 <= n_heads <= MAX_HEADS:
+        return None
+    return _library(n_heads, arch())
+
+
+def available(n_heads: int = 4) -> bool:
+    """Whether the native kernels are switched on and built for ``n_heads`` (builds on the first call)."""
+    return enabled() and library(n_heads) is not None
+
+
+def build_info(n_heads: int = 4) -> str:
+    """What the kernel was built for, e.g. 'x86-64-v3 (avx2, 32-byte vectors)', or why it is not."""
+    lib = _library(n_heads, arch()) if _compiler() is not None else None
+    if lib is None:
+        return "not built"
+    return f"{arch()} ({lib.dape_mlp_isa().decode()}, {lib.dape_mlp_vector_bytes()}-byte vectors)"
+
+
+def decision(key: str, n_heads: int, measure: Callable[[], dict[str, float]]) -> bool:
+    """Whether to use the kernel for a workload named ``key``: ``measure()`` times it against the
+    PyTorch path once (seconds as {'native': ..., 'torch': ...}); the result is cached in a JSON
+    file beside the library (one per build), so later processes reuse it."""
+    lib = library(n_heads)
+    if lib is None:
+        return False
+    path = Path(lib._name).with_suffix(".guard.json")
+    if (path, key) in _decisions:
+        return _decisions[path, key]
+    cached = _guard_cache(path)
+    if key not in cached:
+        timing = measure()
+        cached = {**_guard_cache(path), key: {**timing, "native_wins": timing["native"] <= timing["torch"]}}
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(cached, f, indent=1)
+        os.replace(tmp, path)
+        log.info("native DAPE kernel for %s: %s", key, cached[key])
+    _decisions[path, key] = bool(cached[key]["native_wins"])
+    return _decisions[path, key]
+
+
+_decisions: dict[tuple[Path, str], bool] = {}  # this process's reads of the guard files
+
+
+def _guard_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def supports(*tensors: Tensor | None) -> bool:
-    """Whether the native kernels can take these tensors: CPU, float32 or float64, all one dtype."""
+def supports(*tensors: Tensor | None, n_heads: int) -> bool:
+    """Whether the native kernels can take these tensors (CPU, float32 or float64, all one dtype) with
+    ``n_heads`` heads: switched on and built (at most ``MAX_HEADS``)."""
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
-    return (
-        dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in present) and available()
-    )
+    on_cpu = dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in present)
+    return on_cpu and available(n_heads)
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -157,20 +287,28 @@ def _threads(work: int) -> int:
     return 1 if work < MIN_PARALLEL_WORK else torch.get_num_threads()
 
 
+def _taps(w1: Tensor) -> int:
+    return w1.shape[2] if w1.dim() == 3 else 1
+
+
 def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **others: Tensor | None) -> None:
     """ValueError unless the arguments have the shapes, dtype and layout the C++ kernel assumes
     (it reads raw pointers: a wrong shape would read or write out of bounds, not raise)."""
     if scores.dim() != 4:
         raise ValueError(f"native DAPE: scores must be (B, H, t, S), got {tuple(scores.shape)}")
     _, n_heads, t, s = scores.shape
-    width = w1.shape[0] if w1.dim() == 2 else -1
+    width = w1.shape[0] if w1.dim() in (2, 3) else -1
+    taps = (w1.shape[2],) if w1.dim() == 3 else ()  # V2: (D, C, 3) and (H, D, 3)
+    if taps not in ((), (3,)):
+        raise ValueError(f"native DAPE: kernel_size 1 or 3, got w1 of shape {tuple(w1.shape)}")
     expected = {
         "bias": (n_heads, t, s),
-        "w1": (width, 2 * n_heads if bias is not None else n_heads),
+        "w1": (width, 2 * n_heads if bias is not None else n_heads, *taps),
         "b1": (width,),
-        "w2": (n_heads, width),
+        "w2": (n_heads, width, *taps),
         "b2": (n_heads,),
         "grad": tuple(scores.shape),
+        "out": tuple(scores.shape),
         "grad_bias": (n_heads, t, s),
     }
     named = {"scores": scores, "bias": bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2, **others}
@@ -181,7 +319,7 @@ def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **other
             raise ValueError(f"native DAPE: {name} must be {expected[name]}, got {tuple(tensor.shape)}")
         if tensor.dtype != scores.dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
             raise ValueError(f"native DAPE: {name} must be a contiguous CPU tensor of {scores.dtype}")
-    if scores.dtype not in _SUFFIX or n_heads > MAX_HEADS:
+    if scores.dtype not in _SUFFIX or not 1 <= n_heads <= MAX_HEADS:
         raise ValueError(
             f"native DAPE: float32 or float64 and at most {MAX_HEADS} heads, got {scores.dtype}, {n_heads}"
         )
@@ -202,19 +340,22 @@ def dape_mlp_forward(
     *,
     slope: float,
     add_base: bool,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Logits (B, H, t, S): scores + [bias] + b2 + w2 leaky(w1 [scores; bias] + b1), -inf past row_len.
 
     scores (B, H, t, S), bias (H, t, S) or None, w1 (D, 2H) (D, H without bias), row_len (t,) int64;
-    all contiguous.
+    all contiguous. With w1 (D, C, 3) and w2 (H, D, 3), DAPE V2: both products are convolutions of
+    width 3 along each row's keys, the features and the hidden map zero past row_len. ``out``: where
+    to write the logits (else a new tensor).
     """
-    _check(scores, bias, w1, b1, w2, b2, row_len)
+    _check(scores, bias, w1, b1, w2, b2, row_len, out=out)
     n_batch, n_heads, t, s = scores.shape
-    logits = torch.empty_like(scores)
-    fn = getattr(_library(), f"dape_mlp_forward_{_SUFFIX[scores.dtype]}")
+    logits = torch.empty_like(scores) if out is None else out
+    fn = getattr(library(n_heads), f"dape_mlp_forward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, bias, w1, b1, w2, b2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
-    fn(*pointers, *sizes, slope, int(add_base), _ptr(logits), _threads(scores.numel()))
+    fn(*pointers, *sizes, slope, int(add_base), _ptr(logits), _threads(scores.numel()), _taps(w1))
     return logits
 
 
@@ -237,9 +378,9 @@ def dape_mlp_backward_(
     _check(scores, bias, w1, b1, w2, None, row_len, grad=grad, grad_bias=grad_bias)
     n_batch, n_heads, t, s = scores.shape
     grad_w1, grad_b1, grad_w2 = torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2)
-    fn = getattr(_library(), f"dape_mlp_backward_{_SUFFIX[scores.dtype]}")
+    fn = getattr(library(n_heads), f"dape_mlp_backward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, bias, w1, b1, w2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
     outputs = map(_ptr, (grad, grad_bias, grad_w1, grad_b1, grad_w2))
-    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()))
+    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()), _taps(w1))
     return grad_w1, grad_b1, grad_w2
