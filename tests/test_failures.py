@@ -1,0 +1,63 @@
+"""The failure paths a new user hit: nothing lost, nothing silent (docs/reliability.md lists them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from poslab.cli import main
+
+FAST = ["train.steps=4", "train.eval_every=0", "train.checkpoint_every=2", "eval.batches=1"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished smoke run (4 steps, seed 0), copied by the tests that change it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["-q", "train", "--preset", "smoke", *FAST, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def copy_run(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+# -- 1. a report pools only runs that differ in the seed alone -------------------------------------
+
+
+def test_report_refuses_a_repeated_seed(capsys, tmp_path, finished_run):
+    copy_run(finished_run, tmp_path / "a")
+    copy_run(finished_run, tmp_path / "b")
+    code, _, err = run(
+        capsys, "report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r")
+    )
+    assert code == 2 and err.count("\n") == 1 and "seed 0" in err and "twice" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_keeps_runs_of_different_configs_apart_and_says_so(capsys, tmp_path, finished_run):
+    copy_run(finished_run, tmp_path / "short")
+    longer = copy_run(finished_run, tmp_path / "long")
+    config = json.loads((longer / "config.json").read_text())
+    config["train"]["steps"] = 8
+    (longer / "config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, "report", str(tmp_path / "short"), str(longer), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith("| rope")]
+    assert rows == [line for line in rows if "| 1 |" in line] and len(rows) == 2, out
+    assert "train.steps=4" in out and "train.steps=8" in out and "differ" in out
