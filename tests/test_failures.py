@@ -20,6 +20,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
 def snapshot(directory) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
@@ -61,3 +65,39 @@ def test_report_keeps_runs_of_different_configs_apart_and_says_so(capsys, tmp_pa
     rows = [line for line in out.splitlines() if line.startswith("| rope")]
     assert rows == [line for line in rows if "| 1 |" in line] and len(rows) == 2, out
     assert "train.steps=4" in out and "train.steps=8" in out and "differ" in out
+
+
+# -- 2. --overwrite removes the old run only once the new one can replace it ----------------------
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_diverges_at_once(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    bad = ["train.lr=1e30", "train.warmup=0", "train.grad_clip=0"]
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, *bad, "--out", str(out), "--overwrite")
+    assert code == 1 and last_line(err).startswith("poslab: error: non-finite loss"), err
+    assert snapshot(out) == before
+
+
+def test_overwrite_keeps_the_old_run_when_the_corpus_is_empty(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = snapshot(out)
+    code, _, err = run(
+        capsys, "train", "--preset", "lm_stdlib_small", "task.options.corpus=files",
+        f"task.options.corpus_options.path={empty}", "--out", str(out), "--overwrite",
+    )  # fmt: skip
+    assert code == 2 and last_line(err).startswith("poslab: error: corpus 'files': no file matches"), err
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_the_run_once_it_has_a_checkpoint(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    code, _, _ = run(
+        capsys, "train", "--preset", "smoke", *FAST, "train.steps=2", "--out", str(out), "--overwrite"
+    )
+    assert code == 0 and json.loads((out / "results.json").read_text())["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "metrics.jsonl", "checkpoint.pt", "results.json", "train.log"]
+    )

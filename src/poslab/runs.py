@@ -15,6 +15,8 @@ A run lives in its own directory:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ CONFIG, METRICS, CHECKPOINT, RESULTS, LOG = (
     "train.log",
 )
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG)
+ASIDE = ".replaced"  # an overwritten run's files until the new run has a checkpoint
 # Keys a resumed run may change: they alter how long it runs, when it logs, where, and how it is
 # evaluated, but not what a given step learns.
 RESUMABLE_CHANGES = (
@@ -146,6 +149,29 @@ class RunDir:
         """Remove the files a run writes (and nothing else)."""
         for name in RUN_FILES:
             (self / name).unlink(missing_ok=True)
+
+    def set_aside(self) -> Path:
+        """Move the run's files into ``.replaced/`` (for ``--overwrite``): `restore` puts them back
+        if the new run fails before its first checkpoint, `drop_aside` removes them after it."""
+        aside = self / ASIDE
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in RUN_FILES:
+            if (self / name).exists():
+                os.replace(self / name, aside / name)
+        return aside
+
+    def restore(self) -> None:
+        """Undo `set_aside`: the new run's files go, the old run's come back."""
+        self.clear()
+        aside = self / ASIDE
+        for name in RUN_FILES:
+            if (aside / name).exists():
+                os.replace(aside / name, self / name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def drop_aside(self) -> None:
+        shutil.rmtree(self / ASIDE, ignore_errors=True)
 
     # -- reading and writing -------------------------------------------------------------------------
 

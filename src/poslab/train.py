@@ -245,31 +245,60 @@ def _train(
 
     # Every process checks the directory before process 0 touches it.
     checkpoint = None
+    replacing = None  # an overwritten run, set aside until the new one has saved a checkpoint
     if run_dir is not None:
-        run_dir.check(resume=resume, overwrite=overwrite, config=config)
+        status = run_dir.check(resume=resume, overwrite=overwrite, config=config)
         if resume and run_dir.has_checkpoint():
             checkpoint = run_dir.load_checkpoint()
         ctx.barrier()
         if ctx.main:
             run_dir.path.mkdir(parents=True, exist_ok=True)
-            if overwrite or (resume and checkpoint is None):
+            if overwrite and status != "empty":
+                replacing = _Replacing(run_dir)
+            elif overwrite or (resume and checkpoint is None):
                 run_dir.clear()
             run_dir.write_config(config)
     writer = run_dir if ctx.main else None
-    file_log = _attach_file_log(writer / LOG if writer is not None else None)
     try:
-        session = _Session(
-            config=config,
-            run_dir=run_dir,
-            writer=writer,
-            ctx=ctx,
-            device=device,
-            task=config.task.build(),
-            metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
-        )
-        return _loop(session, checkpoint, progress, callback)
-    finally:
-        _detach_file_log(file_log)
+        file_log = _attach_file_log(writer / LOG if writer is not None else None)
+        try:
+            session = _Session(
+                config=config,
+                run_dir=run_dir,
+                writer=writer,
+                ctx=ctx,
+                device=device,
+                task=config.task.build(),
+                metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
+                replacing=replacing,
+            )
+            return _loop(session, checkpoint, progress, callback)
+        finally:
+            _detach_file_log(file_log)
+    except BaseException:
+        if replacing is not None:
+            replacing.undo()
+        raise
+
+
+class _Replacing:
+    """An overwritten run's files, set aside (`RunDir.set_aside`) until the new run saves its first
+    checkpoint: a new run that fails before that leaves the old one as it was."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.pending = True
+        run_dir.set_aside()
+
+    def done(self) -> None:
+        if self.pending:
+            self.run_dir.drop_aside()
+            self.pending = False
+
+    def undo(self) -> None:
+        if self.pending:
+            self.run_dir.restore()
+            self.pending = False
 
 
 @dataclass(frozen=True)
@@ -283,6 +312,14 @@ class _Session:
     device: torch.device
     task: Any  # a poslab.tasks.Task
     metrics_log: _MetricsLog
+    replacing: _Replacing | None = None
+
+    def save(self, state: TrainState, elapsed: float) -> None:
+        """Save the checkpoint (process 0); the first one replaces an overwritten run."""
+        if self.writer is not None:
+            save_checkpoint(self.writer / CHECKPOINT, state.checkpoint(self, elapsed))
+            if self.replacing is not None:
+                self.replacing.done()
 
     @property
     def label(self) -> str:
@@ -460,8 +497,8 @@ def _after_update(
         state.last_eval = _evaluate(session, state)
         final = step == tc.steps
     due = step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-    if due and session.writer is not None:
-        save_checkpoint(session.writer / CHECKPOINT, state.checkpoint(session, elapsed))
+    if due:
+        session.save(state, elapsed)
     return final
 
 
