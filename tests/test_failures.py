@@ -101,3 +101,40 @@ def test_overwrite_replaces_the_run_once_it_has_a_checkpoint(capsys, tmp_path, f
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "metrics.jsonl", "checkpoint.pt", "results.json", "train.log"]
     )
+
+
+# -- 3. --resume continues the run from its own config ---------------------------------------------
+
+
+def test_resume_with_the_preset_continues_the_saved_run(capsys, tmp_path):
+    out = tmp_path / "cope_s1"
+    argv = ["train", "--preset", "smoke", *FAST, "--no-progress"]
+    assert run(capsys, *argv, "model.encoding=alibi", "train.seed=1", "--out", str(out))[0] == 0
+    code, stdout, err = run(
+        capsys, "train", "--preset", "smoke", "--out", str(out), "--resume", "train.steps=6"
+    )
+    assert code == 0, err
+    assert "| alibi | 1 |" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["step"], results["seed"], results["encoding"]) == (6, 1, "alibi")
+
+
+def test_resume_refuses_options_that_contradict_the_run(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(out)
+    code, _, err = run(capsys, "train", "--preset", "smoke", "--out", str(out), "--resume", "train.seed=2")
+    assert code == 2 and err.count("\n") == 1 and "train.seed" in err
+    code, _, err = run(
+        capsys, "train", "--preset", "flipflop_small", "--out", str(out), "--resume", "model.d_model=64"
+    )
+    assert code == 2 and err.count("\n") == 1 and "model.d_model" in err
+    code, _, err = run(capsys, "train", "--preset", "counting_small", "--out", str(out), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "task" in err and "counting_small" in err
+    assert snapshot(out) == before
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(capsys, tmp_path):
+    out = tmp_path / "typo"
+    code, _, err = run(capsys, "train", "--preset", "smoke", "--out", str(out), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "no run to continue" in err
+    assert not out.exists()

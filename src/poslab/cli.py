@@ -91,16 +91,24 @@ def cmd_list(args: Any) -> str:
 
 def cmd_train(args: Any) -> str:
     out = Path(args.out) if args.out else None
+    if args.resume and out is not None and RunDir(out).status() == "empty":
+        raise RunDirError(f"--resume: {out} holds no run to continue; drop --resume to start one there")
     if args.resume and out is not None and (out / CONFIG).exists():
-        config = RunDir(out).load_config().override(list(args.overrides))
-        if args.preset is not None:
-            wanted = preset_config(args.preset, args.overrides)
-            changed = [k for k in wanted.diff(config) if not resumable_change(k)]
-            if changed:
-                raise RunDirError(
-                    f"{out} holds a run whose config differs from --preset {args.preset} in "
-                    f"{', '.join(changed)}; drop --preset to continue the saved run"
-                )
+        # The run continues from its own config; only the options given contradict it (the
+        # preset it was started from had its own overrides, which config.json records).
+        saved = RunDir(out).load_config()
+        config = saved.override(list(args.overrides))
+        changed = [k for k in config.diff(saved) if not resumable_change(k)]
+        if changed:
+            raise RunDirError(
+                f"{out} holds a run with a different config ({', '.join(changed)}); "
+                "use another --out or --overwrite"
+            )
+        if args.preset is not None and get_preset(args.preset).task.name != saved.task.name:
+            raise RunDirError(
+                f"{out} holds a {saved.task.name} run, not one of --preset {args.preset} "
+                f"(task {get_preset(args.preset).task.name}); drop --preset to continue it"
+            )
     else:
         config = preset_config(args.preset, args.overrides)
     if out is None:
