@@ -138,3 +138,162 @@ def test_resume_of_a_directory_without_a_run_is_refused(capsys, tmp_path):
     code, _, err = run(capsys, "train", "--preset", "smoke", "--out", str(out), "--resume")
     assert code == 2 and err.count("\n") == 1 and "no run to continue" in err
     assert not out.exists()
+
+
+# -- 4. a full disk, a read-only directory, sizes past the memory: one line, exit 2 ---------------
+
+
+def test_tests_run_where_chmod_does_not_stop_writes(tmp_path):
+    """Why the tests below fake the faults at the write: as root a read-only mode does not stop it."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: chmod would stop writes here")
+    place = tmp_path / "ro"
+    place.mkdir()
+    place.chmod(0o500)
+    (place / "x").write_text("written anyway")
+    assert (place / "x").exists()
+
+
+def fail_writes(monkeypatch, code: int, *, only: str = "") -> list[str]:
+    """Make every file write whose name contains ``only`` fail with OSError ``code`` after writing
+    part of the file (the disk filling up mid-write); returns the names that failed."""
+    import errno
+    import os
+
+    from poslab import checkpoint
+
+    real = checkpoint._write_bytes
+    failed = []
+
+    def write(path, data):
+        if only not in path.name:
+            return real(path, data)
+        failed.append(path.name)
+        path.write_bytes(data[: len(data) // 2])
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", write)
+    assert errno.errorcode[code]
+    return failed
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_leaves_no_temporary_file(capsys, tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    failed = fail_writes(monkeypatch, errno.ENOSPC, only="checkpoint.pt")
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, "--out", str(out))
+    assert failed and code == 2
+    assert last_line(err) == (
+        f"poslab: error: cannot write {out / 'checkpoint.pt'}: No space left on device; free some space, "
+        "then run the command again (--resume continues a run)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "train.log"]  # no checkpoint, no .tmp
+
+
+READ_ONLY_COMMANDS = {
+    "train": ["train", "--preset", "smoke", *FAST],
+    "compare": ["compare", "--preset", "smoke", "--encodings", "rope", *FAST],
+    "bench": ["bench", "--quick"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(READ_ONLY_COMMANDS))
+def test_read_only_output_is_refused_before_the_work(capsys, tmp_path, monkeypatch, command):
+    import errno
+
+    import poslab.bench
+    import poslab.train
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before checking the output")
+
+    monkeypatch.setattr(poslab.bench, "run_bench", no_work)
+    monkeypatch.setattr(poslab.train, "_loop", no_work)
+    fail_writes(monkeypatch, errno.EROFS)
+    out = tmp_path / "ro" / "out"
+    argv = [*READ_ONLY_COMMANDS[command], "--out", str(out / "bench.json" if command == "bench" else out)]
+    code, _, err = run(capsys, *argv)
+    assert (
+        code == 2
+        and last_line(err).startswith("poslab: error: cannot write ")
+        and "Read-only file system" in err
+    )
+    assert not (tmp_path / "ro").exists()
+
+
+def test_read_only_report_and_eval_json_are_refused_before_the_work(
+    capsys, tmp_path, monkeypatch, finished_run
+):
+    import errno
+
+    import poslab.cli
+    import poslab.report.runs
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("worked before checking the output")
+
+    monkeypatch.setattr(poslab.report.runs, "load_runs", no_work)
+    monkeypatch.setattr(poslab.cli, "evaluate", no_work)
+    fail_writes(monkeypatch, errno.EROFS)
+    before = snapshot(finished_run)
+    code, _, err = run(capsys, "report", str(finished_run), "--out", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err
+    code, _, err = run(capsys, "eval", str(finished_run), "--json", str(tmp_path / "e.json"))
+    assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err
+    assert snapshot(finished_run) == before and sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        ("eval.length=10000000", "length 10000000"),
+        ("task.train_len=10000000", "task.train_len=10000000"),
+        ("model.d_model=65536", "model.d_model=65536"),
+        ("train.batch_size=10000000", "train.batch_size=10000000"),
+    ],
+)
+def test_sizes_past_the_memory_are_refused_before_training(capsys, tmp_path, monkeypatch, option, named):
+    import poslab.memory
+    import poslab.train
+
+    monkeypatch.setattr(poslab.memory, "available_bytes", lambda device: 64 * 2**30)
+    monkeypatch.setattr(poslab.train, "_loop", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, option, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("poslab: error: out of memory: ") and named in err and "64.0 GiB free" in err
+    assert not out.exists()
+
+
+def test_the_memory_check_lets_ordinary_runs_through():
+    import torch
+
+    from poslab.memory import check_fits, eval_bytes, training_bytes
+    from poslab.presets import get_preset
+
+    for name in ("smoke", "flipflop_small", "counting_small"):
+        config = get_preset(name)
+        task = config.task.build()
+        check_fits(config, task, torch.device("cpu"), eval_lengths=[config.task.train_len])
+        assert 0 < training_bytes(config, task, 8) < 2**30 and 0 < eval_bytes(config, task, 8) < 2**30
+
+
+def test_an_allocator_failure_is_one_line(capsys, tmp_path, monkeypatch):
+    import poslab.train
+
+    def oom(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 800000000000 bytes"
+        )
+
+    monkeypatch.setattr(poslab.train, "_loop", oom)
+    code, _, err = run(capsys, "-q", "train", "--preset", "smoke", *FAST, "--out", str(tmp_path / "run"))
+    assert (
+        code == 2
+        and last_line(err).startswith("poslab: error: out of memory (")
+        and "train.batch_size" in err
+    )

@@ -30,12 +30,13 @@ from typing import Any
 
 import torch
 
-from poslab.checkpoint import write_json
+from poslab.checkpoint import check_writable, output_error, write_json
 from poslab.config import RunConfig, format_value, slug
 from poslab.encodings import encoding_class, encoding_options, list_encodings
-from poslab.evaluate import evaluate
+from poslab.evaluate import evaluate, planned_lengths
 from poslab.experiments import COMMANDS as EXPERIMENT_COMMANDS
 from poslab.experiments.command import OVERRIDES, RUN_FLAGS, Command, arg, progress
+from poslab.memory import check_fits
 from poslab.options import parse_int_list, split_list
 from poslab.options import split_top_level as split_top_level  # the command line's spec lists
 from poslab.presets import DESCRIPTIONS, get_preset, list_presets
@@ -124,9 +125,13 @@ def cmd_eval(args: Any) -> str:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS)]
     if bad:
         raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
+    if args.json:
+        check_writable(Path(args.json).parent)
     loaded = load_model(args.checkpoint, overrides=args.overrides)
     config, task = loaded.config, loaded.task
     device = resolve_device(config.train.device)
+    lengths = planned_lengths(task, config.eval, config.task.train_len)
+    check_fits(config, task, device, eval_lengths=lengths, training=False)
     loaded.model.to(device)
     started = time.monotonic()
     metrics = evaluate(loaded.model, task, config.eval, train_len=config.task.train_len, device=device)
@@ -156,6 +161,7 @@ def cmd_visualize(args: Any) -> str:
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot read --text-file {args.text_file}: {error}") from None
     layers = parse_int_list(args.layers, "--layers", "0,1") if args.layers else None
+    check_writable(args.out)
     try:
         paths = visualize_run(
             args.run_dir,
@@ -178,6 +184,7 @@ def cmd_bench(args: Any) -> str:
     sections = split_list(args.sections)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} but CUDA is not available here")
+    check_writable(Path(args.out).parent)  # before minutes of measuring
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     run_bench(sections, out=args.out, quick=args.quick, device=args.device)  # prints each table
     return f"wrote {args.out}\n"
@@ -297,9 +304,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except OSError as error:  # a write outside the atomic helpers: a log line, a plot, a directory
+        print(f"poslab: error: {_one_line(output_error(error.filename or 'a file', error))}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # the allocator, past what `poslab.memory.check_fits` could foresee
+        if not _out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()[0][:160]
+        print(
+            f"poslab: error: out of memory ({first}); lower train.batch_size, eval.batch_size, the "
+            "lengths or the model size",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("poslab: interrupted; continue a run with --resume", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )
 
 
 def _one_line(error: Exception) -> str:

@@ -35,9 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from poslab.checkpoint import json_safe, save_checkpoint, write_text
+from poslab.checkpoint import check_writable, json_safe, save_checkpoint, write_text
 from poslab.config import RunConfig, TrainConfig
-from poslab.evaluate import evaluate, format_metrics
+from poslab.evaluate import evaluate, format_metrics, planned_lengths
+from poslab.memory import check_fits
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
 from poslab.runs import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
@@ -242,6 +243,10 @@ def _train(
         )
     device = resolve_device(tc.device, ctx.local_rank)
     run_dir = RunDir(out_dir) if out_dir is not None else None
+    # Everything that can be checked is, before the run directory is touched: the data (an empty
+    # corpus), the sizes against free memory, that the directory can be written.
+    task = config.task.build()
+    check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
 
     # Every process checks the directory before process 0 touches it.
     checkpoint = None
@@ -252,6 +257,7 @@ def _train(
             checkpoint = run_dir.load_checkpoint()
         ctx.barrier()
         if ctx.main:
+            check_writable(run_dir.path)
             run_dir.path.mkdir(parents=True, exist_ok=True)
             if overwrite and status != "empty":
                 replacing = _Replacing(run_dir)
@@ -268,7 +274,7 @@ def _train(
                 writer=writer,
                 ctx=ctx,
                 device=device,
-                task=config.task.build(),
+                task=task,
                 metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
                 replacing=replacing,
             )

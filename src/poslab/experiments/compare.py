@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poslab.checkpoint import write_json
+from poslab.checkpoint import check_writable, write_json
 from poslab.experiments.command import NO_PLOTS, OVERRIDES, RUN_FLAGS, Arg, Command, arg, files_line, progress
 from poslab.experiments.grid import plan_grid, train_grid
 from poslab.options import parse_seeds, split_top_level
@@ -50,6 +50,7 @@ def compare(
 ) -> CompareResult:
     """Train every (encoding, seed) of ``preset`` under ``out``, then write the results page."""
     out = Path(out)
+    check_writable(out)
     base = get_preset(preset).override(list(overrides))
     grid = plan_grid(base, encodings, seeds, out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,7 @@ def _run(preset: str | None, encodings: list[str], args: Any) -> str:
 
 
 def _report_command(args: Any) -> str:
+    check_writable(args.out)
     report = write_report(load_runs(args.runs), Path(args.out), plots=not args.no_plots)
     return report["table"] + files_line("", args.out, report["files"])
 
