@@ -297,3 +297,79 @@ def test_an_allocator_failure_is_one_line(capsys, tmp_path, monkeypatch):
         and last_line(err).startswith("poslab: error: out of memory (")
         and "train.batch_size" in err
     )
+
+
+# -- 5. work is saved before the final evaluation and on Ctrl-C ------------------------------------
+
+
+def smoke_config(*overrides: str):
+    from poslab.presets import get_preset
+
+    return get_preset("smoke").override([*FAST, *overrides])
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
+    import poslab.train
+    from poslab.checkpoint import load_checkpoint
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("the evaluation failed")
+
+    monkeypatch.setattr(poslab.train, "evaluate", failing_evaluation)
+    config = smoke_config("train.checkpoint_every=0", "train.steps=3")
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        poslab.train.train(config, tmp_path / "run", progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_step_it_lands_in(tmp_path):
+    import os
+    import signal
+
+    from poslab.checkpoint import load_checkpoint
+    from poslab.train import train
+
+    def interrupt(step, model):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = smoke_config("train.checkpoint_every=0", "train.steps=30")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "run", progress=False, callback=interrupt)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    resumed = train(config, tmp_path / "run", resume=True, progress=False)
+    uninterrupted = train(config, tmp_path / "other", progress=False)
+    assert resumed.results["metrics"] == uninterrupted.results["metrics"]
+
+
+def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from poslab.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--preset",
+        "smoke",
+        "train.steps=1000000",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poslab", *argv, "--out", str(out)], stderr=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "stopped at step" in err and last_line(err) == "poslab: interrupted; continue a run with --resume"
+    assert load_checkpoint(out / "checkpoint.pt")["step"] >= 5

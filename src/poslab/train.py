@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -430,18 +432,50 @@ def _loop(
     final_eval_done = False
     try:
         state.model.train()
-        while state.step < tc.steps:
-            lr, grad_norm = _update(session, state, net, rows)
-            bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
-            elapsed = state.elapsed_before + time.monotonic() - started
-            final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
-            if callback is not None:
-                callback(state.step, state.model)
+        with _Interrupts() as interrupts:
+            while state.step < tc.steps:
+                lr, grad_norm = _update(session, state, net, rows)
+                bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
+                elapsed = state.elapsed_before + time.monotonic() - started
+                final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
+                if callback is not None:
+                    callback(state.step, state.model)
+                if interrupts.requested:
+                    session.save(state, elapsed)
+                    where = f"; checkpoint saved in {session.run_dir}" if session.writer is not None else ""
+                    log.warning("%s: stopped at step %d%s", session.label, state.step, where)
+                    raise KeyboardInterrupt
     finally:
         bar.close()
     if not final_eval_done:  # resumed at or past the last step: evaluate what was loaded
         state.last_eval = _evaluate(session, state)
     return _finish(session, state, n_params, state.elapsed_before + time.monotonic() - started)
+
+
+class _Interrupts:
+    """While training: the first Ctrl-C (SIGINT) asks the loop to stop after the step it lands in,
+    with a checkpoint; a second one stops at once. A handler, rather than KeyboardInterrupt raised
+    wherever Python happens to be, so that an optimizer step is never left half done and the
+    request cannot be lost inside torch's native code. Only the main thread can install it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)")
 
 
 def _update(session: _Session, state: TrainState, net: nn.Module, rows: slice) -> tuple[float, float]:
@@ -498,13 +532,13 @@ def _after_update(
         record = {"step": step, "kind": "train", "loss": state.loss_sum / state.loss_count}
         session.metrics_log.write({**record, "lr": lr, "grad_norm": grad_norm, "elapsed": elapsed})
         state.loss_sum, state.loss_count = 0.0, 0
+    # The checkpoint first: an evaluation that fails (or is interrupted) loses no training.
+    if step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+        session.save(state, elapsed)
     final = False
     if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
         state.last_eval = _evaluate(session, state)
         final = step == tc.steps
-    due = step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-    if due:
-        session.save(state, elapsed)
     return final
 
 
