@@ -373,3 +373,29 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert "stopped at step" in err and last_line(err) == "poslab: interrupted; continue a run with --resume"
     assert load_checkpoint(out / "checkpoint.pt")["step"] >= 5
+
+
+# -- 6. temporary files of a killed process are removed --------------------------------------------
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_killed_writers_temporary_file_is_removed(capsys, tmp_path, finished_run, flag):
+    import os
+
+    out = copy_run(finished_run, tmp_path / "run")
+    stale = out / f".checkpoint.pt.{dead_pid()}.tmp"
+    stale.write_bytes(b"x" * 1000)
+    alive = out / f".results.json.{os.getppid()}.tmp"  # another live process may be writing it
+    alive.write_bytes(b"{")
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, "train.steps=6", "--out", str(out), flag)
+    assert code == 0, err
+    assert not stale.exists() and alive.exists()

@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from poslab.checkpoint import CheckpointError, load_checkpoint, write_json, write_text
+from poslab.checkpoint import (
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    CheckpointError,
+    load_checkpoint,
+    write_json,
+    write_text,
+)
 from poslab.config import RunConfig
 from poslab.model import Transformer, build_model
 
@@ -57,6 +64,16 @@ def resumable_change(key: str) -> bool:
 
 class RunDirError(ValueError):
     """The output directory holds a run that would be overwritten."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_json(path: Path, missing: str) -> Any:
@@ -149,6 +166,20 @@ class RunDir:
         """Remove the files a run writes (and nothing else)."""
         for name in RUN_FILES:
             (self / name).unlink(missing_ok=True)
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files (``.<name>.<pid>.tmp``, `poslab.checkpoint.atomic_write`) of
+        processes that no longer run: a writer killed mid-write (kill -9) leaves one behind, as
+        large as a checkpoint. Returns the paths removed."""
+        removed = []
+        for name in RUN_FILES:
+            for tmp in self.path.glob(f"{TMP_PREFIX}{name}.*{TMP_SUFFIX}"):
+                pid = tmp.name[len(TMP_PREFIX + name) + 1 : -len(TMP_SUFFIX)]
+                if pid.isdigit() and not _process_alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
 
     def set_aside(self) -> Path:
         """Move the run's files into ``.replaced/`` (for ``--overwrite``): `restore` puts them back

@@ -261,6 +261,8 @@ def _train(
         if ctx.main:
             check_writable(run_dir.path)
             run_dir.path.mkdir(parents=True, exist_ok=True)
+            for stale in run_dir.remove_stale_temporaries():
+                log.info("removed %s, left by a process that was killed while writing it", stale)
             if overwrite and status != "empty":
                 replacing = _Replacing(run_dir)
             elif overwrite or (resume and checkpoint is None):
