@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 
@@ -399,3 +400,87 @@ def test_a_killed_writers_temporary_file_is_removed(capsys, tmp_path, finished_r
     code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, "train.steps=6", "--out", str(out), flag)
     assert code == 0, err
     assert not stale.exists() and alive.exists()
+
+
+# -- 7. silent wrong or empty output ---------------------------------------------------------------
+
+
+def test_a_learned_table_shorter_than_the_evaluation_is_refused_before_training(capsys, tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "smoke", *FAST, "model.encoding=learned", "model.max_len=12"]
+    code, _, err = run(capsys, *argv, "task.train_len=4", "eval.length=8", "--out", str(out))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "eval.length=8" in err and "15 tokens" in err and "max_len" in err
+    assert not out.exists()
+    code, _, err = run(capsys, *argv, "task.train_len=4", "eval.length=5", "--out", str(out))
+    assert code == 0, err  # 9 tokens fit
+
+
+def test_visualize_refuses_a_query_past_the_window(tmp_path):
+    import torch
+
+    from poslab.visualize import CopeMap, plot_cope_positions, query_index
+
+    assert query_index(-1, 128) == 127 and query_index(5, 128) == 5
+    cmap = CopeMap(*(torch.zeros(1, 4, 4) for _ in range(3)), layer=0, npos_max=4, label="cope")
+    with pytest.raises(
+        ValueError, match=r"query must be a position in \[0, 4\) of the 4-token window.*100000"
+    ):
+        plot_cope_positions(cmap, tmp_path / "x.png", query=100000)
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", ["sinusoidal", "learned"])
+def test_attend_warns_of_an_encoding_that_acts_on_embeddings(name):
+    import torch
+
+    import poslab
+
+    q = torch.randn(1, 2, 4, 8)
+    encoding = poslab.build_encoding(name, n_heads=2, head_dim=8)
+    with pytest.warns(UserWarning, match=f"encoding '{name}' acts on the token embeddings.*NoPE"):
+        poslab.attend(q, q, q, encoding)
+    model = poslab.build_model(
+        poslab.ModelConfig(vocab_size=5, d_model=16, n_layers=1, n_heads=2, encoding=name, max_len=16)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 5)  # the model applies it
+
+
+# -- 8. the Python API's errors name the problem ---------------------------------------------------
+
+
+def test_attend_with_no_queries_is_a_value_error():
+    import torch
+
+    import poslab
+
+    empty = torch.randn(1, 2, 0, 8)
+    with pytest.raises(ValueError, match="attend needs at least one query and one key, got T=0, S=0"):
+        poslab.attend(empty, empty, empty, poslab.build_encoding("alibi", n_heads=2, head_dim=8))
+
+
+def test_quiet_train_prints_no_info_lines(capsys, tmp_path):
+    code, out, err = run(capsys, "-q", "train", "--preset", "smoke", *FAST, "--out", str(tmp_path / "run"))
+    assert code == 0 and err == "" and "| rope | 1 |" in out
+    assert "parameters, 4 steps" in (tmp_path / "run" / "train.log").read_text()  # the file keeps them
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_below_one_is_refused(capsys, tmp_path, jobs):
+    out = tmp_path / "grid"
+    code, _, err = run(
+        capsys, "compare", "--preset", "smoke", "--encodings", "rope", "--jobs", jobs, "--out", str(out)
+    )
+    assert code == 2 and err == f"poslab: error: --jobs must be at least 1, got {jobs}\n"
+    assert not out.exists()
+
+
+def test_eval_refuses_a_checkpoint_that_disagrees_with_its_config(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["encoding"] = "alibi"
+    (out / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "eval", str(out))
+    assert code == 2 and err.count("\n") == 1 and "model.encoding" in err and "config.json" in err

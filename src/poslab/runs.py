@@ -298,6 +298,16 @@ def load_model(
         if overrides:
             raise
         raise ValueError(f"{path} holds an unusable config: {error}") from None
+    if Path(path).is_dir() and (Path(path) / CONFIG).is_file():
+        # A run directory: its config.json says what the run is; a checkpoint of another model
+        # (files copied over, an edited config) would be evaluated in its place without a word.
+        saved = RunDir(path).load_config()
+        changed = [k for k in RunConfig.from_dict(state["config"]).diff(saved) if not resumable_change(k)]
+        if changed:
+            raise ValueError(
+                f"{Path(path) / CHECKPOINT} disagrees with {Path(path) / CONFIG} in {', '.join(changed)}; "
+                "evaluate the checkpoint file itself if that is the model meant"
+            )
     task = config.task.build()
     model = build_model(config.model_config(task))
     load_model_state(model, state, path)

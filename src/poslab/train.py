@@ -249,6 +249,7 @@ def _train(
     # corpus), the sizes against free memory, that the directory can be written.
     task = config.task.build()
     check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
+    _check_positions(config, task)
 
     # Every process checks the directory before process 0 touches it.
     checkpoint = None
@@ -289,6 +290,28 @@ def _train(
         if replacing is not None:
             replacing.undo()
         raise
+
+
+def _check_positions(config: RunConfig, task: Any) -> None:
+    """ValueError when the encoding cannot run at a fixed evaluation length (a learned table shorter
+    than the sequences): every metric of that split would be null after the whole training.
+    Length-range splits (Chomsky) may run past it: those lengths are scored NaN by design."""
+    encoding = config.model_config(task).build_encoding()
+    splits = task.splits()
+    names = list(config.eval.splits) if config.eval.splits is not None else list(splits)
+    for name in names:
+        if task.split_lengths(name) is not None:
+            continue
+        length = config.eval.length or config.task.train_len
+        tokens = task.sample(1, length, generator=torch.Generator().manual_seed(0), **splits[name]).inputs
+        try:
+            encoding.check_length(tokens.shape[1] - 1)
+        except ValueError as error:
+            given = f"eval.length={length}" if config.eval.length else f"task.train_len={length}"
+            raise ValueError(
+                f"{given} gives {tokens.shape[1]} tokens in split {name}, past what the encoding "
+                f"covers ({error}); every metric would be null: raise model.max_len or lower it"
+            ) from None
 
 
 class _Replacing:

@@ -50,6 +50,8 @@ def compare(
 ) -> CompareResult:
     """Train every (encoding, seed) of ``preset`` under ``out``, then write the results page."""
     out = Path(out)
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
     check_writable(out)
     base = get_preset(preset).override(list(overrides))
     grid = plan_grid(base, encodings, seeds, out, resume=resume, overwrite=overwrite)
