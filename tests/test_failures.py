@@ -484,3 +484,21 @@ def test_eval_refuses_a_checkpoint_that_disagrees_with_its_config(capsys, tmp_pa
     (out / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "eval", str(out))
     assert code == 2 and err.count("\n") == 1 and "model.encoding" in err and "config.json" in err
+
+
+@pytest.mark.parametrize("impl", ["auto", "eager"])
+def test_dape_names_a_head_count_or_dtype_it_was_not_built_for(impl):
+    import torch
+
+    import poslab
+
+    encoding = poslab.build_encoding("dape", n_heads=4, head_dim=8)
+    two_heads = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="dape was built for n_heads=4, got queries with 2 heads"):
+        poslab.attend(two_heads, two_heads, two_heads, encoding, impl=impl)
+    half = torch.randn(1, 4, 6, 8).half()
+    with pytest.raises(ValueError, match=r"dape's MLP is torch.float32 but the queries are torch.float16"):
+        poslab.attend(half, half, half, encoding, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose
+        q = torch.randn(1, 4, 6, 8).bfloat16()
+        assert poslab.attend(q, q, q, encoding, impl=impl).shape == (1, 4, 6, 8)
