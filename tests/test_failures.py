@@ -502,3 +502,43 @@ def test_dape_names_a_head_count_or_dtype_it_was_not_built_for(impl):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose
         q = torch.randn(1, 4, 6, 8).bfloat16()
         assert poslab.attend(q, q, q, encoding, impl=impl).shape == (1, 4, 6, 8)
+
+
+# -- 9. grids show their progress, start the slowest runs first, and take --threads ----------------
+
+
+def test_a_grid_logs_its_progress_and_starts_the_slowest_runs_first(capsys, tmp_path):
+    out = tmp_path / "grid"
+    argv = [
+        "compare",
+        "--preset",
+        "smoke",
+        "--encodings",
+        "nope,cope",
+        "--seeds",
+        "0,1",
+        *FAST,
+        "--out",
+        str(out),
+    ]
+    code, _, err = run(capsys, *argv, "--no-plots", "--no-progress")
+    assert code == 0, err
+    starts = [line for line in err.splitlines() if line.startswith("run ")]
+    assert starts[0] == "run 1/4: cope seed 0" and starts[1].startswith("run 2/4: cope seed 1; about ")
+    assert [s.split(":")[0] for s in starts] == ["run 1/4", "run 2/4", "run 3/4", "run 4/4"]
+    assert "nope" in starts[2] and "left" in starts[3]
+    assert "finished 4/4 runs" in err
+
+
+def test_threads_sets_the_torch_threads_and_refuses_zero(capsys, tmp_path, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    code, _, err = run(
+        capsys, "-q", "train", "--preset", "smoke", *FAST, "--threads", "3", "--out", str(tmp_path / "a")
+    )
+    assert code == 0 and calls[0] == 3, err
+    code, _, err = run(capsys, "train", "--preset", "smoke", "--threads", "0", "--out", str(tmp_path / "b"))
+    assert code == 2 and err == "poslab: error: --threads must be at least 1, got 0\n"
+    assert not (tmp_path / "b").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from poslab.config import RunConfig, format_value, slug
 from poslab.encodings import encoding_class, encoding_options, list_encodings
 from poslab.evaluate import evaluate, planned_lengths
 from poslab.experiments import COMMANDS as EXPERIMENT_COMMANDS
-from poslab.experiments.command import OVERRIDES, RUN_FLAGS, Command, arg, progress
+from poslab.experiments.command import OVERRIDES, RUN_FLAGS, THREADS, Command, arg, progress
 from poslab.memory import check_fits
 from poslab.options import parse_int_list, split_list
 from poslab.options import split_top_level as split_top_level  # the command line's spec lists
@@ -132,6 +133,11 @@ def cmd_eval(args: Any) -> str:
     device = resolve_device(config.train.device)
     lengths = planned_lengths(task, config.eval, config.task.train_len)
     check_fits(config, task, device, eval_lengths=lengths, training=False)
+    splits = ", ".join(config.eval.splits or task.splits())
+    logging.getLogger("poslab").info(
+        "evaluating %s on %s at length(s) %s, %d batch(es) of %d each",
+        args.checkpoint, splits, ", ".join(map(str, lengths)), config.eval.batches, config.eval.batch_size,
+    )  # fmt: skip
     loaded.model.to(device)
     started = time.monotonic()
     metrics = evaluate(loaded.model, task, config.eval, train_len=config.task.train_len, device=device)
@@ -203,6 +209,7 @@ RUN_COMMANDS = (
         (
             arg("--preset", help="named configuration (poslab list presets)"),
             arg("--out", help="run directory (default runs/PRESET_ENCODING_seedN)"),
+            THREADS,
             *RUN_FLAGS,
             OVERRIDES,
         ),
@@ -296,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
         print(args.run(args), end="")
         return 0
     except ValueError as error:

@@ -17,8 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from poslab.checkpoint import check_writable, write_json
-from poslab.experiments.command import NO_PLOTS, OVERRIDES, RUN_FLAGS, Arg, Command, arg, files_line, progress
-from poslab.experiments.grid import plan_grid, train_grid
+from poslab.experiments.command import (
+    NO_PLOTS,
+    OVERRIDES,
+    RUN_FLAGS,
+    THREADS,
+    Arg,
+    Command,
+    arg,
+    files_line,
+    progress,
+)
+from poslab.experiments.grid import check_jobs, plan_grid, train_grid
 from poslab.options import parse_seeds, split_top_level
 from poslab.presets import DEMO_ENCODINGS, get_preset
 from poslab.report.runs import load_runs, write_report
@@ -45,13 +55,13 @@ def compare(
     resume: bool = False,
     overwrite: bool = False,
     jobs: int = 1,
+    threads: int | None = None,
     plots: bool = True,
     progress: bool | None = None,
 ) -> CompareResult:
     """Train every (encoding, seed) of ``preset`` under ``out``, then write the results page."""
     out = Path(out)
-    if jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    check_jobs(jobs, threads)
     check_writable(out)
     base = get_preset(preset).override(list(overrides))
     grid = plan_grid(base, encodings, seeds, out, resume=resume, overwrite=overwrite)
@@ -64,7 +74,9 @@ def compare(
     }
     write_json(out / "grid.json", request)
     started = time.monotonic()
-    trained = train_grid(grid, resume=resume, overwrite=overwrite, jobs=jobs, progress=progress)
+    trained = train_grid(
+        grid, resume=resume, overwrite=overwrite, jobs=jobs, threads=threads, progress=progress
+    )
     report = write_report(load_runs([run.path for run in grid]), out, plots=plots)
     return CompareResult(report, len(grid), len(trained), time.monotonic() - started)
 
@@ -96,6 +108,7 @@ def _run(preset: str | None, encodings: list[str], args: Any) -> str:
         resume=args.resume,
         overwrite=args.overwrite,
         jobs=args.jobs,
+        threads=args.threads,
         plots=not args.no_plots,
         progress=progress(args),
     )
@@ -122,6 +135,7 @@ def _grid_args(default_jobs: int = 1) -> tuple[Arg, ...]:
             f"them (default {default_jobs}); small models train faster this way than with "
             "several threads each",
         ),
+        THREADS,
         NO_PLOTS,
     )
 
