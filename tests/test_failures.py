@@ -542,3 +542,18 @@ def test_threads_sets_the_torch_threads_and_refuses_zero(capsys, tmp_path, monke
     code, _, err = run(capsys, "train", "--preset", "smoke", "--threads", "0", "--out", str(tmp_path / "b"))
     assert code == 2 and err == "poslab: error: --threads must be at least 1, got 0\n"
     assert not (tmp_path / "b").exists()
+
+
+# -- 10. the table says what its columns and rows mean, and which files it wrote -------------------
+
+
+def test_the_compare_table_explains_its_columns_and_lists_its_files(capsys, tmp_path):
+    out = tmp_path / "grid"
+    argv = ["compare", "--preset", "smoke", "--encodings", "dape", *FAST, "--out", str(out), "--no-plots"]
+    code, stdout, err = run(capsys, "-q", *argv)
+    assert code == 0, err
+    assert "- ood_sparse: far more 'ignore' instructions" in stdout and "- ood_dense: far fewer" in stdout
+    assert "- seq error: % of sequences with at least one wrong scored token" in stdout
+    assert "- dape: DAPE over its default base, alibi (dape[base=alibi])" in stdout
+    assert stdout.rstrip().endswith(f"report in {out}: table.md, results.csv, results.json")
+    assert "- dape: DAPE over" in (out / "table.md").read_text()

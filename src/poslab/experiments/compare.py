@@ -112,9 +112,10 @@ def _run(preset: str | None, encodings: list[str], args: Any) -> str:
         plots=not args.no_plots,
         progress=progress(args),
     )
-    return result.report["table"] + (
-        f"{result.n_runs} runs ({result.n_trained} trained) in {result.wall_time:.0f} s wall time; "
-        f"report in {Path(args.out)}\n"
+    return result.report["table"] + files_line(
+        f"{result.n_runs} runs ({result.n_trained} trained) in {result.wall_time:.0f} s wall time; ",
+        Path(args.out),
+        result.report["files"],
     )
 
 

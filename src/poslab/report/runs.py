@@ -23,8 +23,10 @@ from typing import Any
 from poslab import plotting
 from poslab.checkpoint import write_text
 from poslab.config import flatten
+from poslab.encodings import encoding_class, encoding_options
 from poslab.report.common import csv_value, mean_std, stats_cell, write_page
 from poslab.runs import CONFIG, RESULTS, RunDir, find_finished_runs
+from poslab.tasks import TASKS
 
 log = logging.getLogger("poslab")
 
@@ -206,8 +208,27 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         for label, entry in entries.items():
             cells = [stats_cell(entry["metrics"].get(key)) for key, _ in columns]
             lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
-        blocks.append("\n".join(lines))
+        notes = _notes(task, list(entries), [title for _, title in columns])
+        blocks.append("\n".join(lines + ([""] + notes if notes else [])))
     return "\n\n".join(blocks) + "\n"
+
+
+def _notes(task: str, labels: list[str], titles: list[str]) -> list[str]:
+    """What the columns and the less obvious rows mean: the task's splits, sequence error, and a
+    DAPE row whose base is the default one (the label does not say it)."""
+    notes = []
+    cls = TASKS.get(task)
+    split_notes = getattr(cls, "split_notes", {})
+    for split in dict.fromkeys(title.split()[0] for title in titles):
+        if split in split_notes:
+            notes.append(f"- {split}: {split_notes[split]}")
+    if any("seq error" in title for title in titles):
+        notes.append("- seq error: % of sequences with at least one wrong scored token")
+    base = encoding_options(encoding_class("dape")).get("base")
+    for label in labels:
+        if label.split(" [")[0] == "dape":
+            notes.append(f"- dape: DAPE over its default base, {base} (dape[base={base}])")
+    return notes
 
 
 def runs_csv(runs: list[RunRecord]) -> str:
