@@ -557,3 +557,13 @@ def test_the_compare_table_explains_its_columns_and_lists_its_files(capsys, tmp_
     assert "- dape: DAPE over its default base, alibi (dape[base=alibi])" in stdout
     assert stdout.rstrip().endswith(f"report in {out}: table.md, results.csv, results.json")
     assert "- dape: DAPE over" in (out / "table.md").read_text()
+
+
+def test_a_run_set_aside_by_an_overwrite_is_not_reported(capsys, tmp_path, finished_run):
+    """kill -9 between setting the old run aside and the new run's first checkpoint leaves it in
+    .replaced/ (recoverable by hand); a report of the parent directory does not count it."""
+    root = tmp_path / "runs"
+    copy_run(finished_run, root / "rope")
+    copy_run(finished_run, root / "rope" / ".replaced")
+    code, out, err = run(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 0 and "| rope | 1 |" in out, err

@@ -318,6 +318,11 @@ def load_model(
 # -- finding runs ----------------------------------------------------------------------------------
 
 
+def _hidden(run: Path, root: Path) -> bool:
+    """A directory below ``root`` behind a dot-name, such as an overwritten run's `ASIDE`."""
+    return any(part.startswith(".") for part in run.relative_to(root).parts)
+
+
 def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
     """Finished run directories given directly or found below the given paths."""
     found: list[Path] = []
@@ -327,7 +332,13 @@ def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
         if RunDir(path).is_finished():
             found.append(path)
         else:
-            found.extend(sorted(p.parent for p in path.rglob(RESULTS) if RunDir(p.parent).is_finished()))
+            found.extend(
+                sorted(
+                    p.parent
+                    for p in path.rglob(RESULTS)
+                    if RunDir(p.parent).is_finished() and not _hidden(p.parent, path)
+                )
+            )
     if not found:
         raise ValueError(f"no finished runs ({RESULTS}) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
@@ -343,7 +354,11 @@ def find_trained_runs(paths: Sequence[str | Path]) -> list[Path]:
         if (path / CONFIG).is_file():
             found.append(path)
             continue
-        below = sorted(p.parent for p in path.rglob(CONFIG) if RunDir(p.parent).has_checkpoint())
+        below = sorted(
+            p.parent
+            for p in path.rglob(CONFIG)
+            if RunDir(p.parent).has_checkpoint() and not _hidden(p.parent, path)
+        )
         if not below:
             raise ValueError(f"{path} is not a run directory and holds none ({CONFIG} + {CHECKPOINT})")
         found.extend(below)
