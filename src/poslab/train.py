@@ -245,19 +245,20 @@ def _train(
         )
     device = resolve_device(tc.device, ctx.local_rank)
     run_dir = RunDir(out_dir) if out_dir is not None else None
-    # Everything that can be checked is, before the run directory is touched: the data (an empty
-    # corpus), the sizes against free memory, that the directory can be written.
-    task = config.task.build()
-    check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
-    _check_positions(config, task)
-
-    # Every process checks the directory before process 0 touches it.
+    # Everything that can be checked is, before the run directory is touched: the directory and
+    # its checkpoint (every process), the data (an empty corpus), the sizes against free memory,
+    # the evaluation lengths, and that the directory can be written.
     checkpoint = None
     replacing = None  # an overwritten run, set aside until the new one has saved a checkpoint
+    status = "empty"
     if run_dir is not None:
         status = run_dir.check(resume=resume, overwrite=overwrite, config=config)
         if resume and run_dir.has_checkpoint():
             checkpoint = run_dir.load_checkpoint()
+    task = config.task.build()
+    check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
+    _check_positions(config, task)
+    if run_dir is not None:
         ctx.barrier()
         if ctx.main:
             check_writable(run_dir.path)
