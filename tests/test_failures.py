@@ -542,6 +542,10 @@ def test_threads_sets_the_torch_threads_and_refuses_zero(capsys, tmp_path, monke
     code, _, err = run(capsys, "train", "--preset", "smoke", "--threads", "0", "--out", str(tmp_path / "b"))
     assert code == 2 and err == "poslab: error: --threads must be at least 1, got 0\n"
     assert not (tmp_path / "b").exists()
+    for command in (["demo"], ["lm-extrapolation", "--encodings", "rope"]):
+        code, _, err = run(capsys, *command, "--threads", "-2", "--out", str(tmp_path / "c"))
+        assert code == 2 and err == "poslab: error: --threads must be at least 1, got -2\n", command
+    assert not (tmp_path / "c").exists()
 
 
 # -- 10. the table says what its columns and rows mean, and which files it wrote -------------------

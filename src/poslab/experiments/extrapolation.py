@@ -26,7 +26,7 @@ import torch
 
 from poslab.checkpoint import check_writable
 from poslab.data.lm import HEADLINE_LAST, perplexity
-from poslab.experiments.command import NO_PLOTS, Command, arg, files_line
+from poslab.experiments.command import NO_PLOTS, THREADS, Command, arg, files_line
 from poslab.experiments.extrapolation_page import (
     markdown_tables,
     summarize_extrapolation,
@@ -455,6 +455,7 @@ COMMANDS = (
             arg("--seeds", default="0", help="seeds: 0,1 or 0-1 (default 0)"),
             arg("--out", required=True, help="output directory (runs/ below it, the report in it)"),
             arg("--no-resume", action="store_true", help="fail instead of reusing finished runs in --out"),
+            THREADS,
             *WINDOW_ARGS,
             arg("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=500"),
         ),
