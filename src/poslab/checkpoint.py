@@ -94,7 +94,8 @@ def check_writable(directory: str | Path) -> None:
     except OSError as error:
         raise output_error(directory, error) from None
     finally:
-        probe.unlink(missing_ok=True)
+        if probe.exists():  # unlink itself fails on a read-only file system, even for no file
+            probe.unlink()
 
 
 def write_text(path: str | Path, text: str) -> None:
