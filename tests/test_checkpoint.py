@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import pickle
 
 import pytest
 import torch
 
+from poslab import checkpoint
 from poslab.checkpoint import (
     FORMAT,
     CheckpointError,
+    OutputError,
     atomic_write,
     load_checkpoint,
     save_checkpoint,
@@ -97,16 +100,17 @@ def test_pickled_code_is_not_executed(tmp_path):
     assert not _Payload.ran
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     write_json(path, {"a": 1})
 
-    def failing(tmp):
-        tmp.write_text('{"a": 2, "trunc')
-        raise OSError("disk full")
+    def failing(tmp, data):
+        tmp.write_bytes(data[:5])
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
 
-    with pytest.raises(OSError):
-        atomic_write(path, failing)
+    monkeypatch.setattr(checkpoint, "_write_bytes", failing)
+    with pytest.raises(OutputError, match="cannot write .*results.json: No space left on device; free"):
+        atomic_write(path, b'{"a": 2}')
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 

@@ -9,6 +9,7 @@ against.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -89,6 +90,17 @@ def attend(
     if block_size is not None and block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     n_queries, n_keys = q.shape[2], k.shape[2]
+    if n_queries == 0 or n_keys == 0:
+        raise ValueError(f"attend needs at least one query and one key, got T={n_queries}, S={n_keys}")
+    if encoding is not None and encoding.hooks and encoding.hooks <= {"embed"}:
+        # A warning, not an error: the attention is right for a model that embeds the positions
+        # itself (the tests run every encoding through attend); alone it is NoPE attention.
+        warnings.warn(
+            f"encoding {encoding.name!r} acts on the token embeddings (its embed hook), not in "
+            "attention, so attend computes NoPE attention: add encoding.embed(x, positions) to the "
+            "layer input, and pass encoding=None to attend",
+            stacklevel=2,
+        )
     if positions is None:
         if n_queries > n_keys:
             raise ValueError(f"attend: more queries ({n_queries}) than keys ({n_keys}) needs positions")

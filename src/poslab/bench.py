@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import poslab
 from poslab import runtime
+from poslab.checkpoint import write_text
 from poslab.encodings.dape import DAPE
 from poslab.kernels import native
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
@@ -478,7 +479,6 @@ def run_bench(
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps([t.__dict__ for t in tables], indent=2, default=str))
-        tmp.replace(path)
+        # through the one atomic writer: a full disk is a one-line error, the old file stays whole
+        write_text(path, json.dumps([t.__dict__ for t in tables], indent=2, default=str))
     return tables

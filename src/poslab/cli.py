@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -30,12 +31,13 @@ from typing import Any
 
 import torch
 
-from poslab.checkpoint import write_json
+from poslab.checkpoint import check_writable, output_error, write_json
 from poslab.config import RunConfig, format_value, slug
 from poslab.encodings import encoding_class, encoding_options, list_encodings
-from poslab.evaluate import evaluate
+from poslab.evaluate import evaluate, planned_lengths
 from poslab.experiments import COMMANDS as EXPERIMENT_COMMANDS
-from poslab.experiments.command import OVERRIDES, RUN_FLAGS, Command, arg, progress
+from poslab.experiments.command import OVERRIDES, RUN_FLAGS, THREADS, Command, arg, progress
+from poslab.memory import check_fits
 from poslab.options import parse_int_list, split_list
 from poslab.options import split_top_level as split_top_level  # the command line's spec lists
 from poslab.presets import DESCRIPTIONS, get_preset, list_presets
@@ -91,16 +93,24 @@ def cmd_list(args: Any) -> str:
 
 def cmd_train(args: Any) -> str:
     out = Path(args.out) if args.out else None
+    if args.resume and out is not None and RunDir(out).status() == "empty":
+        raise RunDirError(f"--resume: {out} holds no run to continue; drop --resume to start one there")
     if args.resume and out is not None and (out / CONFIG).exists():
-        config = RunDir(out).load_config().override(list(args.overrides))
-        if args.preset is not None:
-            wanted = preset_config(args.preset, args.overrides)
-            changed = [k for k in wanted.diff(config) if not resumable_change(k)]
-            if changed:
-                raise RunDirError(
-                    f"{out} holds a run whose config differs from --preset {args.preset} in "
-                    f"{', '.join(changed)}; drop --preset to continue the saved run"
-                )
+        # The run continues from its own config; only the options given contradict it (the
+        # preset it was started from had its own overrides, which config.json records).
+        saved = RunDir(out).load_config()
+        config = saved.override(list(args.overrides))
+        changed = [k for k in config.diff(saved) if not resumable_change(k)]
+        if changed:
+            raise RunDirError(
+                f"{out} holds a run with a different config ({', '.join(changed)}); "
+                "use another --out or --overwrite"
+            )
+        if args.preset is not None and get_preset(args.preset).task.name != saved.task.name:
+            raise RunDirError(
+                f"{out} holds a {saved.task.name} run, not one of --preset {args.preset} "
+                f"(task {get_preset(args.preset).task.name}); drop --preset to continue it"
+            )
     else:
         config = preset_config(args.preset, args.overrides)
     if out is None:
@@ -116,9 +126,18 @@ def cmd_eval(args: Any) -> str:
     bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS)]
     if bad:
         raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
+    if args.json:
+        check_writable(Path(args.json).parent)
     loaded = load_model(args.checkpoint, overrides=args.overrides)
     config, task = loaded.config, loaded.task
     device = resolve_device(config.train.device)
+    lengths = planned_lengths(task, config.eval, config.task.train_len)
+    check_fits(config, task, device, eval_lengths=lengths, training=False)
+    splits = ", ".join(config.eval.splits or task.splits())
+    logging.getLogger("poslab").info(
+        "evaluating %s on %s at length(s) %s, %d batch(es) of %d each",
+        args.checkpoint, splits, ", ".join(map(str, lengths)), config.eval.batches, config.eval.batch_size,
+    )  # fmt: skip
     loaded.model.to(device)
     started = time.monotonic()
     metrics = evaluate(loaded.model, task, config.eval, train_len=config.task.train_len, device=device)
@@ -148,6 +167,7 @@ def cmd_visualize(args: Any) -> str:
         except (OSError, UnicodeDecodeError) as error:
             raise ValueError(f"cannot read --text-file {args.text_file}: {error}") from None
     layers = parse_int_list(args.layers, "--layers", "0,1") if args.layers else None
+    check_writable(args.out)
     try:
         paths = visualize_run(
             args.run_dir,
@@ -170,6 +190,7 @@ def cmd_bench(args: Any) -> str:
     sections = split_list(args.sections)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} but CUDA is not available here")
+    check_writable(Path(args.out).parent)  # before minutes of measuring
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     run_bench(sections, out=args.out, quick=args.quick, device=args.device)  # prints each table
     return f"wrote {args.out}\n"
@@ -188,6 +209,7 @@ RUN_COMMANDS = (
         (
             arg("--preset", help="named configuration (poslab list presets)"),
             arg("--out", help="run directory (default runs/PRESET_ENCODING_seedN)"),
+            THREADS,
             *RUN_FLAGS,
             OVERRIDES,
         ),
@@ -281,6 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
     try:
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"--threads must be at least 1, got {threads}")
+            torch.set_num_threads(threads)
         print(args.run(args), end="")
         return 0
     except ValueError as error:
@@ -289,9 +316,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
         return 1
+    except OSError as error:  # a write outside the atomic helpers: a log line, a plot, a directory
+        print(f"poslab: error: {_one_line(output_error(error.filename or 'a file', error))}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # the allocator, past what `poslab.memory.check_fits` could foresee
+        if not _out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()[0][:160]
+        print(
+            f"poslab: error: out of memory ({first}); lower train.batch_size, eval.batch_size, the "
+            "lengths or the model size",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("poslab: interrupted; continue a run with --resume", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    text = str(error)
+    return (
+        isinstance(error, torch.OutOfMemoryError)
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )
 
 
 def _one_line(error: Exception) -> str:

@@ -42,6 +42,12 @@ def eval_lengths(
     return [length]
 
 
+def planned_lengths(task, config: EvalConfig, train_len: int | None) -> list[int]:
+    """Every length `evaluate` will run ``task`` at, over the splits it evaluates."""
+    splits = list(config.splits) if config.splits is not None else list(task.splits())
+    return sorted({n for s in splits for n in eval_lengths(task.split_lengths(s), config, train_len)})
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,

@@ -175,7 +175,7 @@ class SelfAttention(nn.Module):
             q,
             k,
             v,
-            encoding,
+            encoding if encoding.hooks - {"embed"} else None,  # embed-only: applied to the input
             causal=self.causal,
             positions=positions,
             impl=self.impl,

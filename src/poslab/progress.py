@@ -137,6 +137,9 @@ def setup_logging(quiet: bool) -> None:
     handler = ProgressLogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers = [h for h in log.handlers if not isinstance(h, ProgressLogHandler)]
+    # The handler's own level too: a run's train.log lowers the logger's level to INFO while it
+    # writes, and -q must still keep those lines off the terminal.
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False

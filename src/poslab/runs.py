@@ -15,6 +15,8 @@ A run lives in its own directory:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from poslab.checkpoint import CheckpointError, load_checkpoint, write_json, write_text
+from poslab.checkpoint import (
+    TMP_PREFIX,
+    TMP_SUFFIX,
+    CheckpointError,
+    load_checkpoint,
+    write_json,
+    write_text,
+)
 from poslab.config import RunConfig
 from poslab.model import Transformer, build_model
 
@@ -35,6 +44,7 @@ CONFIG, METRICS, CHECKPOINT, RESULTS, LOG = (
     "train.log",
 )
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG)
+ASIDE = ".replaced"  # an overwritten run's files until the new run has a checkpoint
 # Keys a resumed run may change: they alter how long it runs, when it logs, where, and how it is
 # evaluated, but not what a given step learns.
 RESUMABLE_CHANGES = (
@@ -54,6 +64,16 @@ def resumable_change(key: str) -> bool:
 
 class RunDirError(ValueError):
     """The output directory holds a run that would be overwritten."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _read_json(path: Path, missing: str) -> Any:
@@ -146,6 +166,43 @@ class RunDir:
         """Remove the files a run writes (and nothing else)."""
         for name in RUN_FILES:
             (self / name).unlink(missing_ok=True)
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files (``.<name>.<pid>.tmp``, `poslab.checkpoint.atomic_write`) of
+        processes that no longer run: a writer killed mid-write (kill -9) leaves one behind, as
+        large as a checkpoint. Returns the paths removed."""
+        removed = []
+        for name in RUN_FILES:
+            for tmp in self.path.glob(f"{TMP_PREFIX}{name}.*{TMP_SUFFIX}"):
+                pid = tmp.name[len(TMP_PREFIX + name) + 1 : -len(TMP_SUFFIX)]
+                if pid.isdigit() and not _process_alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+        return removed
+
+    def set_aside(self) -> Path:
+        """Move the run's files into ``.replaced/`` (for ``--overwrite``): `restore` puts them back
+        if the new run fails before its first checkpoint, `drop_aside` removes them after it."""
+        aside = self / ASIDE
+        shutil.rmtree(aside, ignore_errors=True)
+        aside.mkdir()
+        for name in RUN_FILES:
+            if (self / name).exists():
+                os.replace(self / name, aside / name)
+        return aside
+
+    def restore(self) -> None:
+        """Undo `set_aside`: the new run's files go, the old run's come back."""
+        self.clear()
+        aside = self / ASIDE
+        for name in RUN_FILES:
+            if (aside / name).exists():
+                os.replace(aside / name, self / name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    def drop_aside(self) -> None:
+        shutil.rmtree(self / ASIDE, ignore_errors=True)
 
     # -- reading and writing -------------------------------------------------------------------------
 
@@ -241,6 +298,16 @@ def load_model(
         if overrides:
             raise
         raise ValueError(f"{path} holds an unusable config: {error}") from None
+    if Path(path).is_dir() and (Path(path) / CONFIG).is_file():
+        # A run directory: its config.json says what the run is; a checkpoint of another model
+        # (files copied over, an edited config) would be evaluated in its place without a word.
+        saved = RunDir(path).load_config()
+        changed = [k for k in RunConfig.from_dict(state["config"]).diff(saved) if not resumable_change(k)]
+        if changed:
+            raise ValueError(
+                f"{Path(path) / CHECKPOINT} disagrees with {Path(path) / CONFIG} in {', '.join(changed)}; "
+                "evaluate the checkpoint file itself if that is the model meant"
+            )
     task = config.task.build()
     model = build_model(config.model_config(task))
     load_model_state(model, state, path)
@@ -249,6 +316,11 @@ def load_model(
 
 
 # -- finding runs ----------------------------------------------------------------------------------
+
+
+def _hidden(run: Path, root: Path) -> bool:
+    """A directory below ``root`` behind a dot-name, such as an overwritten run's `ASIDE`."""
+    return any(part.startswith(".") for part in run.relative_to(root).parts)
 
 
 def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -260,7 +332,13 @@ def find_finished_runs(paths: Sequence[str | Path]) -> list[Path]:
         if RunDir(path).is_finished():
             found.append(path)
         else:
-            found.extend(sorted(p.parent for p in path.rglob(RESULTS) if RunDir(p.parent).is_finished()))
+            found.extend(
+                sorted(
+                    p.parent
+                    for p in path.rglob(RESULTS)
+                    if RunDir(p.parent).is_finished() and not _hidden(p.parent, path)
+                )
+            )
     if not found:
         raise ValueError(f"no finished runs ({RESULTS}) under {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
@@ -276,7 +354,11 @@ def find_trained_runs(paths: Sequence[str | Path]) -> list[Path]:
         if (path / CONFIG).is_file():
             found.append(path)
             continue
-        below = sorted(p.parent for p in path.rglob(CONFIG) if RunDir(p.parent).has_checkpoint())
+        below = sorted(
+            p.parent
+            for p in path.rglob(CONFIG)
+            if RunDir(p.parent).has_checkpoint() and not _hidden(p.parent, path)
+        )
         if not below:
             raise ValueError(f"{path} is not a run directory and holds none ({CONFIG} + {CHECKPOINT})")
         found.extend(below)

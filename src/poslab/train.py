@@ -24,6 +24,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from poslab.checkpoint import json_safe, save_checkpoint, write_text
+from poslab.checkpoint import check_writable, json_safe, save_checkpoint, write_text
 from poslab.config import RunConfig, TrainConfig
-from poslab.evaluate import evaluate, format_metrics
+from poslab.evaluate import evaluate, format_metrics, planned_lengths
+from poslab.memory import check_fits
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
 from poslab.runs import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
@@ -242,34 +245,94 @@ def _train(
         )
     device = resolve_device(tc.device, ctx.local_rank)
     run_dir = RunDir(out_dir) if out_dir is not None else None
-
-    # Every process checks the directory before process 0 touches it.
+    # Everything that can be checked is, before the run directory is touched: the directory and
+    # its checkpoint (every process), the data (an empty corpus), the sizes against free memory,
+    # the evaluation lengths, and that the directory can be written.
     checkpoint = None
+    replacing = None  # an overwritten run, set aside until the new one has saved a checkpoint
+    status = "empty"
     if run_dir is not None:
-        run_dir.check(resume=resume, overwrite=overwrite, config=config)
+        status = run_dir.check(resume=resume, overwrite=overwrite, config=config)
         if resume and run_dir.has_checkpoint():
             checkpoint = run_dir.load_checkpoint()
+    task = config.task.build()
+    check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
+    _check_positions(config, task)
+    if run_dir is not None:
         ctx.barrier()
         if ctx.main:
+            check_writable(run_dir.path)
             run_dir.path.mkdir(parents=True, exist_ok=True)
-            if overwrite or (resume and checkpoint is None):
+            for stale in run_dir.remove_stale_temporaries():
+                log.info("removed %s, left by a process that was killed while writing it", stale)
+            if overwrite and status != "empty":
+                replacing = _Replacing(run_dir)
+            elif overwrite or (resume and checkpoint is None):
                 run_dir.clear()
             run_dir.write_config(config)
     writer = run_dir if ctx.main else None
-    file_log = _attach_file_log(writer / LOG if writer is not None else None)
     try:
-        session = _Session(
-            config=config,
-            run_dir=run_dir,
-            writer=writer,
-            ctx=ctx,
-            device=device,
-            task=config.task.build(),
-            metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
-        )
-        return _loop(session, checkpoint, progress, callback)
-    finally:
-        _detach_file_log(file_log)
+        file_log = _attach_file_log(writer / LOG if writer is not None else None)
+        try:
+            session = _Session(
+                config=config,
+                run_dir=run_dir,
+                writer=writer,
+                ctx=ctx,
+                device=device,
+                task=task,
+                metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
+                replacing=replacing,
+            )
+            return _loop(session, checkpoint, progress, callback)
+        finally:
+            _detach_file_log(file_log)
+    except BaseException:
+        if replacing is not None:
+            replacing.undo()
+        raise
+
+
+def _check_positions(config: RunConfig, task: Any) -> None:
+    """ValueError when the encoding cannot run at a fixed evaluation length (a learned table shorter
+    than the sequences): every metric of that split would be null after the whole training.
+    Length-range splits (Chomsky) may run past it: those lengths are scored NaN by design."""
+    encoding = config.model_config(task).build_encoding()
+    splits = task.splits()
+    names = list(config.eval.splits) if config.eval.splits is not None else list(splits)
+    for name in names:
+        if task.split_lengths(name) is not None:
+            continue
+        length = config.eval.length or config.task.train_len
+        tokens = task.sample(1, length, generator=torch.Generator().manual_seed(0), **splits[name]).inputs
+        try:
+            encoding.check_length(tokens.shape[1] - 1)
+        except ValueError as error:
+            given = f"eval.length={length}" if config.eval.length else f"task.train_len={length}"
+            raise ValueError(
+                f"{given} gives {tokens.shape[1]} tokens in split {name}, past what the encoding "
+                f"covers ({error}); every metric would be null: raise model.max_len or lower it"
+            ) from None
+
+
+class _Replacing:
+    """An overwritten run's files, set aside (`RunDir.set_aside`) until the new run saves its first
+    checkpoint: a new run that fails before that leaves the old one as it was."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.pending = True
+        run_dir.set_aside()
+
+    def done(self) -> None:
+        if self.pending:
+            self.run_dir.drop_aside()
+            self.pending = False
+
+    def undo(self) -> None:
+        if self.pending:
+            self.run_dir.restore()
+            self.pending = False
 
 
 @dataclass(frozen=True)
@@ -283,6 +346,14 @@ class _Session:
     device: torch.device
     task: Any  # a poslab.tasks.Task
     metrics_log: _MetricsLog
+    replacing: _Replacing | None = None
+
+    def save(self, state: TrainState, elapsed: float) -> None:
+        """Save the checkpoint (process 0); the first one replaces an overwritten run."""
+        if self.writer is not None:
+            save_checkpoint(self.writer / CHECKPOINT, state.checkpoint(self, elapsed))
+            if self.replacing is not None:
+                self.replacing.done()
 
     @property
     def label(self) -> str:
@@ -387,18 +458,50 @@ def _loop(
     final_eval_done = False
     try:
         state.model.train()
-        while state.step < tc.steps:
-            lr, grad_norm = _update(session, state, net, rows)
-            bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
-            elapsed = state.elapsed_before + time.monotonic() - started
-            final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
-            if callback is not None:
-                callback(state.step, state.model)
+        with _Interrupts() as interrupts:
+            while state.step < tc.steps:
+                lr, grad_norm = _update(session, state, net, rows)
+                bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
+                elapsed = state.elapsed_before + time.monotonic() - started
+                final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
+                if callback is not None:
+                    callback(state.step, state.model)
+                if interrupts.requested:
+                    session.save(state, elapsed)
+                    where = f"; checkpoint saved in {session.run_dir}" if session.writer is not None else ""
+                    log.warning("%s: stopped at step %d%s", session.label, state.step, where)
+                    raise KeyboardInterrupt
     finally:
         bar.close()
     if not final_eval_done:  # resumed at or past the last step: evaluate what was loaded
         state.last_eval = _evaluate(session, state)
     return _finish(session, state, n_params, state.elapsed_before + time.monotonic() - started)
+
+
+class _Interrupts:
+    """While training: the first Ctrl-C (SIGINT) asks the loop to stop after the step it lands in,
+    with a checkpoint; a second one stops at once. A handler, rather than KeyboardInterrupt raised
+    wherever Python happens to be, so that an optimizer step is never left half done and the
+    request cannot be lost inside torch's native code. Only the main thread can install it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)")
 
 
 def _update(session: _Session, state: TrainState, net: nn.Module, rows: slice) -> tuple[float, float]:
@@ -455,13 +558,13 @@ def _after_update(
         record = {"step": step, "kind": "train", "loss": state.loss_sum / state.loss_count}
         session.metrics_log.write({**record, "lr": lr, "grad_norm": grad_norm, "elapsed": elapsed})
         state.loss_sum, state.loss_count = 0.0, 0
+    # The checkpoint first: an evaluation that fails (or is interrupted) loses no training.
+    if step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+        session.save(state, elapsed)
     final = False
     if step == tc.steps or (tc.eval_every and step % tc.eval_every == 0):
         state.last_eval = _evaluate(session, state)
         final = step == tc.steps
-    due = step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
-    if due and session.writer is not None:
-        save_checkpoint(session.writer / CHECKPOINT, state.checkpoint(session, elapsed))
     return final
 
 

@@ -163,6 +163,17 @@ class DapeBias:
         return self.position_term - self.base
 
 
+def query_index(query: int, t: int) -> int:
+    """The position ``query`` names in a window of ``t`` tokens (negative counts from the end);
+    ValueError outside the window, rather than wrapping around."""
+    if isinstance(query, bool) or not isinstance(query, int) or not -t <= query < t:
+        raise ValueError(
+            f"query must be a position in [0, {t}) of the {t}-token window (negative counts from "
+            f"the end), got {query!r}"
+        )
+    return query % t
+
+
 def dape_bias(
     model: Transformer, idx: Tensor | Sequence[int], *, layer: int = 0, query: int = -1
 ) -> DapeBias:
@@ -178,12 +189,7 @@ def dape_bias(
             f"layer {ll.layer}'s encoding {encoding.name!r} adds no position term to the logits; "
             "the bias plot needs DAPE (or a bias encoding)"
         )
-    t = ll.scores.shape[-1]
-    if isinstance(query, bool) or not isinstance(query, int) or not -t <= query < t:
-        raise ValueError(
-            f"query must be a position in [0, {t}) (negative counts from the end), got {query!r}"
-        )
-    i = query % t
+    i = query_index(query, ll.scores.shape[-1])
     term = (ll.logits - ll.scores)[:, i, : i + 1]
     base = ll.bias[:, i, : i + 1] if ll.bias is not None else torch.zeros_like(term)
     label = getattr(model.config, "encoding", encoding.name)
@@ -280,7 +286,7 @@ def plot_cope_positions(
     """Per head (rows): p_ij as a heatmap, the attention as a heatmap, and, for one query, p_ij and
     the gates g_ij against j. Sentence ends (``boundaries``, token indices) are marked by lines."""
     n_heads, t, _ = cmap.positions.shape
-    i = query % t
+    i = query_index(query, t)
     future = ~torch.ones(t, t, dtype=torch.bool).tril()
     fig = plotting.figure(figsize=(20, 3.6 * n_heads))
     axes = fig.subplots(n_heads, 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 2]})
@@ -408,6 +414,7 @@ def visualize_run(
         ids = encode_text(tokenizer, text, length=length)
     else:
         ids = sentence_window(tokenizer, run.task.data.stream(split), length)
+    query_index(query, len(ids))  # before any plot is drawn
     layers = (
         list(range(model.config.n_layers)) if layers is None else [_check_layer(model, n) for n in layers]
     )

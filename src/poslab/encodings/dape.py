@@ -145,6 +145,24 @@ class DAPE(PositionEncoding):
         if self.base is not None:
             self.base.check_length(max_position)
 
+    def check_queries(self, q: Tensor) -> None:
+        """ValueError for queries (B, H, T, Dh) this module cannot mix: another head count than it
+        was built for, or a dtype other than its MLP's outside autocast (torch would fail later
+        with an expand or dtype error that names neither)."""
+        if q.shape[1] != self.n_heads:
+            raise ValueError(
+                f"dape was built for n_heads={self.n_heads}, got queries with {q.shape[1]} heads "
+                f"(shape {tuple(q.shape)}); build it with n_heads={q.shape[1]}"
+            )
+        if self.mlp is None or torch.is_autocast_enabled(q.device.type):
+            return
+        dtype = next(self.mlp.parameters()).dtype
+        if q.dtype != dtype:
+            raise ValueError(
+                f"dape's MLP is {dtype} but the queries are {q.dtype}; convert the encoding "
+                f"(encoding.to({q.dtype})) or run under torch.autocast"
+            )
+
     def mix(self, features: Tensor, keep: Tensor | None) -> Tensor:
         """Apply f to (B, C, T, S) channel-first features; ``keep`` (T, S) zeroes V2's future (the input
         and, unless ``v2_mask='input'``, the hidden map)."""
@@ -169,6 +187,7 @@ class DAPE(PositionEncoding):
         *,
         causal: bool,
     ) -> Tensor:
+        self.check_queries(q)
         b = torch.zeros_like(scores) if bias is None else bias.to(scores.dtype).expand_as(scores)
         out = scores + b if self.add_base else scores
         if self.mlp is None:
@@ -200,6 +219,7 @@ class DAPE(PositionEncoding):
         return self.has_fused_kernel and uses_native(q, self.mlp)
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
+        self.check_queries(q)
         if not self.has_fused_kernel or (self.kernel_size > 1 and not self.runs_natively(q)):
             return None
         return dape_attention(q, k, v, bias, keep, self.mlp, add_base=self.add_base, save_bytes=save_bytes)

@@ -47,6 +47,12 @@ RUN_FLAGS = (
     arg("--overwrite", action="store_true", help="replace existing run(s)", exclusive="resume"),
     arg("--no-progress", action="store_true", help="no progress bar"),
 )
+THREADS = arg(
+    "--threads",
+    type=int,
+    help="torch threads per process (default: all cores, shared between --jobs workers); set it "
+    "below the core count when other work shares the machine",
+)
 NO_PLOTS = arg("--no-plots", action="store_true", help="skip the PNG plots")
 
 

@@ -16,9 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from poslab.checkpoint import write_json
-from poslab.experiments.command import NO_PLOTS, OVERRIDES, RUN_FLAGS, Arg, Command, arg, files_line, progress
-from poslab.experiments.grid import plan_grid, train_grid
+from poslab.checkpoint import check_writable, write_json
+from poslab.experiments.command import (
+    NO_PLOTS,
+    OVERRIDES,
+    RUN_FLAGS,
+    THREADS,
+    Arg,
+    Command,
+    arg,
+    files_line,
+    progress,
+)
+from poslab.experiments.grid import check_jobs, plan_grid, train_grid
 from poslab.options import parse_seeds, split_top_level
 from poslab.presets import DEMO_ENCODINGS, get_preset
 from poslab.report.runs import load_runs, write_report
@@ -45,11 +55,14 @@ def compare(
     resume: bool = False,
     overwrite: bool = False,
     jobs: int = 1,
+    threads: int | None = None,
     plots: bool = True,
     progress: bool | None = None,
 ) -> CompareResult:
     """Train every (encoding, seed) of ``preset`` under ``out``, then write the results page."""
     out = Path(out)
+    check_jobs(jobs, threads)
+    check_writable(out)
     base = get_preset(preset).override(list(overrides))
     grid = plan_grid(base, encodings, seeds, out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +74,9 @@ def compare(
     }
     write_json(out / "grid.json", request)
     started = time.monotonic()
-    trained = train_grid(grid, resume=resume, overwrite=overwrite, jobs=jobs, progress=progress)
+    trained = train_grid(
+        grid, resume=resume, overwrite=overwrite, jobs=jobs, threads=threads, progress=progress
+    )
     report = write_report(load_runs([run.path for run in grid]), out, plots=plots)
     return CompareResult(report, len(grid), len(trained), time.monotonic() - started)
 
@@ -93,16 +108,19 @@ def _run(preset: str | None, encodings: list[str], args: Any) -> str:
         resume=args.resume,
         overwrite=args.overwrite,
         jobs=args.jobs,
+        threads=args.threads,
         plots=not args.no_plots,
         progress=progress(args),
     )
-    return result.report["table"] + (
-        f"{result.n_runs} runs ({result.n_trained} trained) in {result.wall_time:.0f} s wall time; "
-        f"report in {Path(args.out)}\n"
+    return result.report["table"] + files_line(
+        f"{result.n_runs} runs ({result.n_trained} trained) in {result.wall_time:.0f} s wall time; ",
+        Path(args.out),
+        result.report["files"],
     )
 
 
 def _report_command(args: Any) -> str:
+    check_writable(args.out)
     report = write_report(load_runs(args.runs), Path(args.out), plots=not args.no_plots)
     return report["table"] + files_line("", args.out, report["files"])
 
@@ -118,6 +136,7 @@ def _grid_args(default_jobs: int = 1) -> tuple[Arg, ...]:
             f"them (default {default_jobs}); small models train faster this way than with "
             "several threads each",
         ),
+        THREADS,
         NO_PLOTS,
     )
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from poslab.checkpoint import check_writable
 from poslab.data.lm import HEADLINE_LAST, perplexity
-from poslab.experiments.command import NO_PLOTS, Command, arg, files_line
+from poslab.experiments.command import NO_PLOTS, THREADS, Command, arg, files_line
 from poslab.experiments.extrapolation_page import (
     markdown_tables,
     summarize_extrapolation,
@@ -380,6 +381,7 @@ def _window_options(args: Any) -> dict[str, Any]:
 
 def _extrapolate_command(args: Any) -> str:
     """``poslab extrapolate RUN_DIR... --out DIR``: score existing runs and write the report."""
+    check_writable(args.out)  # before the scoring
     result = extrapolate(args.runs, last=args.last, **_window_options(args))
     files = write_extrapolation_report(result, args.out, plots=not args.no_plots)
     wall = result["settings"]["eval_wall_time"]
@@ -393,6 +395,7 @@ def _lm_extrapolation_command(args: Any) -> str:
     encodings = split_top_level(args.encodings)
     if not encodings:
         raise ValueError("--encodings needs at least one encoding, e.g. --encodings nope,rope,alibi")
+    check_writable(args.out)
     result = run_experiment(
         args.preset,
         encodings,
@@ -452,6 +455,7 @@ COMMANDS = (
             arg("--seeds", default="0", help="seeds: 0,1 or 0-1 (default 0)"),
             arg("--out", required=True, help="output directory (runs/ below it, the report in it)"),
             arg("--no-resume", action="store_true", help="fail instead of reusing finished runs in --out"),
+            THREADS,
             *WINDOW_ARGS,
             arg("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.steps=500"),
         ),

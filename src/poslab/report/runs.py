@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +22,11 @@ from typing import Any
 
 from poslab import plotting
 from poslab.checkpoint import write_text
+from poslab.config import flatten
+from poslab.encodings import encoding_class, encoding_options
 from poslab.report.common import csv_value, mean_std, stats_cell, write_page
-from poslab.runs import RESULTS, RunDir, find_finished_runs
+from poslab.runs import CONFIG, RESULTS, RunDir, find_finished_runs
+from poslab.tasks import TASKS
 
 log = logging.getLogger("poslab")
 
@@ -36,6 +40,7 @@ class RunRecord:
     label: str  # the encoding spec, e.g. 'dape[base=kerple_log]'
     seed: int
     results: dict[str, Any]
+    config: dict[str, Any] | None = None  # its config.json (None: compared on task and label only)
 
     @property
     def splits(self) -> dict[str, dict[str, float]]:
@@ -53,8 +58,21 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
         results = RunDir(run_dir).load_results()
         if not results.get("metrics"):
             raise ValueError(f"{run_dir / RESULTS} holds no evaluation")
-        records.append(RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results))
+        config = _config_dict(RunDir(run_dir))
+        records.append(
+            RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results, config)
+        )
     return records
+
+
+def _config_dict(run_dir: RunDir) -> dict[str, Any]:
+    """The run's config with defaults filled in, or config.json as written when it does not parse
+    (a run of another poslab version is still compared key by key)."""
+    try:
+        return run_dir.load_config().to_dict()
+    except (TypeError, ValueError):
+        raw = json.loads((run_dir / CONFIG).read_text())
+        return raw if isinstance(raw, dict) else {}
 
 
 # -- statistics ------------------------------------------------------------------------------------
@@ -71,14 +89,58 @@ def _stats(records: list[dict[str, float | None]]) -> dict[str, dict[str, float]
     return {k: mean_std([r.get(k) for r in records]) for k in keys}
 
 
-def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
-    """Per task and encoding (in order of appearance): seeds, n, and mean/std/n of every metric
-    (``"id/error"``) and of every per-length metric (``lengths[split][length][metric]``)."""
-    summary: dict[str, dict[str, Any]] = {}
-    groups: dict[tuple[str, str], list[RunRecord]] = {}
+# Keys that do not change what a run learns or how it is scored: runs differing only in them pool.
+_NOT_COMPARED = (
+    "train.seed",
+    "train.device",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "model.encoding",  # the row label already
+)
+
+
+def _settings(run: RunRecord) -> dict[str, Any]:
+    flat = flatten(run.config) if run.config is not None else {}
+    return {k: v for k, v in flat.items() if k not in _NOT_COMPARED}
+
+
+def group_runs(runs: list[RunRecord]) -> dict[tuple[str, str], list[RunRecord]]:
+    """Runs that differ in the seed alone, per (task, row label) in order of appearance.
+
+    Runs of one encoding whose configs differ otherwise (``train.steps``, a model size) become rows
+    of their own, labelled with the settings they differ in (``rope [train.steps=8]``); a seed that
+    appears twice in one row raises ValueError naming both directories, since mean ± std over
+    repeated runs would count one seed twice.
+    """
+    by_encoding: dict[tuple[str, str], list[RunRecord]] = {}
     for run in runs:
-        groups.setdefault((run.task, run.label), []).append(run)
-    for (task, label), group in groups.items():
+        by_encoding.setdefault((run.task, run.label), []).append(run)
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for (task, label), members in by_encoding.items():
+        settings = [_settings(r) for r in members]
+        keys = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
+        for run, setting in zip(members, settings, strict=True):
+            suffix = ", ".join(f"{k}={setting.get(k)}" for k in keys)
+            groups.setdefault((task, f"{label} [{suffix}]" if keys else label), []).append(run)
+    for (_, label), members in groups.items():
+        seen: dict[int, RunRecord] = {}
+        for run in members:
+            if run.seed in seen:
+                raise ValueError(
+                    f"{seen[run.seed].run_dir} and {run.run_dir} are both seed {run.seed} of {label}; "
+                    "a report counts each seed once, so give only one of them (runs given twice?)"
+                )
+            seen[run.seed] = run
+    return groups
+
+
+def summarize(runs: list[RunRecord]) -> dict[str, dict[str, Any]]:
+    """Per task and row (`group_runs`: runs that differ in the seed alone, in order of appearance):
+    seeds, n, and mean/std/n of every metric (``"id/error"``) and of every per-length metric
+    (``lengths[split][length][metric]``)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for (task, label), group in group_runs(runs).items():
         entry: dict[str, Any] = {
             "n": len(group),
             "seeds": [r.seed for r in group],
@@ -133,14 +195,40 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
             f"{better} is better{chance_note}.",
             "",
         ]
+        split_rows = [label for label in entries if label.endswith("]") and " [" in label]
+        if split_rows:
+            lines[-1:-1] = [
+                "Runs of one encoding whose configs differ beyond the seed are separate rows, "
+                "labelled with the settings they differ in.",
+            ]
+            log.warning("%s: runs differ beyond the seed; not pooled: %s", task, "; ".join(split_rows))
         columns = table_columns(entries)
         lines.append("| encoding | n | " + " | ".join(title for _, title in columns) + " |")
         lines.append("|---|---|" + "---|" * len(columns))
         for label, entry in entries.items():
             cells = [stats_cell(entry["metrics"].get(key)) for key, _ in columns]
             lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
-        blocks.append("\n".join(lines))
+        notes = _notes(task, list(entries), [title for _, title in columns])
+        blocks.append("\n".join(lines + ([""] + notes if notes else [])))
     return "\n\n".join(blocks) + "\n"
+
+
+def _notes(task: str, labels: list[str], titles: list[str]) -> list[str]:
+    """What the columns and the less obvious rows mean: the task's splits, sequence error, and a
+    DAPE row whose base is the default one (the label does not say it)."""
+    notes = []
+    cls = TASKS.get(task)
+    split_notes = getattr(cls, "split_notes", {})
+    for split in dict.fromkeys(title.split()[0] for title in titles):
+        if split in split_notes:
+            notes.append(f"- {split}: {split_notes[split]}")
+    if any("seq error" in title for title in titles):
+        notes.append("- seq error: % of sequences with at least one wrong scored token")
+    base = encoding_options(encoding_class("dape")).get("base")
+    for label in labels:
+        if label.split(" [")[0] == "dape":
+            notes.append(f"- dape: DAPE over its default base, {base} (dape[base={base}])")
+    return notes
 
 
 def runs_csv(runs: list[RunRecord]) -> str:

@@ -60,6 +60,7 @@ class Task:
         name: the registry name (set by `register`).
         causal: True for decoder (next-token) tasks, False for encoder tasks.
         headline: the metric a results table shows ('error', lower is better, or 'accuracy').
+        split_notes: what each split is, one short phrase each, printed under results tables.
     Instance attributes set by the constructor:
         tokens: the name of every input id, ``tokens[i]`` for id i (used by `decode`).
         output_tokens: the name of every output id (the same as ``tokens`` for causal tasks).
@@ -70,6 +71,7 @@ class Task:
     name: ClassVar[str] = ""
     causal: ClassVar[bool] = True
     headline: ClassVar[str] = "error"
+    split_notes: ClassVar[dict[str, str]] = {}
 
     tokens: tuple[str, ...]
     output_tokens: tuple[str, ...]

@@ -32,6 +32,11 @@ class FlipFlop(Task):
     """
 
     causal = True
+    split_notes = {
+        "id": "the training distribution (task.options.p of the instructions are 'ignore')",
+        "ood_sparse": "far more 'ignore' instructions (p_sparse), so a read looks back further",
+        "ood_dense": "far fewer 'ignore' instructions (p_dense): reads and writes everywhere",
+    }
 
     def __init__(self, *, p: float = 0.8, p_sparse: float = 0.98, p_dense: float = 0.1) -> None:
         for key, value in {"p": p, "p_sparse": p_sparse, "p_dense": p_dense}.items():
