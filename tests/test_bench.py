@@ -105,8 +105,28 @@ def test_memory_runs_each_encoding_in_its_own_process():
 def test_run_bench_writes_json_and_rejects_unknown_sections(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "bench_decode", lambda **kw: bench.Table("t", ["a"], [{"a": 1}]))
     out = tmp_path / "bench.json"
-    tables = bench.run_bench(["decode"], out=out, progress=lambda s: None)
+    said = []
+    tables = bench.run_bench(["decode"], out=out, progress=said.append)
     assert json.loads(out.read_text())[0]["rows"] == [{"a": 1}] and len(tables) == 1
+    assert said[0] == "bench: section 1/1, decode ..."  # announced before its minutes of timing
+
+
+def test_run_bench_on_a_full_disk_is_one_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+
+    from poslab import checkpoint
+
+    monkeypatch.setattr(bench, "bench_decode", lambda **kw: bench.Table("t", ["a"], [{"a": 1}]))
+    out = tmp_path / "bench.json"
+    out.write_text("old")
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full)
+    with pytest.raises(checkpoint.OutputError, match="No space left on device"):
+        bench.run_bench(["decode"], out=out, progress=lambda s: None)
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["bench.json"]
     with pytest.raises(ValueError, match="unknown bench section\\(s\\) speed"):
         bench.run_bench(["speed"])
 

@@ -463,7 +463,9 @@ def run_bench(
         raise ValueError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     small = dict(length=128, repeats=3) if quick else {}
     tables = []
-    for section in sections:
+    for number, section in enumerate(sections, 1):
+        # a section takes minutes: say what is being timed before its table appears
+        progress(f"bench: section {number}/{len(sections)}, {section} ...")
         if section == "attention":
             table = bench_attention(device=device, **small)
         elif section == "step":
