@@ -272,6 +272,7 @@ def test_half_precision_runs_close_to_float32(spec, dtype):
         ),
         (tiny, "learned", "acts on token embeddings"),
         (tiny, "sinusoidal+alibi", "acts on token embeddings"),
+        (tiny, "cope[sep_key=true]", "reads the attention layer's input"),
         (tiny, "rope[base=500000]", "set base in the model config"),
         (tiny, "cope+rope", None),
         (lambda: tiny(attention_dropout=0.1), "alibi", "attention_dropout=0.1 is not supported"),

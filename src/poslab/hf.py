@@ -157,6 +157,11 @@ def build_layer_encoding(
             f"encoding {encoding.name!r} acts on token embeddings (embed hook); poslab.hf supports "
             "encodings that act inside attention (rotate, bias, logits) only"
         )
+    if "input_keys" in encoding.hooks:
+        raise ValueError(
+            f"encoding {encoding.name!r} reads the attention layer's input (CoPE's sep_key), which "
+            "transformers' attention interface does not pass; use it without sep_key"
+        )
     if not encoding.supports_causal:
         raise ValueError(f"encoding {encoding.name!r} is not defined for causal attention")
     return encoding
