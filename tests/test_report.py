@@ -160,3 +160,38 @@ def test_load_runs_finds_runs_below_a_directory(tmp_path):
         load_runs([tmp_path / "empty"])
     with pytest.raises(ValueError, match="no such run directory"):
         load_runs([tmp_path / "absent"])
+
+
+def test_the_table_ends_with_a_reading_of_it():
+    runs = [
+        record("rope", 0, 10.0, 30.0),
+        record("rope", 1, 20.0, 50.0),  # id 15 ± 7.07, ood 40 ± 14.14
+        record("cope", 0, 0.0, 4.0),
+        record("cope", 1, 2.0, 6.0),  # id 1 ± 1.41, ood 5 ± 1.41
+        record("alibi", 0, 6.0, 90.0),
+        record("alibi", 1, 6.0, 90.0),  # id 6 ± 0: within rope's 7.07 of cope? no: 5 > 1.41
+    ]
+    last = markdown_table(summarize(runs)).rstrip().splitlines()[-1]
+    assert last.startswith("Reading, best error per split")
+    assert "id: cope (worst rope, 15.00)" in last
+    assert "ood_dense: cope (worst alibi, 90.00)" in last
+    # a wide spread makes two rows level: rope's ood std 14.14 covers 40 - 30 = 10
+    runs += [record("nope", 0, 1.5, 40.0), record("nope", 1, 1.5, 40.0)]
+    last = markdown_table(summarize(runs)).rstrip().splitlines()[-1]
+    assert "id: cope, nope (worst rope, 15.00)" in last
+    table = markdown_table(summarize([record("nope", 0, 1.0, 2.0)]))
+    assert "Reading" not in table
+
+
+def test_the_reading_of_an_accuracy_table_takes_the_highest():
+    runs = [record("rope", 0, 10.0, 30.0), record("cope", 0, 20.0, 60.0)]
+    for r in runs:
+        r.results["headline"] = "accuracy"
+        splits = r.results["metrics"]["splits"]
+        splits["ood"] = {"accuracy": splits.pop("ood_dense")["error"]}
+        del splits["id"]
+    last = markdown_table(summarize(runs)).rstrip().splitlines()[-1]
+    assert last == (
+        "Reading, best accuracy per split (level: within one sample std of the best mean): "
+        "ood: cope (worst rope, 30.00)."
+    )

@@ -24,7 +24,7 @@ from poslab import plotting
 from poslab.checkpoint import write_text
 from poslab.config import flatten
 from poslab.encodings import encoding_class, encoding_options
-from poslab.report.common import csv_value, mean_std, stats_cell, write_page
+from poslab.report.common import csv_value, finite, mean_std, stats_cell, write_page
 from poslab.runs import CONFIG, RESULTS, RunDir, find_finished_runs
 from poslab.tasks import TASKS
 
@@ -209,8 +209,54 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
             cells = [stats_cell(entry["metrics"].get(key)) for key, _ in columns]
             lines.append(f"| {label} | {entry['n']} | " + " | ".join(cells) + " |")
         notes = _notes(task, list(entries), [title for _, title in columns])
-        blocks.append("\n".join(lines + ([""] + notes if notes else [])))
+        lines += [""] + notes if notes else []
+        if len(entries) > 1:
+            lines += ["", reading(entries, headline)]
+        blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+def reading(entries: dict[str, Any], headline: str) -> str:
+    """One line that reads the table: per split, the encodings level with the best one, i.e. whose
+    mean is within the larger of the two sample stds of the best mean (only exact ties with one
+    seed), and the worst."""
+    lower = headline == "error"
+    parts = []
+    for key, _ in table_columns(entries):
+        split, metric = key.split("/")
+        if metric != headline:
+            continue
+        stats = {
+            label: entry["metrics"][key]
+            for label, entry in entries.items()
+            if key in entry["metrics"] and finite(entry["metrics"][key]["mean"])
+        }
+        if len(stats) < 2:
+            continue
+        ordered = sorted(stats, key=lambda label: stats[label]["mean"], reverse=not lower)
+        best = stats[ordered[0]]
+
+        def spread(s: dict[str, float]) -> float:
+            return s["std"] if s["n"] > 1 and finite(s["std"]) else 0.0
+
+        level = [
+            label
+            for label in ordered
+            if abs(stats[label]["mean"] - best["mean"]) <= max(spread(best), spread(stats[label]))
+        ]
+        worst = ordered[-1]
+        parts.append(
+            f"{split}: {', '.join(level)} (worst {worst}, {stats[worst]['mean']:.2f})"
+            if worst not in level
+            else f"{split}: all level"
+        )
+    if not parts:
+        return "Reading: no split has two encodings to compare."
+    return (
+        f"Reading, best {headline} per split (level: within one sample std of the best mean): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _notes(task: str, labels: list[str], titles: list[str]) -> list[str]:
