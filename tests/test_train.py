@@ -14,6 +14,7 @@ import torch
 from poslab.checkpoint import CheckpointError, load_checkpoint
 from poslab.config import EvalConfig, ModelSpec, RunConfig, TaskConfig, TrainConfig, valid_keys
 from poslab.evaluate import eval_seed
+from poslab.kernels.native import cpu_model
 from poslab.model import build_model
 from poslab.presets import get_preset, list_presets
 from poslab.progress import Progress, ProgressLogHandler
@@ -170,7 +171,14 @@ def test_finished_run_is_not_overwritten(tmp_path):
         train(tiny(), tmp_path / "run")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
     train(tiny(**{"train.steps": 4}), tmp_path / "run", overwrite=True)
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["step"] == 4
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["step"] == 4
+    # where the run was made, for results pages built later on another machine
+    assert results["machine"] == {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def test_corrupt_checkpoint_refuses_to_resume_and_is_left_alone(tmp_path):

@@ -40,6 +40,7 @@ from torch import nn
 from poslab.checkpoint import check_writable, json_safe, save_checkpoint, write_text
 from poslab.config import RunConfig, TrainConfig
 from poslab.evaluate import evaluate, format_metrics, planned_lengths
+from poslab.kernels.native import cpu_model
 from poslab.memory import check_fits
 from poslab.model import Transformer, build_model, masked_cross_entropy
 from poslab.progress import Progress
@@ -587,7 +588,9 @@ def _evaluate(session: _Session, state: TrainState) -> dict[str, Any] | None:
 def _finish(session: _Session, state: TrainState, n_params: int, elapsed: float) -> TrainResult:
     """The results (results.json on process 0) and the `TrainResult`."""
     config, task = session.config, session.task
-    about = {"n_params": n_params, "wall_time": elapsed}
+    # The machine, so that a results page built later elsewhere can say where its runs were made.
+    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    about = {"n_params": n_params, "wall_time": elapsed, "machine": machine}
     results = results_record(config, task, step=state.step, metrics=state.last_eval, about=about, timing={})
     if session.writer is not None:
         session.writer.write_results(results)
