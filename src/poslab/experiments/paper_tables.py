@@ -163,3 +163,75 @@ _register(
         paper_setting="4 layers, d 256, 4 heads, post-LN, 10k training programs of up to 512 statements",
     )
 )
+
+# The language-model tables score perplexity on held-out documents at the training length
+# (`lm_stdlib_small`'s 2-layer d-128 model, 600 steps at 128 tokens); the paper trained a 20M-parameter
+# code model and a GPT-2-small-sized Wikitext-103 model at 1024 tokens.
+_LM_TEST = ("eval.splits=validation,test",)
+_PROSE = ("task.options.corpus=python_docs", "task.options.tokenizer=bpe")
+
+_register(
+    PaperTable(
+        name="cope_code_lm",
+        title="Code language modelling: perplexity at the training length",
+        source="CoPE paper (arXiv 2405.18719), table 5 (code)",
+        metric="ppl",
+        rows=(
+            ("Absolute", "learned"),
+            ("RoPE", "rope"),
+            ("CoPE", "cope"),
+            ("CoPE+RoPE", "cope+rope"),
+            DAPE_KERPLE,
+        ),
+        parts=(
+            Part(
+                name="stdlib",
+                cpu="lm_stdlib_small",
+                paper="lm_paper_128",
+                overrides=_LM_TEST,
+                splits=("validation", "test"),
+            ),
+        ),
+        numbers={
+            "Absolute": {"stdlib/test": 4.7},
+            "RoPE": {"stdlib/test": 4.1},
+            "CoPE": {"stdlib/test": 3.9},
+            "CoPE+RoPE": {"stdlib/test": 4.0},
+        },
+        paper_setting="a 20M-parameter decoder on a code corpus at 1024 tokens (test perplexity); here the "
+        "bytes of the running Python's standard library at 128 tokens",
+    )
+)
+
+_register(
+    PaperTable(
+        name="cope_text_lm",
+        title="Text language modelling: perplexity at the training length",
+        source="CoPE paper (arXiv 2405.18719), table 4 (Wikitext-103)",
+        metric="ppl",
+        rows=(
+            ("Absolute", "learned"),
+            ("Relative", "relative"),
+            ("CoPE", "cope"),
+            ("CoPE+Relative", "cope+relative"),
+            DAPE_KERPLE,
+        ),
+        parts=(
+            Part(
+                name="python_docs",
+                cpu="lm_stdlib_small",
+                paper="lm_paper_128",
+                overrides=(*_PROSE, *_LM_TEST),
+                splits=("validation", "test"),
+            ),
+        ),
+        numbers={
+            "Absolute": {"python_docs/validation": 23.96, "python_docs/test": 24.87},
+            "Relative": {"python_docs/validation": 22.90, "python_docs/test": 23.81},
+            "CoPE": {"python_docs/validation": 22.55, "python_docs/test": 23.46},
+            "CoPE+Relative": {"python_docs/validation": 22.31, "python_docs/test": 23.23},
+        },
+        paper_setting="GPT-2 small size on Wikitext-103 at 1024 tokens (val / test perplexity); here the "
+        "Python documentation's reST sources (Debian python3.11-doc) in 4096 BPE tokens at 128 tokens",
+    )
+)
