@@ -571,3 +571,38 @@ def test_a_run_set_aside_by_an_overwrite_is_not_reported(capsys, tmp_path, finis
     copy_run(finished_run, root / "rope" / ".replaced")
     code, out, err = run(capsys, "report", str(root), "--out", str(tmp_path / "r"), "--no-plots")
     assert code == 0 and "| rope | 1 |" in out, err
+
+
+def test_sigterm_to_a_grid_stops_its_workers_with_checkpoints_and_exits_130(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from poslab.checkpoint import load_checkpoint
+
+    out = tmp_path / "grid"
+    argv = ["compare", "--preset", "smoke", "--encodings", "nope,rope", "--jobs", "2", "--out", str(out)]
+    argv += ["train.steps=1000000", "train.checkpoint_every=0", "train.eval_every=0", "--no-plots"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poslab", *argv], stderr=subprocess.PIPE, text=True, env=env
+    )
+    runs = [out / "nope" / "seed0", out / "rope" / "seed0"]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").exists() for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)  # to the grid's own process only, as `kill PID` does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    for run in runs:  # each worker saved its step and stopped (no orphan trains on)
+        step = load_checkpoint(run / "checkpoint.pt")["step"]
+        assert step >= 1
+        time.sleep(0.5)
+        assert load_checkpoint(run / "checkpoint.pt")["step"] == step
+    lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(out) not in lines and "spawn_main" not in "".join(
+        line for line in lines.splitlines() if str(proc.pid) in line
+    )

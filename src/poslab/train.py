@@ -480,23 +480,26 @@ def _loop(
 
 
 class _Interrupts:
-    """While training: the first Ctrl-C (SIGINT) asks the loop to stop after the step it lands in,
-    with a checkpoint; a second one stops at once. A handler, rather than KeyboardInterrupt raised
-    wherever Python happens to be, so that an optimizer step is never left half done and the
-    request cannot be lost inside torch's native code. Only the main thread can install it."""
+    """While training: the first Ctrl-C (SIGINT) or SIGTERM (``kill``, a grid stopping its workers)
+    asks the loop to stop after the step it lands in, with a checkpoint; a second one stops at once.
+    A handler, rather than KeyboardInterrupt raised wherever Python happens to be, so that an
+    optimizer step is never left half done and the request cannot be lost inside torch's native
+    code. Only the main thread can install it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous: Any = None
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,14 +178,39 @@ def _train_parallel(
             tracker.starting(run)
         waiting = list(todo[jobs:])
         try:
-            for future in as_completed(futures):
-                future.result()
-                tracker.finished(futures[future])
-                if waiting:
-                    tracker.starting(waiting.pop(0))
+            with _stop_workers_on_sigterm(pool):
+                for future in as_completed(futures):
+                    future.result()
+                    tracker.finished(futures[future])
+                    if waiting:
+                        tracker.starting(waiting.pop(0))
         except BaseException:  # a failed run stops the grid: runs not yet started are dropped
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+@contextmanager
+def _stop_workers_on_sigterm(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """Within the block, SIGTERM to the grid's process (``kill PID``) is passed on to the workers,
+    which save a checkpoint after their current step and stop (`poslab.train`), and stops the grid
+    as Ctrl-C does; without it the workers would train on, orphaned, after the grid had gone. (Ctrl-C
+    in a terminal reaches the workers by itself: they share the terminal's process group.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: object) -> None:
+        workers = getattr(pool, "_processes", None) or {}  # pid -> Process, while the pool runs
+        for pid in list(workers):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _worker_init(threads: int, quiet: bool) -> None:
