@@ -166,19 +166,6 @@ struct Row {
   Row(int64_t keys, int64_t npos) : gates(keys), pos(keys), slope(npos), grad_z(npos + 1) {}
 };
 
-// Gates and positions of the row's first n keys (the visible ones).
-template <typename T>
-inline void gates_and_positions(const T* a, int64_t n, T max_pos, Row<T>& row) {
-  T* g = row.gates.data();
-  T* pos = row.pos.data();
-  map_row<T>(a, g, n, [](Vec<T> x) { return sigmoid<T>(x); });
-  double run = 0;
-  for (int64_t j = n - 1; j >= 0; --j) {
-    run += g[j];
-    pos[j] = std::min(static_cast<T>(run), max_pos);
-  }
-}
-
 // slope[c] = z[c + 1] - z[c], 0 for the last row: z[ceil p] - z[floor p] wherever p is not whole.
 template <typename T>
 inline void slopes(const T* zr, int64_t npos, T* slope) {
@@ -186,18 +173,53 @@ inline void slopes(const T* zr, int64_t npos, T* slope) {
   slope[npos - 1] = 0;
 }
 
-// logits[j] = a[j] + z[floor p] + w (z[ceil p] - z[floor p]) (+ bias[j]) for j < n, w = p - floor p;
-// where p is whole (or clamped) w = 0 and ceil p = floor p. ``logits`` may be ``a``.
+// The logits of the row's first n keys (the visible ones) into ``logits`` (which may be ``a``), and
+// its gates, clamped positions and z slopes into ``row``:
+//   g_j = sigmoid(a_j), p_j = min(sum_{t=j..n-1} g_t, P - 1), w = p - floor p,
+//   logits_j = a_j + z[floor p] + w (z[ceil p] - z[floor p]) (+ bias_j),
+// where p is whole (or clamped) w = 0 and ceil p = floor p. The running sum is the one sequential
+// dependency; the interpolation rides along in the same loop.
 template <typename T>
-inline void interpolate(const T* a, const T* zr, const T* slope, const T* bias, const T* pos, int64_t n,
-                        T* logits) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int lo = static_cast<int>(pos[j]);  // floor: positions are >= 0
-    const T w = pos[j] - static_cast<T>(lo);
+inline void row_logits(const T* a, const T* zr, const T* bias, int64_t n, int64_t npos, Row<T>& row, T* logits) {
+  T* g = row.gates.data();
+  T* pos = row.pos.data();
+  T* slope = row.slope.data();
+  map_row<T>(a, g, n, [](Vec<T> x) { return sigmoid<T>(x); });
+  slopes(zr, npos, slope);
+  const T max_pos = static_cast<T>(npos - 1);
+  double run = 0;
+  for (int64_t j = n - 1; j >= 0; --j) {
+    run += g[j];
+    const T p = std::min(static_cast<T>(run), max_pos);
+    const int lo = static_cast<int>(p);  // floor: positions are >= 0
+    const T w = p - static_cast<T>(lo);
+    pos[j] = p;
     logits[j] = a[j] + zr[lo] + w * slope[lo];
   }
   if (bias != nullptr)
     for (int64_t j = 0; j < n; ++j) logits[j] += bias[j];
+}
+
+// x[j] = exp(x[j] - shift) for j < n; returns their sum.
+template <typename T>
+inline T exp_shifted(T* x, int64_t n, T shift) {
+  Vec<T> total{};
+  int64_t j = 0;
+  for (; j + LANES<T> <= n; j += LANES<T>) {
+    const Vec<T> e = vexp<T>(load(x + j) - shift);
+    store(x + j, e);
+    total += e;
+  }
+  T sum = 0;
+  for (int l = 0; l < LANES<T>; ++l) sum += total[l];
+  if (j < n) {
+    T tail[LANES<T>] = {};
+    std::memcpy(tail, x + j, (n - j) * sizeof(T));
+    const Vec<T> e = vexp<T>(load(tail) - shift);
+    for (int l = 0; l < n - j; ++l) sum += e[l];
+    std::memcpy(x + j, &e, (n - j) * sizeof(T));
+  }
+  return sum;
 }
 
 template <typename T>
@@ -215,20 +237,8 @@ inline T row_max(const T* x, int64_t n) {
 }
 
 template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  Vec<T> total{};
-  int64_t j = 0;
-  for (; j + LANES<T> <= n; j += LANES<T>) total += load(x + j);
-  T sum = 0;
-  for (int l = 0; l < LANES<T>; ++l) sum += total[l];
-  for (; j < n; ++j) sum += x[j];
-  return sum;
-}
-
-template <typename T>
 void forward(const Problem<T>& p, T* probs, T* lse, int threads) {
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
-  const T max_pos = static_cast<T>(P - 1);
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
     for (int64_t i = tid; i < t; i += n_threads) {
@@ -243,13 +253,10 @@ void forward(const Problem<T>& p, T* probs, T* lse, int threads) {
             lse[r] = -std::numeric_limits<T>::infinity();
             continue;
           }
-          gates_and_positions(a, n, max_pos, row);
           const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
-          slopes(p.z + r * P, P, row.slope.data());
-          interpolate(a, p.z + r * P, row.slope.data(), bias, row.pos.data(), n, out);
+          row_logits(a, p.z + r * P, bias, n, P, row, out);
           const T m = row_max(out, n);
-          map_row<T>(out, out, n, [&](Vec<T> x) { return vexp<T>(x - m); });
-          const T sum = row_sum(out, n);
+          const T sum = exp_shifted(out, n, m);
           const T inv = T(1) / sum;
           map_row<T>(out, out, n, [&](Vec<T> x) { return x * inv; });
           std::fill(out + n, out + S, T(0));
@@ -263,7 +270,6 @@ template <typename T>
 void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* probs, T* grad, T* grad_z,
               T* grad_bias, int threads) {
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
-  const T max_pos = static_cast<T>(P - 1);
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
     for (int64_t i = tid; i < t; i += n_threads) {
@@ -282,13 +288,11 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
             std::fill(dzr, dzr + P, T(0));
             continue;
           }
-          gates_and_positions(a, n, max_pos, row);
           const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
+          row_logits(a, zr, bias, n, P, row, prob);
           const T* slope = row.slope.data();
-          slopes(zr, P, row.slope.data());
-          interpolate(a, zr, slope, bias, row.pos.data(), n, prob);
-          const T shift = lse[r], dot = rowdot[r];
-          map_row<T>(prob, prob, n, [&](Vec<T> x) { return vexp<T>(x - shift); });
+          const T dot = rowdot[r];
+          exp_shifted(prob, n, lse[r]);
           int64_t j = 0;  // dlogits = prob (dP - rowdot), in dP's buffer
           for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
           if (grad_bias != nullptr) {
@@ -302,7 +306,8 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
           double* dz = row.grad_z.data();
           std::fill(dz, dz + P + 1, 0.0);
           T* dg = row.pos.data();  // the positions, overwritten with dg once read
-          double run = 0, to_floor = 0, to_ceil = 0;
+          double run = 0;
+          T to_floor = 0, to_ceil = 0;  // within a run, in the working precision (as scatter_add)
           int current = static_cast<int>(dg[0]);
           for (j = 0; j < n; ++j) {
             const int lo = static_cast<int>(dg[j]);
@@ -317,7 +322,7 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
             const T upper = dl * w;
             to_ceil += upper;
             to_floor += dl - upper;
-            run += dl * (w > T(0) ? slope[lo] : T(0));
+            run += dl * slope[lo] * static_cast<T>(w > T(0));  // no branch: w = 0 is data-dependent
             dg[j] = static_cast<T>(run);
           }
           dz[current] += to_floor;
