@@ -15,6 +15,19 @@ Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - 
     dp = dlogits * d           (zero where p was clamped, since then floor p = ceil p)
     dg_it = sum_{j <= t} dp_ij (p is a reverse cumulative sum of the gates)
     ds = dlogits + dg * g * (1 - g)
+
+On CPU the per-row elementwise work runs in C++ instead where it can (``NativeCoPEAttentionFn``,
+``kernels/cope_rows.cpp`` built by ``poslab.kernels.native``): the matrix products stay in PyTorch
+(q k^T, q e^T, dO v^T and the gradients' products), and the kernel goes once over each row for
+gates, positions (the same running sum from the row's last key, accumulated in double), the
+interpolation and the softmax, and once more in backward, instead of some twenty passes over
+(B, H, t, S) tensors and their int64 index copies. It needs each row's visible keys to be a prefix
+(causal attention with increasing key positions, or everything visible; ``prefix_lengths``) and
+float32/float64 CPU tensors; a bias may have a gradient. Saving for backward costs one float per
+entry (the scores); otherwise the backward recomputes them. By default the kernel is used where a
+one-off timing against the PyTorch path (``time_both_paths``, cached beside the library per head
+size and dtype) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch path above
+remains for GPUs, other dtypes, other visibility patterns and machines without a compiler.
 """
 
 from __future__ import annotations
@@ -205,11 +218,12 @@ def uses_native(q: Tensor, *others: Tensor | None) -> bool:
 
 def time_both_paths(head_dim: int, dtype: torch.dtype, *, rounds: int = 3) -> dict[str, float]:
     """Seconds (best of ``rounds``, interleaved) of one block's forward and backward on each path,
-    at a representative shape: 4 sequences, 4 heads, the last 64 queries of 256 keys, 64 positions."""
+    at a representative shape: 4 sequences, 4 heads, the last 128 queries of 512 keys, 64 positions
+    (at smaller blocks the matrix products and Python overhead both paths share hide the difference)."""
     # Fresh tensors with autograd on, whatever mode the caller is in (e.g. inference_mode).
     with torch.inference_mode(False), torch.enable_grad():
         gen = torch.Generator().manual_seed(0)
-        n_batch, n_heads, t, s, npos = 4, 4, 64, 256, 64
+        n_batch, n_heads, t, s, npos = 4, 4, 128, 512, 64
 
         def rand(*shape: int) -> Tensor:
             return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()

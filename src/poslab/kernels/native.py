@@ -10,10 +10,15 @@ into registers) and per x86-64 level (``-march=x86-64-v3``: AVX2 and FMA, 8-floa
 ``x86-64-v4``: AVX-512, 16-float vectors), the highest this CPU runs, so the code does not depend on
 the machine it was first built on; ``POSLAB_NATIVE_ARCH`` picks another level (or ``native``).
 
-``POSLAB_NATIVE``: ``auto`` (default) uses the kernel where a one-off timing against the PyTorch
-path, cached beside the library, found it faster (``poslab.kernels.dape``); ``1`` always; ``0``
-never. Nothing depends on it: when there is no compiler, the build fails, or the tensors are not
-float32/float64 CPU tensors, DAPE uses its PyTorch path (same results up to rounding).
+``cope_rows.cpp`` does CoPE's per-row elementwise work (gates, positions, interpolation, softmax and
+their gradients; ``poslab.kernels.cope``). It has no compile-time constants: one library per
+x86-64 level, built, named and cached by the same rules.
+
+``POSLAB_NATIVE``: ``auto`` (default) uses a kernel where a one-off timing against the PyTorch
+path, cached beside the library, found it faster (``poslab.kernels.dape``, ``poslab.kernels.cope``);
+``1`` always; ``0`` never. Nothing depends on it: when there is no compiler, the build fails, or the
+tensors are not float32/float64 CPU tensors, DAPE and CoPE use their PyTorch paths (same results up
+to rounding).
 """
 
 from __future__ import annotations
