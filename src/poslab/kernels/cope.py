@@ -132,20 +132,21 @@ def _native_probs(
     the scores (both in a scratch buffer) unless ``saved``: then A is a fresh tensor kept for backward
     and the probabilities go to scratch."""
     shape = (*q.shape[:-1], k.shape[2])
-    scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.empty(shape, dtype=q.dtype) if saved else scratch("cope_scores", shape, q)
-    torch.matmul(q, k.transpose(-1, -2), out=scores).mul_(scale)
-    z = _native_z(q, table)
+    z = _scaled_products(q, k, table, scores)
     probs = scratch("cope_probs", shape, q) if saved else scores
     lse = torch.empty(q.shape[:-1], dtype=q.dtype)
     native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse)
     return scores, z, probs, lse
 
 
-def _native_z(q: Tensor, table: Tensor) -> Tensor:
-    """z = q e^T / sqrt(Dh), (B, H, t, P), in a scratch buffer."""
-    z = scratch("cope_z", (*q.shape[:-1], table.shape[0]), q)
-    return torch.matmul(q, table.t(), out=z).mul_(1.0 / math.sqrt(q.shape[-1]))
+def _scaled_products(q: Tensor, k: Tensor | None, table: Tensor, scores: Tensor | None) -> Tensor:
+    """A = q k^T / sqrt(Dh) into ``scores`` (unless None) and z = q e^T / sqrt(Dh), (B, H, t, P), in a
+    scratch buffer, returned. The scale goes on q, (t, Dh), not on the (t, S) products."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    if scores is not None:
+        torch.matmul(q, k.transpose(-1, -2), out=scores)
+    return torch.matmul(q, table.t(), out=scratch("cope_z", (*q.shape[:-1], table.shape[0]), q))
 
 
 class NativeCoPEAttentionFn(torch.autograd.Function):
@@ -171,11 +172,10 @@ class NativeCoPEAttentionFn(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         if saved:  # kept intact (a second backward may read it): the probabilities go to scratch
             scores, probs = saved[0], scratch("cope_probs", shape, q)
+            z = _scaled_products(q, None, table, None)
         else:
-            scores = scratch("cope_scores", shape, q)
-            torch.matmul(q, k.transpose(-1, -2), out=scores).mul_(scale)
-            probs = scores
-        z = _native_z(q, table)
+            scores = probs = scratch("cope_scores", shape, q)
+            z = _scaled_products(q, k, table, scores)
         grad = torch.matmul(grad_out, v.transpose(-1, -2), out=scratch("grad_logits", shape, q))  # dP
         rowdot = (grad_out * out).sum(-1)
         grad_z = torch.empty_like(z)
