@@ -94,6 +94,7 @@ def test_forward_and_backward_equal_the_reference(case, save, dtype, build, monk
     q, k, v, table, bias, keep, npos_max = args
     assert cope.prefix_lengths(keep, q.shape[2], k.shape[2]) is not None
     assert cope.uses_native(q, k, v, table, bias)
+    assert f"cope_rows-{build}-" in native.cope_library()._name  # one library per level
     calls = []
     original = native.cope_rows_backward_
     monkeypatch.setattr(native, "cope_rows_backward_", lambda *a, **kw: calls.append(1) or original(*a, **kw))
