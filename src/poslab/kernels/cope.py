@@ -267,9 +267,10 @@ def cope_attention(
     None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh).
     ``save_bytes``: how much the forward may keep for backward instead of recomputing the block."""
     table = table.to(q.dtype)
-    row_len = prefix_lengths(keep, q.shape[2], k.shape[2]) if table.shape[0] == npos_max else None
-    if row_len is not None and uses_native(q, k, v, table, bias):
-        return _native_attention(q, k, v, table, bias, row_len, save_bytes)
+    if table.shape[0] == npos_max and uses_native(q, k, v, table, bias):  # CPU only: no GPU sync below
+        row_len = prefix_lengths(keep, q.shape[2], k.shape[2])
+        if row_len is not None:
+            return _native_attention(q, k, v, table, bias, row_len, save_bytes)
     if needs_autograd(q, k, v, table, bias):
         save = q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
         return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max, save)
