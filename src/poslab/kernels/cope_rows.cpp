@@ -292,9 +292,18 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
           row_logits(a, zr, bias, n, P, row, prob);
           const T* slope = row.slope.data();
           const T dot = rowdot[r];
-          exp_shifted(prob, n, lse[r]);
-          int64_t j = 0;  // dlogits = prob (dP - rowdot), in dP's buffer
-          for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
+          // probabilities exp(logits - lse), and dlogits = prob (dP - rowdot) in dP's buffer
+          const T shift = lse[r];
+          int64_t j = 0;
+          for (; j + LANES<T> <= n; j += LANES<T>) {
+            const Vec<T> e = vexp<T>(load(prob + j) - shift);
+            store(prob + j, e);
+            store(g_row + j, e * (load(g_row + j) - dot));
+          }
+          if (j < n) {
+            exp_shifted(prob + j, n - j, shift);
+            for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
+          }
           if (grad_bias != nullptr) {
             T* gb = grad_bias + (h * t + i) * S;
             for (j = 0; j < n; ++j) gb[j] += g_row[j];
