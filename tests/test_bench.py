@@ -18,7 +18,9 @@ def test_attention_table_has_ratios_against_sdpa():
         batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["alibi", "cope"]
     )
     rows = {r["attention"]: r for r in table.rows}
-    assert set(rows) == {"sdpa (causal)", "plain materialised", "alibi", "cope", "cope (eager)"}
+    other_cope = {"cope (PyTorch)", "cope (C++ forced)"} & set(rows)  # where the C++ kernel is built
+    assert len(other_cope) == native.cope_supports(torch.zeros(1))
+    assert set(rows) - other_cope == {"sdpa (causal)", "plain materialised", "alibi", "cope", "cope (eager)"}
     assert rows["sdpa (causal)"]["fwd+bwd / sdpa"] == 1.0
     for r in table.rows:
         assert r["fwd+bwd / sdpa"] == pytest.approx(r["fwd+bwd ms"] / rows["sdpa (causal)"]["fwd+bwd ms"])
@@ -46,6 +48,32 @@ def test_native_dape_rows_come_with_their_pytorch_counterpart(monkeypatch):
     )
     assert [r["encoding"] for r in step.rows] == ["rope", "dape", "dape (PyTorch MLP)"]
     assert [r["path"] for r in step.rows] == ["auto", f"C++ {level}", "PyTorch MLP"]
+
+
+@pytest.mark.skipif(
+    not native.cope_supports(torch.zeros(1)), reason="the native CoPE kernel is not built here"
+)
+def test_native_cope_rows_come_with_their_pytorch_counterpart(monkeypatch):
+    """CoPE's C++ and PyTorch paths are timed side by side too, each row naming its path; when the
+    guard declines the kernel, it is the forced row."""
+    level = native.arch()
+    monkeypatch.setenv("POSLAB_NATIVE", "1")
+    table = bench.bench_attention(batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["cope+rope"])
+    paths = {r["attention"]: r["path"] for r in table.rows}
+    assert paths["cope+rope"] == f"C++ {level}" and paths["cope+rope (PyTorch)"] == "PyTorch"
+    step = bench.bench_train_step(
+        d_model=16, layers=1, heads=2, batch=1, length=16, repeats=1, encodings=["cope"]
+    )
+    assert [(r["encoding"], r["path"]) for r in step.rows] == [
+        ("rope", "auto"),
+        ("cope", f"C++ {level}"),
+        ("cope (PyTorch)", "PyTorch"),
+    ]
+    monkeypatch.delenv("POSLAB_NATIVE")
+    monkeypatch.setattr(native, "decision", lambda *args: False)
+    table = bench.bench_attention(batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["cope"])
+    paths = {r["attention"]: r["path"] for r in table.rows}
+    assert paths["cope"] == "PyTorch" and paths["cope (C++ forced)"] == f"C++ {level}"
 
 
 @pytest.mark.skipif(not native.available(), reason="the native DAPE kernel is not built here")

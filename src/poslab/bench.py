@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import poslab
 from poslab import runtime
 from poslab.checkpoint import write_text
+from poslab.encodings.cope import CoPE
 from poslab.encodings.dape import DAPE
+from poslab.kernels import cope as cope_kernel
 from poslab.kernels import native
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
 
@@ -134,7 +136,7 @@ def bench_attention(
         enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim)).to(dev)
         candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
         paths[name] = attention_path(enc, q)
-        for label, path, fn in _other_dape_paths(enc, q):
+        for label, path, fn in _other_paths(enc, q):
             candidates[f"{name} ({label})"] = lambda enc=enc, fn=fn: fn(poslab.attend, q, k, v, enc)
             paths[f"{name} ({label})"] = path
         if enc.uses_logits:
@@ -180,7 +182,7 @@ def bench_train_step(
     if "rope" not in names:
         names = ["rope", *names]
     x = torch.randint(0, vocab, (batch, length + 1), device=dev)
-    probe = torch.empty(1, heads, 1, 1, device=dev)  # stands for the model's queries
+    probe = torch.empty(1, heads, 1, d_model // heads, device=dev)  # stands for the model's queries
     steps, paths = {}, {}
     for name in names:
         cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name)
@@ -196,7 +198,7 @@ def bench_train_step(
 
         steps[name] = step
         paths[name] = ", ".join(sorted({attention_path(enc, probe) for enc in model.encodings}))
-        for label, path, fn in _other_dape_paths(model.encodings[0], probe):
+        for label, path, fn in _other_paths(model.encodings[0], probe):
             steps[f"{name} ({label})"] = lambda step=step, fn=fn: fn(step)
             paths[f"{name} ({label})"] = path
     medians = interleaved_medians(steps, repeats=repeats)
@@ -234,9 +236,23 @@ def _fused_dape_parts(encoding: poslab.PositionEncoding) -> list[DAPE]:
     return [p for p in getattr(encoding, "parts", [encoding]) if isinstance(p, DAPE) and p.has_fused_kernel]
 
 
+def _fused_cope_parts(encoding: poslab.PositionEncoding) -> list[CoPE]:
+    parts = getattr(encoding, "parts", [encoding])
+    return [p for p in parts if isinstance(p, CoPE) and not (p.sep_key or p.val_gates)]
+
+
+def uses_native_cope(encoding: poslab.PositionEncoding, q: torch.Tensor) -> bool:
+    """Whether CoPE's row work (in ``encoding`` or one of its parts) runs in the C++ kernel for ``q``
+    (causal attention, the parameters in q's dtype)."""
+    return any(cope_kernel.uses_native(q, p.pos_emb.to(q.dtype)) for p in _fused_cope_parts(encoding))
+
+
 def attention_path(encoding: poslab.PositionEncoding, q: torch.Tensor) -> str:
-    """Which path ``poslab.attend`` takes for ``encoding`` by default: for DAPE the C++ kernel (and
-    the level it was built for), the PyTorch MLP or the eager path; 'auto' for the others."""
+    """Which path ``poslab.attend`` takes for ``encoding`` by default: for DAPE and CoPE the C++
+    kernel (and the level it was built for) or their PyTorch path (DAPE V2: eager); 'auto' for the
+    others."""
+    if _fused_cope_parts(encoding):
+        return f"C++ {native.arch()}" if uses_native_cope(encoding, q) else "PyTorch"
     parts = _fused_dape_parts(encoding)
     if not parts:
         return "auto"
@@ -245,11 +261,19 @@ def attention_path(encoding: poslab.PositionEncoding, q: torch.Tensor) -> str:
     return "eager" if any(p.kernel_size > 1 for p in parts) else "PyTorch MLP"
 
 
-def _other_dape_paths(encoding: poslab.PositionEncoding, q: torch.Tensor) -> list[tuple[str, str, Callable]]:
-    """(label, path, runner) for each DAPE path the default did not take, to time side by side:
-    the PyTorch MLP when the default is the C++ kernel, the kernel when the guard declined it."""
+def _other_paths(encoding: poslab.PositionEncoding, q: torch.Tensor) -> list[tuple[str, str, Callable]]:
+    """(label, path, runner) for each DAPE or CoPE path the default did not take, to time side by
+    side: the PyTorch path when the default is the C++ kernel, the kernel when the guard declined it."""
+    if q.device.type != "cpu":
+        return []
+    if _fused_cope_parts(encoding):
+        if not native.cope_supports(q):
+            return []
+        if uses_native_cope(encoding, q):
+            return [("PyTorch", "PyTorch", _without_native)]
+        return [("C++ forced", f"C++ {native.arch()}", _with_native)]
     parts = _fused_dape_parts(encoding)
-    if not parts or not native.available(q.shape[1]) or q.device.type != "cpu":
+    if not parts or not native.available(q.shape[1]):
         return []
     if uses_native_mlp(encoding, q):
         if any(p.kernel_size > 1 for p in parts):

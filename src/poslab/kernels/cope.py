@@ -15,15 +15,30 @@ Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - 
     dp = dlogits * d           (zero where p was clamped, since then floor p = ceil p)
     dg_it = sum_{j <= t} dp_ij (p is a reverse cumulative sum of the gates)
     ds = dlogits + dg * g * (1 - g)
+
+On CPU the per-row elementwise work runs in C++ instead where it can (``NativeCoPEAttentionFn``,
+``kernels/cope_rows.cpp`` built by ``poslab.kernels.native``): the matrix products stay in PyTorch
+(q k^T, q e^T, dO v^T and the gradients' products), and the kernel goes once over each row for
+gates, positions (the same running sum from the row's last key, accumulated in double), the
+interpolation and the softmax, and once more in backward, instead of some twenty passes over
+(B, H, t, S) tensors and their int64 index copies. It needs each row's visible keys to be a prefix
+(causal attention with increasing key positions, or everything visible; ``prefix_lengths``) and
+float32/float64 CPU tensors; a bias may have a gradient. Saving for backward costs one float per
+entry (the scores); otherwise the backward recomputes them. By default the kernel is used where a
+one-off timing against the PyTorch path (``time_both_paths``, cached beside the library per head
+size and dtype) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch path above
+remains for GPUs, other dtypes, other visibility patterns and machines without a compiler.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
 
+from poslab.kernels import native
 from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
 
 
@@ -110,6 +125,128 @@ class CoPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
 
 
+def _native_probs(
+    q, k, table, bias, row_len, *, saved: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scores A, z, probabilities and row lse through ``cope_rows.cpp``. The probabilities overwrite
+    the scores (both in a scratch buffer) unless ``saved``: then A is a fresh tensor kept for backward
+    and the probabilities go to scratch."""
+    shape = (*q.shape[:-1], k.shape[2])
+    scores = torch.empty(shape, dtype=q.dtype) if saved else scratch("cope_scores", shape, q)
+    z = _scaled_products(q, k, table, scores)
+    probs = scratch("cope_probs", shape, q) if saved else scores
+    lse = torch.empty(q.shape[:-1], dtype=q.dtype)
+    native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse)
+    return scores, z, probs, lse
+
+
+def _scaled_products(q: Tensor, k: Tensor | None, table: Tensor, scores: Tensor | None) -> Tensor:
+    """A = q k^T / sqrt(Dh) into ``scores`` (unless None) and z = q e^T / sqrt(Dh), (B, H, t, P), in a
+    scratch buffer, returned. The scale goes on q, (t, Dh), not on the (t, S) products."""
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    if scores is not None:
+        torch.matmul(q, k.transpose(-1, -2), out=scores)
+    return torch.matmul(q, table.t(), out=scratch("cope_z", (*q.shape[:-1], table.shape[0]), q))
+
+
+class NativeCoPEAttentionFn(torch.autograd.Function):
+    """The same function as ``CoPEAttentionFn``, its per-row work in ``cope_rows.cpp``
+    (``poslab.kernels.native``); the visible keys of each row are a prefix of length row_len (t,).
+
+    Saving for backward costs one float per entry (the scores A); without the budget the backward
+    recomputes them with one matrix product. Either way the kernel recomputes gates, positions and
+    probabilities from A, z and the row lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, bias, row_len, save):  # noqa: D102
+        scores, _, probs, lse = _native_probs(q, k, table, bias, row_len, saved=save)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, table, bias, row_len, out, lse, *((scores,) if save else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, table, bias, row_len, out, lse, *saved = ctx.saved_tensors
+        shape = (*q.shape[:-1], k.shape[2])
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        grad_out = grad_out.contiguous()
+        if saved:  # kept intact (a second backward may read it): the probabilities go to scratch
+            scores, probs = saved[0], scratch("cope_probs", shape, q)
+            z = _scaled_products(q, None, table, None)
+        else:
+            scores = probs = scratch("cope_scores", shape, q)
+            z = _scaled_products(q, k, table, scores)
+        grad = torch.matmul(grad_out, v.transpose(-1, -2), out=scratch("grad_logits", shape, q))  # dP
+        rowdot = (grad_out * out).sum(-1)
+        grad_z = torch.empty_like(z)
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = torch.zeros_like(bias)
+        native.cope_rows_backward_(
+            scores, z, bias, row_len, lse, rowdot, scale=scale, probs=probs, grad=grad, grad_z=grad_z,
+            grad_bias=grad_bias,
+        )  # fmt: skip
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad_q = torch.matmul(grad, k).add_(torch.matmul(grad_z, table), alpha=scale)
+        grad_k = torch.matmul(grad.transpose(-1, -2), q)
+        grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
+        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None
+
+
+def prefix_lengths(keep: Tensor | None, t: int, n_keys: int) -> Tensor | None:
+    """Keys visible to each query row, (t,) int64, when ``keep`` shows a prefix of every row (causal
+    attention with increasing key positions) or is None (all); None for any other pattern."""
+    if keep is None:
+        return torch.full((t,), n_keys, dtype=torch.int64)
+    row_len = keep.sum(-1, dtype=torch.int64)
+    prefix = torch.arange(n_keys, device=keep.device) < row_len[:, None]
+    return row_len.cpu() if torch.equal(prefix, keep) else None
+
+
+def uses_native(q: Tensor, *others: Tensor | None) -> bool:
+    """Whether ``cope_attention`` runs the row work natively for queries like ``q``: CPU, float32/64,
+    the kernel built and switched on, and (unless forced with POSLAB_NATIVE=1) faster than the
+    PyTorch path on this machine by the guard's cached timing (per head size and dtype)."""
+    if not native.cope_supports(q, *others):
+        return False
+    if native.mode() == "on":
+        return True
+    head_dim = q.shape[-1]
+    key = f"cope-d{head_dim}-{str(q.dtype).removeprefix('torch.')}"
+    return native.decision(key, None, lambda: time_both_paths(head_dim, q.dtype))
+
+
+def time_both_paths(head_dim: int, dtype: torch.dtype, *, rounds: int = 3) -> dict[str, float]:
+    """Seconds (best of ``rounds``, interleaved) of one block's forward and backward on each path,
+    at a representative shape: 4 sequences, 4 heads, the last 128 queries of 512 keys, 64 positions
+    (at smaller blocks the matrix products and Python overhead both paths share hide the difference)."""
+    # Fresh tensors with autograd on, whatever mode the caller is in (e.g. inference_mode).
+    with torch.inference_mode(False), torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)
+        n_batch, n_heads, t, s, npos = 4, 4, 128, 512, 64
+
+        def rand(*shape: int) -> Tensor:
+            return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+        q, k, v = (rand(n_batch, n_heads, n, head_dim) for n in (t, s, s))
+        table = rand(npos, head_dim)
+        keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
+        row_len = prefix_lengths(keep, t, s)
+        grad = torch.randn(n_batch, n_heads, t, head_dim, generator=gen, dtype=dtype)
+        runs = {
+            "native": lambda: NativeCoPEAttentionFn.apply(q, k, v, table, None, row_len, True),
+            "torch": lambda: CoPEAttentionFn.apply(q, k, v, table, None, keep, npos, True),
+        }
+        best = {name: math.inf for name in runs}
+        for round_ in range(rounds + 1):  # round 0 warms up
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn().backward(grad)
+                if round_ > 0:
+                    best[name] = min(best[name], time.perf_counter() - start)
+        return best
+
+
 def saved_bytes_per_entry(element_size: int) -> int:
     """Bytes a block keeps per (batch, head, query, key) when it saves instead of recomputing:
     probabilities, gates, interpolation weights and differences, and the two int64 indices."""
@@ -130,9 +267,26 @@ def cope_attention(
     None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh).
     ``save_bytes``: how much the forward may keep for backward instead of recomputing the block."""
     table = table.to(q.dtype)
+    if table.shape[0] == npos_max and uses_native(q, k, v, table, bias):  # CPU only: no GPU sync below
+        row_len = prefix_lengths(keep, q.shape[2], k.shape[2])
+        if row_len is not None:
+            return _native_attention(q, k, v, table, bias, row_len, save_bytes)
     if needs_autograd(q, k, v, table, bias):
         save = q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
         return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max, save)
     # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
     logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
     return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
+
+
+def _native_attention(q, k, v, table, bias, row_len, save_bytes: int) -> Tensor:
+    n_batch, n_heads, t, _ = q.shape
+    n_keys = k.shape[2]
+    if bias is not None:
+        bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
+    table = table.contiguous()
+    if needs_autograd(q, k, v, table, bias):
+        save = q.shape[:-1].numel() * n_keys * q.element_size() <= save_bytes
+        return NativeCoPEAttentionFn.apply(q, k, v, table, bias, row_len, save)
+    _, _, probs, _ = _native_probs(q, k, table, bias, row_len)
+    return torch.matmul(probs, v)

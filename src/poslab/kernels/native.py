@@ -10,10 +10,15 @@ into registers) and per x86-64 level (``-march=x86-64-v3``: AVX2 and FMA, 8-floa
 ``x86-64-v4``: AVX-512, 16-float vectors), the highest this CPU runs, so the code does not depend on
 the machine it was first built on; ``POSLAB_NATIVE_ARCH`` picks another level (or ``native``).
 
-``POSLAB_NATIVE``: ``auto`` (default) uses the kernel where a one-off timing against the PyTorch
-path, cached beside the library, found it faster (``poslab.kernels.dape``); ``1`` always; ``0``
-never. Nothing depends on it: when there is no compiler, the build fails, or the tensors are not
-float32/float64 CPU tensors, DAPE uses its PyTorch path (same results up to rounding).
+``cope_rows.cpp`` does CoPE's per-row elementwise work (gates, positions, interpolation, softmax and
+their gradients; ``poslab.kernels.cope``). It has no compile-time constants: one library per
+x86-64 level, built, named and cached by the same rules.
+
+``POSLAB_NATIVE``: ``auto`` (default) uses a kernel where a one-off timing against the PyTorch
+path, cached beside the library, found it faster (``poslab.kernels.dape``, ``poslab.kernels.cope``);
+``1`` always; ``0`` never. Nothing depends on it: when there is no compiler, the build fails, or the
+tensors are not float32/float64 CPU tensors, DAPE and CoPE use their PyTorch paths (same results up
+to rounding).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from torch import Tensor
 log = logging.getLogger("poslab")
 
 SOURCE = Path(__file__).with_name("dape_mlp.cpp")
+COPE_SOURCE = Path(__file__).with_name("cope_rows.cpp")
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode turns contraction off).
 FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -153,24 +159,35 @@ def _flags(n_heads: int, target: str) -> list[str]:
 
 
 def _build(compiler: str, n_heads: int, target: str) -> Path:
-    """Compile SOURCE into the cache (once per source, compiler, flags, and CPU for -march=native)."""
-    source = SOURCE.read_bytes()
+    """Compile SOURCE (the DAPE kernel for ``n_heads`` heads) into the cache."""
+    return _compile(compiler, SOURCE, f"dape_mlp-h{n_heads}", _flags(n_heads, target), target)
+
+
+def _build_cope(compiler: str, target: str) -> Path:
+    """Compile COPE_SOURCE (no compile-time constants) into the cache."""
+    return _compile(compiler, COPE_SOURCE, "cope_rows", [*FLAGS, f"-march={target}"], target)
+
+
+def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], target: str) -> Path:
+    """Compile a source into the cache (once per source, compiler, flags, and CPU for -march=native)."""
+    source = source_path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    flags = _flags(n_heads, target)
     parts = [source, " ".join(flags).encode(), version.encode()]
     if target == "native":
         parts.append(" ".join(sorted(_cpu_flags())).encode())
     key = hashlib.sha256(b"\0".join(parts))
-    target_path = cache_dir() / f"dape_mlp-h{n_heads}-{target}-{key.hexdigest()[:16]}.so"
+    target_path = cache_dir() / f"{stem}-{target}-{key.hexdigest()[:16]}.so"
     if target_path.exists():
         return target_path
     target_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("compiling the native DAPE kernel into %s (once)", target_path)
+    log.info("compiling the native kernel %s into %s (once)", source_path.name, target_path)
     # Build beside the target and rename: a concurrent process never sees a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_path.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *flags, str(source_path), "-o", tmp], capture_output=True, text=True
+        )
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or ["failed"]
             raise RuntimeError(errors[0].strip())
@@ -186,19 +203,26 @@ MAX_HEADS = 32  # beyond, one library per head count is not worth it: DAPE takes
 _PTR, _I64, _INT, _DBL = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 
 
+def _load(kernel: str, build: Callable[[str], Path]) -> ctypes.CDLL | None:
+    """Build (``build(compiler)``) and load a library, or None with a warning naming ``kernel``."""
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(f"poslab: no C++ compiler found; {kernel} uses its PyTorch path", stacklevel=4)
+        return None
+    try:
+        return ctypes.CDLL(str(build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        message = f"poslab: building the native {kernel} kernel failed ({error}); using PyTorch"
+        warnings.warn(message, stacklevel=4)
+        return None
+
+
 @cache
 def _library(n_heads: int, target: str) -> ctypes.CDLL | None:
     """The library for ``n_heads`` heads built for ``target``, or None (with a warning) when it cannot
     be built; built once per process, whatever ``enabled()`` says at the time."""
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("poslab: no C++ compiler found; DAPE uses its PyTorch path", stacklevel=3)
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler, n_heads, target)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        message = f"poslab: building the native DAPE kernel failed ({error}); using PyTorch"
-        warnings.warn(message, stacklevel=3)
+    lib = _load("DAPE", lambda compiler: _build(compiler, n_heads, target))
+    if lib is None:
         return None
     # The signatures of dape_mlp.cpp's entry points: pointers, sizes, the slope, flags, threads.
     forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT, _INT]
@@ -208,6 +232,26 @@ def _library(n_heads: int, target: str) -> ctypes.CDLL | None:
         getattr(lib, f"dape_mlp_backward_{suffix}").argtypes = backward_args
     lib.dape_mlp_isa.restype = ctypes.c_char_p
     return lib
+
+
+@cache
+def _cope_library(target: str) -> ctypes.CDLL | None:
+    """cope_rows.cpp built for ``target``, or None (with a warning); once per process."""
+    lib = _load("CoPE", lambda compiler: _build_cope(compiler, target))
+    if lib is None:
+        return None
+    # Pointers (scores, z, bias, row_len), sizes (B, H, t, S, P), then as cope_rows.cpp lists them.
+    inputs = [_PTR] * 4 + [_I64] * 5
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"cope_rows_forward_{suffix}").argtypes = [*inputs, _PTR, _PTR, _INT]
+        getattr(lib, f"cope_rows_backward_{suffix}").argtypes = [*inputs, _PTR, _PTR, _DBL, *[_PTR] * 4, _INT]
+    lib.cope_rows_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def cope_library() -> ctypes.CDLL | None:
+    """The CoPE row kernel for the current target, or None (not built)."""
+    return _cope_library(arch())
 
 
 def library(n_heads: int) -> ctypes.CDLL | None:
@@ -230,11 +274,12 @@ def build_info(n_heads: int = 4) -> str:
     return f"{arch()} ({lib.dape_mlp_isa().decode()}, {lib.dape_mlp_vector_bytes()}-byte vectors)"
 
 
-def decision(key: str, n_heads: int, measure: Callable[[], dict[str, float]]) -> bool:
+def decision(key: str, n_heads: int | None, measure: Callable[[], dict[str, float]]) -> bool:
     """Whether to use the kernel for a workload named ``key``: ``measure()`` times it against the
     PyTorch path once (seconds as {'native': ..., 'torch': ...}); the result is cached in a JSON
-    file beside the library (one per build), so later processes reuse it."""
-    lib = library(n_heads)
+    file beside the library (one per build), so later processes reuse it. ``n_heads`` names the
+    DAPE library; None the CoPE one."""
+    lib = cope_library() if n_heads is None else library(n_heads)
     if lib is None:
         return False
     path = Path(lib._name).with_suffix(".guard.json")
@@ -248,7 +293,7 @@ def decision(key: str, n_heads: int, measure: Callable[[], dict[str, float]]) ->
         with os.fdopen(fd, "w") as f:
             json.dump(cached, f, indent=1)
         os.replace(tmp, path)
-        log.info("native DAPE kernel for %s: %s", key, cached[key])
+        log.info("native kernel for %s: %s", key, cached[key])
     _decisions[path, key] = bool(cached[key]["native_wins"])
     return _decisions[path, key]
 
@@ -269,10 +314,18 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 def supports(*tensors: Tensor | None, n_heads: int) -> bool:
     """Whether the native kernels can take these tensors (CPU, float32 or float64, all one dtype) with
     ``n_heads`` heads: switched on and built (at most ``MAX_HEADS``)."""
+    return _cpu_floats(tensors) and available(n_heads)
+
+
+def cope_supports(*tensors: Tensor | None) -> bool:
+    """Whether the CoPE row kernel can take these tensors (as ``supports``): switched on and built."""
+    return _cpu_floats(tensors) and enabled() and cope_library() is not None
+
+
+def _cpu_floats(tensors: tuple[Tensor | None, ...]) -> bool:
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
-    on_cpu = dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in present)
-    return on_cpu and available(n_heads)
+    return dtype in _SUFFIX and all(t.device.type == "cpu" and t.dtype == dtype for t in present)
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -384,3 +437,94 @@ def dape_mlp_backward_(
     outputs = map(_ptr, (grad, grad_bias, grad_w1, grad_b1, grad_w2))
     fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()), _taps(w1))
     return grad_w1, grad_b1, grad_w2
+
+
+def _check_cope(
+    scores: Tensor, z: Tensor, bias: Tensor | None, row_len: Tensor, **others: Tensor | None
+) -> None:
+    """ValueError unless the arguments have the shapes, dtype and layout cope_rows.cpp assumes."""
+    if scores.dim() != 4 or z.dim() != 4 or z.shape[:3] != scores.shape[:3]:
+        raise ValueError(
+            f"native CoPE: scores (B, H, t, S), z (B, H, t, P), got {tuple(scores.shape)}, {tuple(z.shape)}"
+        )
+    n_batch, n_heads, t, s = scores.shape
+    expected = {
+        "bias": (n_heads, t, s),
+        "probs": tuple(scores.shape),
+        "grad": tuple(scores.shape),
+        "lse": (n_batch, n_heads, t),
+        "rowdot": (n_batch, n_heads, t),
+        "grad_z": tuple(z.shape),
+        "grad_bias": (n_heads, t, s),
+    }
+    for name, tensor in {"scores": scores, "z": z, "bias": bias, **others}.items():
+        if tensor is None:
+            continue
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"native CoPE: {name} must be {expected[name]}, got {tuple(tensor.shape)}")
+        if tensor.dtype != scores.dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(f"native CoPE: {name} must be a contiguous CPU tensor of {scores.dtype}")
+    if scores.dtype not in _SUFFIX:
+        raise ValueError(f"native CoPE: float32 or float64, got {scores.dtype}")
+    if row_len.shape != (t,) or row_len.dtype != torch.int64 or row_len.device.type != "cpu":
+        raise ValueError(f"native CoPE: row_len must be a CPU int64 tensor of shape ({t},)")
+    if not row_len.is_contiguous() or (t > 0 and int(row_len.max()) > s):
+        raise ValueError(f"native CoPE: row_len must be contiguous, at most {s}")
+
+
+def cope_rows_forward(
+    scores: Tensor, z: Tensor, bias: Tensor | None, row_len: Tensor, *, probs: Tensor, lse: Tensor
+) -> None:
+    """CoPE's softmax probabilities into ``probs`` (B, H, t, S; may be ``scores`` itself, zero past
+    row_len) and the row log-sum-exp into ``lse`` (B, H, t), from scores A = q k^T / sqrt(Dh)
+    (B, H, t, S), z = q e^T / sqrt(Dh) (B, H, t, P), bias (H, t, S) or None and row_len (t,) int64;
+    all contiguous."""
+    _check_cope(scores, z, bias, row_len, probs=probs, lse=lse)
+    fn = getattr(cope_library(), f"cope_rows_forward_{_SUFFIX[scores.dtype]}")
+    pointers = map(_ptr, (scores, z, bias, row_len))
+    fn(*pointers, *scores.shape, z.shape[-1], _ptr(probs), _ptr(lse), _threads(scores.numel()))
+
+
+def cope_rows_backward_(
+    scores: Tensor,
+    z: Tensor,
+    bias: Tensor | None,
+    row_len: Tensor,
+    lse: Tensor,
+    rowdot: Tensor,
+    *,
+    scale: float,
+    probs: Tensor,
+    grad: Tensor,
+    grad_z: Tensor,
+    grad_bias: Tensor | None,
+) -> None:
+    """In place: ``grad`` from dP = dO v^T to dL/dA * ``scale``; ``probs`` the recomputed
+    probabilities (may be ``scores``); ``grad_z`` (B, H, t, P) = dL/dz; ``grad_bias`` (H, t, S)
+    += dL/dlogits summed over the batch. ``rowdot`` (B, H, t) = sum(dO * out); the rest as for
+    ``cope_rows_forward``."""
+    _check_cope(
+        scores,
+        z,
+        bias,
+        row_len,
+        lse=lse,
+        rowdot=rowdot,
+        probs=probs,
+        grad=grad,
+        grad_z=grad_z,
+        grad_bias=grad_bias,
+    )
+    fn = getattr(cope_library(), f"cope_rows_backward_{_SUFFIX[scores.dtype]}")
+    pointers = map(_ptr, (scores, z, bias, row_len))
+    outputs = map(_ptr, (probs, grad, grad_z, grad_bias))
+    fn(
+        *pointers,
+        *scores.shape,
+        z.shape[-1],
+        _ptr(lse),
+        _ptr(rowdot),
+        scale,
+        *outputs,
+        _threads(scores.numel()),
+    )
