@@ -51,13 +51,46 @@ LEVELS = [level for level in native.supported_levels() if level in ("x86-64-v3",
 def test_forward_and_backward_equal_the_reference(
     has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch
 ):
+    # 37 keys: full vectors of 4, 8 or 16 lanes and a partial one
+    row_len = torch.tensor([1, 16, 17, 36, 37])
+    shape = dict(n_batch=2, s=37, width=8, row_len=row_len)
+    check(has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch, **shape)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_v2_register_blocks_and_their_leftovers_equal_the_reference(dtype, level, monkeypatch):
+    """V2 works in blocks of 4 channels x 2 vectors of keys (2 x 2 rows for the weight gradients) and
+    reads up to a block past each row's length: a width and head count that leave single channels
+    over, lengths around block edges (16 and 32 keys with 8 or 16 lanes), and a long row before
+    short ones in the same row buffers."""
+    row_len = torch.tensor([70, 1, 15, 16, 33, 0, 32, 65])
+    shape = dict(n_batch=2, s=70, width=7, row_len=row_len)
+    check(True, True, dtype, 1, 3, 3, level, monkeypatch, **shape)
+
+
+def check(
+    has_bias,
+    add_base,
+    dtype,
+    threads,
+    n_heads,
+    kernel_size,
+    level,
+    monkeypatch,
+    *,
+    n_batch,
+    s,
+    width,
+    row_len,
+):
+    """The kernel's logits and gradients against ``reference`` on random float64 inputs."""
     monkeypatch.setenv("POSLAB_NATIVE_ARCH", level)
     monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert native.build_info(n_heads).startswith(level)
     gen = torch.Generator().manual_seed(0)
-    # 37 keys: full vectors of 4, 8 or 16 lanes and a partial one
-    n_batch, t, s, width = 2, 5, 37, 8
+    t = row_len.shape[0]
     channels = 2 * n_heads if has_bias else n_heads
 
     def rand(*shape):
@@ -72,7 +105,6 @@ def test_forward_and_backward_equal_the_reference(
         rand(n_heads),
     )
     bias = rand(n_heads, t, s) if has_bias else None
-    row_len = torch.tensor([1, 16, 17, 36, 37])
     ref, keep = reference(scores, bias, w1, b1, w2, b2, row_len, add_base)
     grad_logits = torch.randn(ref.shape, generator=gen, dtype=torch.float64) * keep
     ref.masked_fill(~keep, 0).backward(grad_logits)

@@ -28,7 +28,15 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+// Generic x86 tuning for every build: -march=native on Zen 3 implies -mtune=znver3, under which GCC
+// folds the convolutions' input loads into each multiply-add (loading every vector once per output
+// channel), which made the native build of DAPE V2 up to half again slower than the x86-64-v3 one.
+#if defined(__x86_64__) && !defined(__clang__)
+#pragma GCC target("tune=generic")
+#endif
 
 namespace {
 
@@ -77,22 +85,26 @@ struct Problem {
   T slope;
 };
 
-// The weights as full vectors, d-major: w1[(d * C + c) * K + j], b1[d], w2[(d * H + h) * K + j]
-// (W2 transposed); K taps per weight (1 for the MLP, 3 for V2's convolutions).
+// The MLP's weights as full vectors, d-major: w1[d * C + c], b1[d], w2[d * H + h] (W2 transposed).
 template <typename T>
 struct Broadcast {
   std::vector<Vec<T>> w1, b1, w2;
-  explicit Broadcast(const Problem<T>& p, int K = 1)
-      : w1(p.width * p.channels * K), b1(p.width), w2(p.width * p.heads * K) {
+  explicit Broadcast(const Problem<T>& p) : w1(p.width * p.channels), b1(p.width), w2(p.width * p.heads) {
     const int64_t D = p.width, C = p.channels, H = p.heads;
     for (int64_t d = 0; d < D; ++d) {
       b1[d] = Vec<T>{} + p.b1[d];
-      for (int64_t j = 0; j < C * K; ++j) w1[d * C * K + j] = Vec<T>{} + p.w1[d * C * K + j];
-      for (int64_t h = 0; h < H; ++h)
-        for (int j = 0; j < K; ++j) w2[(d * H + h) * K + j] = Vec<T>{} + p.w2[(h * D + d) * K + j];
+      for (int64_t c = 0; c < C; ++c) w1[d * C + c] = Vec<T>{} + p.w1[d * C + c];
+      for (int64_t h = 0; h < H; ++h) w2[d * H + h] = Vec<T>{} + p.w2[h * D + d];
     }
   }
 };
+
+// x in every lane: x - 0 is x for every float, so this compiles to one broadcast (Vec<T>{} + x
+// would add zero first, which turns -0.0 into +0.0).
+template <typename T>
+inline Vec<T> splat(T x) {
+  return x - Vec<T>{};
+}
 
 template <typename Fn>
 void parallel_rows(int64_t rows, int threads, Fn fn) {
@@ -277,105 +289,167 @@ struct Kernel {
 // features and hidden map zero past the row's visible keys (causal masking of both) and outside the
 // row (the convolutions' zero padding). W1 (D, C, 3) and W2 (H, D, 3) as Conv2d stores them
 // (out[s] = sum_j w[j] in[s + j - 1]). Per row the features, the hidden map and, in backward,
-// dL/dlogits and dL/dpre live in zero-padded row buffers (entry s at index s + 1), so every shifted
-// read is a plain vector load; the work is one multiply-add per weight and key, the hidden map
-// touches only the thread's row buffer, never a (B, t, S, D) tensor.
+// dL/dlogits and dL/dpre live in row buffers zero at key -1 and past the row's length, so every
+// shifted read is a plain vector load and the hidden map touches only the thread's row buffers, never a
+// (B, t, S, D) tensor.
+//
+// Each convolution is a small matrix product (output channels x keys, summed over input channels and
+// taps), computed in register blocks of MB output channels x NB key vectors: per input channel and
+// tap, NB shifted loads and MB weight broadcasts feed MB * NB multiply-adds into independent
+// accumulators (enough of them to hide the multiply-add latency, few enough to stay in the 16 AVX2
+// registers). The weight gradients are sums over a row's keys of products of two rows, one shifted,
+// likewise in register blocks (2 x 2 rows, all three shifts). The block loops read up to a block of
+// keys past the row's length: the row buffers are zero there, and outputs are stored only up to it.
 template <typename T, int H, bool BIAS>
 struct Conv3 {
   static constexpr int C = BIAS ? 2 * H : H;
   static constexpr int W = LANES<T>;
+  static constexpr int MB = 4;         // output channels per register block
+  static constexpr int NB = 2;         // key vectors per register block
+  static constexpr int STEP = NB * W;  // keys per register block
 
-  // Padded row buffers of n_channels x stride; stride covers S keys, both pads and a vector overrun.
+  static int64_t blocks_end(int64_t len) { return (len + STEP - 1) / STEP * STEP; }
+
+  // Row buffers of n_channels x stride, each row[c] pointing at key 0 of a cache-line aligned row
+  // (a vector of padding in front), so that unshifted loads are aligned; key -1 and, once zero_tail
+  // has run, the keys from the row's length to everything a block loop reads (blocks_end + 1) are zero.
   struct Rows {
+    static constexpr int64_t ALIGN = 64 / sizeof(T);
     int64_t stride;
     std::vector<T> data;
-    Rows(int64_t channels, int64_t keys) : stride(keys + 2 * W + 2), data(channels * stride) {}
-    T* operator[](int64_t c) { return data.data() + c * stride; }
-    // Copy len entries from src into channel c (at index 1), zeros around.
-    void fill(int64_t c, const T* src, int64_t len) {
+    T* base;
+    Rows(int64_t channels, int64_t keys)
+        : stride((W + blocks_end(keys) + 1 + ALIGN - 1) / ALIGN * ALIGN), data(channels * stride + ALIGN) {
+      const auto address = reinterpret_cast<std::uintptr_t>(data.data());
+      base = data.data() + (ALIGN - address / sizeof(T) % ALIGN) % ALIGN + W;
+    }
+    T* operator[](int64_t c) { return base + c * stride; }
+    void zero_tail(int64_t c, int64_t len) {
       T* row = (*this)[c];
-      row[0] = T(0);
-      std::memcpy(row + 1, src, len * sizeof(T));
-      std::fill(row + 1 + len, row + stride, T(0));
+      row[-1] = T(0);
+      std::fill(row + len, row + blocks_end(len) + 1, T(0));
+    }
+    void fill(int64_t c, const T* src, int64_t len) {  // len entries from src, zeros around
+      std::memcpy((*this)[c], src, len * sizeof(T));
+      zero_tail(c, len);
     }
   };
 
-  // Lanes of the chunk at s0 past len are zeroed (masked keys).
-  static inline Vec<T> mask_tail(Vec<T> v, int n) {
-    for (int l = n; l < W; ++l) v[l] = T(0);
-    return v;
+  // acc[q][v] += sum over k < K and taps j of w[q * wm + k * wk + j * wj] * x[k * xs + s0 + v * W + j - 1]
+  // (x the rows of a Rows buffer; tap j reads key s + j - 1).
+  template <int M>
+  static inline void conv_block(Vec<T> (&acc)[M][NB], const T* w, int64_t wm, int64_t wk, int64_t wj,
+                                int64_t K, const T* x, int64_t xs, int64_t s0) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* xk = x + k * xs + s0;
+      const T* wkp = w + k * wk;
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; ++j) {
+        Vec<T> xv[NB];
+#pragma GCC unroll 4
+        for (int v = 0; v < NB; ++v) xv[v] = load(xk + v * W + j - 1, W);
+#pragma GCC unroll 8
+        for (int q = 0; q < M; ++q) {
+          const Vec<T> wq = splat(wkp[q * wm + j * wj]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NB; ++v) acc[q][v] += wq * xv[v];
+        }
+      }
+    }
   }
 
-  static inline Vec<T> at(const T* row, int64_t s0, int j) {  // keys s0 + j - 1 .. of a padded row
-    return load(row + s0 + j, W);
+  // Stores the lanes of a register block's row q that lie before len (keys s0 .. s0 + STEP).
+  static inline void store_block(T* dst, const Vec<T> (&row)[NB], int64_t s0, int64_t len) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      const int64_t n = std::min<int64_t>(W, len - s0 - v * W);
+      if (n > 0) store(dst + s0 + v * W, row[v], static_cast<int>(n));
+    }
   }
 
-  // Row (b, i): features into F; the pre-activation into P (unpadded layout: P[d][s]) and the
-  // masked hidden map into Hd (padded).
-  static void hidden(const Problem<T>& p, const Broadcast<T>& w, int64_t b, int64_t i, int64_t len, Rows& F,
-                     Rows& P, Rows& Hd) {
+  // For output channels m0 .. m0 + M over the row's key blocks: init(m0, s0, acc), the convolution
+  // conv_block(acc, ...) with the given weights and input rows, then done(m0, s0, acc).
+  template <int M, typename Init, typename Done>
+  static inline void conv_rows(int64_t m0, int64_t len, const T* w, int64_t wm, int64_t wk, int64_t wj,
+                               int64_t K, const T* x, int64_t xs, Init init, Done done) {
+    for (int64_t s0 = 0; s0 < len; s0 += STEP) {
+      Vec<T> acc[M][NB];
+      init(s0, acc);
+      conv_block<M>(acc, w + m0 * wm, wm, wk, wj, K, x, xs, s0);
+      done(s0, acc);
+    }
+  }
+
+  // Runs body.template operator()<M>(m0) over m0 in 0 .. n_out, M = MB and single-channel leftovers.
+  template <typename Body>
+  static inline void channel_blocks(int64_t n_out, Body body) {
+    int64_t m0 = 0;
+    for (; m0 + MB <= n_out; m0 += MB) body(std::integral_constant<int, MB>{}, m0);
+    for (; m0 < n_out; ++m0) body(std::integral_constant<int, 1>{}, m0);
+  }
+
+  // Row (b, i): features into F, the masked hidden map into Hd, the pre-activation into P when P is
+  // given (backward).
+  static void hidden(const Problem<T>& p, int64_t b, int64_t i, int64_t len, Rows& F, Rows& Hd, Rows* P) {
     const int64_t t = p.rows, S = p.keys, D = p.width;
     for (int h = 0; h < H; ++h) F.fill(h, p.scores + ((b * H + h) * t + i) * S, len);
     if (BIAS)
       for (int h = 0; h < H; ++h) F.fill(H + h, p.bias + (h * t + i) * S, len);
-    int64_t d = 0;
-    for (; d + 4 <= D; d += 4) hidden_channels<4>(p, w, d, len, F, P, Hd);
-    for (; d < D; ++d) hidden_channels<1>(p, w, d, len, F, P, Hd);
-  }
-
-  // NB hidden channels from d0 at once: each feature vector loaded is used for NB multiply-adds.
-  template <int NB>
-  static void hidden_channels(const Problem<T>& p, const Broadcast<T>& w, int64_t d0, int64_t len, Rows& F,
-                              Rows& P, Rows& Hd) {
-    for (int64_t s0 = 0; s0 < len; s0 += W) {
-      const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-      Vec<T> acc[NB];
-      for (int q = 0; q < NB; ++q) acc[q] = w.b1[d0 + q];
-      for (int c = 0; c < C; ++c) {
-        const T* frow = F[c];
-        const Vec<T> x0 = at(frow, s0, 0), x1 = at(frow, s0, 1), x2 = at(frow, s0, 2);
-        for (int q = 0; q < NB; ++q) {
-          const Vec<T>* wd = &w.w1[((d0 + q) * C + c) * 3];
-          acc[q] += x0 * wd[0] + x1 * wd[1] + x2 * wd[2];
-        }
-      }
-      for (int q = 0; q < NB; ++q) {
-        std::memcpy(P[d0 + q] + s0, &acc[q], sizeof acc[q]);
-        const Vec<T> hid = mask_tail(leaky(acc[q], acc[q], p.slope), n);
-        std::memcpy(Hd[d0 + q] + 1 + s0, &hid, sizeof hid);  // the overrun past len is re-zeroed below
-      }
-    }
-    for (int q = 0; q < NB; ++q) {
-      T* hrow = Hd[d0 + q];
-      hrow[0] = T(0);
-      std::fill(hrow + 1 + len, hrow + Hd.stride, T(0));
-    }
+    const T slope = p.slope;
+    channel_blocks(D, [&](auto m_block, int64_t d0) {
+      constexpr int M = decltype(m_block)::value;
+      conv_rows<M>(
+          d0, len, p.w1, C * 3, 3, 1, C, F[0], F.stride,
+          [&](int64_t, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+            for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+              for (int v = 0; v < NB; ++v) acc[q][v] = splat(p.b1[d0 + q]);
+          },
+          [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+            for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+              for (int v = 0; v < NB; ++v) {
+                if (P != nullptr) std::memcpy((*P)[d0 + q] + s0 + v * W, &acc[q][v], sizeof(Vec<T>));
+                const Vec<T> hid = leaky(acc[q][v], acc[q][v], slope);
+                std::memcpy(Hd[d0 + q] + s0 + v * W, &hid, sizeof hid);  // past len: zeroed below
+              }
+          });
+#pragma GCC unroll 8
+      for (int q = 0; q < M; ++q) Hd.zero_tail(d0 + q, len);
+    });
   }
 
   static void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
     const int64_t t = p.rows, S = p.keys, D = p.width;
-    const Broadcast<T> w(p, 3);
     parallel_rows(t, threads, [&](int tid, int n_threads) {
-      Rows F(C, S), P(D, S), Hd(D, S);
-      Vec<T> acc[H];
+      Rows F(C, S), Hd(D, S);
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
         for (int64_t b = 0; b < p.batch; ++b) {
-          hidden(p, w, b, i, len, F, P, Hd);
           T* out_row = logits + ((b * H) * t + i) * S;
-          for (int64_t s0 = 0; s0 < len; s0 += W) {
-            const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-            for (int h = 0; h < H; ++h) acc[h] = at(F[h], s0, 1) + p.b2[h];
-            if (BIAS && add_base)
-              for (int h = 0; h < H; ++h) acc[h] += at(F[H + h], s0, 1);
-            for (int64_t d = 0; d < D; ++d) {
-              const T* hrow = Hd[d];
-              const Vec<T> x0 = at(hrow, s0, 0), x1 = at(hrow, s0, 1), x2 = at(hrow, s0, 2);
-              const Vec<T>* wd = &w.w2[d * H * 3];
-              for (int h = 0; h < H; ++h) acc[h] += x0 * wd[h * 3] + x1 * wd[h * 3 + 1] + x2 * wd[h * 3 + 2];
-            }
-            for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
-          }
+          if (len > 0) hidden(p, b, i, len, F, Hd, nullptr);
+          // logits = A + [B] + b2 + the second convolution, per head block.
+          channel_blocks(H, [&](auto m_block, int64_t h0) {
+            constexpr int M = decltype(m_block)::value;
+            conv_rows<M>(
+                h0, len, p.w2, D * 3, 3, 1, D, Hd[0], Hd.stride,
+                [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+                    for (int v = 0; v < NB; ++v) {
+                      const int64_t s = s0 + v * W;
+                      acc[q][v] = load(F[h0 + q] + s, W) + p.b2[h0 + q];
+                      if (BIAS && add_base) acc[q][v] += load(F[H + h0 + q] + s, W);
+                    }
+                },
+                [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q) store_block(out_row + (h0 + q) * t * S, acc[q], s0, len);
+                });
+          });
           for (int h = 0; h < H; ++h)
             std::fill(out_row + h * t * S + len, out_row + h * t * S + S, NEG_INF<T>);
         }
@@ -383,29 +457,52 @@ struct Conv3 {
     });
   }
 
-  // acc[q * 3 + j] += sum_s over the row's keys of x[s + j - 1] y_q[s] (SHIFT_ROWS: x[s] y_q[s + j - 1]),
-  // x a padded row, y_q = rows + q * stride the NB rows of a padded buffer (key s at index s + 1).
-  template <int NB, bool SHIFT_ROWS>
-  static void row_products(const T* x, const T* rows, int64_t stride, int64_t len, Vec<T>* acc) {
-    Vec<T> sum[NB][3];
-    for (int q = 0; q < NB; ++q) sum[q][0] = sum[q][1] = sum[q][2] = Vec<T>{};
-    for (int64_t s0 = 0; s0 < len; s0 += W) {  // the unshifted side is zero past len
-      if (SHIFT_ROWS) {
-        const Vec<T> x1 = at(x, s0, 1);
-        for (int q = 0; q < NB; ++q)
-          for (int j = 0; j < 3; ++j) sum[q][j] += x1 * at(rows + q * stride, s0, j);
-      } else {
-        const Vec<T> x0 = at(x, s0, 0), x1 = at(x, s0, 1), x2 = at(x, s0, 2);
-        for (int q = 0; q < NB; ++q) {
-          const Vec<T> y = at(rows + q * stride, s0, 1);
-          sum[q][0] += y * x0;
-          sum[q][1] += y * x1;
-          sum[q][2] += y * x2;
+  // out[a * oa + b * ob + j] += sum over the row's keys s of y_a[s] x_b[s + j - 1] for A rows y_a
+  // (y + a * ys) and BB rows x_b (x + b * xs) of Rows buffers, y zero past len.
+  template <int A, int BB>
+  static inline void products(const T* y, int64_t ys, const T* x, int64_t xs, int64_t len, Vec<T>* out,
+                              int64_t oa, int64_t ob) {
+    Vec<T> sum[A][BB][3];
+#pragma GCC unroll 8
+    for (int a = 0; a < A; ++a)
+#pragma GCC unroll 8
+      for (int bb = 0; bb < BB; ++bb) sum[a][bb][0] = sum[a][bb][1] = sum[a][bb][2] = Vec<T>{};
+    for (int64_t s0 = 0; s0 < len; s0 += W) {
+      Vec<T> ya[A];
+#pragma GCC unroll 8
+      for (int a = 0; a < A; ++a) ya[a] = load(y + a * ys + s0, W);
+#pragma GCC unroll 8
+      for (int bb = 0; bb < BB; ++bb)
+#pragma GCC unroll 8
+        for (int j = 0; j < 3; ++j) {
+          Vec<T> xv = load(x + bb * xs + s0 + j - 1, W);
+          asm("" : "+x"(xv));  // one load into a register: GCC would otherwise reload it per row a
+#pragma GCC unroll 8
+          for (int a = 0; a < A; ++a) sum[a][bb][j] += ya[a] * xv;
         }
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < A; ++a)
+#pragma GCC unroll 8
+      for (int bb = 0; bb < BB; ++bb)
+#pragma GCC unroll 8
+        for (int j = 0; j < 3; ++j) out[a * oa + bb * ob + j] += sum[a][bb][j];
+  }
+
+  // products() over all n_y x n_x row pairs, in blocks of 2 x 2.
+  static void all_products(Rows& Y, int64_t n_y, Rows& X, int64_t n_x, int64_t len, Vec<T>* out, int64_t oa,
+                           int64_t ob) {
+    for (int64_t a0 = 0; a0 < n_y; a0 += 2) {
+      const bool two_a = a0 + 1 < n_y;
+      for (int64_t b0 = 0; b0 < n_x; b0 += 2) {
+        const bool two_b = b0 + 1 < n_x;
+        Vec<T>* o = out + a0 * oa + b0 * ob;
+        if (two_a && two_b) products<2, 2>(Y[a0], Y.stride, X[b0], X.stride, len, o, oa, ob);
+        else if (two_a) products<2, 1>(Y[a0], Y.stride, X[b0], X.stride, len, o, oa, ob);
+        else if (two_b) products<1, 2>(Y[a0], Y.stride, X[b0], X.stride, len, o, oa, ob);
+        else products<1, 1>(Y[a0], Y.stride, X[b0], X.stride, len, o, oa, ob);
       }
     }
-    for (int q = 0; q < NB; ++q)
-      for (int j = 0; j < 3; ++j) acc[q * 3 + j] += sum[q][j];
   }
 
   // As Kernel::backward, with grad_w1 (D, C, 3) and grad_w2 (H, D, 3).
@@ -413,74 +510,90 @@ struct Conv3 {
                        int threads) {
     const int64_t t = p.rows, S = p.keys, D = p.width;
     const int n_threads_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t)));
-    const Broadcast<T> w(p, 3);
-    const int64_t n_params = D * C * 3 + D + D * H * 3;  // d-major, as the broadcast weights
+    const int64_t n_params = D * C * 3 + D + D * H * 3;  // d-major: dW1 (D, C, 3), db1, dW2 as (D, H, 3)
     std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
     const bool want_bias = BIAS && grad_bias != nullptr;
+    const T slope = p.slope;
     parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
       Rows F(C, S), P(D, S), Hd(D, S), G(H, S), GP(D, S);
-      std::vector<Vec<T>> lane_acc(n_params);
+      std::vector<Vec<T>> lane_acc(n_params);  // per-lane partial sums of the weight gradients
       Vec<T>* acc_w1 = lane_acc.data();
       Vec<T>* acc_b1 = acc_w1 + D * C * 3;
       Vec<T>* acc_w2 = acc_b1 + D;
       double* total = totals.data() + tid * n_params;
-      Vec<T> g[H], gf[C];
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
         if (len == 0) continue;
         std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
         for (int64_t b = 0; b < p.batch; ++b) {
-          hidden(p, w, b, i, len, F, P, Hd);
+          hidden(p, b, i, len, F, Hd, &P);
           T* g_row = grad + ((b * H) * t + i) * S;
           for (int h = 0; h < H; ++h) G.fill(h, g_row + h * t * S, len);
-          // dL/dpre = leaky'(pre) * sum_{h, j} W2[h, d, j] dL/dlogits[h, s + 1 - j], then the weight
-          // gradients as sums over the row, in registers (no read-modify-write per chunk).
+          // dL/dpre[d, s] = leaky'(pre) * sum_{h, j} W2[h, d, j] dL/dlogits[h, s + 1 - j]: the
+          // convolution with the taps reversed (tap j reads x[s + j - 1] with weight W2[.., 2 - j]).
+          channel_blocks(D, [&](auto m_block, int64_t d0) {
+            constexpr int M = decltype(m_block)::value;
+            conv_rows<M>(
+                d0, len, p.w2 + 2, 3, D * 3, -1, H, G[0], G.stride,
+                [&](int64_t, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+                    for (int v = 0; v < NB; ++v) acc[q][v] = Vec<T>{};
+                },
+                [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+                    for (int v = 0; v < NB; ++v) {
+                      const Vec<T> x = load(P[d0 + q] + s0 + v * W, W);
+                      const Vec<T> gp = leaky(x, acc[q][v], slope);
+                      std::memcpy(GP[d0 + q] + s0 + v * W, &gp, sizeof gp);  // past len: zeroed below
+                    }
+                });
+#pragma GCC unroll 8
+            for (int q = 0; q < M; ++q) GP.zero_tail(d0 + q, len);
+          });
+          // Weight gradients: sums over the row's keys of shifted products, zero past len.
+          all_products(G, H, Hd, D, len, acc_w2, 3, H * 3);     // dW2[h, d, j] = sum G[h, s] Hd[d, s + j - 1]
+          all_products(GP, D, F, C, len, acc_w1, C * 3, 3);     // dW1[d, c, j] = sum GP[d, s] F[c, s + j - 1]
           for (int64_t d = 0; d < D; ++d) {
-            T* gp_row = GP[d];
-            gp_row[0] = T(0);
-            const Vec<T>* wd = &w.w2[d * H * 3];
-            Vec<T> db = Vec<T>{};
-            for (int64_t s0 = 0; s0 < len; s0 += W) {
-              const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-              Vec<T> gh = Vec<T>{}, gh2 = Vec<T>{};
-              for (int h = 0; h < H; ++h) {
-                const T* grow = G[h];
-                gh += at(grow, s0, 2) * wd[h * 3] + at(grow, s0, 0) * wd[h * 3 + 2];
-                gh2 += at(grow, s0, 1) * wd[h * 3 + 1];
-              }
-              Vec<T> x;
-              std::memcpy(&x, P[d] + s0, sizeof x);
-              const Vec<T> gp = mask_tail(leaky(x, gh + gh2, p.slope), n);
-              std::memcpy(gp_row + 1 + s0, &gp, sizeof gp);
-              db += gp;
-            }
-            std::fill(gp_row + 1 + len, gp_row + GP.stride, T(0));
-            acc_b1[d] += db;
-            row_products<H, false>(Hd[d], G[0], G.stride, len, acc_w2 + d * H * 3);
-            int c0 = 0;
-            for (; c0 + 4 <= C; c0 += 4)
-              row_products<4, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
-            for (; c0 < C; ++c0)
-              row_products<1, true>(gp_row, F[c0], F.stride, len, acc_w1 + (d * C + c0) * 3);
+            Vec<T> sum = Vec<T>{};
+            for (int64_t s0 = 0; s0 < len; s0 += W) sum += load(GP[d] + s0, W);
+            acc_b1[d] += sum;
           }
-          // dL/dfeatures[c, s] = sum_{d, j} W1[d, c, j] dL/dpre[d, s + 1 - j], zero past len.
-          for (int64_t s0 = 0; s0 < len; s0 += W) {
-            const int n = static_cast<int>(std::min<int64_t>(W, len - s0));
-            for (int c = 0; c < C; ++c) gf[c] = Vec<T>{};
-            for (int64_t d = 0; d < D; ++d) {
-              const T* gp_row = GP[d];
-              const Vec<T> y0 = at(gp_row, s0, 2), y1 = at(gp_row, s0, 1), y2 = at(gp_row, s0, 0);
-              const Vec<T>* wd = &w.w1[d * C * 3];
-              for (int c = 0; c < C; ++c) gf[c] += y0 * wd[c * 3] + y1 * wd[c * 3 + 1] + y2 * wd[c * 3 + 2];
-            }
-            for (int h = 0; h < H; ++h) g[h] = at(G[h], s0, 1) + gf[h];
-            for (int h = 0; h < H; ++h) store(g_row + h * t * S + s0, g[h], n);
-            if (want_bias)
-              for (int h = 0; h < H; ++h) {
-                T* dst = grad_bias + (h * t + i) * S + s0;
-                store(dst, load(dst, n) + gf[H + h], n);
-              }
-          }
+          // dL/dfeatures[c, s] = sum_{d, j} W1[d, c, j] dL/dpre[d, s + 1 - j]; the score channels go to
+          // grad (with dL/dlogits), the bias channels are added to grad_bias.
+          channel_blocks(want_bias ? C : H, [&](auto m_block, int64_t c0) {
+            constexpr int M = decltype(m_block)::value;
+            conv_rows<M>(
+                c0, len, p.w1 + 2, 3, C * 3, -1, D, GP[0], GP.stride,
+                [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q)
+#pragma GCC unroll 8
+                    for (int v = 0; v < NB; ++v)
+                      acc[q][v] = c0 + q < H ? load(G[c0 + q] + s0 + v * W, W) : Vec<T>{};
+                },
+                [&](int64_t s0, Vec<T>(&acc)[M][NB]) {
+#pragma GCC unroll 8
+                  for (int q = 0; q < M; ++q) {
+                    const int64_t c = c0 + q;
+                    if (c < H) {
+                      store_block(g_row + c * t * S, acc[q], s0, len);
+                      continue;
+                    }
+                    T* dst = grad_bias + ((c - H) * t + i) * S;
+                    Vec<T> sum[NB];
+#pragma GCC unroll 8
+                    for (int v = 0; v < NB; ++v) {
+                      const int64_t n = std::min<int64_t>(W, len - s0 - v * W);
+                      sum[v] = n > 0 ? load(dst + s0 + v * W, static_cast<int>(n)) + acc[q][v] : Vec<T>{};
+                    }
+                    store_block(dst, sum, s0, len);
+                  }
+                });
+          });
         }
         for (int64_t j = 0; j < n_params; ++j) {
           double sum = 0.0;
@@ -498,6 +611,7 @@ struct Conv3 {
       for (int64_t j = 0; j < C * 3; ++j) grad_w1[d * C * 3 + j] = sum(d * C * 3 + j);
       grad_b1[d] = sum(D * C * 3 + d);
       for (int h = 0; h < H; ++h)
+#pragma GCC unroll 8
         for (int j = 0; j < 3; ++j) grad_w2[(h * D + d) * 3 + j] = sum(D * C * 3 + D + (d * H + h) * 3 + j);
     }
   }
