@@ -33,7 +33,6 @@ remains for GPUs, other dtypes, other visibility patterns and machines without a
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import Tensor
@@ -237,14 +236,7 @@ def time_both_paths(head_dim: int, dtype: torch.dtype, *, rounds: int = 3) -> di
             "native": lambda: NativeCoPEAttentionFn.apply(q, k, v, table, None, row_len, True),
             "torch": lambda: CoPEAttentionFn.apply(q, k, v, table, None, keep, npos, True),
         }
-        best = {name: math.inf for name in runs}
-        for round_ in range(rounds + 1):  # round 0 warms up
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn().backward(grad)
-                if round_ > 0:
-                    best[name] = min(best[name], time.perf_counter() - start)
-        return best
+        return native.best_times(runs, grad, rounds)
 
 
 def saved_bytes_per_entry(element_size: int) -> int:

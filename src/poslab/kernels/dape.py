@@ -26,7 +26,6 @@ path). Per-block temporaries come from ``common.scratch`` buffers, reused across
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -310,14 +309,7 @@ def _time_both_paths(
     }
     if taps > 1:
         runs["torch"] = lambda: v2_eager_block(q, k, v, bias, keep, *params)
-    best = {name: math.inf for name in runs}
-    for round_ in range(rounds + 1):  # round 0 warms up
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn().backward(grad)
-            if round_ > 0:
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return native.best_times(runs, grad, rounds)
 
 
 def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:

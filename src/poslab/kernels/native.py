@@ -27,11 +27,13 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -296,6 +298,20 @@ def decision(key: str, n_heads: int | None, measure: Callable[[], dict[str, floa
         log.info("native kernel for %s: %s", key, cached[key])
     _decisions[path, key] = bool(cached[key]["native_wins"])
     return _decisions[path, key]
+
+
+def best_times(runs: dict[str, Callable[[], Tensor]], grad: Tensor, rounds: int) -> dict[str, float]:
+    """The guard's measurement: the best of ``rounds`` forward + backward times (seconds) of each
+    ``runs[name]()`` (returning the output, ``grad`` its gradient), after one warm-up round, the
+    candidates interleaved round after round."""
+    best = {name: math.inf for name in runs}
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn().backward(grad)
+            if round_ > 0:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 _decisions: dict[tuple[Path, str], bool] = {}  # this process's reads of the guard files
