@@ -244,9 +244,10 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _reproduce_command(args: Any) -> str:
+    out = args.out or f"runs/reproduce/{args.table}"
     result = reproduce(
         args.table,
-        args.out or f"runs/reproduce/{args.table}",
+        out,
         seeds=parse_seeds(args.seeds) if args.seeds else None,
         scale=args.scale,
         overrides=list(args.overrides),
@@ -255,7 +256,6 @@ def _reproduce_command(args: Any) -> str:
         train=not args.page_only,
         progress=progress(args),
     )
-    out = args.out or f"runs/reproduce/{args.table}"
     return (
         result["page"].split("## Every seed")[0]
         + f"{result['finished']} of {result['planned']} runs finished ({result['trained']} trained now); "
