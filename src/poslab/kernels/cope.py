@@ -23,8 +23,8 @@ gates, positions (the same running sum from the row's last key, accumulated in d
 interpolation and the softmax, and once more in backward, instead of some twenty passes over
 (B, H, t, S) tensors and their int64 index copies. It needs each row's visible keys to be a prefix
 (causal attention with increasing key positions, or everything visible; ``prefix_lengths``) and
-float32/float64 CPU tensors; a bias may have a gradient. Saving for backward costs one float per
-entry (the scores); otherwise the backward recomputes them. By default the kernel is used where a
+float32/float64 CPU tensors; a bias may have a gradient. Saving for backward costs two floats per
+entry (the probabilities and the gates); otherwise the backward recomputes the block from the scores. By default the kernel is used where a
 one-off timing against the PyTorch path (``time_both_paths``, cached beside the library per head
 size and dtype) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch path above
 remains for GPUs, other dtypes, other visibility patterns and machines without a compiler.
@@ -124,19 +124,15 @@ class CoPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
 
 
-def _native_probs(
-    q, k, table, bias, row_len, *, saved: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Scores A, z, probabilities and row lse through ``cope_rows.cpp``. The probabilities overwrite
-    the scores (both in a scratch buffer) unless ``saved``: then A is a fresh tensor kept for backward
-    and the probabilities go to scratch."""
+def _native_probs(q, k, table, bias, row_len) -> tuple[Tensor, Tensor, Tensor]:
+    """z, the probabilities and the row lse through ``cope_rows.cpp``; the scores A, z and the
+    probabilities in scratch buffers (the probabilities overwrite A)."""
     shape = (*q.shape[:-1], k.shape[2])
-    scores = torch.empty(shape, dtype=q.dtype) if saved else scratch("cope_scores", shape, q)
-    z = _scaled_products(q, k, table, scores)
-    probs = scratch("cope_probs", shape, q) if saved else scores
+    probs = scratch("cope_scores", shape, q)
+    z = _scaled_products(q, k, table, probs)
     lse = torch.empty(q.shape[:-1], dtype=q.dtype)
-    native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse)
-    return scores, z, probs, lse
+    native.cope_rows_forward(probs, z, bias, row_len, probs=probs, lse=lse)
+    return z, probs, lse
 
 
 def _scaled_products(q: Tensor, k: Tensor | None, table: Tensor, scores: Tensor | None) -> Tensor:
@@ -152,39 +148,56 @@ class NativeCoPEAttentionFn(torch.autograd.Function):
     """The same function as ``CoPEAttentionFn``, its per-row work in ``cope_rows.cpp``
     (``poslab.kernels.native``); the visible keys of each row are a prefix of length row_len (t,).
 
-    Saving for backward costs one float per entry (the scores A); without the budget the backward
-    recomputes them with one matrix product. Either way the kernel recomputes gates, positions and
-    probabilities from A, z and the row lse."""
+    Saving for backward costs two floats per entry, the probabilities and the gates: the backward
+    then only sums the positions again from the gates. Without the budget it recomputes the scores A
+    with one matrix product and the kernel recomputes gates, positions and probabilities from A, z and
+    the row lse."""
 
     @staticmethod
     def forward(ctx, q, k, v, table, bias, row_len, save):  # noqa: D102
-        scores, _, probs, lse = _native_probs(q, k, table, bias, row_len, saved=save)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, table, bias, row_len, out, lse, *((scores,) if save else ()))
+        if save:
+            shape = (*q.shape[:-1], k.shape[2])
+            scores = scratch("cope_scores", shape, q)
+            probs, gates = (torch.empty(shape, dtype=q.dtype) for _ in range(2))
+            z = _scaled_products(q, k, table, scores)
+            lse = torch.empty(q.shape[:-1], dtype=q.dtype)
+            native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse, gates=gates)
+            out = torch.matmul(probs, v)
+            ctx.save_for_backward(q, k, v, table, bias, row_len, out, probs, gates)
+        else:
+            _, probs, lse = _native_probs(q, k, table, bias, row_len)
+            out = torch.matmul(probs, v)
+            ctx.save_for_backward(q, k, v, table, bias, row_len, out, lse)
+        ctx.save = save
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, table, bias, row_len, out, lse, *saved = ctx.saved_tensors
+        q, k, v, table, bias, row_len, out, *saved = ctx.saved_tensors
         shape = (*q.shape[:-1], k.shape[2])
         scale = 1.0 / math.sqrt(q.shape[-1])
         grad_out = grad_out.contiguous()
-        if saved:  # kept intact (a second backward may read it): the probabilities go to scratch
-            scores, probs = saved[0], scratch("cope_probs", shape, q)
-            z = _scaled_products(q, None, table, None)
-        else:
-            scores = probs = scratch("cope_scores", shape, q)
-            z = _scaled_products(q, k, table, scores)
         grad = torch.matmul(grad_out, v.transpose(-1, -2), out=scratch("grad_logits", shape, q))  # dP
         rowdot = (grad_out * out).sum(-1)
-        grad_z = torch.empty_like(z)
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[4]:
             grad_bias = torch.zeros_like(bias)
-        native.cope_rows_backward_(
-            scores, z, bias, row_len, lse, rowdot, scale=scale, probs=probs, grad=grad, grad_z=grad_z,
-            grad_bias=grad_bias,
-        )  # fmt: skip
+        if ctx.save:  # the kept probabilities and gates are only read: a second backward may need them
+            probs, gates = saved
+            z = _scaled_products(q, None, table, None)
+            grad_z = torch.empty_like(z)
+            native.cope_rows_backward_saved_(
+                probs, gates, z, row_len, rowdot, scale=scale, grad=grad, grad_z=grad_z, grad_bias=grad_bias
+            )
+        else:
+            (lse,) = saved
+            scores = probs = scratch("cope_scores", shape, q)
+            z = _scaled_products(q, k, table, scores)
+            grad_z = torch.empty_like(z)
+            native.cope_rows_backward_(
+                scores, z, bias, row_len, lse, rowdot, scale=scale, probs=probs, grad=grad, grad_z=grad_z,
+                grad_bias=grad_bias,
+            )  # fmt: skip
         grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
         grad_q = torch.matmul(grad, k).add_(torch.matmul(grad_z, table), alpha=scale)
         grad_k = torch.matmul(grad.transpose(-1, -2), q)
@@ -278,7 +291,7 @@ def _native_attention(q, k, v, table, bias, row_len, save_bytes: int) -> Tensor:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
     table = table.contiguous()
     if needs_autograd(q, k, v, table, bias):
-        save = q.shape[:-1].numel() * n_keys * q.element_size() <= save_bytes
+        save = q.shape[:-1].numel() * n_keys * 2 * q.element_size() <= save_bytes
         return NativeCoPEAttentionFn.apply(q, k, v, table, bias, row_len, save)
-    _, _, probs, _ = _native_probs(q, k, table, bias, row_len)
+    _, probs, _ = _native_probs(q, k, table, bias, row_len)
     return torch.matmul(probs, v)

@@ -5,21 +5,29 @@
 // keys (a prefix: causal attention), this file does what the PyTorch kernel does in some twenty
 // passes over (B, H, t, S) tensors, in a few passes over one row that stays in the L1 cache:
 //   gates g_j = sigmoid(A_j); positions p_j = sum_{t=j..n-1} g_t, a running sum from the row's last
-//   key backwards (rounded once per entry, as PyTorch's cumsum of the flipped gates), clamped at
+//   key backwards (summed in double, rounded once per entry), clamped at
 //   P - 1; logits A_j + z[floor p] + (p - floor p)(z[ceil p] - z[floor p]) (+ bias); their softmax
 //   (zero past n) and log-sum-exp.
-// The backward recomputes the row from A, z and the log-sum-exp, writes the probabilities (for
-// dV = P^T dO) and turns dP = dO v^T in place into dA / sqrt(Dh):
+// The backward turns dP = dO v^T in place into dA / sqrt(Dh):
 //   dlogits = prob (dP - rowdot), dz[floor p] += dlogits (1 - w), dz[ceil p] += dlogits w,
-//   dg_t = sum_{j<=t} dlogits_j (z[ceil p_j] - z[floor p_j]), dA = dlogits + dg g (1 - g).
-// The running sums are sequential per row and accumulate in double; the exponentials (sigmoid,
-// softmax) use a vectorised exp on GCC vector extensions (one machine register: 8 floats with AVX2,
-// 16 with AVX-512); the gathers from z are plain loops the compiler vectorises for the -march it
-// is given (poslab/kernels/native.py builds one library per x86-64 level).
+//   dg_t = sum_{j<=t} dlogits_j (z[ceil p_j] - z[floor p_j]), dA = dlogits + dg g (1 - g),
+// either from the probabilities and gates the forward kept (``cope_rows_backward_saved``: only the
+// positions are summed again) or recomputing the row from A, z and the log-sum-exp, and writing the
+// probabilities for dV = P^T dO (``cope_rows_backward``).
+// The running sums accumulate in double, several stretches of a row at a time (a single sum is bound
+// by the latency of one addition per key); the exponentials (sigmoid, softmax) use a vectorised exp on
+// GCC vector extensions (one machine register: 8 floats with AVX2, 16 with AVX-512), and the lookups
+// z[floor p] the gather instruction where there is one; the table gradient is summed per run of keys
+// on one table row without a branch per key. poslab/kernels/native.py builds one library per x86-64
+// level.
 //
 // Plain C ABI (loaded with ctypes), templated over float and double. Work is split over query rows
 // (row i, for every b and h, to thread i mod n), so threads write disjoint rows, and the bias
 // gradient (H, t, S) summed over the batch needs no locks.
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the gather instructions
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -130,10 +138,58 @@ inline void map_row(const T* in, T* out, int64_t n, Fn f) {
   }
 }
 
+// inout[j] = f(in[j], inout[j]) for j < n, f elementwise on vectors: full vectors, then one padded tail.
+template <typename T, typename Fn>
+inline void map_row2(const T* in, T* inout, int64_t n, Fn f) {
+  int64_t j = 0;
+  for (; j + LANES<T> <= n; j += LANES<T>) store(inout + j, f(load(in + j), load(inout + j)));
+  if (j < n) {
+    T a[LANES<T>] = {}, b[LANES<T>] = {};
+    std::memcpy(a, in + j, (n - j) * sizeof(T));
+    std::memcpy(b, inout + j, (n - j) * sizeof(T));
+    const Vec<T> v = f(load(a), load(b));
+    std::memcpy(inout + j, &v, (n - j) * sizeof(T));
+  }
+}
+
+// total[j] += x[j] for j < n (the bias gradient, summed over the batch).
+template <typename T>
+inline void add_row(const T* x, int64_t n, T* total) {
+  for (int64_t j = 0; j < n; ++j) total[j] += x[j];
+}
+
 template <typename T>
 inline Vec<T> sigmoid(Vec<T> a) {
   return T(1) / (T(1) + vexp<T>(-a));
 }
+
+// base[idx[l]] on every lane: the gather instruction where the ISA has one for the type, else lane by
+// lane.
+template <typename T>
+inline Vec<T> gather(const T* base, Bits<T> idx) {
+  Vec<T> out;
+  for (int l = 0; l < LANES<T>; ++l) out[l] = base[idx[l]];
+  return out;
+}
+#if defined(__AVX512F__)
+template <>
+inline Vec<float> gather<float>(const float* base, Bits<float> idx) {
+  return (Vec<float>)_mm512_i32gather_ps((__m512i)idx, base, 4);
+}
+template <>
+inline Vec<double> gather<double>(const double* base, Bits<double> idx) {
+  return (Vec<double>)_mm512_i64gather_pd((__m512i)idx, base, 8);
+}
+#elif defined(__AVX2__)
+template <>
+inline Vec<float> gather<float>(const float* base, Bits<float> idx) {
+  return (Vec<float>)_mm256_i32gather_ps(base, (__m256i)idx, 4);
+}
+template <>
+inline Vec<double> gather<double>(const double* base, Bits<double> idx) {
+  return (Vec<double>)_mm256_i64gather_pd(base, (__m256i)idx, 8);
+}
+#endif
 
 template <typename T>
 struct Problem {
@@ -157,13 +213,16 @@ void parallel_rows(int64_t rows, int threads, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-// Per-thread row buffers: the gates and the clamped positions of one row, the slopes of its z,
-// and (backward) the table gradient with one spare slot (see ``backward``).
+// Per-thread row buffers: the gates and the clamped positions of one row, the running sums behind
+// the positions, the slopes of its z, and (backward) per table row the running sums where its run of
+// keys ends (see ``backward``).
 template <typename T>
 struct Row {
   std::vector<T> gates, pos, slope;
-  std::vector<double> grad_z;
-  Row(int64_t keys, int64_t npos) : gates(keys), pos(keys), slope(npos), grad_z(npos + 1) {}
+  std::vector<double> sums, end_lower, end_upper;
+  std::vector<char> seen;
+  Row(int64_t keys, int64_t npos)
+      : gates(keys), pos(keys), slope(npos), sums(keys), end_lower(npos), end_upper(npos), seen(npos) {}
 };
 
 // slope[c] = z[c + 1] - z[c], 0 for the last row: z[ceil p] - z[floor p] wherever p is not whole.
@@ -173,28 +232,52 @@ inline void slopes(const T* zr, int64_t npos, T* slope) {
   slope[npos - 1] = 0;
 }
 
-// The logits of the row's first n keys (the visible ones) into ``logits`` (which may be ``a``), and
-// its gates, clamped positions and z slopes into ``row``:
+// pos[j] = min(sum_{t=j..n-1} g_t, max_pos), summed in double and rounded once. A single running sum
+// is one dependent addition per key (its latency, not the arithmetic, bounds the loop); here
+// STRETCHES running sums over as many stretches of the row advance side by side, and each stretch
+// then adds the total of the stretches after it (the keys past the last whole stretch are summed
+// first, on their own).
+template <typename T>
+inline void suffix_sums(const T* g, int64_t n, T max_pos, double* sums, T* pos) {
+  constexpr int STRETCHES = 4;
+  const int64_t m = n / STRETCHES, whole = m * STRETCHES;
+  double carry = 0;
+  for (int64_t j = n - 1; j >= whole; --j) sums[j] = carry += g[j];
+  double run[STRETCHES] = {};
+  for (int64_t k = m - 1; k >= 0; --k)
+    for (int s = 0; s < STRETCHES; ++s) sums[s * m + k] = run[s] += g[s * m + k];
+  for (int s = STRETCHES - 1; s >= 0; --s) {
+    for (int64_t j = s * m; j < (s + 1) * m; ++j) sums[j] += carry;
+    carry += run[s];
+  }
+  for (int64_t j = 0; j < n; ++j) pos[j] = std::min(static_cast<T>(sums[j]), max_pos);
+}
+
+// The logits of the row's first n keys (the visible ones) into ``logits`` (which may be ``a``), its
+// gates into ``g`` (the row buffer, or the caller's row of saved gates), and its clamped positions
+// and z slopes into ``row``:
 //   g_j = sigmoid(a_j), p_j = min(sum_{t=j..n-1} g_t, P - 1), w = p - floor p,
 //   logits_j = a_j + z[floor p] + w (z[ceil p] - z[floor p]) (+ bias_j),
-// where p is whole (or clamped) w = 0 and ceil p = floor p. The running sum is the one sequential
-// dependency; the interpolation rides along in the same loop.
+// where p is whole (or clamped) w = 0 and ceil p = floor p. Once the positions are known the keys are
+// independent of each other: a vector of them at a time, the z lookups gathered.
 template <typename T>
-inline void row_logits(const T* a, const T* zr, const T* bias, int64_t n, int64_t npos, Row<T>& row, T* logits) {
-  T* g = row.gates.data();
-  T* pos = row.pos.data();
-  T* slope = row.slope.data();
+inline void row_logits(const T* a, const T* zr, const T* bias, int64_t n, int64_t npos, Row<T>& row, T* g,
+                       T* logits) {
+  T* __restrict pos = row.pos.data();
+  T* __restrict slope = row.slope.data();
   map_row<T>(a, g, n, [](Vec<T> x) { return sigmoid<T>(x); });
   slopes(zr, npos, slope);
-  const T max_pos = static_cast<T>(npos - 1);
-  double run = 0;
-  for (int64_t j = n - 1; j >= 0; --j) {
-    run += g[j];
-    const T p = std::min(static_cast<T>(run), max_pos);
-    const int lo = static_cast<int>(p);  // floor: positions are >= 0
-    const T w = p - static_cast<T>(lo);
-    pos[j] = p;
-    logits[j] = a[j] + zr[lo] + w * slope[lo];
+  suffix_sums(g, n, static_cast<T>(npos - 1), row.sums.data(), pos);
+  int64_t j = 0;
+  for (; j + LANES<T> <= n; j += LANES<T>) {
+    const Vec<T> p = load(pos + j);
+    const Bits<T> lo = __builtin_convertvector(p, Bits<T>);  // floor: positions are >= 0
+    const Vec<T> w = p - __builtin_convertvector(lo, Vec<T>);
+    store(logits + j, load(a + j) + gather(zr, lo) + w * gather(slope, lo));
+  }
+  for (; j < n; ++j) {
+    const int lo = static_cast<int>(pos[j]);
+    logits[j] = a[j] + zr[lo] + (pos[j] - static_cast<T>(lo)) * slope[lo];
   }
   if (bias != nullptr)
     for (int64_t j = 0; j < n; ++j) logits[j] += bias[j];
@@ -236,8 +319,59 @@ inline T row_max(const T* x, int64_t n) {
   return best;
 }
 
+// The gradient half of a row's backward, from its dlogits = prob (dP - rowdot) in ``g_row``, its gates
+// ``g`` and the positions and slopes in ``row``: the table gradient into ``dzr`` (P,) and ``g_row``
+// turned into dA * scale, dA = dlogits + dg g (1 - g), dg_t = sum_{j<=t} dlogits_j (z[ceil p_j] - z[floor p_j]).
 template <typename T>
-void forward(const Problem<T>& p, T* probs, T* lse, int threads) {
+inline void row_gradients(const T* g, int64_t n, int64_t P, Row<T>& row, T scale, T* g_row, T* dzr) {
+  const T* slope = row.slope.data();
+  int64_t j;
+  // The table's gradient and dg, both running sums along the row, in one pass without
+  // branches. Positions never increase along the row, so the keys on table row c (floor p = c)
+  // are one run, and the keys with floor p >= c a prefix of the row: with running sums of
+  // dlogits (1 - w) and dlogits w, the sum over run c is the running sum where the run ends
+  // minus the one where run c + 1 ended. Every key stores its running sums at its table row
+  // (the run's last key stores last); rows no key falls on are filled in after.
+  double* end_lower = row.end_lower.data();
+  double* end_upper = row.end_upper.data();
+  char* seen = row.seen.data();
+  std::fill(seen, seen + P, 0);
+  T* dg = row.pos.data();  // the positions, overwritten with dg once read
+  double run = 0, lower = 0, upper = 0;
+  for (j = 0; j < n; ++j) {
+    const int lo = static_cast<int>(dg[j]);
+    const T w = dg[j] - static_cast<T>(lo);
+    const T dl = g_row[j];
+    const T up = dl * w;
+    upper += up;
+    lower += dl - up;
+    end_upper[lo] = upper;
+    end_lower[lo] = lower;
+    seen[lo] = 1;
+    run += dl * slope[lo] * static_cast<T>(w > T(0));  // w = 0: p whole or clamped, no slope
+    dg[j] = static_cast<T>(run);
+  }
+  // Table rows from the last. Row c + 1 gets the lower weights of its own run and the upper
+  // weights of run c; row P - 1's keys are clamped or whole (w = 0), so nothing goes past it.
+  double after_lower = 0, after_upper = 0, lower_above = 0;
+  for (int64_t c = P - 1; c >= 0; --c) {
+    // the running sums where the keys with floor p >= c end
+    const double at_lower = seen[c] ? end_lower[c] : after_lower;
+    const double at_upper = seen[c] ? end_upper[c] : after_upper;
+    if (c + 1 < P) dzr[c + 1] = static_cast<T>(lower_above + (at_upper - after_upper));
+    lower_above = at_lower - after_lower;
+    after_lower = at_lower;
+    after_upper = at_upper;
+  }
+  dzr[0] = static_cast<T>(lower_above);
+  for (j = 0; j < n; ++j) {
+    const T x = dg[j] * g[j];
+    g_row[j] = (g_row[j] + (x - x * g[j])) * scale;
+  }
+}
+
+template <typename T>
+void forward(const Problem<T>& p, T* probs, T* lse, T* gates, int threads) {
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
@@ -254,7 +388,9 @@ void forward(const Problem<T>& p, T* probs, T* lse, int threads) {
             continue;
           }
           const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
-          row_logits(a, p.z + r * P, bias, n, P, row, out);
+          T* g = gates == nullptr ? row.gates.data() : gates + r * S;
+          row_logits(a, p.z + r * P, bias, n, P, row, g, out);
+          if (gates != nullptr) std::fill(g + n, g + S, T(0));
           const T m = row_max(out, n);
           const T sum = exp_shifted(out, n, m);
           const T inv = T(1) / sum;
@@ -281,16 +417,14 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
           const T* zr = p.z + r * P;
           T* prob = probs + r * S;
           T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
-          T* dzr = grad_z + r * P;
           std::fill(prob + n, prob + S, T(0));
           std::fill(g_row + n, g_row + S, T(0));
           if (n == 0) {
-            std::fill(dzr, dzr + P, T(0));
+            std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
             continue;
           }
           const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
-          row_logits(a, zr, bias, n, P, row, prob);
-          const T* slope = row.slope.data();
+          row_logits(a, zr, bias, n, P, row, row.gates.data(), prob);
           const T dot = rowdot[r];
           // probabilities exp(logits - lse), and dlogits = prob (dP - rowdot) in dP's buffer
           const T shift = lse[r];
@@ -304,44 +438,42 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
             exp_shifted(prob + j, n - j, shift);
             for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
           }
-          if (grad_bias != nullptr) {
-            T* gb = grad_bias + (h * t + i) * S;
-            for (j = 0; j < n; ++j) gb[j] += g_row[j];
+          if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
+          row_gradients(row.gates.data(), n, P, row, scale, g_row, grad_z + r * P);
+        }
+    }
+  });
+}
+
+// The backward from what the forward saved instead of the scores: the probabilities and the gates
+// (B, H, t, S, zero past row_len). Only the positions are summed again (from the saved gates) and the
+// z slopes taken; no sigmoid, exponential or z lookup for the logits. ``p.scores`` and ``p.bias`` are
+// not read.
+template <typename T>
+void backward_saved(const Problem<T>& p, const T* probs, const T* gates, const T* rowdot, T scale, T* grad,
+                    T* grad_z, T* grad_bias, int threads) {
+  const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
+  parallel_rows(t, threads, [&](int tid, int n_threads) {
+    Row<T> row(S, P);
+    for (int64_t i = tid; i < t; i += n_threads) {
+      const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t r = (b * H + h) * t + i;
+          const T* prob = probs + r * S;
+          const T* g = gates + r * S;
+          T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
+          std::fill(g_row + n, g_row + S, T(0));
+          if (n == 0) {
+            std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
+            continue;
           }
-          // The table's gradient and dg, both sequential along the row. Positions never increase
-          // along it, so floor p stays on one table row for runs of keys: the run's contributions to
-          // dz[floor p] and dz[floor p + 1] are summed in registers and stored when the row changes
-          // (dz has a spare slot past the end, which receives only w = 0 terms).
-          double* dz = row.grad_z.data();
-          std::fill(dz, dz + P + 1, 0.0);
-          T* dg = row.pos.data();  // the positions, overwritten with dg once read
-          double run = 0;
-          T to_floor = 0, to_ceil = 0;  // within a run, in the working precision (as scatter_add)
-          int current = static_cast<int>(dg[0]);
-          for (j = 0; j < n; ++j) {
-            const int lo = static_cast<int>(dg[j]);
-            const T w = dg[j] - static_cast<T>(lo);
-            if (lo != current) {
-              dz[current] += to_floor;
-              dz[current + 1] += to_ceil;
-              to_floor = to_ceil = 0;
-              current = lo;
-            }
-            const T dl = g_row[j];
-            const T upper = dl * w;
-            to_ceil += upper;
-            to_floor += dl - upper;
-            run += dl * slope[lo] * static_cast<T>(w > T(0));  // no branch: w = 0 is data-dependent
-            dg[j] = static_cast<T>(run);
-          }
-          dz[current] += to_floor;
-          dz[current + 1] += to_ceil;
-          for (int64_t c = 0; c < P; ++c) dzr[c] = static_cast<T>(dz[c]);
-          const T* g = row.gates.data();
-          for (j = 0; j < n; ++j) {
-            const T x = dg[j] * g[j];
-            g_row[j] = (g_row[j] + (x - x * g[j])) * scale;
-          }
+          slopes(p.z + r * P, P, row.slope.data());
+          suffix_sums(g, n, static_cast<T>(P - 1), row.sums.data(), row.pos.data());
+          const T dot = rowdot[r];
+          map_row2<T>(prob, g_row, n, [dot](Vec<T> pr, Vec<T> dp) { return pr * (dp - dot); });  // dlogits
+          if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
+          row_gradients(g, n, P, row, scale, g_row, grad_z + r * P);
         }
     }
   });
@@ -352,13 +484,14 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
 extern "C" const char* cope_rows_isa() { return ISA; }
 extern "C" int cope_rows_vector_bytes() { return VECTOR_BYTES; }
 
+// forward: ``gates`` may be null (not kept); otherwise it receives the gates (zero past row_len).
 #define COPE_ENTRY_POINTS(T, SUFFIX)                                                                      \
   extern "C" void cope_rows_forward_##SUFFIX(const T* scores, const T* z, const T* bias,                  \
                                              const int64_t* row_len, int64_t batch, int64_t heads,        \
                                              int64_t rows, int64_t keys, int64_t npos, T* probs, T* lse,  \
-                                             int threads) {                                               \
+                                             T* gates, int threads) {                                     \
     const Problem<T> p{scores, z, bias, row_len, batch, heads, rows, keys, npos};                         \
-    forward<T>(p, probs, lse, threads);                                                                   \
+    forward<T>(p, probs, lse, gates, threads);                                                            \
   }                                                                                                       \
   extern "C" void cope_rows_backward_##SUFFIX(                                                            \
       const T* scores, const T* z, const T* bias, const int64_t* row_len, int64_t batch, int64_t heads,   \
@@ -366,6 +499,13 @@ extern "C" int cope_rows_vector_bytes() { return VECTOR_BYTES; }
       T* grad, T* grad_z, T* grad_bias, int threads) {                                                    \
     const Problem<T> p{scores, z, bias, row_len, batch, heads, rows, keys, npos};                         \
     backward<T>(p, lse, rowdot, static_cast<T>(scale), probs, grad, grad_z, grad_bias, threads);          \
+  }                                                                                                       \
+  extern "C" void cope_rows_backward_saved_##SUFFIX(                                                      \
+      const T* probs, const T* gates, const T* z, const int64_t* row_len, int64_t batch, int64_t heads,   \
+      int64_t rows, int64_t keys, int64_t npos, const T* rowdot, double scale, T* grad, T* grad_z,        \
+      T* grad_bias, int threads) {                                                                        \
+    const Problem<T> p{nullptr, z, nullptr, row_len, batch, heads, rows, keys, npos};                     \
+    backward_saved<T>(p, probs, gates, rowdot, static_cast<T>(scale), grad, grad_z, grad_bias, threads);  \
   }
 
 COPE_ENTRY_POINTS(float, f32)

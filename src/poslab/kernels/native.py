@@ -245,8 +245,9 @@ def _cope_library(target: str) -> ctypes.CDLL | None:
     # Pointers (scores, z, bias, row_len), sizes (B, H, t, S, P), then as cope_rows.cpp lists them.
     inputs = [_PTR] * 4 + [_I64] * 5
     for suffix in ("f32", "f64"):
-        getattr(lib, f"cope_rows_forward_{suffix}").argtypes = [*inputs, _PTR, _PTR, _INT]
+        getattr(lib, f"cope_rows_forward_{suffix}").argtypes = [*inputs, _PTR, _PTR, _PTR, _INT]
         getattr(lib, f"cope_rows_backward_{suffix}").argtypes = [*inputs, _PTR, _PTR, _DBL, *[_PTR] * 4, _INT]
+        getattr(lib, f"cope_rows_backward_saved_{suffix}").argtypes = [*inputs, _PTR, _DBL, *[_PTR] * 3, _INT]
     lib.cope_rows_isa.restype = ctypes.c_char_p
     return lib
 
@@ -467,6 +468,7 @@ def _check_cope(
     expected = {
         "bias": (n_heads, t, s),
         "probs": tuple(scores.shape),
+        "gates": tuple(scores.shape),
         "grad": tuple(scores.shape),
         "lse": (n_batch, n_heads, t),
         "rowdot": (n_batch, n_heads, t),
@@ -489,16 +491,24 @@ def _check_cope(
 
 
 def cope_rows_forward(
-    scores: Tensor, z: Tensor, bias: Tensor | None, row_len: Tensor, *, probs: Tensor, lse: Tensor
+    scores: Tensor,
+    z: Tensor,
+    bias: Tensor | None,
+    row_len: Tensor,
+    *,
+    probs: Tensor,
+    lse: Tensor,
+    gates: Tensor | None = None,
 ) -> None:
     """CoPE's softmax probabilities into ``probs`` (B, H, t, S; may be ``scores`` itself, zero past
-    row_len) and the row log-sum-exp into ``lse`` (B, H, t), from scores A = q k^T / sqrt(Dh)
-    (B, H, t, S), z = q e^T / sqrt(Dh) (B, H, t, P), bias (H, t, S) or None and row_len (t,) int64;
-    all contiguous."""
-    _check_cope(scores, z, bias, row_len, probs=probs, lse=lse)
+    row_len), the row log-sum-exp into ``lse`` (B, H, t) and, unless None, the gates into ``gates``
+    (B, H, t, S, zero past row_len), from scores A = q k^T / sqrt(Dh) (B, H, t, S),
+    z = q e^T / sqrt(Dh) (B, H, t, P), bias (H, t, S) or None and row_len (t,) int64; all contiguous."""
+    _check_cope(scores, z, bias, row_len, probs=probs, lse=lse, gates=gates)
     fn = getattr(cope_library(), f"cope_rows_forward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, z, bias, row_len))
-    fn(*pointers, *scores.shape, z.shape[-1], _ptr(probs), _ptr(lse), _threads(scores.numel()))
+    outputs = map(_ptr, (probs, lse, gates))
+    fn(*pointers, *scores.shape, z.shape[-1], *outputs, _threads(scores.numel()))
 
 
 def cope_rows_backward_(
@@ -544,3 +554,25 @@ def cope_rows_backward_(
         *outputs,
         _threads(scores.numel()),
     )
+
+
+def cope_rows_backward_saved_(
+    probs: Tensor,
+    gates: Tensor,
+    z: Tensor,
+    row_len: Tensor,
+    rowdot: Tensor,
+    *,
+    scale: float,
+    grad: Tensor,
+    grad_z: Tensor,
+    grad_bias: Tensor | None,
+) -> None:
+    """``cope_rows_backward_`` from the probabilities and gates the forward kept (``cope_rows_forward``
+    with ``gates``) instead of the scores: nothing of the logits is recomputed but the positions."""
+    others = dict(gates=gates, rowdot=rowdot, grad=grad, grad_z=grad_z, grad_bias=grad_bias)
+    _check_cope(probs, z, None, row_len, **others)
+    fn = getattr(cope_library(), f"cope_rows_backward_saved_{_SUFFIX[probs.dtype]}")
+    pointers = map(_ptr, (probs, gates, z, row_len))
+    outputs = map(_ptr, (grad, grad_z, grad_bias))
+    fn(*pointers, *probs.shape, z.shape[-1], _ptr(rowdot), scale, *outputs, _threads(probs.numel()))
