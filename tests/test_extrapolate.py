@@ -145,6 +145,22 @@ def test_lm_task_bad_options(tmp_path):
         task.sample(1, 4, generator=torch.Generator(), split="dev")
 
 
+def test_lm_task_eval_lengths_score_the_held_out_splits_at_each_length(tmp_path):
+    options = task_options(write_corpus(tmp_path / "c"))
+    task = build_task("lm", **options, eval_lengths="40,16")
+    assert task.split_lengths("validation") == task.split_lengths("test") == (16, 40)
+    assert task.split_lengths("id") is None  # training keeps its one length
+    assert task.data_key == build_task("lm", **options).data_key  # the same token streams
+    batch = task.sample(2, 40, generator=torch.Generator().manual_seed(0), **task.splits()["validation"])
+    assert batch.inputs.shape == (2, 40)
+    with pytest.raises(ValueError, match=r"length 24 is not one of the split's lengths \[16, 40\]"):
+        task.sample(2, 24, generator=torch.Generator(), **task.splits()["test"])
+    assert build_task("lm", **options, eval_lengths=320).split_lengths("test") == (320,)
+    for bad in ("0,16", "long", [16, True]):
+        with pytest.raises(ValueError, match="eval_lengths must be positive integers such as 128,320"):
+            build_task("lm", **options, eval_lengths=bad)
+
+
 # -- extrapolation ---------------------------------------------------------------------------------
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from poslab.checkpoint import check_writable, write_text
+from poslab.evaluate import eval_lengths
 from poslab.experiments.command import THREADS, Command, arg, progress
 from poslab.experiments.grid import GridRun, check_jobs, plan_grid, train_grid
-from poslab.experiments.paper_tables import TABLES, PaperTable, Part, get_table
+from poslab.experiments.paper_tables import TABLES, PaperTable, Part, get_table, split_at
 from poslab.options import parse_seeds
 from poslab.presets import get_preset
 from poslab.report.common import csv_value, finite, mean_std, stats_cell
@@ -47,14 +48,35 @@ def plan_table(
     table: PaperTable, out: Path, seeds: list[int], *, scale: str = "cpu", overrides: list[str] = ()
 ) -> dict[str, list[GridRun]]:
     """Every part's grid, every run directory checked (a finished run whose config differs from the
-    table's raises ValueError before anything trains)."""
+    table's, or a column at a length the runs do not evaluate, raises ValueError before anything
+    trains)."""
     specs = [spec for _, spec in table.rows]
-    return {
-        part.name: plan_grid(
-            part_config(part, scale, overrides), specs, seeds, out / part.name, resume=True, overwrite=False
-        )
-        for part in table.parts
-    }
+    grids = {}
+    for part in table.parts:
+        config = part_config(part, scale, overrides)
+        _check_lengths(part, config)
+        grids[part.name] = plan_grid(config, specs, seeds, out / part.name, resume=True, overwrite=False)
+    return grids
+
+
+def _check_lengths(part: Part, config) -> None:
+    """ValueError when a ``split@length`` column of ``part`` names a length its runs do not score."""
+    task = config.task.build()
+    for column in part.splits:
+        split, length = split_at(column)
+        if length is None:
+            continue
+        if split not in task.splits() or task.split_lengths(split) is None:
+            raise ValueError(
+                f"column {part.name}/{column}: split {split!r} is not scored per length by "
+                f"{task.name!r} (for 'lm', set task.options.eval_lengths)"
+            )
+        scored = eval_lengths(task.split_lengths(split), config.eval, config.task.train_len)
+        if length not in scored:
+            raise ValueError(
+                f"column {part.name}/{column}: the runs score {split} at {', '.join(map(str, scored))}, "
+                f"not at {length}"
+            )
 
 
 def reproduce(
@@ -117,7 +139,14 @@ def _read_notes(out: Path) -> str | None:
 
 
 def _value(results: dict[str, Any], split: str, metric: str) -> float | None:
-    value = results["metrics"]["splits"].get(split, {}).get(metric)
+    """``metric`` of a column's ``split`` (``"validation"`` or ``"validation@320"``) in a run's
+    results, None where the run has none (not evaluated there, or NaN)."""
+    name, length = split_at(split)
+    metrics = results["metrics"]
+    if length is None:
+        value = metrics["splits"].get(name, {}).get(metric)
+    else:
+        value = metrics.get("lengths", {}).get(name, {}).get(str(length), {}).get(metric)
     return value if finite(value) else None
 
 
@@ -195,13 +224,14 @@ def _setting_lines(table: PaperTable, grids: dict[str, list[GridRun]]) -> list[s
 def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
     unit = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}.get(table.metric, table.metric)
     better = "higher" if table.metric == "accuracy" else "lower"
+    ratio_head = " | ratio ours | ratio paper" if table.ratio is not None else ""
     lines = [
         "## Ours beside the paper's",
         "",
         f"{unit}, {better} is better; ours: mean ± sample std over the seeds (n), the paper's: one number.",
         "",
-        "| encoding | " + " | ".join(f"{c} ours | {c} paper" for c in table.columns) + " |",
-        "|---|" + "---|---|" * len(table.columns),
+        "| encoding | " + " | ".join(f"{c} ours | {c} paper" for c in table.columns) + ratio_head + " |",
+        "|---|" + "---|---|" * (len(table.columns) + (table.ratio is not None)),
     ]
     for row, _ in table.rows:
         cells = []
@@ -211,8 +241,30 @@ def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
             ours = f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–"
             paper = table.numbers.get(row, {}).get(column)
             cells += [ours, "–" if paper is None else f"{paper:g}"]
+        if table.ratio is not None:
+            cells += _ratio_cells(table, row, rows)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if table.ratio is not None:
+        lines += [
+            "",
+            f"ratio: {table.ratio[0]} / {table.ratio[1]}, below 1 where the {unit} is lower at "
+            f"{table.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
+        ]
     return lines
+
+
+def _ratio_cells(table: PaperTable, row: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Ours (each seed's ratio of the two columns, then mean ± std) and the paper's ratio."""
+    top, bottom = table.ratio
+    by_seed = {column: {} for column in table.ratio}
+    for r in rows:
+        if r["row"] == row and r["column"] in by_seed and r["value"] is not None:
+            by_seed[r["column"]][r["seed"]] = r["value"]
+    stats = mean_std([v / by_seed[bottom][s] for s, v in by_seed[top].items() if by_seed[bottom].get(s)])
+    ours = f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['n']})" if stats["n"] else "–"
+    paper = table.numbers.get(row, {})
+    both = top in paper and bottom in paper
+    return [ours, f"{paper[top] / paper[bottom]:.3f}" if both else "–"]
 
 
 def _per_seed(table: PaperTable, rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:

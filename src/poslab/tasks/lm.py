@@ -26,6 +26,7 @@ from torch import Tensor
 from poslab.data.corpora import DEFAULT_FRACTIONS, SPLITS, check_fractions, list_corpora, load_corpus
 from poslab.data.lm import LMData, build_lm_data
 from poslab.data.tokenizers import ByteTokenizer, list_tokenizers
+from poslab.options import parse_lengths
 from poslab.tasks.base import Batch, Task, check_int, register
 
 # One LMData per distinct data configuration per process: tokenizing the stdlib takes ~1 s with
@@ -58,6 +59,16 @@ def _parse_fractions(value: Any) -> tuple[float, float, float]:
     return tuple(float(f) for f in check_fractions(value))  # type: ignore[return-value]
 
 
+def _parse_eval_lengths(value: Any) -> list[int]:
+    """``"128,320"``, a sequence or one length (``task.options.eval_lengths=320``) -> sorted lengths."""
+    try:
+        return parse_lengths([value] if isinstance(value, int) else value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lm: eval_lengths must be positive integers such as 128,320, got {value!r}"
+        ) from None
+
+
 @register("lm")
 class LMTask(Task):
     """Next-token prediction on a text or code corpus, split by document.
@@ -65,7 +76,8 @@ class LMTask(Task):
     Splits (``splits()``; each is the ``split`` keyword of `sample`):
         id: random windows of the training documents (what the model trains on; evaluated, it
             is the training fit).
-        validation, test: random windows of the held-out documents at the same length.
+        validation, test: random windows of the held-out documents at the same length, or at each
+            of ``eval_lengths`` when it is set.
 
     Determinism: a batch depends only on the generator, the corpus files, the split fractions and
     salt and the tokenizer, so the same seed gives the same windows in every run and process.
@@ -85,6 +97,10 @@ class LMTask(Task):
             give the same vocabulary (checked across processes on a small corpus).
         fractions: train / validation / test fractions of the documents (by a hash of their ids).
         salt: changes the document split while keeping its fractions.
+        eval_lengths: lengths the held-out splits are scored at, e.g. ``"128,320"`` (a length
+            generalisation test: `poslab.evaluate` reads every window whole, with its full causal
+            context, and records each length under results.json's ``metrics["lengths"]``); None: one
+            length, ``eval.length`` or the training length. Training ('id') is unaffected.
     """
 
     causal = True
@@ -98,6 +114,7 @@ class LMTask(Task):
         tokenizer_options: dict[str, Any] | None = None,
         fractions: Sequence[float] | str = DEFAULT_FRACTIONS,
         salt: str = "",
+        eval_lengths: Sequence[int] | str | None = None,
     ) -> None:
         if corpus not in list_corpora():
             raise ValueError(f"lm: unknown corpus {corpus!r}; known corpora: {', '.join(list_corpora())}")
@@ -113,6 +130,7 @@ class LMTask(Task):
         self.tokenizer_options = _check_mapping("tokenizer_options", tokenizer_options)
         self.fractions = _parse_fractions(fractions)
         self.salt = salt
+        self.eval_lengths = None if eval_lengths is None else tuple(_parse_eval_lengths(eval_lengths))
         if tokenizer == "bytes":
             # Validates the options now (a bad one is a config error, not a mid-run one).
             self._vocab_size = ByteTokenizer(**self.tokenizer_options).vocab_size
@@ -191,18 +209,28 @@ class LMTask(Task):
         return self.tokens
 
     def splits(self) -> dict[str, dict[str, Any]]:
-        return {"id": {"split": "train"}, **{s: {"split": s} for s in SPLITS if s != "train"}}
+        held = {"lengths": self.eval_lengths} if self.eval_lengths else {}
+        return {"id": {"split": "train"}, **{s: {"split": s, **held} for s in SPLITS if s != "train"}}
 
     def sample(
-        self, batch_size: int, length: int, *, generator: torch.Generator, split: str = "train"
+        self,
+        batch_size: int,
+        length: int,
+        *,
+        generator: torch.Generator,
+        split: str = "train",
+        lengths: Sequence[int] | None = None,
     ) -> Batch:
-        """``batch_size`` windows of ``length`` + 1 tokens of ``split`` at uniform random starts.
+        """``batch_size`` windows of ``length`` + 1 tokens of ``split`` at uniform random starts
+        (``length`` checked against the split's ``lengths`` when given).
 
         Returns a Batch with inputs = window[:-1], targets = window[1:] (both (B, length)) and an
         all-True mask. Only ``generator`` is drawn from.
         """
         if split not in SPLITS:
             raise ValueError(f"lm: unknown split {split!r}; splits: {', '.join(SPLITS)}")
+        if lengths is not None and length not in lengths:
+            raise ValueError(f"lm: length {length} is not one of the split's lengths {list(lengths)}")
         inputs, targets = self.data.sample(batch_size, length, generator=generator, split=split)
         return Batch(inputs, targets, torch.ones_like(inputs, dtype=torch.bool))
 
