@@ -23,7 +23,9 @@
 //
 // Plain C ABI (loaded with ctypes), templated over float and double. Work is split over query rows
 // (row i, for every b and h, to thread i mod n), so threads write disjoint rows, and the bias
-// gradient (H, t, S) summed over the batch needs no locks.
+// gradient (H, t, S) summed over the batch needs no locks. Each thread visits its rows in memory
+// order (b, h outer, i inner): short rows (a few cache lines) taken i outer jumped t * S floats from
+// one to the next, which the hardware prefetcher cannot follow, and the kernel waited on memory.
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // the gather instructions
@@ -375,11 +377,12 @@ void forward(const Problem<T>& p, T* probs, T* lse, T* gates, int threads) {
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
-    for (int64_t i = tid; i < t; i += n_threads) {
-      const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = tid; i < t; i += n_threads) {
+          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
           const int64_t r = (b * H + h) * t + i;
+          {
           const T* a = p.scores + r * S;
           T* out = probs + r * S;
           if (n == 0) {
@@ -408,11 +411,12 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
-    for (int64_t i = tid; i < t; i += n_threads) {
-      const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = tid; i < t; i += n_threads) {
+          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
           const int64_t r = (b * H + h) * t + i;
+          {
           const T* a = p.scores + r * S;
           const T* zr = p.z + r * P;
           T* prob = probs + r * S;
@@ -455,11 +459,12 @@ void backward_saved(const Problem<T>& p, const T* probs, const T* gates, const T
   const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
   parallel_rows(t, threads, [&](int tid, int n_threads) {
     Row<T> row(S, P);
-    for (int64_t i = tid; i < t; i += n_threads) {
-      const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < H; ++h) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = tid; i < t; i += n_threads) {
+          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
           const int64_t r = (b * H + h) * t + i;
+          {
           const T* prob = probs + r * S;
           const T* g = gates + r * S;
           T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
