@@ -26,8 +26,9 @@ interpolation and the softmax, and once more in backward, instead of some twenty
 float32/float64 CPU tensors; a bias may have a gradient. Saving for backward costs two floats per
 entry (the probabilities and the gates); otherwise the backward recomputes the block from the
 scores. By default the kernel is used where a one-off timing against the PyTorch path
-(``time_both_paths``, cached beside the library per head size and dtype) found it faster; ``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch path above
-remains for GPUs, other dtypes, other visibility patterns and machines without a compiler.
+(``time_both_paths``, cached beside the library per head size and dtype) found it faster;
+``POSLAB_NATIVE=1`` or ``0`` forces either. The PyTorch path above remains for GPUs, other dtypes,
+other visibility patterns and machines without a compiler.
 """
 
 from __future__ import annotations
