@@ -336,9 +336,10 @@ CHOMSKY_TASKS = (
     "bucket_sort",
 )
 
-# No published numbers: neither the DAPE repository (chuanyang-Zheng/DAPE: language-model configs
-# and code only, no Chomsky results) nor the stored copies of the paper's pages that could be read
-# gave the table's values, and numbers are never typed in from memory. Add them with their source.
+# No published numbers yet: the DAPE repository (chuanyang-Zheng/DAPE, README and configs) has the
+# language-model runs only, no Chomsky-hierarchy code or results, and the copies of the paper's
+# pages that could be searched (arXiv HTML of v1, summaries) gave its opening, not the table.
+# Numbers are never typed in from memory: add them with the table's number and the paper's version.
 _register(
     PaperTable(
         name="dape_chomsky",
