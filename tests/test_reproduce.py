@@ -347,6 +347,12 @@ def test_dape_chomsky_has_the_fifteen_tasks_of_docs_with_their_levels_and_chance
     assert (m.n_layers, m.d_model, m.n_heads, t.batch_size, t.lr) == (5, 256, 8, 128, 1e-4)
     grids = plan_table(table, tmp_path / "t", [0, 1, 2])
     assert sum(len(grid) for grid in grids.values()) == 360 and not (tmp_path / "t").exists()
+    # The page's setting: one line for the fifteen parts, which differ only in their task.
+    page = reproduce("dape_chomsky", tmp_path / "page", train=False)["page"]
+    setting = [ln for ln in page.splitlines() if "preset `chomsky_cpu`" in ln]
+    assert len(setting) == 1 and setting[0].startswith("- Each part `<part>` of `even_pairs`, ")
+    assert "with task.name=<part> (paper scale: `chomsky_paper`): <part>(max_train_len=40" in setting[0]
+    assert "trained on lengths 1-40, scored at id 1-40, every 6th; ood 41-100, every 6th" in setting[0]
 
 
 def test_best_tables_and_plots_are_checked_before_anything_trains(tmp_path, monkeypatch):

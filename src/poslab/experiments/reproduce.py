@@ -238,6 +238,11 @@ def _setting_lines(table: PaperTable, grids: dict[str, list[GridRun]]) -> list[s
             f"{m.n_heads} heads, {m.norm}-LN; {tc.steps} steps of batch {tc.batch_size}, "
             f"lr {tc.lr:g}, warm-up {tc.warmup}."
         )
+    # Many parts that differ only in their name (one task each): one line with a stand-in.
+    shared = {line.replace(part.name, "<part>") for part, line in zip(table.parts, lines, strict=True)}
+    if len(table.parts) > 2 and len(shared) == 1:
+        names = ", ".join(f"`{part.name}`" for part in table.parts)
+        lines = [shared.pop().replace("- `<part>`:", f"- Each part `<part>` of {names}:", 1)]
     lines.append(f"- The paper's setting: {table.paper_setting}.")
     return lines
 
