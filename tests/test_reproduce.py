@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from poslab.cli import main
 from poslab.evaluate import eval_seed
 from poslab.experiments import paper_tables
+from poslab.experiments.grid import estimated_cost
 from poslab.experiments.paper_tables import TABLES, PaperTable, Part, get_table
-from poslab.experiments.reproduce import _value, part_config, plan_table, reproduce
+from poslab.experiments.reproduce import _value, length_curves, part_config, plan_table, reproduce
 from poslab.presets import list_presets
 from poslab.runs import RunDir
 
@@ -295,3 +296,177 @@ def test_length_columns_end_to_end_are_full_context_perplexities(tmp_path, monke
     assert line.split(" | ")[-2:] == [f"{mean:.3f} ± {std:.3f} (2)", "1.250 |"]
     nope = next(ln for ln in page.splitlines() if ln.startswith("| No PE | "))
     assert nope.endswith(" | – |")  # no paper numbers, no paper ratio
+
+
+# -- the Chomsky hierarchy: best seeds, levels and chance, accuracy per length ---------------------
+
+DAPE_CHOMSKY_SPECS = [
+    "nope",
+    "rope",
+    "alibi",
+    "kerple_log",
+    "fire",
+    "dape[base=kerple_log]",
+    "dape[base=fire]",
+    "cope",
+]
+
+
+def _docs_chomsky_table() -> list[tuple[str, str, float]]:
+    """(level, task, chance %) of each line of docs/tasks.md's Chomsky-hierarchy table, in order."""
+    text = (Path(__file__).parents[1] / "docs" / "tasks.md").read_text()
+    lines = []
+    for line in text.split("## Encoder tasks")[1].split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[3].endswith("%"):
+            lines.append((cells[0], cells[1], float(cells[3].rstrip("%"))))
+    return lines
+
+
+def test_dape_chomsky_has_the_fifteen_tasks_of_docs_with_their_levels_and_chances(tmp_path):
+    table = get_table("dape_chomsky")
+    assert [spec for _, spec in table.rows] == DAPE_CHOMSKY_SPECS
+    assert table.metric == "accuracy" and table.best and table.plot == ("id", "ood")
+    assert table.numbers == {}  # none found; never typed in from memory
+    docs = _docs_chomsky_table()
+    assert len(docs) == 15 and [part.name for part in table.parts] == [task for _, task, _ in docs]
+    for (level, name, chance), part in zip(docs, table.parts, strict=True):
+        assert part.splits == ("ood",)
+        for scale in ("cpu", "paper"):
+            config = part_config(part, scale)
+            task = config.task.build()
+            assert task.name == name and not task.causal
+            assert task.level.replace("_", "-") == level and task.chance == pytest.approx(chance)
+            assert task.split_lengths("id") == range(1, 41)
+            for spec in DAPE_CHOMSKY_SPECS:  # every encoding runs in the bidirectional encoder
+                config.override({"model.encoding": spec}).model_config(task).build_encoding()
+    cpu, paper = part_config(table.parts[0], "cpu"), part_config(table.parts[0], "paper")
+    assert cpu.task.build().split_lengths("ood") == range(41, 101)
+    assert paper.task.build().split_lengths("ood") == range(41, 501)
+    m, t = paper.model, paper.train
+    assert (m.n_layers, m.d_model, m.n_heads, t.batch_size, t.lr) == (5, 256, 8, 128, 1e-4)
+    grids = plan_table(table, tmp_path / "t", [0, 1, 2])
+    assert sum(len(grid) for grid in grids.values()) == 360 and not (tmp_path / "t").exists()
+    # The page's setting: one line for the fifteen parts, which differ only in their task.
+    page = reproduce("dape_chomsky", tmp_path / "page", train=False)["page"]
+    setting = [ln for ln in page.splitlines() if "preset `chomsky_cpu`" in ln]
+    assert len(setting) == 1 and setting[0].startswith("- Each part `<part>` of `even_pairs`, ")
+    assert "with task.name=<part> (paper scale: `chomsky_paper`): <part>(max_train_len=40" in setting[0]
+    assert "trained on lengths 1-40, scored at id 1-40, every 6th; ood 41-100, every 6th" in setting[0]
+
+
+def test_best_tables_and_plots_are_checked_before_anything_trains(tmp_path, monkeypatch):
+    base = get_table("dape_chomsky")
+    with pytest.raises(ValueError, match="plot names whole splits"):
+        PaperTable(**{**base.__dict__, "plot": ("ood@50",)})
+    with pytest.raises(ValueError, match="best seeds has no ratio"):
+        PaperTable(**{**base.__dict__, "ratio": ("even_pairs/ood", "parity_check/ood")})
+    flipflop = get_table("cope_flipflop")
+    monkeypatch.setitem(
+        TABLES, "plotted", PaperTable(**{**flipflop.__dict__, "name": "plotted", "plot": ("id",)})
+    )
+    with pytest.raises(ValueError, match="part flipflop: cannot plot 'id' per length"):
+        reproduce("plotted", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def _chomsky_table(task: str = "parity_check", overrides: tuple[str, ...] = ()) -> PaperTable:
+    return PaperTable(
+        name="tiny_chomsky",
+        title="Tiny Chomsky",
+        source="a test",
+        metric="accuracy",
+        rows=(("NoPE", "nope"), ("DAPE-FIRE", "dape[base=fire]")),
+        parts=(
+            Part(
+                name=task,
+                cpu="chomsky_cpu",
+                paper="chomsky_paper",
+                overrides=(f"task.name={task}", *overrides),
+                splits=("ood",),
+            ),
+        ),
+        numbers={"DAPE-FIRE": {f"{task}/ood": 52.5}},
+        seeds=(0, 1),
+        best=True,
+        plot=("id", "ood"),
+    )
+
+
+def _fake_run(run, ood: float, lengths: dict[str, dict[int, float]]) -> None:
+    """A finished run's files as training writes them, with hand-made accuracies."""
+    run.run_dir.path.mkdir(parents=True)
+    run.run_dir.write_config(run.config)
+    per_length = {s: {str(n): {"accuracy": v} for n, v in vs.items()} for s, vs in lengths.items()}
+    metrics = {"splits": {"ood": {"accuracy": ood}}, "lengths": per_length}
+    run.run_dir.write_results(
+        {"metrics": metrics, "wall_time": 1.0, "machine": {"cpu": "hand", "threads": 1}}
+    )
+
+
+def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot(tmp_path, monkeypatch):
+    table = _chomsky_table()
+    monkeypatch.setitem(TABLES, "tiny_chomsky", table)
+    out = tmp_path / "out"
+    grid = plan_table(table, out, [0, 1])["parity_check"]
+    runs = {(run.config.encoding_label, run.config.train.seed): run for run in grid}
+    _fake_run(runs[("nope", 0)], 60.0, {"id": {1: 100.0, 40: 90.0}, "ood": {41: 70.0, 100: 50.0}})
+    _fake_run(runs[("nope", 1)], 80.0, {"id": {1: 100.0, 40: 96.0}, "ood": {41: 90.0, 100: None}})
+    _fake_run(runs[("dape[base=fire]", 1)], 55.5, {"id": {40: 99.0}, "ood": {41: 55.5}})
+    result = reproduce("tiny_chomsky", out, train=False)
+    assert (result["finished"], result["planned"]) == (3, 4)
+    page = (out / "README.md").read_text()
+    assert "| level | task | chance | NoPE | DAPE-FIRE |" in page
+    line = next(ln for ln in page.splitlines() if ln.startswith("| regular | parity_check |"))
+    nope, dape = f"**80.00** / 70.00 ± {20 / 2**0.5:.2f} (2)", "**55.50** / 55.50 (1) / paper 52.5"
+    assert line == f"| regular | parity_check | 50 | {nope} | {dape} |"
+    # Accuracy per length: the mean over the seeds that scored each length; the id split ends at 40.
+    curves, boundary = length_curves(table, grid)
+    assert curves["NoPE"] == {1: 100.0, 40: 93.0, 41: 80.0, 100: 50.0}
+    assert curves["DAPE-FIRE"] == {40: 99.0, 41: 55.5} and boundary == 40
+    assert "![parity_check](plots/parity_check.png)" in page
+    assert (out / "plots" / "parity_check.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tiny_chomsky_table_end_to_end_scores_pooled_per_token_accuracy(tmp_path, monkeypatch):
+    small = ("model.d_model=16", "model.n_heads=2", "task.options.max_eval_len=46", "eval.batch_size=8")
+    table = _chomsky_table("reverse_string", (*FAST, *small))
+    monkeypatch.setitem(TABLES, "tiny_chomsky", table)
+    out = tmp_path / "out"
+    result = reproduce("tiny_chomsky", out, jobs=1)
+    assert (result["finished"], result["planned"], result["trained"]) == (4, 4, 4)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and {r["column"] for r in rows} == {"reverse_string/ood"}
+    # The ood value is the mean over the tested lengths (41, 46: every 6th and the last) of the
+    # accuracy pooled over all output tokens of the length's batch, here recomputed from the model.
+    run = next(r for r in rows if r["encoding"] == "dape[base=fire]" and r["seed"] == "1")
+    loaded = RunDir(run["run_dir"]).load_model()
+    pooled = []
+    for length in (41, 46):
+        generator = torch.Generator().manual_seed(eval_seed(0, "ood", length))
+        batch = loaded.task.sample(8, length, generator=generator, **loaded.task.splits()["ood"])
+        with torch.no_grad():
+            predicted = loaded.model(batch.inputs).argmax(-1)
+        correct = (predicted == batch.targets) & batch.mask
+        pooled.append(100 * correct.sum().item() / batch.mask.sum().item())
+    assert batch.mask.sum().item() == 8 * 46  # reverse_string: one output token per input token
+    assert float(run["value"]) == pytest.approx(sum(pooled) / 2)
+    # Each cell: the best of the two seeds, then their mean ± std, as the CSV has them.
+    page = (out / "README.md").read_text()
+    values = [float(r["value"]) for r in rows if r["encoding"] == "nope"]
+    line = next(ln for ln in page.splitlines() if ln.startswith("| context-free | reverse_string | 50 |"))
+    assert line.split(" | ")[3].startswith(f"**{max(values):.2f}** / {sum(values) / 2:.2f} ± ")
+    assert (out / "plots" / "reverse_string.png").is_file()
+
+
+def test_chomsky_grids_start_the_longest_sequences_first():
+    # The Chomsky tasks draw a length per batch (no task.train_len): the estimate counts a sequence at
+    # the longest training length, input and output (it used to raise TypeError on the None).
+    table = get_table("dape_chomsky")
+    parts = {part.name: part for part in table.parts}
+    cost = {
+        name: estimated_cost(part_config(parts[name], "cpu").override({"model.encoding": "nope"}))
+        for name in ("parity_check", "reverse_string", "duplicate_string")
+    }
+    assert cost["parity_check"] * 80 == cost["reverse_string"] * 41  # 41 tokens (one output) vs 80
+    assert cost["duplicate_string"] * 80 == cost["reverse_string"] * 120

@@ -68,11 +68,17 @@ def plan_grid(
 def estimated_cost(config: RunConfig) -> float:
     """A run's relative training cost, to start the slowest first: tokens trained on, times a
     factor for encodings that rewrite the logits (CoPE, DAPE: several times NoPE's step on a CPU)
-    or add a bias. Only the order matters."""
+    or add a bias. Only the order matters. A task that draws each batch's length from a range (the
+    Chomsky tasks, no ``task.train_len``) counts the tokens of a sequence at its longest length."""
     tc = config.train
     encoding = config.model.to_model_config(vocab_size=1, n_outputs=None, causal=True).build_encoding()
     factor = 4.0 if encoding.uses_logits else 1.5 if "bias" in encoding.hooks else 1.0
-    return tc.steps * tc.batch_size * config.task.train_len * config.model.d_model * factor
+    length = config.task.train_len
+    if length is None:
+        task = config.task.build()
+        longest = task.split_lengths("id")[-1]
+        length = task.sample(1, longest, generator=torch.Generator().manual_seed(0)).inputs.shape[1]
+    return tc.steps * tc.batch_size * length * config.model.d_model * factor
 
 
 def check_jobs(jobs: int, threads: int | None = None) -> None:

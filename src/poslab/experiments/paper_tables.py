@@ -4,10 +4,12 @@ A `PaperTable` is data: its rows (the paper's name for an encoding and poslab's 
 (one grid each: a CPU-scaled preset and the paper-scale twin, with overrides, e.g. counting with 1, 3
 and 5 variables), the splits it shows and the paper's numbers for them. `poslab reproduce NAME`
 (`poslab.experiments.reproduce`) trains every part's grid and writes the page. Every table has a
-DAPE-Kerple row beyond the paper's (CoPE and DAPE were never compared on each other's tasks).
+row beyond the paper's, since CoPE and DAPE were never compared on each other's tasks: DAPE-Kerple
+in the CoPE paper's tables, CoPE in the DAPE paper's.
 
 The numbers are the papers' own: CoPE, Golovneva et al. 2024 (arXiv 2405.18719), tables 1-3 (test
-error %, lower is better), tables 4-5 and the Wikitext-103 length generalisation (perplexity).
+error %, lower is better), tables 4-5 and the Wikitext-103 length generalisation (perplexity). The
+DAPE paper's Chomsky-hierarchy table (arXiv 2405.14722) has none here yet: see `dape_chomsky`.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ class PaperTable:
     paper's value per row name and column ``"<part>/<split>"`` (missing: the paper has none);
     ``metric``: the headline metric of the runs ('error' or 'accuracy', in %, or 'ppl');
     ``ratio``: two columns (numerator, denominator) whose ratio the page adds per row, e.g.
-    perplexity at 2.5 times the training length over perplexity at it."""
+    perplexity at 2.5 times the training length over perplexity at it; ``best``: the page shows
+    each cell's best seed beside the mean (the Chomsky-hierarchy papers report the best of their
+    runs), one line per column with its task's level and chance, one column per row; ``plot``:
+    length-range splits (e.g. ``("id", "ood")``) whose per-length metric the page draws, one figure
+    per part with a line per row (the mean over seeds)."""
 
     name: str
     title: str
@@ -49,6 +55,8 @@ class PaperTable:
     paper_setting: str = ""
     seeds: tuple[int, ...] = (0, 1, 2)
     ratio: tuple[str, str] | None = None
+    best: bool = False
+    plot: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [row for row, _ in self.rows]
@@ -66,6 +74,11 @@ class PaperTable:
         for part in self.parts:
             for split in part.splits:
                 split_at(split)  # a bad length raises here, not after training
+        if self.best and self.ratio is not None:
+            raise ValueError(f"table {self.name}: a table with best seeds has no ratio column")
+        for split in self.plot:
+            if split_at(split)[1] is not None:
+                raise ValueError(f"table {self.name}: plot names whole splits, got {split!r}")
 
     @property
     def columns(self) -> list[str]:
@@ -297,5 +310,68 @@ _register(
         "1024 (table 4) and at 2560 (2.5x; ~24.2 and ~21.6 are read from the paper's text and figure, "
         "approximate); here the Python documentation's reST sources in 4096 BPE tokens, trained at 128 "
         "and scored at 128 and 320 over all tokens of each window",
+    )
+)
+
+# The Chomsky hierarchy (Deletang et al., arXiv 2207.02098) as the DAPE paper runs it, after Ruoss et
+# al. (arXiv 2305.16843): a bidirectional encoder trained on lengths 1-40, per-token accuracy pooled
+# over each batch's output tokens and averaged over the unseen lengths (the `ood` split). One part per
+# task, in docs/tasks.md's order: regular, context-free, context-sensitive. The page takes each task's
+# level and chance (guessing among its output symbols) from the task itself.
+CHOMSKY_TASKS = (
+    "even_pairs",
+    "modular_arithmetic_simple",
+    "parity_check",
+    "cycle_navigation",
+    "stack_manipulation",
+    "reverse_string",
+    "modular_arithmetic",
+    "solve_equation",
+    "duplicate_string",
+    "missing_duplicate",
+    "odds_first",
+    "binary_addition",
+    "binary_multiplication",
+    "compute_sqrt",
+    "bucket_sort",
+)
+
+# No published numbers yet: the DAPE repository (chuanyang-Zheng/DAPE, README and configs) has the
+# language-model runs only, no Chomsky-hierarchy code or results, and the copies of the paper's
+# pages that could be searched (arXiv HTML of v1, summaries) gave its opening, not the table.
+# Numbers are never typed in from memory: add them with the table's number and the paper's version.
+_register(
+    PaperTable(
+        name="dape_chomsky",
+        title="The Chomsky hierarchy: per-token accuracy at unseen lengths",
+        source="DAPE paper (arXiv 2405.14722), the Chomsky-hierarchy table",
+        metric="accuracy",
+        rows=(
+            ("NoPE", "nope"),
+            ("RoPE", "rope"),
+            ("ALiBi", "alibi"),
+            ("Kerple", "kerple_log"),
+            ("FIRE", "fire"),
+            ("DAPE-Kerple", "dape[base=kerple_log]"),
+            ("DAPE-FIRE", "dape[base=fire]"),
+            ("CoPE (not in the paper)", "cope"),
+        ),
+        parts=tuple(
+            Part(
+                name=task,
+                cpu="chomsky_cpu",
+                paper="chomsky_paper",
+                overrides=(f"task.name={task}",),
+                splits=("ood",),
+            )
+            for task in CHOMSKY_TASKS
+        ),
+        best=True,
+        plot=("id", "ood"),
+        paper_setting="a 5-layer encoder, d 256, 8 heads (about 4M parameters), batch 128, lr 1e-4, trained "
+        "on lengths 1-40 and tested on every length 41-500 (`chomsky_paper`); here 2 layers, d 64, 4 heads "
+        "(about 0.1M parameters), 2000 steps of batch 32 (1% of the sequences of 50k steps of batch 128), "
+        "tested on every 6th length 41-100 (2.5 times the longest training length, not 12.5): "
+        "`chomsky_cpu` has the sizing, about 100 CPU seconds a run",
     )
 )

@@ -7,8 +7,10 @@ several sessions and machines from the small per-run files alone. ``--page-only`
 and rebuilds the page from the runs there are.
 
 The page, ``OUT/README.md``: the command, the setting, the machines and compute the runs recorded,
-ours (mean ± sample std over seeds) beside the paper's numbers, every seed's value, and the reading
-written by hand in ``OUT/notes.md`` (kept across rebuilds); ``OUT/results.csv`` has one row per run.
+ours (mean ± sample std over seeds, and the best seed where the table asks for it) beside the
+paper's numbers, every seed's value, and the reading written by hand in ``OUT/notes.md`` (kept
+across rebuilds); ``OUT/results.csv`` has one row per run and column. A table with ``plot`` splits
+also gets ``OUT/plots/<part>.png``, its metric per evaluated length (with matplotlib installed).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from poslab import plotting
 from poslab.checkpoint import check_writable, write_text
 from poslab.evaluate import eval_lengths
 from poslab.experiments.command import THREADS, Command, arg, progress
@@ -33,6 +36,7 @@ log = logging.getLogger("poslab")
 
 NOTES = "notes.md"
 SCALES = ("cpu", "paper")
+UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
 
 
 def part_config(part: Part, scale: str, overrides: list[str] = ()):
@@ -55,6 +59,7 @@ def plan_table(
     for part in table.parts:
         config = part_config(part, scale, overrides)
         _check_lengths(part, config)
+        _check_plot(table, part, config)
         grids[part.name] = plan_grid(config, specs, seeds, out / part.name, resume=True, overwrite=False)
     return grids
 
@@ -77,6 +82,14 @@ def _check_lengths(part: Part, config) -> None:
                 f"column {part.name}/{column}: the runs score {split} at {', '.join(map(str, scored))}, "
                 f"not at {length}"
             )
+
+
+def _check_plot(table: PaperTable, part: Part, config) -> None:
+    """ValueError when a split the table plots is not scored per length by ``part``'s task."""
+    task = config.task.build()
+    for split in table.plot:
+        if split not in task.splits() or task.split_lengths(split) is None:
+            raise ValueError(f"table {table.name}, part {part.name}: cannot plot {split!r} per length")
 
 
 def reproduce(
@@ -107,7 +120,8 @@ def reproduce(
         trained = len(train_grid(todo, resume=True, jobs=jobs, threads=threads, progress=progress))
         log.info("%s: %d runs trained in %.0f s", name, trained, time.monotonic() - started)
     command = _command(name, out, seeds, table, scale, overrides)
-    page, rows = table_page(table, grids, command=command, notes=_read_notes(out))
+    plots = draw_length_plots(table, grids, out / "plots") if table.plot else {}
+    page, rows = table_page(table, grids, command=command, notes=_read_notes(out), plots=plots)
     write_text(out / "README.md", page)
     write_text(out / "results.csv", _csv(rows))
     finished = sum(run.run_dir.is_finished() for grid in grids.values() for run in grid)
@@ -151,9 +165,15 @@ def _value(results: dict[str, Any], split: str, metric: str) -> float | None:
 
 
 def table_page(
-    table: PaperTable, grids: dict[str, list[GridRun]], *, command: str, notes: str | None
+    table: PaperTable,
+    grids: dict[str, list[GridRun]],
+    *,
+    command: str,
+    notes: str | None,
+    plots: dict[str, str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """The page's Markdown and its per-run rows, from the finished runs of ``grids``."""
+    """The page's Markdown and its per-run rows, from the finished runs of ``grids``; ``plots``:
+    each part's figure, as a path relative to the page."""
     rows: list[dict[str, Any]] = []  # one per finished run and column
     missing: list[str] = []
     machines: dict[str, int] = {}
@@ -195,7 +215,8 @@ def table_page(
     ]
     if missing:
         lines += [f"**Incomplete**: {len(missing)} runs not finished; rerun the command to finish them.", ""]
-    lines += _comparison(table, rows) + [""] + _per_seed(table, rows, seeds) + [""]
+    comparison = _by_part(table, rows, grids) if table.best else _comparison(table, rows)
+    lines += comparison + [""] + _plot_lines(table, plots or {}) + _per_seed(table, rows, seeds) + [""]
     lines += ["## Reading", "", notes or "_Not written yet._", ""]
     return "\n".join(lines), rows
 
@@ -213,16 +234,39 @@ def _setting_lines(table: PaperTable, grids: dict[str, list[GridRun]]) -> list[s
         with_overrides = f" with {' '.join(part.overrides)}" if part.overrides else ""
         lines.append(
             f"- `{part.name}`: preset `{part.cpu}`{with_overrides} (paper scale: `{part.paper}`): "
-            f"{t.name}({options}) at length {t.train_len}; {m.n_layers} layers, d {m.d_model}, "
+            f"{t.name}({options}) {_lengths(config)}; {m.n_layers} layers, d {m.d_model}, "
             f"{m.n_heads} heads, {m.norm}-LN; {tc.steps} steps of batch {tc.batch_size}, "
             f"lr {tc.lr:g}, warm-up {tc.warmup}."
         )
+    # Many parts that differ only in their name (one task each): one line with a stand-in.
+    shared = {line.replace(part.name, "<part>") for part, line in zip(table.parts, lines, strict=True)}
+    if len(table.parts) > 2 and len(shared) == 1:
+        names = ", ".join(f"`{part.name}`" for part in table.parts)
+        lines = [shared.pop().replace("- `<part>`:", f"- Each part `<part>` of {names}:", 1)]
     lines.append(f"- The paper's setting: {table.paper_setting}.")
     return lines
 
 
+def _lengths(config) -> str:
+    """'at length 64', or for a task that trains on a range of lengths (the Chomsky tasks) the
+    training range and the lengths each length-range split is scored at."""
+    if config.task.train_len is not None:
+        return f"at length {config.task.train_len}"
+    task = config.task.build()
+    train = task.split_lengths("id")
+    scored = []
+    for split in config.eval.splits or task.splits():
+        lengths = task.split_lengths(split)
+        if lengths is not None:
+            at = eval_lengths(lengths, config.eval, None)
+            every = f", every {config.eval.len_stride}th" if config.eval.len_stride > 1 else ""
+            scored.append(f"{split} {at[0]}-{at[-1]}{every}")
+    per_length = f"{config.eval.batches} x {config.eval.batch_size} sequences a length"
+    return f"trained on lengths {train[0]}-{train[-1]}, scored at {'; '.join(scored)} ({per_length})"
+
+
 def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
-    unit = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}.get(table.metric, table.metric)
+    unit = UNITS.get(table.metric, table.metric)
     better = "higher" if table.metric == "accuracy" else "lower"
     ratio_head = " | ratio ours | ratio paper" if table.ratio is not None else ""
     lines = [
@@ -251,6 +295,61 @@ def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
             f"{table.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
         ]
     return lines
+
+
+def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, list[GridRun]]) -> list[str]:
+    """One line per column (its task's level and chance where the task has them), one column per
+    row of the table; each cell the best seed, then mean ± sample std (n), then the paper's value."""
+    unit = UNITS.get(table.metric, table.metric)
+    higher = table.metric == "accuracy"
+    lines = [
+        "## Ours beside the paper's",
+        "",
+        f"{unit}, {'higher' if higher else 'lower'} is better. Each cell: the best seed, then the mean ± "
+        "sample std over the seeds (n), then the paper's number where there is one; the "
+        "Chomsky-hierarchy papers report the best run. Chance: guessing uniformly among the task's "
+        "output symbols.",
+        "",
+        "| level | task | chance | " + " | ".join(row for row, _ in table.rows) + " |",
+        "|---|---|---|" + "---|" * len(table.rows),
+    ]
+    for part in table.parts:
+        task = grids[part.name][0].config.task.build()
+        level = str(getattr(task, "level", "–")).replace("_", "-")
+        chance = getattr(task, "chance", None)
+        for split in part.splits:
+            column = f"{part.name}/{split}"
+            cells = []
+            for row, _ in table.rows:
+                values = [r["value"] for r in rows if r["row"] == row and r["column"] == column]
+                stats = mean_std(values)
+                known = [v for v in values if v is not None]
+                cell = "–"
+                if known:
+                    best = max(known) if higher else min(known)
+                    cell = f"**{best:.2f}** / {stats_cell(stats)} ({stats['n']})"
+                paper = table.numbers.get(row, {}).get(column)
+                cells.append(cell if paper is None else f"{cell} / paper {paper:g}")
+            name = part.name if len(part.splits) == 1 else column
+            chance_cell = "–" if chance is None else f"{chance:.0f}"
+            lines.append(f"| {level} | {name} | {chance_cell} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot_lines(table: PaperTable, plots: dict[str, str]) -> list[str]:
+    if not table.plot:
+        return []
+    splits = " and ".join(table.plot)
+    lines = [
+        "## Per length",
+        "",
+        f"{table.metric} at each evaluated length of {splits}, one line per encoding (the mean over the "
+        "seeds); grey dotted: chance, dashed: the longest training length.",
+        "",
+    ]
+    if not plots:
+        return lines + ["_No plots: no finished runs, or matplotlib is not installed._", ""]
+    return lines + [f"![{part}]({path})" for part, path in plots.items()] + [""]
 
 
 def _ratio_cells(table: PaperTable, row: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -290,6 +389,64 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         writer.writerow([csv_value(r[k]) if k in ("value", "wall_time") else r[k] for k in head])
     return out.getvalue()
+
+
+# -- the plots -------------------------------------------------------------------------------------
+
+
+def length_curves(table: PaperTable, grid: list[GridRun]) -> tuple[dict[str, dict[int, float]], int | None]:
+    """Per row of ``table``, the mean over finished seeds of the metric at every length of the
+    table's plot splits (lengths where every seed is missing are left out); and the last length of
+    the first split (for the id split: the longest training length)."""
+    per_row: dict[str, dict[int, list[float]]] = {}
+    boundary = None
+    for run in grid:
+        if not run.run_dir.is_finished():
+            continue
+        lengths = run.run_dir.load_results()["metrics"].get("lengths", {})
+        curve = per_row.setdefault(_row_name(table, run.config.encoding_label), {})
+        for index, split in enumerate(table.plot):
+            scored = {int(n): m.get(table.metric) for n, m in lengths.get(split, {}).items()}
+            if index == 0 and scored:
+                boundary = max(scored)
+            for n, value in scored.items():
+                if finite(value):
+                    curve.setdefault(n, []).append(value)
+    means = {
+        row: {n: sum(vs) / len(vs) for n, vs in sorted(per_row[row].items())}
+        for row, _ in table.rows
+        if per_row.get(row)
+    }
+    return means, boundary
+
+
+def draw_length_plots(table: PaperTable, grids: dict[str, list[GridRun]], folder: Path) -> dict[str, str]:
+    """Each part's figure of `length_curves` in ``folder/<part>.png``; {part: "plots/<part>.png"},
+    empty (and a warning) without matplotlib. Parts without finished runs get none."""
+    if not plotting.can_plot("the per-length plots"):
+        return {}
+    written = {}
+    for part in table.parts:
+        curves, boundary = length_curves(table, grids[part.name])
+        if not curves:
+            continue
+        task = grids[part.name][0].config.task.build()
+        fig = plotting.figure(figsize=(7, 4.2))
+        ax = fig.subplots()
+        for row, curve in curves.items():
+            ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=row)
+        if getattr(task, "chance", None) is not None:
+            ax.axhline(task.chance, color="grey", linestyle=":", linewidth=1)
+        if boundary is not None and len(table.plot) > 1:
+            ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("input length")
+        ax.set_ylabel(UNITS.get(table.metric, table.metric))
+        ax.set_title(f"{part.name} ({str(getattr(task, 'level', '')).replace('_', '-')})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        plotting.save(fig, folder / f"{part.name}.png", dpi=100)
+        written[part.name] = f"{folder.name}/{part.name}.png"
+    return written
 
 
 # -- the command -----------------------------------------------------------------------------------

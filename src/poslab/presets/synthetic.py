@@ -197,3 +197,29 @@ def chomsky_paper() -> RunConfig:
         ),
         eval=EvalConfig(batches=4, batch_size=64),
     )
+
+
+@preset("chomsky_cpu", "CPU, ~100 s a run: the dape_chomsky table's encoder, tested on lengths 41..100")
+def chomsky_cpu() -> RunConfig:
+    # Sized so that `poslab reproduce dape_chomsky` (15 tasks x 8 encodings x 3 seeds = 360 runs)
+    # fits in about 6 hours of 2 cores (43,200 core-seconds, 120 a run). Measured in process CPU
+    # time, one thread, 2 layers d 64 batch 32, lengths drawn uniformly from 1..40, while other jobs
+    # shared the 2 cores: a training step of DAPE-Kerple takes 30 ms (modular_arithmetic_simple) to
+    # 124 ms (duplicate_string, 3n tokens), 54 ms over the 15 tasks; on duplicate_string NoPE takes
+    # 56, RoPE 67, FIRE 80, DAPE-FIRE 86, DAPE-Kerple 101-124 and CoPE 138, so the eight encodings
+    # average about 0.8 of DAPE-Kerple, 44 ms. A forward pass of 64 test sequences at length 70
+    # takes 80-130 ms for the one-output tasks and 400 ms for duplicate_string (210 tokens), 180 on
+    # average for DAPE-Kerple; NoPE and RoPE take half that, CoPE twice (10 s at length 200 of
+    # duplicate_string, 600 tokens). A whole run of this preset cut to 200 steps, CoPE on
+    # binary_addition: 20 s of training (98 ms a step) and 30 s of evaluation, the costliest kind.
+    # Hence 2000 steps (~88 s), one evaluation at the end (no periodic ones) on every 6th length
+    # up to 100 with 4 batches of 64 each (~9 s on average): ~100 s a run, ~36,000 core-seconds
+    # (5 h on 2 cores) for the table. Testing up to 500 as the paper does would cost more than the
+    # training at this size (attention is quadratic in length; duplicate_string reaches 1500 tokens).
+    return chomsky_small().override(
+        {
+            "train.eval_every": 0,
+            "train.checkpoint_every": 500,
+            "eval.batches": 4,
+        }
+    )
