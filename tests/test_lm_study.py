@@ -10,7 +10,8 @@ import pytest
 
 from poslab.cli import main
 from poslab.encodings import build_encoding
-from poslab.experiments.lm_study import STUDIES, LMStudy, PaperNumber, StudyPart, get_study, run_study
+from poslab.experiments.lm_studies import STUDIES, LMStudy, PaperNumber, StudyPart, get_study
+from poslab.experiments.lm_study import run_study
 from poslab.presets import get_preset
 from test_extrapolate import write_corpus
 

@@ -7,8 +7,9 @@
   L, 2L, 4L, ..., and its page, `poslab.experiments.extrapolation_page`;
 - `poslab.experiments.reproduce`: ``poslab reproduce TABLE``, the papers' tables
   (`poslab.experiments.paper_tables`) trained part by part and written as pages;
-- `poslab.experiments.lm_study`: ``poslab lm-study NAME``, the DAPE paper's language-model studies,
-  each a set of ``lm-extrapolation`` grids and one page;
+- `poslab.experiments.lm_study`: ``poslab lm-study NAME``, the DAPE paper's language-model studies
+  (`poslab.experiments.lm_studies`), each a set of ``lm-extrapolation`` grids and one page
+  (`poslab.experiments.lm_study_page`);
 - `poslab.experiments.command`: subcommands as data (`Command`), which `poslab.cli` offers.
 
 A new kind of experiment is a module here (plan a grid with `plan_grid`, train it with
