@@ -57,7 +57,13 @@ def test_training_results_carry_the_declared_headline_and_per_length_splits(tmp_
 
 def test_lm_presets_carry_their_evaluation_lengths():
     tops = {name: get_preset(name).eval.extrapolate_to for name in list_presets() if name.startswith("lm_")}
-    assert tops == {"lm_stdlib_small": 4096, "lm_paper_128": 8192, "lm_paper_512": 8192}
+    assert tops == {
+        "lm_stdlib_small": 4096,
+        "lm_stdlib_x4": 4096,
+        "lm_stdlib_x16": 4096,
+        "lm_paper_128": 8192,
+        "lm_paper_512": 8192,
+    }
     assert get_preset("smoke").eval.extrapolate_to is None
     with pytest.raises(ValueError, match="eval.extrapolate_to"):
         EvalConfig(extrapolate_to=0)

@@ -44,6 +44,18 @@ def lm_stdlib_small() -> RunConfig:
     )
 
 
+# The DAPE scale study (`poslab lm-study dape_scale`): lm_stdlib_small widened, all else equal (4 heads,
+# 2 layers, the same steps, batch and learning rate), so that only the parameter count changes.
+@preset("lm_stdlib_x4", "CPU: lm_stdlib_small at d 256, about 4x its parameters (1.7M), 4-6 min a run")
+def lm_stdlib_x4() -> RunConfig:
+    return lm_stdlib_small().override({"model.d_model": 256})
+
+
+@preset("lm_stdlib_x16", "CPU: lm_stdlib_small at d 512, about 14x its parameters (6.6M), 15-25 min a run")
+def lm_stdlib_x16() -> RunConfig:
+    return lm_stdlib_small().override({"model.d_model": 512})
+
+
 def _paper(train_len: int) -> RunConfig:
     # The DAPE paper's 125M decoder (12 layers, d 768, 12 heads), trained at 128 or 512. The stdlib
     # holds ~11M training bytes, little for 125M parameters: point task.options.corpus at a larger
