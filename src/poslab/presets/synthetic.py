@@ -60,7 +60,7 @@ def flipflop_small() -> RunConfig:
     )
 
 
-@preset("flipflop_demo", "CPU, ~12 min for 5 encodings on 2 cores: flipflop_small, 2500 steps of batch 16")
+@preset("flipflop_demo", "CPU, ~11 min for 5 encodings on 2 cores: flipflop_small, 2500 steps of batch 16")
 def flipflop_demo() -> RunConfig:
     # 2500 steps of batch 16 at a peak lr of 5e-3 with 200 warm-up steps, for every encoding alike:
     # 1.25 times the compute of the earlier 1000 steps of batch 32 (lr 3e-3), where CoPE's escape
