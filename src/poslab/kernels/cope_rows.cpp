@@ -22,10 +22,7 @@
 // level.
 //
 // Plain C ABI (loaded with ctypes), templated over float and double. Work is split over query rows
-// (row i, for every b and h, to thread i mod n), so threads write disjoint rows, and the bias
-// gradient (H, t, S) summed over the batch needs no locks. Each thread visits its rows in memory
-// order (b, h outer, i inner): short rows (a few cache lines) taken i outer jumped t * S floats from
-// one to the next, which the hardware prefetcher cannot follow, and the kernel waited on memory.
+// (``for_each_row``).
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // the gather instructions
@@ -372,80 +369,78 @@ inline void row_gradients(const T* g, int64_t n, int64_t P, Row<T>& row, T scale
   }
 }
 
+// Calls fn(row, h, i, n, r) for every query row (b, h, i): n = its visible keys, r = its index in
+// the (B, H, t) rows, row = the calling thread's buffers. Rows go to threads by i mod n, so threads
+// write disjoint rows and the bias gradient (H, t, S), summed over the batch, needs no locks; each
+// thread visits its rows in memory order (b, h outer, i inner): short rows taken i outer jumped t * S
+// floats from one to the next, which the hardware prefetcher cannot follow.
+template <typename T, typename Fn>
+void for_each_row(const Problem<T>& p, int threads, Fn fn) {
+  parallel_rows(p.rows, threads, [&](int tid, int n_threads) {
+    Row<T> row(p.keys, p.npos);
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t h = 0; h < p.heads; ++h)
+        for (int64_t i = tid; i < p.rows; i += n_threads)
+          fn(row, h, i, std::clamp<int64_t>(p.row_len[i], 0, p.keys), (b * p.heads + h) * p.rows + i);
+  });
+}
+
 template <typename T>
 void forward(const Problem<T>& p, T* probs, T* lse, T* gates, int threads) {
-  const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
-  parallel_rows(t, threads, [&](int tid, int n_threads) {
-    Row<T> row(S, P);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = tid; i < t; i += n_threads) {
-          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-          const int64_t r = (b * H + h) * t + i;
-          {
-          const T* a = p.scores + r * S;
-          T* out = probs + r * S;
-          if (n == 0) {
-            std::fill(out, out + S, T(0));
-            lse[r] = -std::numeric_limits<T>::infinity();
-            continue;
-          }
-          const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
-          T* g = gates == nullptr ? row.gates.data() : gates + r * S;
-          row_logits(a, p.z + r * P, bias, n, P, row, g, out);
-          if (gates != nullptr) std::fill(g + n, g + S, T(0));
-          const T m = row_max(out, n);
-          const T sum = exp_shifted(out, n, m);
-          const T inv = T(1) / sum;
-          map_row<T>(out, out, n, [&](Vec<T> x) { return x * inv; });
-          std::fill(out + n, out + S, T(0));
-          lse[r] = m + std::log(sum);
-        }
+  const int64_t t = p.rows, S = p.keys, P = p.npos;
+  for_each_row(p, threads, [&](Row<T>& row, int64_t h, int64_t i, int64_t n, int64_t r) {
+    const T* a = p.scores + r * S;
+    T* out = probs + r * S;
+    if (n == 0) {
+      std::fill(out, out + S, T(0));
+      lse[r] = -std::numeric_limits<T>::infinity();
+      return;
     }
+    const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
+    T* g = gates == nullptr ? row.gates.data() : gates + r * S;
+    row_logits(a, p.z + r * P, bias, n, P, row, g, out);
+    if (gates != nullptr) std::fill(g + n, g + S, T(0));
+    const T m = row_max(out, n);
+    const T sum = exp_shifted(out, n, m);
+    const T inv = T(1) / sum;
+    map_row<T>(out, out, n, [&](Vec<T> x) { return x * inv; });
+    std::fill(out + n, out + S, T(0));
+    lse[r] = m + std::log(sum);
   });
 }
 
 template <typename T>
 void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* probs, T* grad, T* grad_z,
               T* grad_bias, int threads) {
-  const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
-  parallel_rows(t, threads, [&](int tid, int n_threads) {
-    Row<T> row(S, P);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = tid; i < t; i += n_threads) {
-          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-          const int64_t r = (b * H + h) * t + i;
-          {
-          const T* a = p.scores + r * S;
-          const T* zr = p.z + r * P;
-          T* prob = probs + r * S;
-          T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
-          std::fill(prob + n, prob + S, T(0));
-          std::fill(g_row + n, g_row + S, T(0));
-          if (n == 0) {
-            std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
-            continue;
-          }
-          const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
-          row_logits(a, zr, bias, n, P, row, row.gates.data(), prob);
-          const T dot = rowdot[r];
-          // probabilities exp(logits - lse), and dlogits = prob (dP - rowdot) in dP's buffer
-          const T shift = lse[r];
-          int64_t j = 0;
-          for (; j + LANES<T> <= n; j += LANES<T>) {
-            const Vec<T> e = vexp<T>(load(prob + j) - shift);
-            store(prob + j, e);
-            store(g_row + j, e * (load(g_row + j) - dot));
-          }
-          if (j < n) {
-            exp_shifted(prob + j, n - j, shift);
-            for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
-          }
-          if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
-          row_gradients(row.gates.data(), n, P, row, scale, g_row, grad_z + r * P);
-        }
+  const int64_t t = p.rows, S = p.keys, P = p.npos;
+  for_each_row(p, threads, [&](Row<T>& row, int64_t h, int64_t i, int64_t n, int64_t r) {
+    const T* a = p.scores + r * S;
+    const T* zr = p.z + r * P;
+    T* prob = probs + r * S;
+    T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
+    std::fill(prob + n, prob + S, T(0));
+    std::fill(g_row + n, g_row + S, T(0));
+    if (n == 0) {
+      std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
+      return;
     }
+    const T* bias = p.bias == nullptr ? nullptr : p.bias + (h * t + i) * S;
+    row_logits(a, zr, bias, n, P, row, row.gates.data(), prob);
+    const T dot = rowdot[r];
+    // probabilities exp(logits - lse), and dlogits = prob (dP - rowdot) in dP's buffer
+    const T shift = lse[r];
+    int64_t j = 0;
+    for (; j + LANES<T> <= n; j += LANES<T>) {
+      const Vec<T> e = vexp<T>(load(prob + j) - shift);
+      store(prob + j, e);
+      store(g_row + j, e * (load(g_row + j) - dot));
+    }
+    if (j < n) {
+      exp_shifted(prob + j, n - j, shift);
+      for (; j < n; ++j) g_row[j] = prob[j] * (g_row[j] - dot);
+    }
+    if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
+    row_gradients(row.gates.data(), n, P, row, scale, g_row, grad_z + r * P);
   });
 }
 
@@ -456,31 +451,22 @@ void backward(const Problem<T>& p, const T* lse, const T* rowdot, T scale, T* pr
 template <typename T>
 void backward_saved(const Problem<T>& p, const T* probs, const T* gates, const T* rowdot, T scale, T* grad,
                     T* grad_z, T* grad_bias, int threads) {
-  const int64_t B = p.batch, H = p.heads, t = p.rows, S = p.keys, P = p.npos;
-  parallel_rows(t, threads, [&](int tid, int n_threads) {
-    Row<T> row(S, P);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t i = tid; i < t; i += n_threads) {
-          const int64_t n = std::clamp<int64_t>(p.row_len[i], 0, S);
-          const int64_t r = (b * H + h) * t + i;
-          {
-          const T* prob = probs + r * S;
-          const T* g = gates + r * S;
-          T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
-          std::fill(g_row + n, g_row + S, T(0));
-          if (n == 0) {
-            std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
-            continue;
-          }
-          slopes(p.z + r * P, P, row.slope.data());
-          suffix_sums(g, n, static_cast<T>(P - 1), row.sums.data(), row.pos.data());
-          const T dot = rowdot[r];
-          map_row2<T>(prob, g_row, n, [dot](Vec<T> pr, Vec<T> dp) { return pr * (dp - dot); });  // dlogits
-          if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
-          row_gradients(g, n, P, row, scale, g_row, grad_z + r * P);
-        }
+  const int64_t t = p.rows, S = p.keys, P = p.npos;
+  for_each_row(p, threads, [&](Row<T>& row, int64_t h, int64_t i, int64_t n, int64_t r) {
+    const T* prob = probs + r * S;
+    const T* g = gates + r * S;
+    T* g_row = grad + r * S;  // in: dP = dO v^T; out: dA / sqrt(Dh)
+    std::fill(g_row + n, g_row + S, T(0));
+    if (n == 0) {
+      std::fill(grad_z + r * P, grad_z + (r + 1) * P, T(0));
+      return;
     }
+    slopes(p.z + r * P, P, row.slope.data());
+    suffix_sums(g, n, static_cast<T>(P - 1), row.sums.data(), row.pos.data());
+    const T dot = rowdot[r];
+    map_row2<T>(prob, g_row, n, [dot](Vec<T> pr, Vec<T> dp) { return pr * (dp - dot); });  // dlogits
+    if (grad_bias != nullptr) add_row(g_row, n, grad_bias + (h * t + i) * S);
+    row_gradients(g, n, P, row, scale, g_row, grad_z + r * P);
   });
 }
 
