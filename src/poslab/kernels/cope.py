@@ -125,15 +125,17 @@ class CoPEAttentionFn(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
 
 
-def _native_probs(q, k, table, bias, row_len) -> tuple[Tensor, Tensor, Tensor]:
-    """z, the probabilities and the row lse through ``cope_rows.cpp``; the scores A, z and the
-    probabilities in scratch buffers (the probabilities overwrite A)."""
+def _native_probs(q, k, table, bias, row_len, *, keep: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The probabilities, the row lse and (when ``keep``) the gates through ``cope_rows.cpp``. The
+    scores A and z live in scratch buffers; the probabilities overwrite A unless ``keep``, which
+    makes them and the gates fresh tensors, for backward."""
     shape = (*q.shape[:-1], k.shape[2])
-    probs = scratch("cope_scores", shape, q)
-    z = _scaled_products(q, k, table, probs)
+    scores = scratch("cope_scores", shape, q)
+    z = _scaled_products(q, k, table, scores)
+    probs, gates = (torch.empty(shape, dtype=q.dtype) for _ in range(2)) if keep else (scores, None)
     lse = torch.empty(q.shape[:-1], dtype=q.dtype)
-    native.cope_rows_forward(probs, z, bias, row_len, probs=probs, lse=lse)
-    return z, probs, lse
+    native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse, gates=gates)
+    return probs, lse, gates
 
 
 def _scaled_products(q: Tensor, k: Tensor | None, table: Tensor, scores: Tensor | None) -> Tensor:
@@ -156,19 +158,9 @@ class NativeCoPEAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, bias, row_len, save):  # noqa: D102
-        if save:
-            shape = (*q.shape[:-1], k.shape[2])
-            scores = scratch("cope_scores", shape, q)
-            probs, gates = (torch.empty(shape, dtype=q.dtype) for _ in range(2))
-            z = _scaled_products(q, k, table, scores)
-            lse = torch.empty(q.shape[:-1], dtype=q.dtype)
-            native.cope_rows_forward(scores, z, bias, row_len, probs=probs, lse=lse, gates=gates)
-            out = torch.matmul(probs, v)
-            ctx.save_for_backward(q, k, v, table, bias, row_len, out, probs, gates)
-        else:
-            _, probs, lse = _native_probs(q, k, table, bias, row_len)
-            out = torch.matmul(probs, v)
-            ctx.save_for_backward(q, k, v, table, bias, row_len, out, lse)
+        probs, lse, gates = _native_probs(q, k, table, bias, row_len, keep=save)
+        out = torch.matmul(probs, v)
+        ctx.save_for_backward(q, k, v, table, bias, row_len, out, *((probs, gates) if save else (lse,)))
         ctx.save = save
         return out
 
@@ -294,5 +286,5 @@ def _native_attention(q, k, v, table, bias, row_len, save_bytes: int) -> Tensor:
     if needs_autograd(q, k, v, table, bias):
         save = q.shape[:-1].numel() * n_keys * 2 * q.element_size() <= save_bytes
         return NativeCoPEAttentionFn.apply(q, k, v, table, bias, row_len, save)
-    _, probs, _ = _native_probs(q, k, table, bias, row_len)
+    probs, _, _ = _native_probs(q, k, table, bias, row_len)
     return torch.matmul(probs, v)
