@@ -335,10 +335,16 @@ def test_ctrl_c_saves_a_checkpoint_at_the_step_it_lands_in(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     config = smoke_config("train.checkpoint_every=0", "train.steps=30")
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "run", progress=False, callback=interrupt)
+    # Python's own Ctrl-C handler, as in a terminal: pytest started in the background (nohup, `&`)
+    # inherits SIGINT ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(config, tmp_path / "run", progress=False, callback=interrupt)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     resumed = train(config, tmp_path / "run", resume=True, progress=False)
     uninterrupted = train(config, tmp_path / "other", progress=False)
     assert resumed.results["metrics"] == uninterrupted.results["metrics"]
