@@ -71,7 +71,9 @@ def test_a_bad_study_fails_when_defined():
         _study(rows=(("Kerple", "kerple_log"), ("Kerple again", "kerple_log")), gap=None, numbers=())
     with pytest.raises(ValueError, match="two parts share a name"):
         _study(parts=(StudyPart(name="a", preset="lm_stdlib_small"),) * 2)
-    with pytest.raises(ValueError, match="unknown study 'dape_nothing'; studies: dape_extrapolation"):
+    with pytest.raises(
+        ValueError, match="unknown study 'dape_nothing'; known studies: dape_ablation, dape_extrapolation"
+    ):
         get_study("dape_nothing")
 
 

@@ -85,7 +85,7 @@ def test_table_numbers_must_name_its_rows_and_columns():
             parts=(part,),
             numbers={"A": {"p/ood": 1.0}},
         )
-    with pytest.raises(ValueError, match="unknown table 'nope'; tables: .*cope_flipflop"):
+    with pytest.raises(ValueError, match="unknown table 'nope'; known tables: .*cope_flipflop"):
         get_table("nope")
 
 

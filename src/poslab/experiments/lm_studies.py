@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from poslab.options import Registry
+
 
 @dataclass(frozen=True, kw_only=True)
 class StudyPart:
@@ -73,19 +75,16 @@ class LMStudy:
         return dict(self.rows)[row]
 
 
-STUDIES: dict[str, LMStudy] = {}
+STUDIES: Registry[LMStudy] = Registry("study", "studies")
 
 
 def _register(study: LMStudy) -> LMStudy:
-    STUDIES[study.name] = study
-    return study
+    return STUDIES.add(study.name, study)
 
 
 def get_study(name: str) -> LMStudy:
     """The study called ``name``; ValueError naming the known ones otherwise."""
-    if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)}")
-    return STUDIES[name]
+    return STUDIES.lookup(name)
 
 
 # -- the studies -----------------------------------------------------------------------------------

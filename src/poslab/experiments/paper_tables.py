@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from poslab.options import Registry
+
 DAPE_KERPLE = ("DAPE-Kerple (not in the paper)", "dape[base=kerple_log]")
 
 
@@ -96,19 +98,16 @@ def split_at(split: str) -> tuple[str, int | None]:
     return name, int(length)
 
 
-TABLES: dict[str, PaperTable] = {}
+TABLES: Registry[PaperTable] = Registry("table", "tables")
 
 
 def _register(table: PaperTable) -> PaperTable:
-    TABLES[table.name] = table
-    return table
+    return TABLES.add(table.name, table)
 
 
 def get_table(name: str) -> PaperTable:
     """The table called ``name``; ValueError naming the known ones otherwise."""
-    if name not in TABLES:
-        raise ValueError(f"unknown table {name!r}; tables: {', '.join(TABLES)}")
-    return TABLES[name]
+    return TABLES.lookup(name)
 
 
 _register(
