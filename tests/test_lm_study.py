@@ -142,6 +142,16 @@ def test_a_study_end_to_end_resumes_and_shows_the_gap_and_the_paper(tmp_path, mo
     run_study("tiny", out, overrides=_tiny_overrides(corpus), max_windows=2, plots=False)
     rebuilt = run_study("tiny", out, train=False, command="poslab lm-study tiny --out X")
     assert rebuilt["page"].replace("--out X", f"--out {out}") == page
+    # The reading comes from notes.md, at the end of the page, and survives rebuilds.
+    assert page.endswith("## Reading\n\n_Not written yet._\n")
+    (out / "notes.md").write_text("\nKerple stays flat here.\n\n")
+    noted = run_study("tiny", out, train=False)["page"]
+    assert noted == page.replace("_Not written yet._", "Kerple stays flat here.")
+    assert (out / "README.md").read_text() == noted
+    (out / "notes.md").write_bytes(b"\xff\xfe broken")
+    with pytest.raises(ValueError, match=r"cannot read .*notes\.md"):
+        run_study("tiny", out, train=False)
+    assert (out / "README.md").read_text() == noted  # the page written before is kept
     assert json.loads((out / "a" / "results.json").read_text())["settings"]["lengths"] == [16, 32, 64]
 
 

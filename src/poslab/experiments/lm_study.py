@@ -5,7 +5,8 @@ writes its own extrapolation report in ``OUT/<part>`` (`poslab.experiments.extra
 L, 2L, ... up to the study's factor times L). The command resumes: finished runs are reused, and so
 is a part's scoring when its results.json scored the same grid (encodings, seeds, overrides,
 lengths, windows) of finished runs; delete it to rescore. ``OUT/README.md`` and ``OUT/results.csv``
-gather the parts (`poslab.experiments.lm_study_page`).
+gather the parts (`poslab.experiments.lm_study_page`); the page ends with the reading written by hand
+in ``OUT/notes.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from poslab.experiments.lm_studies import STUDIES, get_study
 from poslab.experiments.lm_study_page import study_csv, study_page
 from poslab.options import parse_seeds
 from poslab.presets import get_preset
+from poslab.report.common import read_notes
 from poslab.runs import RunDir
 
 
@@ -38,7 +40,8 @@ def run_study(
     command: str = "",
 ) -> dict[str, Any]:
     """Train and score every part of study ``name`` under ``out`` (or, without ``train``, read the
-    parts' results.json back) and write ``out/README.md`` and ``out/results.csv``.
+    parts' results.json back) and write ``out/README.md`` (with the reading in ``out/notes.md``, kept
+    across reruns) and ``out/results.csv``.
 
     Returns {"page": the README text, "results": part name -> its extrapolation result}.
     """
@@ -84,7 +87,8 @@ def run_study(
             results[part.name] = previous
     if not results:
         raise ValueError(f"no part of study {name!r} has results in {out}; run it without --page-only first")
-    page = study_page(study, results, command=command or f"poslab lm-study {name} --out {out}")
+    command = command or f"poslab lm-study {name} --out {out}"
+    page = study_page(study, results, command=command, notes=read_notes(out))
     write_text(out / "README.md", page)
     write_text(out / "results.csv", study_csv(study, results))
     return {"page": page, "results": results}

@@ -164,8 +164,11 @@ def _paper_lines(study: LMStudy, results: dict[str, dict[str, Any]]) -> list[str
     return [*lines, ""]
 
 
-def study_page(study: LMStudy, results: dict[str, dict[str, Any]], *, command: str) -> str:
-    """The README of a study from its parts' extrapolation results (part name -> result)."""
+def study_page(
+    study: LMStudy, results: dict[str, dict[str, Any]], *, command: str, notes: str | None = None
+) -> str:
+    """The README of a study from its parts' extrapolation results (part name -> result), ending
+    with ``notes``, the reading written by hand."""
     seeds = sorted({run["seed"] for result in results.values() for run in result["runs"]})
     missing = [part.name for part in study.parts if part.name not in results]
     lines = [
@@ -196,6 +199,7 @@ def study_page(study: LMStudy, results: dict[str, dict[str, Any]], *, command: s
     for part in study.parts:
         if part.name in results:
             lines += _part_section(study, part, results[part.name])
+    lines += ["## Reading", "", notes or "_Not written yet._", ""]
     return "\n".join(lines)
 
 

@@ -30,11 +30,10 @@ from poslab.experiments.grid import GridRun, check_jobs, plan_grid, train_grid
 from poslab.experiments.paper_tables import TABLES, PaperTable, Part, get_table, split_at
 from poslab.options import parse_seeds
 from poslab.presets import get_preset
-from poslab.report.common import csv_value, finite, mean_std, stats_cell
+from poslab.report.common import csv_value, finite, mean_std, read_notes, stats_cell
 
 log = logging.getLogger("poslab")
 
-NOTES = "notes.md"
 SCALES = ("cpu", "paper")
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
 
@@ -121,7 +120,7 @@ def reproduce(
         log.info("%s: %d runs trained in %.0f s", name, trained, time.monotonic() - started)
     command = _command(name, out, seeds, table, scale, overrides)
     plots = draw_length_plots(table, grids, out / "plots") if table.plot else {}
-    page, rows = table_page(table, grids, command=command, notes=_read_notes(out), plots=plots)
+    page, rows = table_page(table, grids, command=command, notes=read_notes(out), plots=plots)
     write_text(out / "README.md", page)
     write_text(out / "results.csv", _csv(rows))
     finished = sum(run.run_dir.is_finished() for grid in grids.values() for run in grid)
@@ -137,16 +136,6 @@ def _command(name: str, out: Path, seeds: list[int], table: PaperTable, scale: s
         parts.append(f"--scale {scale}")
     parts += list(overrides)
     return " ".join(parts)
-
-
-def _read_notes(out: Path) -> str | None:
-    path = out / NOTES
-    try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 # -- the page --------------------------------------------------------------------------------------

@@ -41,6 +41,21 @@ def stats_cell(stats: dict[str, float] | None) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+NOTES = "notes.md"
+
+
+def read_notes(out: str | Path) -> str | None:
+    """The reading written by hand in ``out/notes.md`` that a results page shows, None where there
+    is none (no file, or only blank lines); a file that cannot be read is a ValueError naming it."""
+    path = Path(out) / NOTES
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+
+
 def csv_value(value: Any) -> str:
     """A CSV cell: '' for a missing or NaN value, else the value's repr."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else repr(value)
