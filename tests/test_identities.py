@@ -80,6 +80,17 @@ def test_dape_ablation_a_plus_b_is_its_base():
     torch.testing.assert_close(poslab.attend(q, k, v, dape), poslab.attend(q, k, v, dape.base))
 
 
+def test_dape_ablation_a_plus_f_of_nothing_is_nope():
+    # Without a base B = 0, so f(B) is one constant per head: softmax drops it, whatever the MLP.
+    dape = poslab.build_encoding("dape", n_heads=4, head_dim=8, base=None, form="A+f(B)").double()
+    nope = poslab.build_encoding("nope", n_heads=4, head_dim=8)
+    q, k, v = qkv()
+    for causal in (True, False):
+        out = poslab.attend(q, k, v, dape, causal=causal)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out, poslab.attend(q, k, v, nope, causal=causal))
+
+
 def test_dape_mlp_is_the_papers_pointwise_mlp():
     dape = poslab.build_encoding("dape", n_heads=8, head_dim=16, width=32)
     lin1, act, lin2 = dape.mlp

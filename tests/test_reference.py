@@ -112,7 +112,8 @@ def test_cope_matches_naive_float64(causal, variant):
 
 
 def naive_dape(q, k, v, enc, causal):
-    """A + B + f([A; B]) with f applied by hand from the module's weights (v1 MLP or V2 convs)."""
+    """A + B + f([A; B]) with f applied by hand from the module's weights (v1 MLP or V2 convs); for
+    the ablations, f reads B alone (A + f(B)) or the logit drops B (A + f(A, B))."""
     scale = math.sqrt(q.shape[-1])
     n = q.shape[2]
     slopes = torch.tensor(alibi_slopes(q.shape[1]), dtype=torch.float64)
@@ -125,15 +126,17 @@ def naive_dape(q, k, v, enc, causal):
             return -slopes[h] * max(i - j, 0)
         return -slopes[h] * abs(i - j) + (0.5 * slopes[h] if j < i else 0.0)  # keys on the left: +m/2
 
+    channels = 2 * q.shape[1] if enc.reads_logits else q.shape[1]
+
     def features(b, i, j):
-        """The 2H channels at (i, j); causal V2 sees zeros in the future."""
+        """The 2H channels [A; B] (H channels B for A + f(B)) at (i, j); causal V2 sees zeros in the
+        future."""
         if causal and enc.kernel_size > 1 and (j > i or j < 0):
-            return torch.zeros(2 * q.shape[1], dtype=torch.float64)
+            return torch.zeros(channels, dtype=torch.float64)
         if j < 0 or j >= n:  # convolution zero padding
-            return torch.zeros(2 * q.shape[1], dtype=torch.float64)
-        return torch.stack(
-            [a(b, h, i, j) for h in range(q.shape[1])] + [bias(h, i, j) for h in range(q.shape[1])]
-        )
+            return torch.zeros(channels, dtype=torch.float64)
+        logits = [a(b, h, i, j) for h in range(q.shape[1])] if enc.reads_logits else []
+        return torch.stack(logits + [bias(h, i, j) for h in range(q.shape[1])])
 
     leaky = torch.nn.functional.leaky_relu
     if enc.kernel_size == 1:
@@ -164,16 +167,20 @@ def naive_dape(q, k, v, enc, causal):
     def logit(b, h, i, j):
         if (b, i, j) not in cache:
             cache[(b, i, j)] = f(b, i, j)
-        return a(b, h, i, j) + bias(h, i, j) + cache[(b, i, j)][h]
+        return a(b, h, i, j) + (bias(h, i, j) if enc.add_base else 0.0) + cache[(b, i, j)][h]
 
     return naive_attention(logit, v, causal)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("kernel_size", [1, 3], ids=["v1", "v2"])
-def test_dape_alibi_matches_naive_float64(kernel_size, causal):
+@pytest.mark.parametrize(
+    "kernel_size, form",
+    [(1, "A+B+f(A,B)"), (3, "A+B+f(A,B)"), (1, "A+f(A,B)"), (1, "A+f(B)"), (3, "A+f(B)")],
+    ids=["v1", "v2", "v1-A+f(A,B)", "v1-A+f(B)", "v2-A+f(B)"],
+)
+def test_dape_alibi_matches_naive_float64(kernel_size, form, causal):
     enc = poslab.build_encoding(
-        "dape", n_heads=H, head_dim=DH, base="alibi", width=5, kernel_size=kernel_size
+        "dape", n_heads=H, head_dim=DH, base="alibi", width=5, kernel_size=kernel_size, form=form
     ).double()
     q, k, v = rand(B, H, 5, DH), rand(B, H, 5, DH), rand(B, H, 5, DH)
     out = poslab.attend(q, k, v, enc, causal=causal)

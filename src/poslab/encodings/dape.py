@@ -192,7 +192,12 @@ class DAPE(PositionEncoding):
         out = scores + b if self.add_base else scores
         if self.mlp is None:
             return out
-        features = torch.cat((scores, b), dim=1) if self.reads_logits else b  # (B, C, T, S)
+        if self.reads_logits:
+            features = torch.cat((scores, b), dim=1)  # (B, 2H, T, S)
+        else:
+            # f(B) is the same for every sequence of the batch: mix B once and broadcast the result.
+            one = b[:1] if bias is None else bias.to(scores.dtype)
+            features = one.reshape((1,) * (4 - one.dim()) + tuple(one.shape))  # (1 or B, H, T, S)
         keep = None
         if causal and self.kernel_size > 1:
             keep = causal_mask(q_pos, k_pos).to(scores.dtype)
