@@ -35,7 +35,9 @@ def main(paths: list[str]) -> None:
         loaded = RunDir(path).load_model()
         model, task = loaded.model, loaded.task
         for length in (128, 1024):
-            windows = task.sample(WINDOWS, length, generator=torch.Generator().manual_seed(0), split="validation")
+            windows = task.sample(
+                WINDOWS, length, generator=torch.Generator().manual_seed(0), split="validation"
+            )
             visible = torch.ones(length, length).tril().bool()
             n = visible.sum() * model.config.n_heads
             for layer in range(loaded.config.model.n_layers):
@@ -47,7 +49,9 @@ def main(paths: list[str]) -> None:
                 total = (p**2).mean(0).sum() / n
                 share = (content / total).item() if total > 0 else float("nan")
                 std_a = ((a**2).mean(0).sum() / n).sqrt().item()
-                print(f"| {path} | {length} | {layer} | {100 * share:.1f}% | {total.sqrt():.3f} | {std_a:.3f} |")
+                print(
+                    f"| {path} | {length} | {layer} | {100 * share:.1f}% | {total.sqrt():.3f} | {std_a:.3f} |"
+                )
 
 
 if __name__ == "__main__":
