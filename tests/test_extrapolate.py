@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -304,3 +305,78 @@ def test_lm_extrapolation_refuses_two_encodings_in_one_directory(tmp_path):
     with pytest.raises(ValueError, match="map to the same directory"):
         run_experiment("lm_stdlib_small", ["rope", "rope"], [0], tmp_path / "lm")
     assert not (tmp_path / "lm").exists()
+
+
+def test_a_finished_runs_scores_are_kept_and_a_stopped_scoring_resumes(runs, tmp_path, monkeypatch, caplog):
+    import poslab.experiments.extrapolation as ex
+
+    run_dir = tmp_path / "dape"
+    shutil.copytree(runs["dirs"]["dape"], run_dir)
+    (run_dir / "scores.json").unlink(missing_ok=True)
+    calls = []
+    real = ex.perplexity
+
+    def counting(model, windows, **kw):
+        calls.append(windows.shape[1] - 1)
+        if len(calls) == 2 and stop_at_second:
+            raise KeyboardInterrupt
+        return real(model, windows, **kw)
+
+    monkeypatch.setattr(ex, "perplexity", counting)
+    # Stopped while scoring its second length: the first length's score is kept.
+    stop_at_second = True
+    with pytest.raises(KeyboardInterrupt):
+        extrapolate([run_dir], lengths=[16, 32, 64], max_windows=2, last=8, device="cpu")
+    kept = json.loads((run_dir / "scores.json").read_text())
+    assert list(kept["results"]) == ["16"]
+    # The rerun scores only what is missing, and gives what a fresh scoring gives.
+    stop_at_second = False
+    calls.clear()
+    with caplog.at_level("INFO", logger="poslab"):
+        resumed = extrapolate([run_dir], lengths=[16, 32, 64], max_windows=2, last=8, device="cpu")
+    assert calls == [32, 64] and "at 16: scored earlier" in caplog.text
+    fresh = extrapolate([runs["dirs"]["dape"]], lengths=[16, 32, 64], max_windows=2, last=8, device="cpu")
+    for length in ("16", "32", "64"):
+        got, want = resumed["runs"][0]["results"][length], fresh["runs"][0]["results"][length]
+        assert got["ppl_last"] == want["ppl_last"] and got["ppl_all"] == want["ppl_all"]
+    assert set(json.loads((run_dir / "scores.json").read_text())["results"]) == {"16", "32", "64"}
+    # Anything the scores depend on changed: scored again (other scored tokens, windows, checkpoint).
+    for options in ({"last": 4}, {"max_windows": 1}):
+        calls.clear()
+        extrapolate([run_dir], lengths=[16], device="cpu", **{"max_windows": 2, "last": 8, **options})
+        assert calls == [16], options
+    calls.clear()
+    extrapolate([run_dir], lengths=[16], max_windows=1, last=8, device="cpu")  # the last settings: kept
+    assert calls == []
+    stat = (run_dir / "checkpoint.pt").stat()
+    os.utime(run_dir / "checkpoint.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    extrapolate([run_dir], lengths=[16], max_windows=1, last=8, device="cpu")
+    assert calls == [16]
+    # A corrupt scores.json counts as none; an unfinished run keeps no scores.
+    (run_dir / "scores.json").write_text("{not json")
+    calls.clear()
+    extrapolate([run_dir], lengths=[16], max_windows=1, device="cpu")
+    assert calls == [16] and json.loads((run_dir / "scores.json").read_text())["results"]
+    (run_dir / "scores.json").unlink()
+    (run_dir / "results.json").unlink()
+    extrapolate([run_dir], lengths=[16], max_windows=1, device="cpu")
+    assert not (run_dir / "scores.json").exists()
+
+
+def test_scores_that_cannot_be_kept_are_still_returned(runs, tmp_path, monkeypatch, caplog):
+    import poslab.experiments.extrapolation as ex
+    from poslab.checkpoint import OutputError
+
+    run_dir = tmp_path / "rope"
+    shutil.copytree(runs["dirs"]["rope0"], run_dir)
+    (run_dir / "scores.json").unlink(missing_ok=True)
+
+    def full_disk(path, text):
+        raise OutputError(f"cannot write {path}: no space left on device")
+
+    monkeypatch.setattr(ex, "write_text", full_disk)
+    with caplog.at_level("WARNING", logger="poslab"):
+        result = extrapolate([run_dir], lengths=[16, 32], max_windows=1, device="cpu")
+    assert all(r["status"] == "ok" for r in result["runs"][0]["results"].values())
+    assert caplog.text.count("scores are not kept") == 1 and "no space left" in caplog.text
+    assert not (run_dir / "scores.json").exists()

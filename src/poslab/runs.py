@@ -7,6 +7,7 @@ A run lives in its own directory:
     checkpoint.pt   the last checkpoint (see `poslab.checkpoint`)
     train.log       the log lines of the run
     results.json    the final evaluation; its presence marks a finished run
+    scores.json     extrapolation scores of the finished run (`poslab.experiments.extrapolation`)
 
 `RunDir` is the one place that knows these names. `poslab.train` writes them, `poslab.report` and
 `poslab.experiments` read them back; a checkpoint file alone also loads (`load_model`).
@@ -36,14 +37,15 @@ from poslab.checkpoint import (
 from poslab.config import RunConfig
 from poslab.model import Transformer, build_model
 
-CONFIG, METRICS, CHECKPOINT, RESULTS, LOG = (
+CONFIG, METRICS, CHECKPOINT, RESULTS, LOG, SCORES = (
     "config.json",
     "metrics.jsonl",
     "checkpoint.pt",
     "results.json",
     "train.log",
+    "scores.json",  # the run's extrapolation scores, kept so that a stopped scoring resumes
 )
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG, SCORES)
 ASIDE = ".replaced"  # an overwritten run's files until the new run has a checkpoint
 # Keys a resumed run may change: they alter how long it runs, when it logs, where, and how it is
 # evaluated, but not what a given step learns.

@@ -4,7 +4,9 @@ A model trained at length L is scored at L, 2L, 4L, ... on non-overlapping windo
 documents, each window read with its full causal context, and the perplexity is reported over the
 last 256 tokens of each window (the DAPE paper's headline, arXiv 2405.14722) and over all tokens.
 Every run is scored on the very same windows: they are a function of the data configuration, the
-length and ``max_windows`` only (`poslab.data.lm.eval_windows`).
+length and ``max_windows`` only (`poslab.data.lm.eval_windows`). A finished run keeps its scores in
+its ``scores.json`` as each length is scored, so scoring stopped part-way resumes at the next
+length; the scores are reused only for the same checkpoint, data, split, windows and settings.
 
     poslab lm-extrapolation --preset lm_stdlib_small --encodings nope,rope,alibi --seeds 0,1 --out DIR
     poslab extrapolate DIR/runs --lengths 128,256,512,1024 --max-windows 8 --out DIR
@@ -16,6 +18,7 @@ The results page is `poslab.experiments.extrapolation_page`. Long windows stay w
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 
-from poslab.checkpoint import check_writable
+from poslab.checkpoint import OutputError, check_writable, json_safe, write_text
 from poslab.data.lm import HEADLINE_LAST, perplexity
 from poslab.experiments.command import NO_PLOTS, THREADS, Command, arg, files_line
 from poslab.experiments.extrapolation_page import (
@@ -36,7 +39,7 @@ from poslab.experiments.grid import plan_grid, train_grid
 from poslab.model import Transformer
 from poslab.options import parse_lengths, parse_seeds, split_top_level
 from poslab.presets import get_preset
-from poslab.runs import LoadedModel, RunDir, find_trained_runs
+from poslab.runs import CHECKPOINT, SCORES, LoadedModel, RunDir, find_trained_runs
 from poslab.train import resolve_device
 
 log = logging.getLogger("poslab")
@@ -219,6 +222,41 @@ def extrapolate_run(
     return out
 
 
+class ScoreCache:
+    """A finished run's scores kept in its ``scores.json``: length -> the `extrapolate_run` record,
+    under a key naming everything the scores depend on (the checkpoint file's size and time, the
+    step, the data, split, windows, scored tokens, batching and device type). Scores under another
+    key are ignored, and replaced at the next save. A run directory that cannot be written is
+    scored without keeping its scores (a warning says so once)."""
+
+    def __init__(self, run_dir: str | Path, key: dict[str, Any]):
+        self.path = Path(run_dir) / SCORES
+        stat = (Path(run_dir) / CHECKPOINT).stat()
+        self.key = {**key, "checkpoint": [stat.st_size, stat.st_mtime_ns]}
+        self.writable = True
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """The kept scores under this key (an unreadable or foreign file counts as none)."""
+        try:
+            kept = json.loads(self.path.read_text())
+            if kept.get("key") != json.loads(json.dumps(self.key)):
+                return {}
+            return {int(n): r for n, r in kept["results"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def save(self, results: dict[int, dict[str, Any]]) -> None:
+        """Keep ``results``' lengths whose numbers are finite (a non-finite one is scored again)."""
+        if not self.writable:
+            return
+        keep = {str(n): r for n, r in results.items() if json_safe(r) == r}
+        try:
+            write_text(self.path, json.dumps({"key": self.key, "results": keep}, indent=1))
+        except OutputError as error:
+            self.writable = False
+            log.warning("scores are not kept (%s); a stopped scoring starts over", error)
+
+
 def _run_record(run_dir: Path, run: LoadedModel, results: dict[int, Any], seconds: float) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
@@ -275,11 +313,21 @@ def extrapolate(
     lengths = _lengths(runs, lengths, max_len, dev)
     data = runs[0].task.data
     stream, windows = _windows(data, split, lengths, max_windows, aligned)
+    key = {
+        "data": runs[0].task.data_key,
+        "split": split,
+        "windows": {str(n): int(w.shape[0]) for n, w in windows.items()},
+        "max_windows": max_windows,
+        "aligned": list(lengths) if aligned else False,
+        "last": last,
+        "batch_tokens": batch_tokens,
+        "device": dev.type,
+    }
     started = time.monotonic()
     records = []
     for run_dir, run in zip(dirs, runs, strict=True):
         run_started = time.monotonic()
-        results = extrapolate_run(run, windows, last=last, device=dev, batch_tokens=batch_tokens)
+        results = _score_run(run_dir, run, windows, key, last=last, device=dev, batch_tokens=batch_tokens)
         records.append(_run_record(run_dir, run, results, time.monotonic() - run_started))
     settings = {
         "corpus": data.corpus,
@@ -298,6 +346,29 @@ def extrapolate(
         "eval_wall_time": time.monotonic() - started,
     }
     return {"settings": settings, "runs": records, "summary": summarize_extrapolation(records, lengths)}
+
+
+def _score_run(
+    run_dir: Path,
+    run: LoadedModel,
+    windows: dict[int, torch.Tensor],
+    key: dict[str, Any],
+    **options: Any,
+) -> dict[int, dict[str, Any]]:
+    """`extrapolate_run` one length at a time, reusing and keeping a finished run's scores."""
+    if not RunDir(run_dir).is_finished():
+        return extrapolate_run(run, windows, **options)
+    cache = ScoreCache(run_dir, {**key, "step": run.step})
+    kept = cache.load()
+    results: dict[int, dict[str, Any]] = {}
+    for length, win in windows.items():
+        if length in kept:
+            results[length] = kept[length]
+            log.info("%s seed %d at %d: scored earlier (%s)", run.label, run.seed, length, cache.path)
+            continue
+        results.update(extrapolate_run(run, {length: win}, **options))
+        cache.save(results)
+    return results
 
 
 # -- the end-to-end experiment ---------------------------------------------------------------------
