@@ -13,6 +13,7 @@ from poslab.encodings import build_encoding
 from poslab.experiments.lm_studies import STUDIES, LMStudy, PaperNumber, StudyPart, get_study
 from poslab.experiments.lm_study import run_study
 from poslab.presets import get_preset
+from poslab.report.common import mean_std, stats_cell
 from test_extrapolate import write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,8 +36,10 @@ def test_the_studies_hold_what_the_issue_asks_for():
     scale = get_study("dape_scale")
     widths = {p.name: get_preset(p.preset).override(list(p.overrides)).model.d_model for p in scale.parts}
     steps = {p.name: get_preset(p.preset).override(list(p.overrides)).train.steps for p in scale.parts}
-    assert widths == {"x1": 128, "x4": 256, "x16": 512, "x1_steps4": 128, "x4_steps4": 256}
-    assert steps == {"x1": 600, "x4": 600, "x16": 600, "x1_steps4": 2400, "x4_steps4": 2400}
+    lrs = {p.name: get_preset(p.preset).override(list(p.overrides)).train.lr for p in scale.parts}
+    assert widths == {"x1": 128, "x4": 256, "x16": 512, "x1_steps4": 128, "x4_steps4": 256, "x16_lr1e-3": 512}
+    assert steps == {name: 2400 if name.endswith("steps4") else 600 for name in widths}
+    assert lrs == {**{name: 3e-3 for name in widths if name != "x16_lr1e-3"}, "x16_lr1e-3": 1e-3}
     assert scale.gap == ("DAPE-Kerple", "Kerple")
     widths = [build_encoding(spec, n_heads=4, head_dim=32) for _, spec in get_study("dape_width").rows[1:]]
     assert [e.width for e in widths] == [4, 16, 32, 64]
@@ -117,7 +120,12 @@ def test_a_study_end_to_end_resumes_and_shows_the_gap_and_the_paper(tmp_path, mo
     gap_row = next(line for line in page.splitlines() if line.startswith("| b | "))
     assert f"{gaps[0]:+.2f}, {gaps[1]:+.2f}" in gap_row and "| 64 |" in gap_row
     n_params = {r["n_params"] for r in res["runs"] if r["encoding"] == "kerple_log"}
-    assert f"| b | {n_params.pop()} | 3 |" in gap_row
+    lr = get_preset("lm_stdlib_small").override(_tiny_overrides(corpus)).train.lr
+    assert f"| b | {n_params.pop()} | 3 | {lr:g} | 64 |" in gap_row
+    # ... and beside it the same gap at the training length (16), paired by seed.
+    at16 = {(r["encoding"], r["seed"]): r["results"]["16"]["ppl_last"] for r in res["runs"]}
+    train_gap = mean_std([at16["dape[base=kerple_log]", s] - at16["kerple_log", s] for s in (0, 1)])
+    assert gap_row.endswith(f"| {stats_cell(train_gap)} |")
     # The paper's 512 from 128 (4x) sits beside ours at 64 (4 x 16).
     paper_row = next(line for line in page.splitlines() if line.startswith("| big | Kerple |"))
     assert "| 512 (4x) | 31.50 |" in paper_row and paper_row.count(" at 64") == 2

@@ -156,13 +156,15 @@ _register(
             StudyPart(name="x16", preset="lm_stdlib_x16"),
             StudyPart(name="x1_steps4", preset="lm_stdlib_small", overrides=("train.steps=2400",)),
             StudyPart(name="x4_steps4", preset="lm_stdlib_x4", overrides=("train.steps=2400",)),
+            StudyPart(name="x16_lr1e-3", preset="lm_stdlib_x16", overrides=("train.lr=0.001",)),
         ),
         gap=("DAPE-Kerple", "Kerple"),
         numbers=_KERPLE_NUMBERS,
         paper_setting="in the paper Kerple degrades past the training length while DAPE-Kerple keeps "
         f"improving, at 125M and 350M parameters; {_CPU_SETTING}. The parts widen it to d 256 "
         "(`lm_stdlib_x4`, 1.7M parameters) and d 512 (`lm_stdlib_x16`, 6.6M) and train 4 times longer "
-        "(2400 steps, about 0.4 epoch), the learning rate unchanged",
+        "(2400 steps, about 0.4 epoch), the learning rate unchanged (3e-3); `x16_lr1e-3` retrains d 512 "
+        "at 1e-3 for both rows, because at 3e-3 it trained worse than d 256",
     )
 )
 

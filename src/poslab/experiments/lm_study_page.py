@@ -9,6 +9,7 @@ rows, their gap at the longest length per part, paired by seed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from typing import Any
@@ -43,21 +44,31 @@ def _cell(result: dict[str, Any], spec: str, length: int) -> str:
 
 
 def _about(result: dict[str, Any]) -> dict[str, Any]:
-    """Parameters, steps, machines and wall times of a part's runs."""
+    """Parameters, steps, learning rates, machines and wall times of a part's runs."""
     machines: dict[str, int] = {}
-    steps, params, train_s = set(), set(), 0.0
+    steps, params, lrs, train_s = set(), set(), set(), 0.0
     for run in result["runs"]:
+        run_dir = RunDir(run["run_dir"])
         try:
-            machine = RunDir(run["run_dir"]).load_results().get("machine") or {}
+            machine = run_dir.load_results().get("machine") or {}
         except ValueError:
             machine = {}
+        with contextlib.suppress(ValueError):  # a run without its config shows '?'
+            lrs.add(run_dir.load_config().train.lr)
         key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
         machines[key] = machines.get(key, 0) + 1
         steps.add(run["step"])
         params.add(run["n_params"])
         train_s += run["train_wall_time"] or 0.0
     eval_s = sum(run["eval_seconds"] for run in result["runs"])
-    return {"machines": machines, "steps": steps, "params": params, "train_s": train_s, "eval_s": eval_s}
+    return {
+        "machines": machines,
+        "steps": steps,
+        "params": params,
+        "lrs": lrs,
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
 
 
 def _part_section(study: LMStudy, part: StudyPart, result: dict[str, Any]) -> list[str]:
@@ -101,35 +112,47 @@ def _part_section(study: LMStudy, part: StudyPart, result: dict[str, Any]) -> li
     return lines
 
 
+def _paired_gaps(result: dict[str, Any], new: str, base: str, length: int) -> dict[int, float]:
+    """seed -> ``new`` minus ``base`` at ``length``, over the seeds both have."""
+    a, b = _seed_values(result, new, length), _seed_values(result, base, length)
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
 def _gap_lines(study: LMStudy, results: dict[str, dict[str, Any]]) -> list[str]:
-    """Per part: the two rows at the longest length and their difference, paired by seed."""
+    """Per part: the two rows at the longest length and their difference, paired by seed, and the
+    difference at the training length beside it (a gap already there is not about extrapolation)."""
     new, base = study.gap
     lines = [
         f"## The gap at the longest length: {new} minus {base}",
         "",
-        "Negative: DAPE is better. The gap's mean ± sample std is over the seeds both rows have.",
+        "Negative: DAPE is better. The gap's mean ± sample std is over the seeds both rows have; the "
+        "last column is the same gap at the training length, where no extrapolation is involved.",
         "",
-        f"| part | parameters ({base}) | steps | length | {base} | {new} | gap | per seed |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| part | parameters ({base}) | steps | lr | length | {base} | {new} | gap | per seed "
+        "| gap at the training length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for part in study.parts:
         if part.name not in results:
             continue
         result = results[part.name]
-        top = _part_lengths(result)[-1]
+        lengths = _part_lengths(result)
+        top = lengths[-1]
         about = _about(result)
-        a, b = _seed_values(result, study.spec(new), top), _seed_values(result, study.spec(base), top)
-        gaps = {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+        gaps = _paired_gaps(result, study.spec(new), study.spec(base), top)
+        at_train = _paired_gaps(result, study.spec(new), study.spec(base), lengths[0])
         params = {run["n_params"] for run in result["runs"] if run["encoding"] == study.spec(base)}
         cells = [
             part.name,
             "/".join(map(str, sorted(params))),
             "/".join(map(str, sorted(about["steps"]))),
+            "/".join(f"{lr:g}" for lr in sorted(about["lrs"])) or "?",
             str(top),
             _cell(result, study.spec(base), top),
             _cell(result, study.spec(new), top),
             stats_cell(mean_std(list(gaps.values()))),
             ", ".join(f"{g:+.2f}" for g in gaps.values()) or "–",
+            stats_cell(mean_std(list(at_train.values()))),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
