@@ -580,6 +580,7 @@ def test_a_run_set_aside_by_an_overwrite_is_not_reported(capsys, tmp_path, finis
 
 
 def test_sigterm_to_a_grid_stops_its_workers_with_checkpoints_and_exits_130(tmp_path):
+    """`kill PID` on a grid: its workers checkpoint and stop, no queued run starts, exit 130."""
     import os
     import signal
     import subprocess
@@ -589,25 +590,43 @@ def test_sigterm_to_a_grid_stops_its_workers_with_checkpoints_and_exits_130(tmp_
     from poslab.checkpoint import load_checkpoint
 
     out = tmp_path / "grid"
-    argv = ["compare", "--preset", "smoke", "--encodings", "nope,rope", "--jobs", "2", "--out", str(out)]
+    # Three runs on two workers: the pool hands the third to a worker before either run ends.
+    argv = ["compare", "--preset", "smoke", "--encodings", "nope,rope,alibi", "--jobs", "2"]
+    argv += ["--out", str(out)]
     argv += ["train.steps=1000000", "train.checkpoint_every=0", "train.eval_every=0", "--no-plots"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "poslab", *argv], stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", "poslab", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, so that a failure can kill the workers too
     )
-    runs = [out / "nope" / "seed0", out / "rope" / "seed0"]
+    every = [out / name / "seed0" for name in ("nope", "rope", "alibi")]
+
+    def started() -> list:
+        return [r for r in every if (r / "metrics.jsonl").exists()]
+
     deadline = time.monotonic() + 120
-    while not all((r / "metrics.jsonl").exists() for r in runs) and time.monotonic() < deadline:
+    while len(started()) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)
+    runs = started()
+    assert len(runs) == 2
     proc.send_signal(signal.SIGTERM)  # to the grid's own process only, as `kill PID` does
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a worker trains on: fail without leaving it running
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 130, err
     for run in runs:  # each worker saved its step and stopped (no orphan trains on)
         step = load_checkpoint(run / "checkpoint.pt")["step"]
         assert step >= 1
         time.sleep(0.5)
         assert load_checkpoint(run / "checkpoint.pt")["step"] == step
+    # ... and the run queued behind them was not started (it used to train on after the grid).
+    assert started() == runs
     lines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in lines and "spawn_main" not in "".join(
         line for line in lines.splitlines() if str(proc.pid) in line

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -202,8 +203,9 @@ def _train_parallel(
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     quiet = log.level > logging.INFO
+    stop = context.Event()  # set on SIGTERM: runs already handed to a worker are skipped
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet)
+        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet, stop)
     ) as pool:
         # The pool starts them in this order, ``jobs`` at a time.
         futures = {
@@ -214,7 +216,7 @@ def _train_parallel(
             tracker.starting(run)
         waiting = list(todo[jobs:])
         try:
-            with _stop_workers_on_sigterm(pool):
+            with _stop_workers_on_sigterm(pool, stop):
                 for future in as_completed(futures):
                     future.result()
                     tracker.finished(futures[future])
@@ -226,16 +228,20 @@ def _train_parallel(
 
 
 @contextmanager
-def _stop_workers_on_sigterm(pool: ProcessPoolExecutor) -> Iterator[None]:
+def _stop_workers_on_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Iterator[None]:
     """Within the block, SIGTERM to the grid's process (``kill PID``) is passed on to the workers,
     which save a checkpoint after their current step and stop (`poslab.train`), and stops the grid
     as Ctrl-C does; without it the workers would train on, orphaned, after the grid had gone. (Ctrl-C
-    in a terminal reaches the workers by itself: they share the terminal's process group.)"""
+    in a terminal reaches the workers by itself: they share the terminal's process group.) ``stop``
+    (a multiprocessing Event the workers share) is set first: the pool hands a worker its next run
+    before the current one ends, and cancelling the futures cannot take such a run back, so a worker
+    checks it before it starts a run."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def forward(signum: int, frame: object) -> None:
+        stop.set()
         workers = getattr(pool, "_processes", None) or {}  # pid -> Process, while the pool runs
         for pid in list(workers):
             with suppress(ProcessLookupError):
@@ -249,11 +255,18 @@ def _stop_workers_on_sigterm(pool: ProcessPoolExecutor) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _worker_init(threads: int, quiet: bool) -> None:
+_STOP: Any = None  # the grid's stop Event, in a worker process
+
+
+def _worker_init(threads: int, quiet: bool, stop: Any = None) -> None:
+    global _STOP
     tune_allocator()  # process-wide: only in grid workers and the command line
     torch.set_num_threads(threads)
     setup_logging(quiet)
+    _STOP = stop
 
 
 def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
+    if _STOP is not None and _STOP.is_set():  # the grid is stopping: do not start this run
+        return
     train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
