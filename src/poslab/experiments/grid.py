@@ -258,7 +258,7 @@ def _stop_workers_on_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Iterator[N
 _STOP: Any = None  # the grid's stop Event, in a worker process
 
 
-def _worker_init(threads: int, quiet: bool, stop: Any = None) -> None:
+def _worker_init(threads: int, quiet: bool, stop: Any) -> None:
     global _STOP
     tune_allocator()  # process-wide: only in grid workers and the command line
     torch.set_num_threads(threads)
@@ -267,6 +267,6 @@ def _worker_init(threads: int, quiet: bool, stop: Any = None) -> None:
 
 
 def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
-    if _STOP is not None and _STOP.is_set():  # the grid is stopping: do not start this run
+    if _STOP.is_set():  # the grid is stopping: do not start this run
         return
     train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
