@@ -631,3 +631,25 @@ def test_sigterm_to_a_grid_stops_its_workers_with_checkpoints_and_exits_130(tmp_
     assert str(out) not in lines and "spawn_main" not in "".join(
         line for line in lines.splitlines() if str(proc.pid) in line
     )
+
+
+def test_a_failed_run_in_a_parallel_grid_starts_no_queued_run(tmp_path):
+    """A run that fails stops the grid: the run it was already handed (the pool queues one more
+    than it has workers) is not started, while the run still training beside it finishes."""
+    from poslab.experiments.grid import GridRun, train_grid
+    from poslab.presets import get_preset
+    from poslab.runs import RunDir
+
+    base = get_preset("smoke").override({"train.checkpoint_every": 0, "train.eval_every": 0})
+    configs = {
+        "slow": base.override({"model.encoding": "nope", "train.steps": 600}),
+        # fails as training starts: learned positions cover fewer tokens than a sequence has
+        "failing": base.override({"model.encoding": "learned", "model.max_len": 4, "train.steps": 400}),
+        "queued": base.override({"model.encoding": "nope", "train.steps": 300}),
+    }
+    grid = [GridRun(config, RunDir(tmp_path / name)) for name, config in configs.items()]
+    with pytest.raises(ValueError, match="past what the encoding covers"):
+        train_grid(grid, resume=False, jobs=2, threads=1)
+    assert (tmp_path / "slow" / "results.json").exists()
+    assert not (tmp_path / "failing" / "metrics.jsonl").exists()
+    assert not (tmp_path / "queued").exists()

@@ -133,7 +133,7 @@ def train_grid(
     at a time, in the order of `start_order` (the slowest first, or for a small grid the order that
     should end soonest, from `estimated_cost`); logs ``run 3/6 ...`` with an estimate of the time left. Worker
     processes get ``threads`` threads each (default: the cores shared between them). Returns the
-    runs trained; a failed run stops the grid."""
+    runs trained. A failed run stops the grid: runs training beside it finish, no other starts."""
     check_jobs(jobs, threads)
     todo = [run for run in grid if not (resume and run.run_dir.status() == "finished")]
     if len(todo) < len(grid):
@@ -203,7 +203,7 @@ def _train_parallel(
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     quiet = log.level > logging.INFO
-    stop = context.Event()  # set on SIGTERM: runs already handed to a worker are skipped
+    stop = context.Event()  # once set, runs already handed to a worker are skipped
     with ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet, stop)
     ) as pool:
@@ -222,7 +222,8 @@ def _train_parallel(
                     tracker.finished(futures[future])
                     if waiting:
                         tracker.starting(waiting.pop(0))
-        except BaseException:  # a failed run stops the grid: runs not yet started are dropped
+        except BaseException:  # a failed run, Ctrl-C or SIGTERM: runs not yet started are dropped
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
 
@@ -269,4 +270,10 @@ def _worker_init(threads: int, quiet: bool, stop: Any) -> None:
 def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
     if _STOP.is_set():  # the grid is stopping: do not start this run
         return
-    train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
+    try:
+        train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
+    except BaseException:
+        # Stop the grid from here, before this worker takes its next run: the grid's own
+        # `stop.set()` comes only after it has seen the failure, too late for that run.
+        _STOP.set()
+        raise
