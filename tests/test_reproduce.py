@@ -359,6 +359,10 @@ def test_best_tables_and_plots_are_checked_before_anything_trains(tmp_path, monk
     base = get_table("dape_chomsky")
     with pytest.raises(ValueError, match="plot names whole splits"):
         PaperTable(**{**base.__dict__, "plot": ("ood@50",)})
+    with pytest.raises(ValueError, match="learned names a whole split of a table with best seeds"):
+        PaperTable(**{**base.__dict__, "learned": "id@20"})
+    with pytest.raises(ValueError, match="learned names a whole split of a table with best seeds"):
+        PaperTable(**{**get_table("cope_flipflop").__dict__, "learned": "id"})
     with pytest.raises(ValueError, match="best seeds has no ratio"):
         PaperTable(**{**base.__dict__, "ratio": ("even_pairs/ood", "parity_check/ood")})
     flipflop = get_table("cope_flipflop")
@@ -390,15 +394,16 @@ def _chomsky_table(task: str = "parity_check", overrides: tuple[str, ...] = ()) 
         seeds=(0, 1),
         best=True,
         plot=("id", "ood"),
+        learned="id",
     )
 
 
-def _fake_run(run, ood: float, lengths: dict[str, dict[int, float]]) -> None:
+def _fake_run(run, ood: float, lengths: dict[str, dict[int, float]], id_: float = 99.0) -> None:
     """A finished run's files as training writes them, with hand-made accuracies."""
     run.run_dir.path.mkdir(parents=True)
     run.run_dir.write_config(run.config)
     per_length = {s: {str(n): {"accuracy": v} for n, v in vs.items()} for s, vs in lengths.items()}
-    metrics = {"splits": {"ood": {"accuracy": ood}}, "lengths": per_length}
+    metrics = {"splits": {"id": {"accuracy": id_}, "ood": {"accuracy": ood}}, "lengths": per_length}
     run.run_dir.write_results(
         {"metrics": metrics, "wall_time": 1.0, "machine": {"cpu": "hand", "threads": 1}}
     )
@@ -410,9 +415,9 @@ def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot
     out = tmp_path / "out"
     grid = plan_table(table, out, [0, 1])["parity_check"]
     runs = {(run.config.encoding_label, run.config.train.seed): run for run in grid}
-    _fake_run(runs[("nope", 0)], 60.0, {"id": {1: 100.0, 40: 90.0}, "ood": {41: 70.0, 100: 50.0}})
-    _fake_run(runs[("nope", 1)], 80.0, {"id": {1: 100.0, 40: 96.0}, "ood": {41: 90.0, 100: None}})
-    _fake_run(runs[("dape[base=fire]", 1)], 55.5, {"id": {40: 99.0}, "ood": {41: 55.5}})
+    _fake_run(runs[("nope", 0)], 60.0, {"id": {1: 100.0, 40: 90.0}, "ood": {41: 70.0, 100: 50.0}}, 95.0)
+    _fake_run(runs[("nope", 1)], 80.0, {"id": {1: 100.0, 40: 96.0}, "ood": {41: 90.0, 100: None}}, 98.0)
+    _fake_run(runs[("dape[base=fire]", 1)], 55.5, {"id": {40: 99.0}, "ood": {41: 55.5}}, 51.25)
     result = reproduce("tiny_chomsky", out, train=False)
     assert (result["finished"], result["planned"]) == (3, 4)
     page = (out / "README.md").read_text()
@@ -420,6 +425,11 @@ def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot
     line = next(ln for ln in page.splitlines() if ln.startswith("| regular | parity_check |"))
     nope, dape = f"**80.00** / 70.00 ± {20 / 2**0.5:.2f} (2)", "**55.50** / 55.50 (1) / paper 52.5"
     assert line == f"| regular | parity_check | 50 | {nope} | {dape} |"
+    # ... and a second table, the mean at the training lengths: did each model learn the task?
+    learned = page.split("### At the training lengths (id)")[1]
+    line = next(ln for ln in learned.splitlines() if ln.startswith("| regular | parity_check |"))
+    assert line == f"| regular | parity_check | 50 | 96.50 ± {3 / 2**0.5:.2f} (2) | 51.25 (1) |"
+    assert "parity_check/id" in (out / "results.csv").read_text()
     # Accuracy per length: the mean over the seeds that scored each length; the id split ends at 40.
     curves, boundary = length_curves(table, grid)
     assert curves["NoPE"] == {1: 100.0, 40: 93.0, 41: 80.0, 100: 50.0}
@@ -436,7 +446,8 @@ def test_a_tiny_chomsky_table_end_to_end_scores_pooled_per_token_accuracy(tmp_pa
     result = reproduce("tiny_chomsky", out, jobs=1)
     assert (result["finished"], result["planned"], result["trained"]) == (4, 4, 4)
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 4 and {r["column"] for r in rows} == {"reverse_string/ood"}
+    assert len(rows) == 8 and {r["column"] for r in rows} == {"reverse_string/ood", "reverse_string/id"}
+    rows = [r for r in rows if r["column"] == "reverse_string/ood"]
     # The ood value is the mean over the tested lengths (41, 46: every 6th and the last) of the
     # accuracy pooled over all output tokens of the length's batch, here recomputed from the model.
     run = next(r for r in rows if r["encoding"] == "dape[base=fire]" and r["seed"] == "1")

@@ -45,7 +45,10 @@ class PaperTable:
     each cell's best seed beside the mean (the Chomsky-hierarchy papers report the best of their
     runs), one line per column with its task's level and chance, one column per row; ``plot``:
     length-range splits (e.g. ``("id", "ood")``) whose per-length metric the page draws, one figure
-    per part with a line per row (the mean over seeds)."""
+    per part with a line per row (the mean over seeds); ``learned``: for a table with best seeds, a
+    split (``"id"``, the training lengths) whose mean over seeds the page shows in a second table of
+    the same shape, to tell a model that never learned a task from one that learned it but did not
+    extrapolate."""
 
     name: str
     title: str
@@ -59,6 +62,7 @@ class PaperTable:
     ratio: tuple[str, str] | None = None
     best: bool = False
     plot: tuple[str, ...] = ()
+    learned: str | None = None
 
     def __post_init__(self) -> None:
         names = [row for row, _ in self.rows]
@@ -81,6 +85,11 @@ class PaperTable:
         for split in self.plot:
             if split_at(split)[1] is not None:
                 raise ValueError(f"table {self.name}: plot names whole splits, got {split!r}")
+        if self.learned is not None and (not self.best or split_at(self.learned)[1] is not None):
+            raise ValueError(
+                f"table {self.name}: learned names a whole split of a table with best seeds, "
+                f"got {self.learned!r}"
+            )
 
     @property
     def columns(self) -> list[str]:
@@ -367,6 +376,7 @@ _register(
         ),
         best=True,
         plot=("id", "ood"),
+        learned="id",
         paper_setting="a 5-layer encoder, d 256, 8 heads (about 4M parameters), batch 128, lr 1e-4, trained "
         "on lengths 1-40 and tested on every length 41-500 (`chomsky_paper`); here 2 layers, d 64, 4 heads "
         "(about 0.1M parameters), 2000 steps of batch 32 (1% of the sequences of 50k steps of batch 128), "

@@ -177,7 +177,7 @@ def table_page(
             machine = results.get("machine") or {}
             key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
             machines[key] = machines.get(key, 0) + 1
-            for split in part.splits:
+            for split in (*part.splits, *([table.learned] if table.learned else [])):
                 rows.append(
                     {
                         "row": _row_name(table, run.config.encoding_label),
@@ -291,6 +291,14 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
     row of the table; each cell the best seed, then mean ± sample std (n), then the paper's value."""
     unit = UNITS.get(table.metric, table.metric)
     higher = table.metric == "accuracy"
+    levels = {}
+    for part in table.parts:
+        task = grids[part.name][0].config.task.build()
+        chance = getattr(task, "chance", None)
+        levels[part.name] = (
+            str(getattr(task, "level", "–")).replace("_", "-"),
+            "–" if chance is None else f"{chance:.0f}",
+        )
     lines = [
         "## Ours beside the paper's",
         "",
@@ -303,9 +311,7 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
         "|---|---|---|" + "---|" * len(table.rows),
     ]
     for part in table.parts:
-        task = grids[part.name][0].config.task.build()
-        level = str(getattr(task, "level", "–")).replace("_", "-")
-        chance = getattr(task, "chance", None)
+        level, chance_cell = levels[part.name]
         for split in part.splits:
             column = f"{part.name}/{split}"
             cells = []
@@ -320,8 +326,28 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
                 paper = table.numbers.get(row, {}).get(column)
                 cells.append(cell if paper is None else f"{cell} / paper {paper:g}")
             name = part.name if len(part.splits) == 1 else column
-            chance_cell = "–" if chance is None else f"{chance:.0f}"
             lines.append(f"| {level} | {name} | {chance_cell} | " + " | ".join(cells) + " |")
+    if table.learned is None:
+        return lines
+    lines += [
+        "",
+        f"### At the training lengths ({table.learned})",
+        "",
+        f"The same runs scored on split {table.learned}: {unit}, mean ± sample std over the seeds (n). "
+        "Near chance here, a model did not learn the task, and its score above says nothing about "
+        "extrapolation.",
+        "",
+        "| level | task | chance | " + " | ".join(row for row, _ in table.rows) + " |",
+        "|---|---|---|" + "---|" * len(table.rows),
+    ]
+    for part in table.parts:
+        level, chance_cell = levels[part.name]
+        column = f"{part.name}/{table.learned}"
+        cells = []
+        for row, _ in table.rows:
+            stats = mean_std([r["value"] for r in rows if r["row"] == row and r["column"] == column])
+            cells.append(f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–")
+        lines.append(f"| {level} | {part.name} | {chance_cell} | " + " | ".join(cells) + " |")
     return lines
 
 
