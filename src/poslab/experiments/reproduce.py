@@ -269,7 +269,7 @@ def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
     for row, _ in table.rows:
         cells = []
         for column in table.columns:
-            values = [r["value"] for r in rows if r["row"] == row and r["column"] == column]
+            values = _values(rows, row, column)
             stats = mean_std(values)
             ours = f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–"
             paper = table.numbers.get(row, {}).get(column)
@@ -284,6 +284,19 @@ def _comparison(table: PaperTable, rows: list[dict[str, Any]]) -> list[str]:
             f"{table.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
         ]
     return lines
+
+
+def _values(rows: list[dict[str, Any]], row: str, column: str) -> list[float | None]:
+    """The values of one row and column of the page, one per finished run (seed)."""
+    return [r["value"] for r in rows if r["row"] == row and r["column"] == column]
+
+
+def _task_table_head(table: PaperTable) -> list[str]:
+    """The head of a table of one line per task, one column per row of ``table``."""
+    return [
+        "| level | task | chance | " + " | ".join(row for row, _ in table.rows) + " |",
+        "|---|---|---|" + "---|" * len(table.rows),
+    ]
 
 
 def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, list[GridRun]]) -> list[str]:
@@ -307,8 +320,7 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
         "Chomsky-hierarchy papers report the best run. Chance: guessing uniformly among the task's "
         "output symbols.",
         "",
-        "| level | task | chance | " + " | ".join(row for row, _ in table.rows) + " |",
-        "|---|---|---|" + "---|" * len(table.rows),
+        *_task_table_head(table),
     ]
     for part in table.parts:
         level, chance_cell = levels[part.name]
@@ -316,7 +328,7 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
             column = f"{part.name}/{split}"
             cells = []
             for row, _ in table.rows:
-                values = [r["value"] for r in rows if r["row"] == row and r["column"] == column]
+                values = _values(rows, row, column)
                 stats = mean_std(values)
                 known = [v for v in values if v is not None]
                 cell = "–"
@@ -337,15 +349,14 @@ def _by_part(table: PaperTable, rows: list[dict[str, Any]], grids: dict[str, lis
         "Near chance here, a model did not learn the task, and its score above says nothing about "
         "extrapolation.",
         "",
-        "| level | task | chance | " + " | ".join(row for row, _ in table.rows) + " |",
-        "|---|---|---|" + "---|" * len(table.rows),
+        *_task_table_head(table),
     ]
     for part in table.parts:
         level, chance_cell = levels[part.name]
         column = f"{part.name}/{table.learned}"
         cells = []
         for row, _ in table.rows:
-            stats = mean_std([r["value"] for r in rows if r["row"] == row and r["column"] == column])
+            stats = mean_std(_values(rows, row, column))
             cells.append(f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–")
         lines.append(f"| {level} | {part.name} | {chance_cell} | " + " | ".join(cells) + " |")
     return lines
