@@ -8,9 +8,10 @@ training lengths (id) and past them (ood), mean ± sample std over seeds, each s
 """
 
 import csv
-import statistics
 import sys
 from pathlib import Path
+
+from poslab.report.common import mean_std
 
 HERE = Path(__file__).resolve().parent
 ROWS = {
@@ -46,8 +47,9 @@ def longer_values(task):
 
 def cell(seeds):
     values = [seeds[k] for k in sorted(seeds)]
-    spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-    return f"{statistics.mean(values):.1f}{spread} ({', '.join(f'{v:.1f}' for v in values)})"
+    stats = mean_std(values)
+    spread = f" ± {stats['std']:.1f}" if stats["n"] > 1 else ""
+    return f"{stats['mean']:.1f}{spread} ({', '.join(f'{v:.1f}' for v in values)})"
 
 
 def main(task):
