@@ -7,7 +7,7 @@ Data: the running Python's standard library (poslab's "stdlib" corpus, byte toke
 document. Each encoding trains the same ``LlamaForCausalLM`` (same seed, same batches) through
 `poslab.hf.apply` and ``transformers.Trainer``, then is scored with poslab's length-extrapolation
 protocol: perplexity on the same non-overlapping held-out windows at 1x, 2x, 4x and 8x the training
-length, over all targets and over the last 256 of each window (`poslab.data.perplexity`). The model is
+length, over all targets and over the last 256 of each window (`poslab.lab.data.perplexity`). The model is
 also saved, reloaded with `poslab.hf.from_pretrained` and checked to give the same logits.
 
 The defaults run in about 2.5 minutes on one CPU core (DAPE 90 s, RoPE 35 s of training);
@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from poslab import hf
-from poslab.data import build_lm_data, load_corpus, perplexity
+from poslab.lab.data import build_lm_data, load_corpus, perplexity
 
 
 class Windows(torch.utils.data.Dataset):

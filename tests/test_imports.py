@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,10 +78,15 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read_from_every_module():
     graph = import_graph()
-    assert {"poslab.cli", "poslab.runs", "poslab.experiments.grid", "poslab.presets.lm"} <= set(graph)
+    assert {
+        "poslab.lab.cli",
+        "poslab.lab.rundir",
+        "poslab.lab.experiments.grid",
+        "poslab.lab.presets.language",
+    } <= set(graph)
     # Imports inside functions count: cli imports bench only when the bench command runs.
-    assert "poslab.bench" in graph["poslab.cli"]
-    assert "poslab.runs" in graph["poslab.train"]
+    assert "poslab.lab.bench" in graph["poslab.lab.cli"]
+    assert "poslab.lab.rundir" in graph["poslab.lab.train"]
 
 
 def test_find_cycle_finds_a_cycle():
@@ -95,11 +102,13 @@ def test_no_import_cycle():
 @pytest.mark.parametrize(
     ("lower", "upper"),
     [
-        ("poslab.runs", "poslab.train"),
-        ("poslab.train", "poslab.experiments"),
-        ("poslab.report", "poslab.experiments"),
-        ("poslab.experiments", "poslab.cli"),
-        ("poslab.config", "poslab.presets"),
+        ("poslab.lab.rundir", "poslab.lab.train"),
+        ("poslab.lab.train", "poslab.lab.experiments"),
+        ("poslab.lab.report", "poslab.lab.experiments"),
+        ("poslab.lab.experiments", "poslab.lab.cli"),
+        ("poslab.lab.config", "poslab.lab.presets"),
+        ("poslab.encodings", "poslab.model"),
+        ("poslab.kernels", "poslab.attention"),
     ],
 )
 def test_layers_import_only_downwards(lower, upper):
@@ -111,9 +120,52 @@ def test_layers_import_only_downwards(lower, upper):
             assert not above, f"{name} imports {above}"
 
 
+def test_the_library_never_imports_the_lab():
+    """Only `poslab.lab` (and ``python -m poslab``, the command line's entry point) imports the lab."""
+    graph = import_graph()
+    assert "poslab.lab.cli" in graph["poslab.__main__"]  # the check can see such an import
+    offenders = {
+        name: sorted(t for t in targets if t.startswith("poslab.lab"))
+        for name, targets in graph.items()
+        if not name.startswith("poslab.lab") and name != "poslab.__main__"
+    }
+    offenders = {name: targets for name, targets in offenders.items() if targets}
+    assert not offenders, offenders
+
+
+def test_import_poslab_loads_the_library_alone():
+    """``import poslab`` needs torch and nothing of the lab, plotting or the HF bridge."""
+    code = (
+        "import sys, poslab; "
+        "print(sorted(m for m in sys.modules if m.startswith(('poslab.lab', 'poslab.hf', 'matplotlib', "
+        "'transformers', 'numpy.testing'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+SUITES = {"contracts", "identities", "imports", "reference"}  # cross-cutting, kept by name
+
+
+def test_tests_mirror_the_package():
+    """tests/<path>/test_<name>.py tests poslab/<path>/<name>.py (or the folder <name>/); a suffix
+    after the name (test_train_ddp.py) is allowed, and the contract and parity suites keep theirs."""
+    tests = REPO / "tests"
+    unmatched = []
+    for path in sorted(tests.rglob("test_*.py")):
+        folder = PACKAGE.joinpath(*path.relative_to(tests).parent.parts)
+        stem = path.stem.removeprefix("test_")
+        parts = stem.split("_")
+        prefixes = ["_".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        found = any((folder / f"{p}.py").is_file() or (folder / p).is_dir() for p in prefixes)
+        if not found and not (path.parent == tests and (stem in SUITES or stem.startswith("parity_"))):
+            unmatched.append(str(path.relative_to(REPO)))
+    assert not unmatched, f"test files named after no module: {unmatched}"
+
+
 def test_only_the_cli_parses_arguments():
     for name, path in modules().items():
-        if name != "poslab.cli":
+        if name != "poslab.lab.cli":
             assert "import argparse" not in path.read_text(), name
 
 

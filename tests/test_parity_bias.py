@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import poslab
-from poslab.config import ModelSpec, RunConfig, TaskConfig
 from poslab.encodings.alibi import alibi_slopes
 from poslab.encodings.t5 import t5_bucket
+from poslab.lab.config import ModelSpec, RunConfig, TaskConfig
 
 BIDIRECTIONAL_BIASES = ["alibi", "t5", "kerple_log", "kerple_power", "fire", "sandwich"]
 

@@ -149,7 +149,7 @@ def test_cope_sep_key_needs_the_gate_keys():
 
 def test_cope_sep_key_visualizes():
     """visualize recomputes a sep_key layer (its gate keys from the captured layer input)."""
-    from poslab.visualize import cope_map, layer_logits
+    from poslab.lab.visualize import cope_map, layer_logits
 
     config = poslab.ModelConfig(vocab_size=7, d_model=16, n_heads=2, encoding="cope[sep_key=true]")
     model = poslab.build_model(config).eval()

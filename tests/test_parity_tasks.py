@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from poslab.presets import get_preset
-from poslab.tasks import TASKS, Batch, build_task
-from poslab.tasks.chomsky import DEEPMIND_NAMES, ChomskyTask
+from poslab.lab.presets import get_preset
+from poslab.lab.tasks import TASKS, Batch, build_task
+from poslab.lab.tasks.chomsky import DEEPMIND_NAMES, ChomskyTask
 
 
 def gen(seed: int) -> torch.Generator:
@@ -110,7 +110,7 @@ REFERENCE = {
     "compute_sqrt": ("context_sensitive", 2, 2, [(n + 1) // 2 for n in range(1, 9)]),
     "bucket_sort": ("context_sensitive", 5, 5, list(range(1, 9))),
 }
-# Input slots of DeepMind's code that never occur (documented in poslab.tasks.chomsky).
+# Input slots of DeepMind's code that never occur (documented in poslab.lab.tasks.chomsky).
 UNUSED_REFERENCE_SLOTS = {"modular_arithmetic": 1, "modular_arithmetic_brackets": 1}
 
 

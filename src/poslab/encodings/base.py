@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from poslab.options import Registry
+from poslab.registry import Registry
 
 HOOKS = ("embed", "rotate", "bias", "logits", "input_keys")
 

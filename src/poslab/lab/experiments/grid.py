@@ -1,0 +1,279 @@
+"""Grids of runs: every (encoding, seed) of a base config, planned, checked and trained.
+
+A grid puts run ``(spec, seed)`` at ``root/<slug(spec)>/seed<seed>`` (`poslab.lab.config.slug`). Every
+directory is checked before anything trains; finished runs are reused when resuming, and the rest
+train one after the other or in worker processes (``jobs``) that share the CPU cores.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poslab.lab.config import RunConfig, encoding_label, slug
+from poslab.lab.progress import setup_logging
+from poslab.lab.rundir import RunDir
+from poslab.lab.runtime import tune_allocator
+from poslab.lab.train import train
+
+log = logging.getLogger("poslab")
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One run of a grid: its config and its directory."""
+
+    config: RunConfig
+    run_dir: RunDir
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir.path
+
+
+def plan_grid(
+    base: RunConfig,
+    encodings: Sequence[str],
+    seeds: Sequence[int],
+    root: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> list[GridRun]:
+    """One run per encoding and seed at ``root/<encoding>/seed<k>``, every directory checked
+    (`RunDir.check`) before anything trains; ValueError when two encodings share a directory."""
+    grid = []
+    for spec in encodings:
+        for seed in seeds:
+            config = base.override({"model.encoding": spec, "train.seed": seed})
+            run_dir = RunDir(Path(root) / slug(encoding_label(spec)) / f"seed{seed}")
+            run_dir.check(resume=resume, overwrite=overwrite, config=config)
+            grid.append(GridRun(config, run_dir))
+    if len({run.run_dir for run in grid}) < len(grid):
+        raise ValueError("two encodings of --encodings map to the same directory; list each once")
+    return grid
+
+
+def estimated_cost(config: RunConfig) -> float:
+    """A run's relative training cost, to plan the order runs start in: tokens trained on, times a
+    factor for encodings that rewrite the logits (CoPE, DAPE) or add a bias (ALiBi, Kerple, ...).
+    The factors are measured steps of the native kernels on a CPU, against RoPE's: CoPE 1.5 and DAPE
+    1.65 on the flip-flop demo (its wall times), 1.2-1.5 at length 512 (`poslab bench`); a bias 1.3.
+    A task that draws each batch's length from a range (the Chomsky tasks, no ``task.train_len``)
+    counts the tokens of a sequence at its longest length."""
+    tc = config.train
+    encoding = config.model.to_model_config(vocab_size=1, n_outputs=None, causal=True).build_encoding()
+    factor = 1.6 if encoding.uses_logits else 1.3 if "bias" in encoding.hooks else 1.0
+    length = config.task.train_len
+    if length is None:
+        task = config.task.build()
+        longest = task.split_lengths("id")[-1]
+        length = task.sample(1, longest, generator=torch.Generator().manual_seed(0)).inputs.shape[1]
+    return tc.steps * tc.batch_size * length * config.model.d_model * factor
+
+
+def makespan(costs: Sequence[float], jobs: int) -> float:
+    """When the last of ``costs`` would finish if ``jobs`` workers took them in this order, each
+    worker taking the next as soon as it is free (what a process pool does)."""
+    free = [0.0] * jobs
+    for cost in costs:
+        heapq.heappush(free, heapq.heappop(free) + cost)
+    return max(free)
+
+
+def start_order(costs: Sequence[float], jobs: int, *, search_up_to: int = 8) -> list[int]:
+    """The order to start runs of these ``costs`` in on ``jobs`` workers: the slowest first (a slow
+    run started last leaves the other workers idle), and for small grids (up to ``search_up_to``
+    runs) the order of least `makespan`, found by trying them all (ties go to the slowest-first
+    order). Slowest first is not always best: five runs of costs 1.65, 1.55, 1.27, 1, 1 on two
+    workers end at 3.65 that way, at 3.27 in the order 1.65, 1.27, 1, 1.55, 1."""
+    order = sorted(range(len(costs)), key=lambda i: -costs[i])  # stable: grid order among equals
+    if jobs < 2 or len(order) <= jobs or len(order) > search_up_to:
+        return order
+    best, best_span = order, makespan([costs[i] for i in order], jobs)
+    for candidate in itertools.permutations(order):
+        span = makespan([costs[i] for i in candidate], jobs)
+        if span < best_span * (1 - 1e-9):
+            best, best_span = list(candidate), span
+    return best
+
+
+def check_jobs(jobs: int, threads: int | None = None) -> None:
+    """ValueError for ``--jobs`` or ``--threads`` below 1."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+
+
+def train_grid(
+    grid: list[GridRun],
+    *,
+    resume: bool,
+    overwrite: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: bool | None = None,
+) -> list[GridRun]:
+    """Train the runs of ``grid`` that are not finished (all of them unless ``resume``), ``jobs``
+    at a time, in the order of `start_order` (the slowest first, or for a small grid the order that
+    should end soonest, from `estimated_cost`); logs ``run 3/6 ...`` with an estimate of the time left. Worker
+    processes get ``threads`` threads each (default: the cores shared between them). Returns the
+    runs trained. A failed run stops the grid: runs training beside it finish, no other starts."""
+    check_jobs(jobs, threads)
+    todo = [run for run in grid if not (resume and run.run_dir.status() == "finished")]
+    if len(todo) < len(grid):
+        log.info("%d of %d runs already finished; resuming the rest", len(grid) - len(todo), len(grid))
+    jobs = max(1, min(jobs, len(todo))) if todo else 1
+    todo = [todo[i] for i in start_order([estimated_cost(run.config) for run in todo], jobs)]
+    tracker = _GridProgress(todo, jobs)
+    if jobs == 1:
+        for run in todo:
+            tracker.starting(run)
+            train(run.config, run.path, resume=resume, overwrite=overwrite, progress=progress)
+            tracker.finished(run)
+    else:
+        _train_parallel(todo, jobs, threads, tracker, resume=resume, overwrite=overwrite)
+    return todo
+
+
+class _GridProgress:
+    """Logs a grid's progress: which run starts (``run 3/6``), which finished, and the time left,
+    estimated from the runs done so far weighted by `estimated_cost`."""
+
+    def __init__(self, todo: list[GridRun], jobs: int) -> None:
+        self.total, self.jobs = len(todo), jobs
+        self.costs = {run.path: estimated_cost(run.config) for run in todo}
+        self.started = self.finished_runs = 0
+        self.done_cost, self.left_cost = 0.0, sum(self.costs.values())
+        self.clock = time.monotonic()
+
+    def _eta(self) -> str:
+        if not self.done_cost:
+            return ""
+        elapsed = time.monotonic() - self.clock
+        left = elapsed / self.done_cost * self.left_cost / self.jobs
+        return f"; about {_clock(left)} left"
+
+    def starting(self, run: GridRun) -> None:
+        self.started += 1
+        label = encoding_label(run.config.model.encoding, run.config.model.encoding_options)
+        log.info(
+            "run %d/%d: %s seed %d%s", self.started, self.total, label, run.config.train.seed, self._eta()
+        )
+
+    def finished(self, run: GridRun) -> None:
+        cost = self.costs[run.path]
+        self.done_cost, self.left_cost = self.done_cost + cost, self.left_cost - cost
+        self.finished_runs += 1
+        log.info("finished %d/%d runs (%s)%s", self.finished_runs, self.total, run.path, self._eta())
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _train_parallel(
+    todo: list[GridRun],
+    jobs: int,
+    threads: int | None,
+    tracker: _GridProgress,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Train runs in ``jobs`` worker processes, splitting the CPU threads between them unless
+    ``threads`` is given."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    quiet = log.level > logging.INFO
+    stop = context.Event()  # once set, runs already handed to a worker are skipped
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet, stop)
+    ) as pool:
+        # The pool starts them in this order, ``jobs`` at a time.
+        futures = {
+            pool.submit(_train_worker, run.config.to_dict(), str(run.path), resume, overwrite): run
+            for run in todo
+        }
+        for run in todo[:jobs]:
+            tracker.starting(run)
+        waiting = list(todo[jobs:])
+        try:
+            with _stop_workers_on_sigterm(pool, stop):
+                for future in as_completed(futures):
+                    future.result()
+                    tracker.finished(futures[future])
+                    if waiting:
+                        tracker.starting(waiting.pop(0))
+        except BaseException:  # a failed run, Ctrl-C or SIGTERM: runs not yet started are dropped
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+@contextmanager
+def _stop_workers_on_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Iterator[None]:
+    """Within the block, SIGTERM to the grid's process (``kill PID``) is passed on to the workers,
+    which save a checkpoint after their current step and stop (`poslab.lab.train`), and stops the grid
+    as Ctrl-C does; without it the workers would train on, orphaned, after the grid had gone. (Ctrl-C
+    in a terminal reaches the workers by itself: they share the terminal's process group.) ``stop``
+    (a multiprocessing Event the workers share) is set first: the pool hands a worker its next run
+    before the current one ends, and cancelling the futures cannot take such a run back, so a worker
+    checks it before it starts a run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: object) -> None:
+        stop.set()
+        workers = getattr(pool, "_processes", None) or {}  # pid -> Process, while the pool runs
+        for pid in list(workers):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+_STOP: Any = None  # the grid's stop Event, in a worker process
+
+
+def _worker_init(threads: int, quiet: bool, stop: Any) -> None:
+    global _STOP
+    tune_allocator()  # process-wide: only in grid workers and the command line
+    torch.set_num_threads(threads)
+    setup_logging(quiet)
+    _STOP = stop
+
+
+def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
+    if _STOP.is_set():  # the grid is stopping: do not start this run
+        return
+    try:
+        train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
+    except BaseException:
+        # Stop the grid from here, before this worker takes its next run: the grid's own
+        # `stop.set()` comes only after it has seen the failure, too late for that run.
+        _STOP.set()
+        raise
