@@ -24,6 +24,7 @@ from poslab.lab.config import (
 from poslab.lab.evaluate import eval_seed, evaluate
 from poslab.lab.presets import get_preset, list_presets
 from poslab.lab.progress import Progress, ProgressLogHandler
+from poslab.lab.provenance import machine_record
 from poslab.lab.rundir import RunDir, RunDirError
 from poslab.lab.train import NonFiniteLossError, lr_at, train
 from poslab.model import build_model
@@ -181,11 +182,8 @@ def test_finished_run_is_not_overwritten(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["step"] == 4
     # where the run was made, for results pages built later on another machine
-    assert results["machine"] == {
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    assert results["machine"] == machine_record()
+    assert results["machine"]["cpu"] == cpu_model() and results["machine"]["commit"]
 
 
 def test_corrupt_checkpoint_refuses_to_resume_and_is_left_alone(tmp_path):

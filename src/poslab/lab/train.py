@@ -37,12 +37,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from poslab.kernels.native import cpu_model
 from poslab.lab.checkpoint import check_writable, json_safe, save_checkpoint, write_text
 from poslab.lab.config import RunConfig, TrainConfig
 from poslab.lab.evaluate import evaluate, format_metrics, planned_lengths
 from poslab.lab.memory import check_fits
 from poslab.lab.progress import Progress
+from poslab.lab.provenance import machine_record
 from poslab.lab.rundir import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
 from poslab.model import Transformer, build_model, masked_cross_entropy
 
@@ -591,9 +591,7 @@ def _evaluate(session: _Session, state: TrainState) -> dict[str, Any] | None:
 def _finish(session: _Session, state: TrainState, n_params: int, elapsed: float) -> TrainResult:
     """The results (results.json on process 0) and the `TrainResult`."""
     config, task = session.config, session.task
-    # The machine, so that a results page built later elsewhere can say where its runs were made.
-    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-    about = {"n_params": n_params, "wall_time": elapsed, "machine": machine}
+    about = {"n_params": n_params, "wall_time": elapsed, "machine": machine_record()}
     results = results_record(config, task, step=state.step, metrics=state.last_eval, about=about, timing={})
     if session.writer is not None:
         session.writer.write_results(results)
