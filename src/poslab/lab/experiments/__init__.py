@@ -10,6 +10,7 @@
 - `poslab.lab.experiments.lm_study`: ``poslab lm-study NAME``, the DAPE paper's language-model studies
   (`poslab.lab.experiments.lm_studies`), each a set of ``lm-extrapolation`` grids and one page
   (`poslab.lab.experiments.lm_study_page`);
+- `poslab.lab.experiments.head_stats`: ``poslab head-stats``, where trained heads look at each length;
 - `poslab.lab.experiments.command`: subcommands as data (`Command`), which `poslab.lab.cli` offers.
 
 A new kind of experiment is a module here (plan a grid with `plan_grid`, train it with
@@ -17,13 +18,14 @@ A new kind of experiment is a module here (plan a grid with `plan_grid`, train i
 line in `COMMANDS` below, and its presets in `poslab.lab.presets` (see docs/harness.md).
 """
 
-from poslab.lab.experiments import compare, extrapolation, lm_study, reproduce
+from poslab.lab.experiments import compare, extrapolation, head_stats, lm_study, reproduce
 from poslab.lab.experiments.command import Command
 
 # Every experiment's subcommands, in the order `poslab --help` lists them.
 COMMANDS: tuple[Command, ...] = (
     *compare.COMMANDS,
     *extrapolation.COMMANDS,
+    *head_stats.COMMANDS,
     *lm_study.COMMANDS,
     *reproduce.COMMANDS,
 )

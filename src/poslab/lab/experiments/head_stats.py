@@ -1,0 +1,225 @@
+"""Where trained heads look: each head's attention entropy, mean distance and far mass at any length.
+
+The DAPE paper's headline (Kerple collapses far past the training length, DAPE repairs it) needs heads
+that attend far; a head that only looks at the last few tokens cannot break or be repaired. This
+module measures, per layer and head, on held-out windows of length T:
+
+- entropy: -sum_j p_ij log p_ij in nats, averaged over the scored queries (log of the number of keys a
+  head spreads over; 0 for a head on one key);
+- mean distance: sum_j p_ij (i - j), the average number of tokens a head looks back;
+- far mass: the attention on keys more than ``train_len`` tokens back, which no training window had;
+
+over the last ``last`` queries of each window (the ones the headline perplexity scores), together with
+each Kerple head's parameters (r1, r2 of bias = -r1 log(1 + r2 (i - j)), also under DAPE). The
+attention is recomputed from each layer's input exactly as `poslab.attend`'s eager path does, one
+block of queries at a time, so a window of 8192 tokens needs O(block x T) memory per layer:
+
+    poslab head-stats RUN_DIR [RUN_DIR ...] --lengths 128,8192 --windows 4 --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from poslab.attention import eager_logits, eager_probabilities
+from poslab.encodings.kerple import KerpleLog
+from poslab.lab.checkpoint import check_writable, write_text
+from poslab.lab.experiments.command import Command, arg
+from poslab.lab.experiments.extrapolation import load_run
+from poslab.lab.parsing import parse_lengths
+from poslab.lab.rundir import find_trained_runs
+from poslab.model import Transformer
+
+
+@dataclass(frozen=True)
+class HeadStats:
+    """One layer's statistics at one length, each (H,), averaged over windows and scored queries."""
+
+    layer: int
+    length: int
+    entropy: Tensor
+    mean_distance: Tensor
+    far_mass: Tensor
+
+
+def layer_inputs(model: Transformer, ids: Tensor) -> list[Tensor]:
+    """The input of every attention layer in one forward of ``ids`` (B, T): a list of (B, T, D)."""
+    captured: list[Tensor] = []
+    hooks = [
+        block.attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        for block in model.blocks
+    ]
+    try:
+        model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def head_statistics(
+    model: Transformer, windows: Tensor, *, train_len: int, last: int = 256, block: int = 128
+) -> list[HeadStats]:
+    """Per-layer `HeadStats` of a causal ``model`` over ``windows`` (W, T) of token ids.
+
+    Scores the last ``min(last, T)`` queries of each window; far mass counts keys with i - j >
+    ``train_len``. Every layer's attention is recomputed blockwise from its captured input.
+    """
+    if not model.config.causal:
+        raise ValueError("head statistics read causal (decoder) models")
+    if windows.dim() != 2 or windows.shape[1] < 1:
+        raise ValueError(f"expected windows of shape (W, T), got {tuple(windows.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = layer_inputs(model, windows)
+    finally:
+        model.train(was_training)
+    n_windows, t = windows.shape
+    first = t - min(last, t)
+    stats = []
+    for layer, x in enumerate(inputs):
+        attn, encoding = model.blocks[layer].attn, model.encoding(layer)
+        q, k, v = attn.qkv(x).view(n_windows, t, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(t, device=x.device)
+        if "rotate" in encoding.hooks:
+            q, k = encoding.rotate(q, k, pos, pos)  # (W, H, T, Dh) each
+        extra_keys = encoding.input_keys(x) if "input_keys" in encoding.hooks else None
+        sums = torch.zeros(3, attn.n_heads, dtype=torch.float64)
+        for start in range(first, t, block):
+            end = min(start + block, t)
+            q_pos, k_pos = pos[start:end], pos[:end]
+            bias = encoding.bias(q_pos, k_pos, causal=True) if "bias" in encoding.hooks else None
+            _, logits = eager_logits(
+                q[:, :, start:end],
+                k[:, :, :end],
+                v[:, :, :end],
+                encoding,
+                bias,
+                q_pos,
+                k_pos,
+                causal=True,
+                extra_keys=None if extra_keys is None else extra_keys[:, :, :end],
+            )
+            p = eager_probabilities(logits, q_pos, k_pos, causal=True).double()  # (W, H, b, end)
+            distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).double()  # (b, end)
+            entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)  # (W, H, b)
+            sums[0] += entropy.sum((0, 2))
+            sums[1] += (p * distance).sum(-1).sum((0, 2))
+            sums[2] += (p * (distance > train_len)).sum(-1).sum((0, 2))
+        sums /= n_windows * (t - first)
+        stats.append(HeadStats(layer, t, *(s.float() for s in sums)))
+    return stats
+
+
+def kerple_parameters(model: Transformer) -> list[dict[str, list[float]] | None]:
+    """Each layer's causal Kerple (log) parameters r1 and r2 per head (under DAPE too), or None."""
+    found = []
+    for layer in range(model.config.n_layers):
+        kerple = next((m for m in model.encoding(layer).modules() if isinstance(m, KerpleLog)), None)
+        if kerple is None:
+            found.append(None)
+            continue
+        n_heads = kerple.n_heads
+        # Row 0 is the causal one where the parameters are stored per direction.
+        r1, r2 = (p.detach().reshape(-1, n_heads)[0].clamp(min=1e-2) for p in (kerple.r1, kerple.r2))
+        found.append({"r1": r1.tolist(), "r2": r2.tolist()})
+    return found
+
+
+def run_statistics(
+    run_dir: str | Path, lengths: list[int], *, windows: int = 4, last: int = 256, block: int = 128
+) -> dict[str, Any]:
+    """Head statistics of one trained LM run at each length, on its held-out validation windows."""
+    run = load_run(run_dir)
+    train_len = run.config.task.train_len
+    record: dict[str, Any] = {
+        "run": str(run_dir),
+        "encoding": run.config.model.encoding,
+        "seed": run.config.train.seed,
+        "train_len": train_len,
+        "kerple": kerple_parameters(run.model),
+        "lengths": {},
+    }
+    for length in lengths:
+        ids = run.task.data.eval_windows(length, split="validation", max_windows=windows)[:, :length]
+        per_layer = head_statistics(run.model, ids, train_len=train_len, last=last, block=block)
+        record["lengths"][str(length)] = [
+            {
+                "layer": s.layer,
+                "entropy": s.entropy.tolist(),
+                "mean_distance": s.mean_distance.tolist(),
+                "far_mass": s.far_mass.tolist(),
+            }
+            for s in per_layer
+        ]
+    return record
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """One table row per run, layer and head: Kerple's r1 and r2, then each length's statistics."""
+    lengths = sorted({int(n) for r in records for n in r["lengths"]})
+    head = ["run", "layer", "head", "r1", "r2"]
+    for n in lengths:
+        head += [f"entropy@{n}", f"distance@{n}", f"far@{n}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        label = f"{r['encoding']} s{r['seed']}"
+        for layer, kerple in enumerate(r["kerple"]):
+            n_heads = len(r["lengths"][str(lengths[0])][layer]["entropy"])
+            for h in range(n_heads):
+                cells = [label, str(layer), str(h)]
+                cells += [f"{kerple['r1'][h]:.3f}", f"{kerple['r2'][h]:.3f}"] if kerple else ["-", "-"]
+                for n in lengths:
+                    s = r["lengths"][str(n)][layer]
+                    cells += [
+                        f"{s['entropy'][h]:.2f}",
+                        f"{s['mean_distance'][h]:.1f}",
+                        f"{s['far_mass'][h]:.3f}",
+                    ]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _command(args: Any) -> str:
+    lengths = parse_lengths(args.lengths)
+    runs = find_trained_runs(args.runs)
+    if not runs:
+        raise ValueError(f"no trained runs under {', '.join(args.runs)}")
+    if args.windows < 1 or args.last < 1:
+        raise ValueError("--windows and --last take positive integers")
+    out = Path(args.out)
+    check_writable(out)  # before the work, not after it
+    records = [run_statistics(run, lengths, windows=args.windows, last=args.last) for run in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "head_stats.json", json.dumps(records, indent=1) + "\n")
+    write_text(out / "head_stats.md", markdown(records))
+    uniform = ", ".join(f"{math.log(n):.2f} at {n}" for n in lengths)
+    return (
+        f"head statistics of {len(runs)} run(s) in {out}: head_stats.json, head_stats.md "
+        f"(a head spread evenly over all earlier keys has entropy about log T: {uniform})\n"
+    )
+
+
+COMMANDS = (
+    Command(
+        "head-stats",
+        "each head's attention entropy, mean distance and far mass (and Kerple's r1, r2) at each length",
+        (
+            arg("runs", nargs="+", help="trained LM run directories, or directories holding them"),
+            arg("--lengths", default="128,8192", help="window lengths (default 128,8192)"),
+            arg("--windows", type=int, default=4, help="validation windows per length (default 4)"),
+            arg("--last", type=int, default=256, help="score the last N queries of each window (256)"),
+            arg("--out", required=True, help="where to write head_stats.json and head_stats.md"),
+        ),
+        _command,
+    ),
+)
