@@ -20,6 +20,7 @@ from poslab.lab.report import (
     write_report,
 )
 from poslab.lab.report.common import stats_cell
+from poslab.lab.report.stats import difference_cell, interval, paired_difference, t975
 
 
 def record(label: str, seed: int, id_error: float, ood_error: float, **extra) -> RunRecord:
@@ -205,3 +206,38 @@ def test_one_cell_format_for_every_page():
     assert stats_cell({"mean": 1.234, "std": 0.5, "n": 3}) == "1.23 ± 0.50"
     assert stats_cell({"mean": 12345.6, "std": 10.0, "n": 2}) == "12346 ± 10"
     assert stats_cell({"mean": None, "std": None, "n": 2}) == "inf"  # infinite, read back from JSON
+
+
+def student_t_cdf_interval(q: float, df: int) -> float:
+    """P(-q < T < q) for Student's t with ``df`` degrees of freedom, by Simpson's rule on the density."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    n = 20000
+    h = 2 * q / n
+    total = 0.0
+    for i in range(n + 1):
+        x = -q + i * h
+        weight = 1 if i in (0, n) else (4 if i % 2 else 2)
+        total += weight * math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+    return total * h / 3
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 5, 9, 19, 30, 60])
+def test_t_quantiles_hold_95_percent(df):
+    assert student_t_cdf_interval(t975(df), df) == pytest.approx(0.95, abs=1e-3 if df <= 30 else 2e-3)
+
+
+def test_paired_difference_interval_and_wins():
+    a = {0: 3.0, 1: 4.0, 2: 5.0, 3: None}
+    b = {0: 3.5, 1: 4.2, 2: 4.9, 4: 1.0}
+    diff = paired_difference(a, b)
+    assert diff["seeds"] == [0, 1, 2] and diff["n"] == 3 and diff["wins"] == 2
+    mean = (-0.5 - 0.2 + 0.1) / 3
+    std = math.sqrt(sum((d - mean) ** 2 for d in (-0.5, -0.2, 0.1)) / 2)
+    assert diff["mean"] == pytest.approx(mean)
+    assert diff["high"] - diff["mean"] == pytest.approx(4.303 * std / math.sqrt(3))
+    assert paired_difference(a, b, lower_is_better=False)["wins"] == 1
+    assert difference_cell(diff) == f"{mean:+.2f} [{diff['low']:+.2f}, {diff['high']:+.2f}], 2/3"
+    assert difference_cell(paired_difference({0: 1.0}, {0: 2.0})) == "-1.00, 1/1"
+    assert difference_cell(paired_difference({0: 1.0}, {1: 2.0})) == "–"
+    one = interval([2.0])
+    assert one["mean"] == 2.0 and math.isnan(one["low"])
