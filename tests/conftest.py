@@ -7,7 +7,7 @@ import torch
 
 import poslab
 
-COMPOSITIONS = ["cope+rope", "cope+t5", "cope+alibi", "cope+relative"]
+COMPOSITIONS = ["cope+rope", "cope+t5", "cope+alibi", "cope+relative", "fox+rope", "stickbreaking+alibi"]
 VARIANTS = [
     "dape[kernel_size=3]",
     "dape[base=kerple_log]",
@@ -17,6 +17,7 @@ VARIANTS = [
     "cope[sep_key=true]",
     "cope[val_gates=true]",
     "rope[scaling=yarn,factor=4,original_max_len=16]",
+    "stickbreaking[attend_current=true]",
 ]
 ALL_ENCODINGS = poslab.list_encodings() + COMPOSITIONS + VARIANTS
 
@@ -48,6 +49,17 @@ def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.Mo
     )
     options.update(overrides)
     return poslab.ModelConfig(**options)
+
+
+def decoder_only(name: str, causal: bool) -> bool:
+    """True when ``name`` is defined for decoders only and ``causal`` is False, after checking that an
+    encoder with it refuses to run with a clear error (``PositionEncoding.check_mode``)."""
+    if causal or poslab.build_encoding(name, n_heads=4, head_dim=8).supports_bidirectional:
+        return False
+    model = poslab.build_model(tiny_config(name, causal=False))
+    with pytest.raises(ValueError, match="not defined for bidirectional"):
+        model(torch.randint(0, 13, (1, 4)))
+    return True
 
 
 def perturb_parameters(model: torch.nn.Module, scale: float = 0.5) -> None:

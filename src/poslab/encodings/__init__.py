@@ -5,6 +5,7 @@ from poslab.encodings import (  # noqa: F401  (importing a module registers its 
     cope,
     dape,
     fire,
+    fox,
     kerple,
     learned,
     nope,
@@ -12,6 +13,7 @@ from poslab.encodings import (  # noqa: F401  (importing a module registers its 
     rope,
     sandwich,
     sinusoidal,
+    stickbreaking,
     t5,
 )
 from poslab.encodings.base import (

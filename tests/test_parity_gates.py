@@ -1,0 +1,158 @@
+"""The data-dependent decay and non-softmax encodings (issue #33) against naive float64 references.
+
+Each reference is restated here, entry by entry, from the official code (docs/encodings.md):
+- FoX (zhixuan-lin/forgetting-transformer): ``ForgettingAttentionLayer`` with ``fgate_type="full"``
+  (``fgate_proj`` a Linear(hidden, H) with bias, ``log_fgate = logsigmoid(fgate_proj(x))``) and
+  ``ops/forgetting_attention.py`` (logit_ij += log_lambda_i - log_lambda_j, log_lambda the cumulative
+  sum of log_fgate; causal only). The reference sums the gates between key and query one by one.
+- Stick-breaking (shawntan/stickbreaking-attention): ``sb_ref.stickbreaking`` and ``sb_attn_varlen``
+  (``inv_temp = 1/sqrt(Dh)``, ``attend_current=False`` by default, output ``att @ v`` without the
+  remainder). The reference multiplies the sticks one by one (no logs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import poslab
+
+B, H, T, DH = 2, 3, 9, 4
+
+
+def _probe(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _grads(out, inputs):
+    return torch.autograd.grad((out * _probe(out.shape)).sum(), inputs)
+
+
+# -- FoX ---------------------------------------------------------------------------------------------
+
+
+def official_fox(q, k, v, x, weight, bias):
+    """Forgetting attention, naively: D_ij = sum_{l=j+1..i} log sigmoid(w_h . x_l + b_h)."""
+    log_f = F.logsigmoid(torch.einsum("btd,hd->bht", x, weight) + bias[None, :, None])  # (B, H, S)
+    n_q, n_k = q.shape[2], k.shape[2]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    rows = []
+    for a in range(n_q):
+        i = n_k - n_q + a  # the query's position
+        row = []
+        for j in range(n_k):
+            if j > i:
+                row.append(torch.full_like(logits[:, :, a, j], float("-inf")))
+                continue
+            decay = sum((log_f[:, :, t] for t in range(j + 1, i + 1)), torch.zeros_like(log_f[:, :, 0]))
+            row.append(logits[:, :, a, j] + decay)
+        rows.append(torch.stack(row, dim=-1))
+    return torch.softmax(torch.stack(rows, dim=-2), dim=-1) @ v
+
+
+def fox64():
+    enc = poslab.build_encoding("fox", n_heads=H, head_dim=DH).double()
+    with torch.no_grad():  # gates well away from 1, so the decay matters
+        enc.fgate.weight.normal_(0, 0.5)
+        enc.fgate.bias.normal_(-1.0, 1.0)
+    return enc
+
+
+def test_fox_initialisation_is_the_officials():
+    enc = poslab.build_encoding("fox", n_heads=16, head_dim=16)
+    assert enc.fgate.weight.shape == (16, 256) and enc.fgate.bias.shape == (16,)
+    assert torch.equal(enc.fgate.bias, torch.zeros(16))  # no fgate_bias_init for fgate_type="full"
+    assert abs(enc.fgate.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+@pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
+def test_fox_equals_the_official_forgetting_attention_with_gradients(impl, n_queries):
+    enc = fox64()
+    q = _probe((B, H, n_queries, DH), 2).requires_grad_()
+    k, v = (_probe((B, H, T, DH), s).requires_grad_() for s in (3, 4))
+    x = _probe((B, T, H * DH), 5).requires_grad_()
+    inputs = [q, k, v, x, enc.fgate.weight, enc.fgate.bias]
+    out = poslab.attend(q, k, v, enc, impl=impl, block_size=2, extra_keys=enc.input_keys(x))
+    ref = official_fox(q, k, v, x, enc.fgate.weight, enc.fgate.bias)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for g, g_ref in zip(_grads(out, inputs), _grads(ref, inputs), strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_fox_with_constant_gates_is_alibi():
+    """w_f = 0: every gate is sigmoid(b_h), so the bias is (i - j) log sigmoid(b_h), ALiBi's form."""
+    alibi = poslab.build_encoding("alibi", n_heads=H, head_dim=DH).double()
+    fox = poslab.build_encoding("fox", n_heads=H, head_dim=DH).double()
+    with torch.no_grad():
+        fox.fgate.weight.zero_()
+        fox.fgate.bias.copy_(-torch.log(torch.expm1(alibi.slopes)))  # log sigmoid(b) = -m
+    q, k, v = (_probe((B, H, T, DH), s) for s in (2, 3, 4))
+    extra = fox.input_keys(_probe((B, T, H * DH), 5))
+    torch.testing.assert_close(poslab.attend(q, k, v, fox, extra_keys=extra), poslab.attend(q, k, v, alibi))
+
+
+def test_fox_refuses_encoders_and_a_missing_layer_input():
+    enc = fox64()
+    q = k = v = _probe((1, H, 5, DH))
+    extra = enc.input_keys(_probe((1, 5, H * DH)))
+    with pytest.raises(ValueError, match="not defined for bidirectional"):
+        poslab.attend(q, k, v, enc, causal=False, extra_keys=extra)
+    with pytest.raises(ValueError, match="reads the layer input"):
+        poslab.attend(q, k, v, enc)
+
+
+# -- stick-breaking ----------------------------------------------------------------------------------
+
+
+def official_stick_breaking(q, k, v, attend_current=False):
+    """w_ij = sigmoid(z_ij) prod_{j<l<i} (1 - sigmoid(z_il)) (l <= i and j <= i with attend_current),
+    by products; out = w @ v, the remainder dropped."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    beta = torch.sigmoid(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    weights = torch.zeros_like(beta)
+    for a in range(n_q):
+        i = n_k - n_q + a
+        last = i if attend_current else i - 1
+        for j in range(last + 1):
+            w = beta[:, :, a, j]
+            for t in range(j + 1, last + 1):
+                w = w * (1 - beta[:, :, a, t])
+            weights[:, :, a, j] = w
+    return weights @ v
+
+
+@pytest.mark.parametrize("attend_current", [False, True])
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+@pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
+def test_stick_breaking_equals_the_official_reference_with_gradients(attend_current, impl, n_queries):
+    enc = poslab.build_encoding("stickbreaking", n_heads=H, head_dim=DH, attend_current=attend_current)
+    q = (2 * _probe((B, H, n_queries, DH), 2)).requires_grad_()  # large logits: saturated sticks too
+    k, v = (_probe((B, H, T, DH), s).requires_grad_() for s in (3, 4))
+    out = poslab.attend(q, k, v, enc, impl=impl, block_size=3)
+    ref = official_stick_breaking(q, k, v, attend_current)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for g, g_ref in zip(_grads(out, [q, k, v]), _grads(ref, [q, k, v]), strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_stick_breaking_weights_sum_to_at_most_one_and_the_first_token_sees_nothing():
+    enc = poslab.build_encoding("stickbreaking", n_heads=H, head_dim=DH)
+    q, k = (_probe((B, H, T, DH), s) for s in (2, 3))
+    v = torch.eye(T, dtype=torch.float64).expand(B, H, T, T)  # the outputs are the weights
+    w = poslab.attend(q, k, v, enc)
+    assert (w >= 0).all() and (w.sum(-1) <= 1 + 1e-12).all()
+    assert torch.equal(w[:, :, 0], torch.zeros_like(w[:, :, 0]))  # attend_current=False
+    assert torch.equal(w.triu(), torch.zeros_like(w))  # the query's own key and the future: 0
+
+
+def test_stick_breaking_is_refused_by_the_fused_path_and_in_encoders():
+    enc = poslab.build_encoding("stickbreaking", n_heads=H, head_dim=DH)
+    q = k = v = _probe((1, H, 5, DH))
+    with pytest.raises(ValueError, match="replaces the softmax; the fused path cannot run it"):
+        poslab.attend(q, k, v, enc, impl="fused")
+    with pytest.raises(ValueError, match="not defined for bidirectional"):
+        poslab.attend(q, k, v, enc, causal=False)
