@@ -18,6 +18,7 @@ VARIANTS = [
     "cope[val_gates=true]",
     "rope[scaling=yarn,factor=4,original_max_len=16]",
     "stickbreaking[attend_current=true]",
+    "pope[dim=4,bias_uniform_init=true]",
 ]
 ALL_ENCODINGS = poslab.list_encodings() + COMPOSITIONS + VARIANTS
 

@@ -8,6 +8,8 @@ Each reference is restated here, entry by entry, from the official code (docs/en
 - Stick-breaking (shawntan/stickbreaking-attention): ``sb_ref.stickbreaking`` and ``sb_attn_varlen``
   (``inv_temp = 1/sqrt(Dh)``, ``attend_current=False`` by default, output ``att @ v`` without the
   remainder). The reference multiplies the sticks one by one (no logs).
+- PoPE (lucidrains/PoPE-pytorch ``pope.py`` ``PoPE`` / ``apply_pope_to_qk``, x-transformers'
+  ``PolarEmbedding``): in complex numbers, the reference's ``return_complex`` form.
 """
 
 from __future__ import annotations
@@ -156,3 +158,58 @@ def test_stick_breaking_is_refused_by_the_fused_path_and_in_encoders():
         poslab.attend(q, k, v, enc, impl="fused")
     with pytest.raises(ValueError, match="not defined for bidirectional"):
         poslab.attend(q, k, v, enc, causal=False)
+
+
+# -- PoPE --------------------------------------------------------------------------------------------
+
+
+def official_pope(q, k, v, delta, dim, theta=10000.0, causal=True):
+    """PoPE attention in complex numbers, as the reference's ``return_complex`` path: query channel c is
+    softplus(q_c) e^{i p omega_c}, key channel c softplus(k_c) e^{i (p omega_c + delta_hc)},
+    omega_c = theta^(-c/dim), delta clamped to [-2 pi, 0]; logits Re(q . conj(k)) plus the unrotated
+    channels' q . k, scaled by 1/sqrt(Dh) (the head dim before doubling)."""
+    n_q, n_k, head_dim = q.shape[2], k.shape[2], q.shape[-1]
+    omega = theta ** -(torch.arange(dim, dtype=torch.float64) / dim)
+    q_pos = torch.arange(n_k - n_q, n_k, dtype=torch.float64)
+    k_pos = torch.arange(n_k, dtype=torch.float64)
+    delta = delta.clamp(-2 * math.pi, 0.0)[:, None, :]
+    qc = torch.polar(F.softplus(q[..., :dim]), (q_pos[:, None] * omega).expand_as(q[..., :dim]))
+    kc = torch.polar(F.softplus(k[..., :dim]), (k_pos[:, None] * omega + delta).expand_as(k[..., :dim]))
+    logits = (qc @ kc.conj().transpose(-1, -2)).real + q[..., dim:] @ k[..., dim:].transpose(-1, -2)
+    logits = logits / math.sqrt(head_dim)
+    if causal:
+        logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["decoder", "encoder"])
+@pytest.mark.parametrize("dim", [DH, 2], ids=["full", "partial"])
+@pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
+def test_pope_equals_the_official_polar_attention_with_gradients(causal, dim, n_queries):
+    if not causal and n_queries != T:
+        pytest.skip("encoders run full forwards only")
+    enc = poslab.build_encoding("pope", n_heads=H, head_dim=DH, dim=dim, theta=100.0).double()
+    with torch.no_grad():  # some phases past the clamp bounds, which must then get no gradient
+        enc.phase_bias.copy_(_probe((H, dim), 6) * 4 - 3)
+    q = _probe((B, H, n_queries, DH), 2).requires_grad_()
+    k, v = (_probe((B, H, T, DH), s).requires_grad_() for s in (3, 4))
+    inputs = [q, k, v, enc.phase_bias]
+    out = poslab.attend(q, k, v, enc, causal=causal)
+    ref = official_pope(q, k, v, enc.phase_bias, dim, theta=100.0, causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    grads, ref_grads = _grads(out, inputs), _grads(ref, inputs)
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+    outside = (enc.phase_bias > 0) | (enc.phase_bias < -2 * math.pi)
+    assert outside.any() and torch.equal(grads[-1][outside], torch.zeros_like(grads[-1][outside]))
+
+
+def test_pope_defaults_are_the_references():
+    enc = poslab.build_encoding("pope", n_heads=2, head_dim=8)
+    assert torch.equal(enc.phase_bias, torch.zeros(2, 8)) and enc.dim == 8 and enc.theta == 10000.0
+    torch.testing.assert_close(enc.inv_freqs(), 10000.0 ** -(torch.arange(8.0) / 8))  # d frequencies
+    uniform = poslab.build_encoding("pope", n_heads=2, head_dim=8, bias_uniform_init=True).phase_bias
+    assert (uniform <= 0).all() and (uniform >= -2 * math.pi).all() and uniform.std() > 0.5
+    q = k = torch.randn(1, 2, 3, 8)
+    rq, rk = enc.rotate(q, k, torch.arange(3), torch.arange(3))
+    assert rq.shape == rk.shape == (1, 2, 3, 16)  # each channel becomes a (cos, sin) pair

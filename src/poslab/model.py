@@ -170,7 +170,7 @@ class SelfAttention(nn.Module):
                 k, v = cache.append(layer, k, v)  # (B, H, S, Dh)
             else:  # the encoding's extra keys ride in the key cache, after the key channels
                 both, v = cache.append(layer, torch.cat((k, extra.to(k.dtype)), dim=-1), v)
-                k, extra = both.split((self.head_dim, extra.shape[-1]), dim=-1)
+                k, extra = both.split((k.shape[-1], extra.shape[-1]), dim=-1)  # PoPE's k: 2 Dh wide
         y = attend(
             q,
             k,

@@ -9,6 +9,7 @@ from poslab.encodings import (  # noqa: F401  (importing a module registers its 
     kerple,
     learned,
     nope,
+    pope,
     relative,
     rope,
     sandwich,
