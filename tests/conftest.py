@@ -7,7 +7,15 @@ import torch
 
 import poslab
 
-COMPOSITIONS = ["cope+rope", "cope+t5", "cope+alibi", "cope+relative", "fox+rope", "stickbreaking+alibi"]
+COMPOSITIONS = [
+    "cope+rope",
+    "cope+t5",
+    "cope+alibi",
+    "cope+relative",
+    "fox+rope",
+    "stickbreaking+alibi",
+    "selective+rope",
+]
 VARIANTS = [
     "dape[kernel_size=3]",
     "dape[base=kerple_log]",
@@ -50,6 +58,14 @@ def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.Mo
     )
     options.update(overrides)
     return poslab.ModelConfig(**options)
+
+
+def extra_keys_for(encoding: poslab.PositionEncoding, x: torch.Tensor, queries: torch.Tensor):
+    """What a model passes to ``attend`` as ``extra_keys``: ``input_keys(x)``, or the queries of every
+    key position for encodings with ``queries_as_extra_keys`` (selective), or None."""
+    if "input_keys" not in encoding.hooks:
+        return None
+    return queries if encoding.queries_as_extra_keys else encoding.input_keys(x)
 
 
 def decoder_only(name: str, causal: bool) -> bool:

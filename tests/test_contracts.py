@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import poslab
-from conftest import ALL_ENCODINGS, decoder_only, perturb_parameters, tiny_config
+from conftest import ALL_ENCODINGS, decoder_only, extra_keys_for, perturb_parameters, tiny_config
 from poslab.encodings.dape import DAPE
 
 TRAIN_LEN = 16
@@ -124,7 +124,7 @@ def test_encoder_tells_the_key_on_the_left_from_the_key_on_the_right(name):
     q, k = (torch.randn(1, 2, 1, 12, dtype=torch.float64).expand(1, 2, S, 12) for _ in range(2))
     v = torch.eye(S, dtype=torch.float64).expand(1, 2, S, S)
     x = torch.randn(1, 1, 24, dtype=torch.float64).expand(1, S, 24)  # same layer input everywhere
-    extra = enc.input_keys(x) if "input_keys" in enc.hooks else None
+    extra = extra_keys_for(enc, x, q)
     weights = poslab.attend(q, k, v, enc, causal=False, impl="eager", extra_keys=extra)[0]  # (H, S, S)
     for i in (1, 5, 10):
         left, right = weights[:, i, i - 1], weights[:, i, i + 1]
@@ -140,9 +140,9 @@ def test_attend_with_offset_queries_equals_the_last_rows(name):
             p.add_(torch.randn_like(p) * 0.1)
     q, k, v = (torch.randn(2, 2, 12, 8, dtype=torch.float64) for _ in range(3))
     enc = enc.double()
-    # Encodings that read the layer input (CoPE's sep_key) get it too.
+    # Encodings that read the layer input (CoPE's sep_key, FoX) or earlier queries get them too.
     x = torch.randn(2, 12, 16, dtype=torch.float64)
-    extra = enc.input_keys(x) if "input_keys" in enc.hooks else None
+    extra = extra_keys_for(enc, x, q)
     full = poslab.attend(q, k, v, enc, extra_keys=extra)
     last = poslab.attend(q[:, :, -3:], k, v, enc, extra_keys=extra)
     torch.testing.assert_close(last, full[:, :, -3:])

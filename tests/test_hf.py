@@ -158,7 +158,7 @@ def test_left_padding_without_row_positions_is_refused_when_rope_is_composed():
             applied("cope+rope")(x, attention_mask=mask)
 
 
-@pytest.mark.parametrize("spec", ["dape", "cope+rope", "fire", "fox"])
+@pytest.mark.parametrize("spec", ["dape", "cope+rope", "fire", "fox", "selective"])
 def test_left_padded_generation_equals_each_row_alone(spec):
     model = applied(spec).double()
     rows = [tokens(n, seed=n) for n in (7, 4)]

@@ -10,6 +10,7 @@ Each reference is restated here, entry by entry, from the official code (docs/en
   remainder). The reference multiplies the sticks one by one (no logs).
 - PoPE (lucidrains/PoPE-pytorch ``pope.py`` ``PoPE`` / ``apply_pope_to_qk``, x-transformers'
   ``PolarEmbedding``): in complex numbers, the reference's ``return_complex`` form.
+- Selective attention (arXiv 2410.02703; no official code): the paper's listing, step by step.
 """
 
 from __future__ import annotations
@@ -213,3 +214,57 @@ def test_pope_defaults_are_the_references():
     q = k = torch.randn(1, 2, 3, 8)
     rq, rk = enc.rotate(q, k, torch.arange(3), torch.arange(3))
     assert rq.shape == rk.shape == (1, 2, 3, 16)  # each channel becomes a (cos, sin) pair
+
+
+# -- selective attention -----------------------------------------------------------------------------
+
+
+def paper_selective(q, k, v, head=0):
+    """The selective attention listing of the paper (section 3), step by step, on the full sequence."""
+    n = q.shape[2]
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    s = F.relu(logits[:, head])  # the selecting head; masked entries: relu(-inf) = 0
+    s = torch.cat((torch.zeros_like(s[..., :1]), s[..., 1:]), dim=-1)  # S[..., 0] = 0: never the BOS
+    s = (1 - torch.eye(n, dtype=s.dtype)) * s  # never itself
+    s = torch.roll(s, 1, -2)  # strictly in the future
+    s = torch.cat((torch.zeros_like(s[..., :1, :]), s[..., 1:, :]), dim=-2)
+    logits = logits - s.cumsum(-2)[:, None]
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def test_selective_penalty_by_hand():
+    """F_ij = sum_{j<t<i} relu(A0_tj), 0 for the first key, entry by entry."""
+    q, k = _probe((1, 2, 6, DH), 2), _probe((1, 2, 6, DH), 3)
+    a0 = (q @ k.transpose(-1, -2))[0, 1] / math.sqrt(DH)
+    enc = poslab.build_encoding("selective", n_heads=2, head_dim=DH, head=1).double()
+    pos = torch.arange(6)
+    scores = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    got = -enc.logits(scores, None, q, k, k, pos, pos, causal=True, extra_keys=q)[0, 0]
+    for i in range(6):
+        for j in range(6):
+            expected = sum(max(a0[t, j].item(), 0.0) for t in range(j + 1, i)) if j > 0 else 0.0
+            assert abs(got[i, j].item() - expected) < 1e-14, (i, j)
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+@pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
+def test_selective_equals_the_papers_listing_with_gradients(impl, n_queries):
+    enc = poslab.build_encoding("selective", n_heads=H, head_dim=DH).double()
+    q_all = (2 * _probe((B, H, T, DH), 2)).requires_grad_()  # large logits: much is selected
+    k, v = (_probe((B, H, T, DH), s).requires_grad_() for s in (3, 4))
+    q = q_all[:, :, T - n_queries :]
+    out = poslab.attend(q, k, v, enc, impl=impl, block_size=2, extra_keys=q_all)
+    ref = paper_selective(q_all, k, v)[:, :, T - n_queries :]
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for g, g_ref in zip(_grads(out, [q_all, k, v]), _grads(ref, [q_all, k, v]), strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_selective_needs_the_earlier_queries_and_refuses_encoders():
+    enc = poslab.build_encoding("selective", n_heads=H, head_dim=DH)
+    q, k = _probe((1, H, 2, DH)).float(), _probe((1, H, 5, DH)).float()
+    with pytest.raises(ValueError, match="reads the queries of earlier positions"):
+        poslab.attend(q, k, k, enc)
+    with pytest.raises(ValueError, match="not defined for bidirectional"):
+        poslab.attend(k, k, k, enc, causal=False)

@@ -73,7 +73,8 @@ def attend(
             rotated keys, so each key is rotated once, not at every decoding step).
         extra_keys: (B, H, S, Dk) what the encoding's ``input_keys`` hook made of the layer input,
             for the encodings that have that hook (CoPE with ``sep_key``, FoX); required for them, else
-            unused.
+            unused. For encodings with ``queries_as_extra_keys`` (selective): the queries at every key
+            position (rotated like q, i.e. when ``rotated``); q itself when omitted in a full forward.
 
     Blocks are exact: every query row is independent and sees the keys up to its own position
     (docs/attention.md), so a causal block only computes keys up to the block's end (plus the
@@ -113,10 +114,22 @@ def attend(
     if encoding is not None:
         encoding.check_mode(causal)
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
+        from_queries = "input_keys" in encoding.hooks and encoding.queries_as_extra_keys
         if "rotate" in encoding.hooks and not rotated:
+            if from_queries and extra_keys is not None:  # earlier queries, rotated as queries
+                extra_keys, _ = encoding.rotate(extra_keys, k, k_pos, k_pos)
             q, k = encoding.rotate(q, k, q_pos, k_pos)
+        if from_queries and extra_keys is None and n_queries == n_keys and bool((q_pos == k_pos).all()):
+            extra_keys = q  # a full forward: the queries of every key position are q itself
         if "input_keys" not in encoding.hooks:
             extra_keys = None
+        elif from_queries and (extra_keys is None or extra_keys.shape != (*k.shape[:3], q.shape[-1])):
+            got = None if extra_keys is None else tuple(extra_keys.shape)
+            raise ValueError(
+                f"encoding {encoding.name!r} reads the queries of earlier positions: attend needs "
+                f"extra_keys = the queries at every key position, (B, H, S, Dh) = "
+                f"{(*k.shape[:3], q.shape[-1])}, got {got}"
+            )
         elif extra_keys is None or extra_keys.shape[:3] != k.shape[:3]:
             got = None if extra_keys is None else tuple(extra_keys.shape)
             raise ValueError(

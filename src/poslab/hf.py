@@ -11,8 +11,9 @@ function receives the attention module, which is how it finds the layer's encodi
 
 Encodings that read the attention layer's input (FoX's forget gates, CoPE's ``sep_key``; the
 ``input_keys`` hook) get it from a forward pre-hook on each attention module, which stores
-``input_keys(hidden_states)`` on the module for the attention function; during generation the module
-keeps those of the earlier tokens itself (transformers' cache holds keys and values only), so decoding
+``input_keys(hidden_states)`` on the module for the attention function (selective attention's extra
+keys are the queries themselves); during generation the module keeps those of the earlier tokens
+itself (transformers' cache holds keys and values only), so decoding
 must go forward one sequence at a time from its prompt (greedy or sampled generation: yes; beam search,
 which reorders the cache, is not supported for these encodings).
 
@@ -121,7 +122,7 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
         attn.position_encoding = encoding
         attn.poslab_impl = impl
         attn.poslab_model_rope = model_rope
-        if encoding is not None and "input_keys" in encoding.hooks:
+        if encoding is not None and "input_keys" in encoding.hooks and not encoding.queries_as_extra_keys:
             attn.register_forward_pre_hook(keep_layer_input, with_kwargs=True)
     if not model_rope:
         decoder.rotary_emb = NoRotary(head_dim)
@@ -184,10 +185,15 @@ def keep_layer_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     module.poslab_new_keys = module.position_encoding.input_keys(x)  # (B, H, T, Dk)
 
 
-def layer_extra_keys(module: nn.Module, n_queries: int, n_keys: int) -> Tensor:
-    """The encoding's extra keys (B, H, S, Dk) of every key: those of this call's T tokens after those
-    kept from the earlier calls of one generation (a call with T == S starts a new sequence)."""
-    new = module.__dict__.pop("poslab_new_keys", None)
+def layer_extra_keys(module: nn.Module, query: Tensor, n_keys: int) -> Tensor:
+    """The encoding's extra keys (B, H, S, Dk) of every key: those of this call's T tokens (from the
+    pre-hook, or the queries themselves) after those kept from the earlier calls of one generation (a
+    call with T == S starts a new sequence)."""
+    n_queries = query.shape[2]
+    if module.position_encoding.queries_as_extra_keys:
+        new = query
+    else:
+        new = module.__dict__.pop("poslab_new_keys", None)
     if new is None or new.shape[2] != n_queries:
         raise ValueError("poslab.hf: the attention layer's input was not seen (its pre-hook did not run)")
     earlier = getattr(module, "poslab_past_keys", None)
@@ -246,7 +252,7 @@ def poslab_attention(
     impl = module.poslab_impl
     extra = None
     if encoding is not None and "input_keys" in encoding.hooks:
-        extra = layer_extra_keys(module, n_queries, n_keys)
+        extra = layer_extra_keys(module, query, n_keys)
     starts = padding_starts(attention_mask, n_queries, n_keys)
     if starts is None:
         out = attend(query, key, value, encoding, impl=impl, extra_keys=extra)

@@ -13,6 +13,7 @@ from poslab.encodings import (  # noqa: F401  (importing a module registers its 
     relative,
     rope,
     sandwich,
+    selective,
     sinusoidal,
     stickbreaking,
     t5,

@@ -59,6 +59,9 @@ class PositionEncoding(nn.Module):
     # Keys after a causal query that its logits still read (they are masked, but shape the result):
     # query blocks are given that many more keys, and cached decoding, which lacks them, is refused.
     key_lookahead: int = 0
+    # The extra keys (``input_keys`` in ``hooks``) are the layer's own queries at every key position,
+    # not ``input_keys(x)``: the model and the KV cache pass and keep q instead (selective attention).
+    queries_as_extra_keys: bool = False
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -101,7 +104,8 @@ class PositionEncoding(nn.Module):
         """Extra per-token keys (B, H, T, Dk) from the attention layer's input x (B, T, D).
 
         Only for encodings with ``input_keys`` in ``hooks``: the attention caches them alongside its
-        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``.
+        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``. Encodings with
+        ``queries_as_extra_keys`` get the queries (B, H, S, Dh) there instead and need no method.
         """
         raise NotImplementedError(f"encoding {self.name!r} has no input_keys hook")
 

@@ -51,6 +51,7 @@ class Composite(PositionEncoding):
         self._keyed = [i for i, p in enumerate(self.parts) if "input_keys" in p.hooks]
         if len(self._keyed) > 1:
             raise ValueError(f"composition {self.name!r}: at most one part may have an input_keys hook")
+        self.queries_as_extra_keys = any(p.queries_as_extra_keys for p in self.parts)
         self._normalizer = [i for i, p in enumerate(self.parts) if p.replaces_softmax]
         if len(self._normalizer) > 1:
             raise ValueError(f"composition {self.name!r}: at most one part may replace the softmax")
