@@ -11,6 +11,8 @@ Each reference is restated here, entry by entry, from the official code (docs/en
 - PoPE (lucidrains/PoPE-pytorch ``pope.py`` ``PoPE`` / ``apply_pope_to_qk``, x-transformers'
   ``PolarEmbedding``): in complex numbers, the reference's ``return_complex`` form.
 - Selective attention (arXiv 2410.02703; no official code): the paper's listing, step by step.
+- CABLE (axiomlab/Cable ``src/Cable.py``, ``CausalSelfAttention``): b = cumsum(-softplus(h_attn(x))),
+  Bias_ij = b_i - b_j.
 """
 
 from __future__ import annotations
@@ -268,3 +270,48 @@ def test_selective_needs_the_earlier_queries_and_refuses_encoders():
         poslab.attend(q, k, k, enc)
     with pytest.raises(ValueError, match="not defined for bidirectional"):
         poslab.attend(k, k, k, enc, causal=False)
+
+
+# -- CABLE -------------------------------------------------------------------------------------------
+
+
+def official_cable(q, k, v, x, weight, bias):
+    """The official CausalSelfAttention's biases: b = cumsum(-softplus(h_attn(x))) along the tokens,
+    Bias_ij = b_i - b_j plus the causal -inf, added to the logits (scaled by 1/sqrt(Dh) here: see
+    docs/reference-differences.md)."""
+    b = torch.cumsum(-F.softplus(x @ weight.t() + bias), dim=1).permute(0, 2, 1)  # (B, H, S)
+    n_q, n_k = q.shape[2], k.shape[2]
+    causal = torch.full((n_k, n_k), float("-inf"), dtype=q.dtype).triu(1)
+    full_bias = (b.unsqueeze(3) - b.unsqueeze(2)) + causal  # (B, H, S, S)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + full_bias[:, :, n_k - n_q :]
+    return torch.softmax(logits, dim=-1) @ v
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])
+@pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
+def test_cable_equals_the_official_biases_with_gradients(impl, n_queries):
+    enc = poslab.build_encoding("cable", n_heads=H, head_dim=DH).double()
+    with torch.no_grad():
+        enc.fgate.weight.normal_(0, 0.5)
+        enc.fgate.bias.normal_(0, 1.0)
+    q = _probe((B, H, n_queries, DH), 2).requires_grad_()
+    k, v = (_probe((B, H, T, DH), s).requires_grad_() for s in (3, 4))
+    x = _probe((B, T, H * DH), 5).requires_grad_()
+    inputs = [q, k, v, x, enc.fgate.weight, enc.fgate.bias]
+    out = poslab.attend(q, k, v, enc, impl=impl, block_size=2, extra_keys=enc.input_keys(x))
+    ref = official_cable(q, k, v, x, enc.fgate.weight, enc.fgate.bias)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    for g, g_ref in zip(_grads(out, inputs), _grads(ref, inputs), strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_cable_is_fox_with_negated_gate_logits_and_the_official_init():
+    fox, cable = fox64(), poslab.build_encoding("cable", n_heads=H, head_dim=DH).double()
+    with torch.no_grad():
+        cable.fgate.weight.copy_(-fox.fgate.weight)
+        cable.fgate.bias.copy_(-fox.fgate.bias)
+    x = _probe((B, T, H * DH), 5)
+    torch.testing.assert_close(cable.input_keys(x), fox.input_keys(x), atol=1e-14, rtol=0)
+    fresh = poslab.build_encoding("cable", n_heads=16, head_dim=16)  # nanoGPT's init of h_attn
+    assert torch.equal(fresh.fgate.bias, torch.zeros(16))
+    assert abs(fresh.fgate.weight.std().item() - 0.02) < 0.002

@@ -63,12 +63,17 @@ class FoX(PositionEncoding):
         """log f (B, H, T, 1) from the attention layer's input x (B, T, H * Dh)."""
         width = self.n_heads * self.head_dim
         if x.shape[-1] != width:
-            raise ValueError(f"fox projects inputs of width {width}, got {tuple(x.shape)}")
-        return F.logsigmoid(self.fgate(x)).transpose(-1, -2).unsqueeze(-1)
+            raise ValueError(f"{self.name} projects inputs of width {width}, got {tuple(x.shape)}")
+        return self.log_gate(self.fgate(x)).transpose(-1, -2).unsqueeze(-1)
+
+    @staticmethod
+    def log_gate(z: Tensor) -> Tensor:
+        """log f from the gate logits: logsigmoid(z)."""
+        return F.logsigmoid(z)
 
     def _bias(self, extra_keys: Tensor | None, q_pos: Tensor, like: Tensor) -> Tensor:
         if extra_keys is None:
-            raise ValueError("fox needs its log forget gates, extra_keys = input_keys(x)")
+            raise ValueError(f"{self.name} needs its log forget gates, extra_keys = input_keys(x)")
         return forget_bias(extra_keys[..., 0], q_pos).to(like.dtype)
 
     def logits(
@@ -94,3 +99,28 @@ class FoX(PositionEncoding):
         if keep is not None:
             mask = mask.masked_fill(~keep, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@register("cable")
+class Cable(FoX):
+    """CABLE, context-aware biases for length extrapolation (arXiv 2503.08067; axiomlab/Cable).
+
+    Each token t gets a learned, context-aware per-head bias softplus(w_h . x_t + c_h) >= 0 and the
+    logits are penalised by the biases between key and query:
+
+        logit_ij = A_ij + z_i - z_j,   z_t = -sum_{l<=t} softplus(w_h . x_l + c_h),
+
+    as the official ``CausalSelfAttention`` (``b = cumsum(-softplus(h_attn(x)), dim=1)``,
+    ``Bias = b.unsqueeze(3) - b.unsqueeze(2)``; nanoGPT init: weight ~ N(0, 0.02), bias 0). Since
+    -softplus(h) = logsigmoid(-h), this is FoX with the gate logits negated (tested): the same family
+    and, at init, the same distribution; everything but ``log_gate`` is FoX's (cache, fused blocks,
+    decoders only).
+
+    Attributes:
+        fgate: the bias projection, Linear(H * Dh, H) (the official ``h_attn`` / ``b_attn``).
+    """
+
+    @staticmethod
+    def log_gate(z: Tensor) -> Tensor:
+        """The (negative) per-token bias -softplus(z)."""
+        return -F.softplus(z)
