@@ -7,7 +7,15 @@ import torch
 
 import poslab
 
-COMPOSITIONS = ["cope+rope", "cope+t5", "cope+alibi", "cope+relative"]
+COMPOSITIONS = [
+    "cope+rope",
+    "cope+t5",
+    "cope+alibi",
+    "cope+relative",
+    "fox+rope",
+    "stickbreaking+alibi",
+    "selective+rope",
+]
 VARIANTS = [
     "dape[kernel_size=3]",
     "dape[base=kerple_log]",
@@ -17,6 +25,8 @@ VARIANTS = [
     "cope[sep_key=true]",
     "cope[val_gates=true]",
     "rope[scaling=yarn,factor=4,original_max_len=16]",
+    "stickbreaking[attend_current=true]",
+    "pope[dim=4,bias_uniform_init=true]",
 ]
 ALL_ENCODINGS = poslab.list_encodings() + COMPOSITIONS + VARIANTS
 
@@ -48,6 +58,25 @@ def tiny_config(encoding: str, *, causal: bool = True, **overrides) -> poslab.Mo
     )
     options.update(overrides)
     return poslab.ModelConfig(**options)
+
+
+def extra_keys_for(encoding: poslab.PositionEncoding, x: torch.Tensor, queries: torch.Tensor):
+    """What a model passes to ``attend`` as ``extra_keys``: ``input_keys(x)``, or the queries of every
+    key position for encodings with ``queries_as_extra_keys`` (selective), or None."""
+    if "input_keys" not in encoding.hooks:
+        return None
+    return queries if encoding.queries_as_extra_keys else encoding.input_keys(x)
+
+
+def decoder_only(name: str, causal: bool) -> bool:
+    """True when ``name`` is defined for decoders only and ``causal`` is False, after checking that an
+    encoder with it refuses to run with a clear error (``PositionEncoding.check_mode``)."""
+    if causal or poslab.build_encoding(name, n_heads=4, head_dim=8).supports_bidirectional:
+        return False
+    model = poslab.build_model(tiny_config(name, causal=False))
+    with pytest.raises(ValueError, match="not defined for bidirectional"):
+        model(torch.randint(0, 13, (1, 4)))
+    return True
 
 
 def perturb_parameters(model: torch.nn.Module, scale: float = 0.5) -> None:

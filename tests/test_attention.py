@@ -20,7 +20,11 @@ def encoding64(name: str, n_heads: int = 2, head_dim: int = 8) -> poslab.Positio
 def run(enc, q, k, v, **kwargs):
     """Output and gradients of (q, k, v, every encoding parameter) under a fixed random probe."""
     inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    if "input_keys" in enc.hooks:  # CoPE's sep_key reads the layer input: a fixed random one
+    if enc.queries_as_extra_keys:  # selective reads the queries of every key: fixed ones, then q
+        b, h, s, d = k.shape
+        past = torch.randn(b, h, s - q.shape[2], d, generator=torch.Generator().manual_seed(3), dtype=k.dtype)
+        kwargs["extra_keys"] = torch.cat((past, inputs[0]), dim=2)
+    elif "input_keys" in enc.hooks:  # CoPE's sep_key and FoX read the layer input: a fixed random one
         b, h, s, d = k.shape
         x = torch.randn(b, s, h * d, generator=torch.Generator().manual_seed(2), dtype=k.dtype)
         kwargs["extra_keys"] = enc.input_keys(x)
@@ -49,6 +53,8 @@ def save_bytes(request, monkeypatch):
 @pytest.mark.parametrize("name", ALL_ENCODINGS)
 def test_blocks_equal_the_eager_reference(name, causal, save_bytes):
     enc = encoding64(name)
+    if not causal and not enc.supports_bidirectional:
+        pytest.skip(f"{name} is defined for decoders only")
     q, k, v = (torch.randn(2, 2, 11, 8, dtype=torch.float64) for _ in range(3))
     ref_out, ref_grads = run(enc, q, k, v, causal=causal, impl="eager")
     for block in (1, 3, 16):

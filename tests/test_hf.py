@@ -25,6 +25,7 @@ ENCODINGS = [e for e in poslab.list_encodings() if e not in EMBED_ENCODINGS] + [
     "cope+t5",
     "dape[base=kerple_log]",
     "dape[base=fire,kernel_size=3]",
+    "cope[sep_key=true]",
 ]
 VOCAB = 64
 
@@ -157,7 +158,7 @@ def test_left_padding_without_row_positions_is_refused_when_rope_is_composed():
             applied("cope+rope")(x, attention_mask=mask)
 
 
-@pytest.mark.parametrize("spec", ["dape", "cope+rope", "fire"])
+@pytest.mark.parametrize("spec", ["dape", "cope+rope", "fire", "fox", "selective"])
 def test_left_padded_generation_equals_each_row_alone(spec):
     model = applied(spec).double()
     rows = [tokens(n, seed=n) for n in (7, 4)]
@@ -272,7 +273,6 @@ def test_half_precision_runs_close_to_float32(spec, dtype):
         ),
         (tiny, "learned", "acts on token embeddings"),
         (tiny, "sinusoidal+alibi", "acts on token embeddings"),
-        (tiny, "cope[sep_key=true]", "reads the attention layer's input"),
         (tiny, "rope[base=500000]", "set base in the model config"),
         (tiny, "cope+rope", None),
         (lambda: tiny(attention_dropout=0.1), "alibi", "attention_dropout=0.1 is not supported"),

@@ -14,7 +14,7 @@ def build(name, **options):
 
 
 def test_unknown_encoding_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown encoding 'ropee'; known encodings: alibi, cope, .*rope"):
+    with pytest.raises(ValueError, match=r"unknown encoding 'ropee'; known encodings: alibi, .*cope, .*rope"):
         build("ropee")
     with pytest.raises(ValueError, match="unknown encoding 'bogus'"):
         build("cope+bogus")

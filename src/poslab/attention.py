@@ -1,9 +1,9 @@
 """Attention with a position encoding: one function, a fused path and the eager reference path.
 
-``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys; docs/encodings.md), then
-either calls ``F.scaled_dot_product_attention`` with the bias as a float mask (when the encoding does
-not rewrite logits) or runs the eager path, which is also the executable specification tests compare
-against.
+``attend`` applies the encoding's hooks (rotate, bias, logits, input_keys, normalize;
+docs/encodings.md), then either calls ``F.scaled_dot_product_attention`` with the bias as a float mask
+(when the encoding neither rewrites logits nor replaces the softmax) or runs the eager path, which is
+also the executable specification tests compare against.
 """
 
 from __future__ import annotations
@@ -65,14 +65,16 @@ def attend(
             are the last T keys (a full forward when T == S, cached decoding when T < S).
         impl: 'auto' (fused SDPA when the encoding allows it, else the encoding's fused block kernel
             or the eager block path, query block by query block), 'fused' (SDPA only; raise if the
-            encoding rewrites logits), or 'eager' (the reference path: everything materialised).
+            encoding rewrites logits or replaces the softmax), or 'eager' (the reference path: everything
+            materialised).
         block_size: queries per block for the blockwise paths; None picks one from the shapes so
             that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
         rotated: q and k were already rotated by the encoding's ``rotate`` hook (a KV cache keeps
             rotated keys, so each key is rotated once, not at every decoding step).
         extra_keys: (B, H, S, Dk) what the encoding's ``input_keys`` hook made of the layer input,
-            for the encodings that have that hook (CoPE with ``sep_key``); required for them, else
-            unused.
+            for the encodings that have that hook (CoPE with ``sep_key``, FoX); required for them, else
+            unused. For encodings with ``queries_as_extra_keys`` (selective): the queries at every key
+            position (rotated like q, i.e. when ``rotated``); q itself when omitted in a full forward.
 
     Blocks are exact: every query row is independent and sees the keys up to its own position
     (docs/attention.md), so a causal block only computes keys up to the block's end (plus the
@@ -112,10 +114,22 @@ def attend(
     if encoding is not None:
         encoding.check_mode(causal)
         encoding.check_length(max(int(q_pos.max()), n_keys - 1))
+        from_queries = "input_keys" in encoding.hooks and encoding.queries_as_extra_keys
         if "rotate" in encoding.hooks and not rotated:
+            if from_queries and extra_keys is not None:  # earlier queries, rotated as queries
+                extra_keys, _ = encoding.rotate(extra_keys, k, k_pos, k_pos)
             q, k = encoding.rotate(q, k, q_pos, k_pos)
+        if from_queries and extra_keys is None and n_queries == n_keys and bool((q_pos == k_pos).all()):
+            extra_keys = q  # a full forward: the queries of every key position are q itself
         if "input_keys" not in encoding.hooks:
             extra_keys = None
+        elif from_queries and (extra_keys is None or extra_keys.shape != (*k.shape[:3], q.shape[-1])):
+            got = None if extra_keys is None else tuple(extra_keys.shape)
+            raise ValueError(
+                f"encoding {encoding.name!r} reads the queries of earlier positions: attend needs "
+                f"extra_keys = the queries at every key position, (B, H, S, Dh) = "
+                f"{(*k.shape[:3], q.shape[-1])}, got {got}"
+            )
         elif extra_keys is None or extra_keys.shape[:3] != k.shape[:3]:
             got = None if extra_keys is None else tuple(extra_keys.shape)
             raise ValueError(
@@ -123,9 +137,10 @@ def attend(
                 f"input_keys(x) of shape (B, H, S, Dk) with (B, H, S) = {tuple(k.shape[:3])}, got {got}"
             )
     has_bias = encoding is not None and "bias" in encoding.hooks
-    rewrites = encoding is not None and encoding.uses_logits
+    rewrites = encoding is not None and (encoding.uses_logits or encoding.replaces_softmax)
     if impl == "fused" and rewrites:
-        raise ValueError(f"encoding {encoding.name!r} rewrites logits; the fused path cannot run it")
+        what = "rewrites logits" if encoding.uses_logits else "replaces the softmax"
+        raise ValueError(f"encoding {encoding.name!r} {what}; the fused path cannot run it")
 
     if impl == "eager":
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
@@ -178,7 +193,7 @@ def blockwise_attention(
     are needed so that backward recomputes the block instead of keeping its (t, S) tensors.
     """
     has_bias = encoding is not None and "bias" in encoding.hooks
-    rewrites = encoding is not None and encoding.uses_logits
+    rewrites = encoding is not None and (encoding.uses_logits or encoding.replaces_softmax)
     # Contiguous once here, not per block inside every product (q, k, v of a fused projection
     # are strided views).
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -201,7 +216,10 @@ def blockwise_attention(
             continue
         # keep: the causal visibility, None when every query of the block sees every key.
         keep = causal_mask(pb, kpb) if causal and int(pb.min()) < n_visible - 1 else None
-        out = encoding.attention_block(qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes)
+        extra = {} if eb is None else {"extra_keys": eb}  # only encodings with an input_keys hook
+        out = encoding.attention_block(
+            qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes, **extra
+        )
         if out is None:
             args = (qb, kb, vb, encoding, bias, pb, kpb)
             if torch.is_grad_enabled() and q.shape[2] > block_size:
@@ -253,8 +271,11 @@ def eager_attention(
     causal: bool,
     extra_keys: Tensor | None = None,
 ) -> Tensor:
-    """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax."""
+    """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax (or the
+    encoding's ``normalize``, which masks itself)."""
     _, logits = eager_logits(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
+    if encoding is not None and encoding.replaces_softmax:
+        return encoding.normalize(logits, q_pos, k_pos, causal=causal).to(v.dtype) @ v
     return eager_probabilities(logits, q_pos, k_pos, causal=causal) @ v  # (B, H, T, Dv)
 
 

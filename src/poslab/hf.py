@@ -9,6 +9,14 @@ trained, saved and loaded with the model), registers poslab's attention with tra
 attention runs through `poslab.attend` (fused kernels, query blocks, bounded memory). The attention
 function receives the attention module, which is how it finds the layer's encoding.
 
+Encodings that read the attention layer's input (FoX's forget gates, CoPE's ``sep_key``; the
+``input_keys`` hook) get it from a forward pre-hook on each attention module, which stores
+``input_keys(hidden_states)`` on the module for the attention function (selective attention's extra
+keys are the queries themselves); during generation the module keeps those of the earlier tokens
+itself (transformers' cache holds keys and values only), so decoding
+must go forward one sequence at a time from its prompt (greedy or sampled generation: yes; beam search,
+which reorders the cache, is not supported for these encodings).
+
 RoPE: the model's own rotary embedding stays on when the spec names ``rope`` (``"rope"``,
 ``"cope+rope"``): it rotates q and k before the attention function (with the model config's
 ``rope_theta`` / ``rope_scaling``) and poslab applies the other parts. Otherwise it is replaced by
@@ -102,13 +110,20 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
     model_rope, rest, rest_options = split_rope(spec, options)
     # Everything is checked and built before the model is touched: a refused spec leaves it as it was.
     encodings = [build_layer_encoding(rest, rest_options, n_heads, head_dim) for _ in layers]
-    if impl == "fused" and encodings[0] is not None and encodings[0].uses_logits:
-        raise ValueError(f"encoding {encodings[0].name!r} rewrites logits; impl='fused' cannot run it")
+    if impl == "fused" and encodings[0] is not None:
+        if encodings[0].uses_logits:
+            raise ValueError(f"encoding {encodings[0].name!r} rewrites logits; impl='fused' cannot run it")
+        if encodings[0].replaces_softmax:
+            raise ValueError(
+                f"encoding {encodings[0].name!r} replaces the softmax; impl='fused' cannot run it"
+            )
     for layer, encoding in zip(layers, encodings, strict=True):
         attn = layer.self_attn
         attn.position_encoding = encoding
         attn.poslab_impl = impl
         attn.poslab_model_rope = model_rope
+        if encoding is not None and "input_keys" in encoding.hooks and not encoding.queries_as_extra_keys:
+            attn.register_forward_pre_hook(keep_layer_input, with_kwargs=True)
     if not model_rope:
         decoder.rotary_emb = NoRotary(head_dim)
 
@@ -157,14 +172,43 @@ def build_layer_encoding(
             f"encoding {encoding.name!r} acts on token embeddings (embed hook); poslab.hf supports "
             "encodings that act inside attention (rotate, bias, logits) only"
         )
-    if "input_keys" in encoding.hooks:
-        raise ValueError(
-            f"encoding {encoding.name!r} reads the attention layer's input (CoPE's sep_key), which "
-            "transformers' attention interface does not pass; use it without sep_key"
-        )
     if not encoding.supports_causal:
         raise ValueError(f"encoding {encoding.name!r} is not defined for causal attention")
     return encoding
+
+
+def keep_layer_input(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of an attention module: what its encoding's ``input_keys`` makes of the layer
+    input (B, T, D), kept on the module for `poslab_attention` (the attention interface gets q, k, v
+    only)."""
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    module.poslab_new_keys = module.position_encoding.input_keys(x)  # (B, H, T, Dk)
+
+
+def layer_extra_keys(module: nn.Module, query: Tensor, n_keys: int) -> Tensor:
+    """The encoding's extra keys (B, H, S, Dk) of every key: those of this call's T tokens (from the
+    pre-hook, or the queries themselves) after those kept from the earlier calls of one generation (a
+    call with T == S starts a new sequence)."""
+    n_queries = query.shape[2]
+    if module.position_encoding.queries_as_extra_keys:
+        new = query
+    else:
+        new = module.__dict__.pop("poslab_new_keys", None)
+    if new is None or new.shape[2] != n_queries:
+        raise ValueError("poslab.hf: the attention layer's input was not seen (its pre-hook did not run)")
+    earlier = getattr(module, "poslab_past_keys", None)
+    if n_keys == n_queries:
+        extra = new
+    elif earlier is not None and earlier.shape[2] == n_keys - n_queries and earlier.shape[0] == new.shape[0]:
+        extra = torch.cat((earlier.to(new.dtype), new), dim=2)
+    else:
+        raise ValueError(
+            f"poslab.hf: encoding {module.position_encoding.name!r} reads the layer input of every cached "
+            "token and keeps it itself: decode one sequence at a time from its prompt (no beam search, no "
+            "cache built elsewhere)"
+        )
+    module.poslab_past_keys = extra.detach()
+    return extra
 
 
 class NoRotary(nn.Module):
@@ -206,9 +250,12 @@ def poslab_attention(
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     n_queries, n_keys = query.shape[2], key.shape[2]
     impl = module.poslab_impl
+    extra = None
+    if encoding is not None and "input_keys" in encoding.hooks:
+        extra = layer_extra_keys(module, query, n_keys)
     starts = padding_starts(attention_mask, n_queries, n_keys)
     if starts is None:
-        out = attend(query, key, value, encoding, impl=impl)
+        out = attend(query, key, value, encoding, impl=impl, extra_keys=extra)
         return out.transpose(1, 2).contiguous(), None
     q_pos = torch.arange(n_keys - n_queries, n_keys, device=query.device)
     if module.poslab_model_rope and encoding is not None:
@@ -226,6 +273,7 @@ def poslab_attention(
             encoding,
             positions=q_pos[first:] - start,
             impl=impl,
+            extra_keys=None if extra is None else extra[rows, :, start:],
         )
     return out.transpose(1, 2).contiguous(), None
 

@@ -160,17 +160,20 @@ class SelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, H, T, Dh)
-        extra = encoding.input_keys(x) if "input_keys" in encoding.hooks else None  # (B, H, T, Dk)
+        own_keys = "input_keys" in encoding.hooks and not encoding.queries_as_extra_keys
+        extra = encoding.input_keys(x) if own_keys else None  # (B, H, T, Dk)
         rotated = False
         if cache is not None:
             if "rotate" in encoding.hooks:  # cache rotated keys: each key is rotated once
                 q, k = encoding.rotate(q, k, positions, positions)
                 rotated = True
+            if encoding.queries_as_extra_keys:  # the cache keeps the (rotated) queries too
+                extra = q
             if extra is None:
                 k, v = cache.append(layer, k, v)  # (B, H, S, Dh)
             else:  # the encoding's extra keys ride in the key cache, after the key channels
                 both, v = cache.append(layer, torch.cat((k, extra.to(k.dtype)), dim=-1), v)
-                k, extra = both.split((self.head_dim, extra.shape[-1]), dim=-1)
+                k, extra = both.split((k.shape[-1], extra.shape[-1]), dim=-1)  # PoPE's k: 2 Dh wide
         y = attend(
             q,
             k,

@@ -49,7 +49,10 @@ def is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG and path.stat().st_size > 2000
 
 
-@pytest.mark.parametrize("encoding", ["dape[base=kerple_log]", "cope", "cope+rope", "alibi", "rope"])
+@pytest.mark.parametrize(
+    "encoding",
+    ["dape[base=kerple_log]", "cope", "cope+rope", "alibi", "rope", "fox", "stickbreaking", "selective+pope"],
+)
 def test_recomputed_layer_matches_the_model(encoding):
     model = fresh(encoding)
     ids = encode_text(ByteTokenizer(), TEXT)

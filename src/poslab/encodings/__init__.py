@@ -5,13 +5,17 @@ from poslab.encodings import (  # noqa: F401  (importing a module registers its 
     cope,
     dape,
     fire,
+    fox,
     kerple,
     learned,
     nope,
+    pope,
     relative,
     rope,
     sandwich,
+    selective,
     sinusoidal,
+    stickbreaking,
     t5,
 )
 from poslab.encodings.base import (

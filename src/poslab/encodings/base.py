@@ -1,6 +1,6 @@
 """The position-encoding interface, the registry and `build_encoding`.
 
-A position encoding acts through up to five hooks (docs/encodings.md):
+A position encoding acts through up to six hooks (docs/encodings.md):
 
 | hook       | method                              | examples                          |
 |------------|-------------------------------------|-----------------------------------|
@@ -8,7 +8,8 @@ A position encoding acts through up to five hooks (docs/encodings.md):
 | rotate     | ``rotate(q, k, q_pos, k_pos)``      | RoPE and its scalings             |
 | bias       | ``bias(q_pos, k_pos, causal=...)``  | ALiBi, T5, Kerple, FIRE, Sandwich |
 | logits     | ``logits(scores, bias, q, k, v, q_pos, k_pos, causal=...)`` | CoPE, DAPE, relative |
-| input_keys | ``input_keys(x)``, passed to ``logits`` as ``extra_keys`` | CoPE's sep_key gate keys |
+| input_keys | ``input_keys(x)``, passed to ``logits`` as ``extra_keys`` | CoPE's sep_key gates, FoX   |
+| normalize  | ``normalize(logits, q_pos, k_pos, causal=...)``, replaces the softmax | stick-breaking |
 
 Conventions shared by every hook:
 - ``q`` is (B, H, T, Dh), ``k`` and ``v`` are (B, H, S, Dh).
@@ -17,7 +18,7 @@ Conventions shared by every hook:
   which is what cached decoding and query blocks need.
 - ``scores`` are the raw logits ``A = q.k / sqrt(Dh)`` (after any rotation), (B, H, T, S).
 - The causal mask is applied once, last, by the attention, never by an encoding (CoPE's gates are the
-  exception: future keys get gate 0).
+  exception: future keys get gate 0), except that a ``normalize`` hook masks its own weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from poslab.registry import Registry
 
-HOOKS = ("embed", "rotate", "bias", "logits", "input_keys")
+HOOKS = ("embed", "rotate", "bias", "logits", "input_keys", "normalize")
 
 _REGISTRY: Registry[type[PositionEncoding]] = Registry("encoding", "encodings")
 
@@ -42,7 +43,8 @@ class PositionEncoding(nn.Module):
 
     Class attributes a subclass sets:
         name: the registry name.
-        hooks: which of ``embed``, ``rotate``, ``bias``, ``logits`` it implements.
+        hooks: which of ``embed``, ``rotate``, ``bias``, ``logits``, ``input_keys``, ``normalize`` it
+            implements.
         shared_across_layers: the papers' default for this method (one module for all layers, or
             one per layer); a model config can override it.
         supports_causal / supports_bidirectional: which attention modes the method is defined for.
@@ -57,6 +59,9 @@ class PositionEncoding(nn.Module):
     # Keys after a causal query that its logits still read (they are masked, but shape the result):
     # query blocks are given that many more keys, and cached decoding, which lacks them, is refused.
     key_lookahead: int = 0
+    # The extra keys (``input_keys`` in ``hooks``) are the layer's own queries at every key position,
+    # not ``input_keys(x)``: the model and the KV cache pass and keep q instead (selective attention).
+    queries_as_extra_keys: bool = False
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -99,9 +104,19 @@ class PositionEncoding(nn.Module):
         """Extra per-token keys (B, H, T, Dk) from the attention layer's input x (B, T, D).
 
         Only for encodings with ``input_keys`` in ``hooks``: the attention caches them alongside its
-        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``.
+        keys and hands them (B, H, S, Dk) to ``logits`` as the keyword ``extra_keys``. Encodings with
+        ``queries_as_extra_keys`` get the queries (B, H, S, Dh) there instead and need no method.
         """
         raise NotImplementedError(f"encoding {self.name!r} has no input_keys hook")
+
+    def normalize(self, logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        """Attention weights (B, H, T, S) from the final pre-mask logits, in place of the softmax.
+
+        Only for encodings with ``normalize`` in ``hooks`` (stick-breaking): the hook applies the causal
+        mask itself (a masked key must get weight 0), and each row must depend on that row alone (query
+        blocks and cached decoding compute rows separately).
+        """
+        raise NotImplementedError(f"encoding {self.name!r} has no normalize hook")
 
     def attention_block(
         self,
@@ -115,11 +130,14 @@ class PositionEncoding(nn.Module):
         *,
         causal: bool,
         save_bytes: int = 0,
+        extra_keys: Tensor | None = None,
     ) -> Tensor | None:
         """Optional fused kernel for logits rewriters: softmax(logits, masked by ``keep``) @ v for one
         query block, or None to let the attention run the eager path. ``keep`` (t, S) is the causal
         visibility (None when bidirectional). It must equal the eager path exactly (up to rounding).
         ``save_bytes`` is how much memory the block may keep for backward instead of recomputing.
+        ``extra_keys`` (B, H, S, Dk): the block's keys from ``input_keys``, given only to encodings
+        with that hook.
         """
         return None
 
@@ -128,6 +146,11 @@ class PositionEncoding(nn.Module):
     def uses_logits(self) -> bool:
         """True when the logits hook is used: the fused SDPA kernel cannot run this encoding."""
         return "logits" in self.hooks
+
+    @property
+    def replaces_softmax(self) -> bool:
+        """True when the normalize hook is used: the weights are not a softmax, so SDPA cannot run it."""
+        return "normalize" in self.hooks
 
     def check_mode(self, causal: bool) -> None:
         """Raise ValueError when the encoding is undefined in the requested attention mode."""

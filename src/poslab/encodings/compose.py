@@ -51,6 +51,10 @@ class Composite(PositionEncoding):
         self._keyed = [i for i, p in enumerate(self.parts) if "input_keys" in p.hooks]
         if len(self._keyed) > 1:
             raise ValueError(f"composition {self.name!r}: at most one part may have an input_keys hook")
+        self.queries_as_extra_keys = any(p.queries_as_extra_keys for p in self.parts)
+        self._normalizer = [i for i, p in enumerate(self.parts) if p.replaces_softmax]
+        if len(self._normalizer) > 1:
+            raise ValueError(f"composition {self.name!r}: at most one part may replace the softmax")
         self.shared_across_layers = all(p.shared_across_layers for p in self.parts)
         self.supports_causal = all(p.supports_causal for p in self.parts)
         self.supports_bidirectional = all(p.supports_bidirectional for p in self.parts)
@@ -72,6 +76,9 @@ class Composite(PositionEncoding):
 
     def input_keys(self, x: Tensor) -> Tensor:
         return self.parts[self._keyed[0]].input_keys(x)
+
+    def normalize(self, logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        return self.parts[self._normalizer[0]].normalize(logits, q_pos, k_pos, causal=causal)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
         total = None
@@ -104,12 +111,13 @@ class Composite(PositionEncoding):
             bias = None
         return scores
 
-    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
-        rewriters = [p for p in self.parts if p.uses_logits]
-        if len(rewriters) != 1:
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None):
+        rewriters = [i for i, p in enumerate(self.parts) if p.uses_logits]
+        if len(rewriters) != 1 or self.replaces_softmax:
             return None
-        return rewriters[0].attention_block(
-            q, k, v, bias, q_pos, k_pos, keep, causal=causal, save_bytes=save_bytes
+        extra = {"extra_keys": extra_keys} if rewriters[0] in self._keyed else {}
+        return self.parts[rewriters[0]].attention_block(
+            q, k, v, bias, q_pos, k_pos, keep, causal=causal, save_bytes=save_bytes, **extra
         )
 
     def block_channels(self, q: Tensor) -> int:

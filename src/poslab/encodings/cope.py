@@ -152,7 +152,7 @@ class CoPE(PositionEncoding):
         out = scores + z_floor + weight * (z_ceil - z_floor)
         return out if bias is None else out + bias
 
-    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0):
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None):
         custom_gates = type(self).gate_logits is not CoPE.gate_logits
         if not causal or self.sep_key or self.val_gates or custom_gates:
             return None  # these variants (and subclasses with their own gates) take the eager path

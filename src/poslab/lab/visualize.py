@@ -117,11 +117,16 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
     if "rotate" in encoding.hooks:
         q, k = encoding.rotate(q, k, pos, pos)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
-    extra_keys = encoding.input_keys(x) if "input_keys" in encoding.hooks else None
+    extra_keys = None
+    if "input_keys" in encoding.hooks:  # selective's extra keys are the (rotated) queries
+        extra_keys = q if encoding.queries_as_extra_keys else encoding.input_keys(x)
     scores, logits = eager_logits(
         q, k, v, encoding, bias, pos, pos, causal=True, extra_keys=extra_keys
     )  # (1, H, T, T) each
-    attention = eager_probabilities(logits, pos, pos, causal=True)
+    if encoding.replaces_softmax:  # stick-breaking: the encoding's weights, not a softmax
+        attention = encoding.normalize(logits, pos, pos, causal=True)
+    else:
+        attention = eager_probabilities(logits, pos, pos, causal=True)
     output = (attention @ v).transpose(1, 2).reshape(t, -1)  # (T, H * Dh)
     return LayerLogits(
         layer=layer,

@@ -1,0 +1,91 @@
+"""Selective attention (Leviathan, Kalman and Matias 2024, arXiv 2410.02703).
+
+A token may decide that an earlier token is no longer needed by any later token: one designated head's
+(ReLU'd) attention logits are accumulated along the queries and subtracted from every head's logits of
+the queries after it:
+
+    S_tj = relu(A^(h0)_tj) for 0 < j < t (never the first token, the BOS, and never itself), else 0,
+    F_ij = sum_{t<i} S_tj = sum_{j<t<i} relu(A^(h0)_tj),
+    logit_ij = A_ij - F_ij   (every head).
+
+Pinned to the paper's own listing (section 3, the selective attention code: ``S = attn_logits[:, 0]``,
+``relu``, ``S[..., 0] = 0``, ``S = (1 - eye) * S``, ``roll(S, 1, -2)`` with the first row zeroed,
+``F = cumsum(S, axis=-2)``, ``attn_logits -= F[:, None]``); there is no official code repository.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from poslab.encodings.base import PositionEncoding, register
+
+
+def selection_penalty(queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
+    """F (B, T, S) for the queries at ``q_pos`` from the selecting head's queries and keys.
+
+    Args:
+        queries: (B, n, D) the selecting head's queries at positions 0..n-1, n >= max(q_pos).
+        keys: (B, S, D) its keys at ``k_pos`` (0..S-1).
+        q_pos: (T,) the positions whose penalty is wanted.
+        scale: the attention's logit scale (1/sqrt(D)).
+    """
+    n_hist = int(q_pos.max())  # F_i reads the queries t < i only
+    t_pos = torch.arange(n_hist, device=k_pos.device)
+    keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)  # (n, S): 0 < j < t
+    selection = F.relu(queries[:, :n_hist] @ keys.transpose(-1, -2) * scale).masked_fill(~keep, 0.0)
+    accumulated = F.pad(selection.cumsum(-2), (0, 0, 1, 0))  # row i: sum_{t<i} S_t; row 0 is 0
+    return accumulated[:, q_pos]
+
+
+@register("selective")
+class Selective(PositionEncoding):
+    """logit_ij = A_ij - sum_{j<t<i} relu(A^(head)_tj) for keys 0 < j, no parameters (``logits`` hook).
+
+    The selection needs the designated head's logits of earlier queries too, so the encoding's extra
+    keys are the layer's own queries (``queries_as_extra_keys``): a full forward uses q itself, and the
+    KV cache keeps the (rotated) queries beside the keys, so cached decoding recomputes F from them.
+    The selecting logits are q.k/sqrt(Dh) of that head after any rotation (no composed bias). Decoders
+    only (the paper's method is causal): encoders are refused.
+
+    Options:
+        head: the selecting head (0, as the paper).
+    """
+
+    hooks = frozenset({"logits", "input_keys"})
+    queries_as_extra_keys = True
+    supports_bidirectional = False
+
+    def __init__(self, *, n_heads: int, head_dim: int, head: int = 0) -> None:
+        super().__init__(n_heads=n_heads, head_dim=head_dim)
+        if not 0 <= head < n_heads:
+            raise ValueError(f"selective: head must be in 0..{n_heads - 1}, got {head}")
+        self.head = head
+
+    def logits(
+        self,
+        scores: Tensor,
+        bias: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        *,
+        causal: bool,
+        extra_keys: Tensor | None = None,
+    ) -> Tensor:
+        self.check_mode(causal)
+        if extra_keys is None:
+            raise ValueError("selective needs the queries of every key position as extra_keys")
+        scale = 1 / math.sqrt(q.shape[-1])
+        h = self.head
+        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale)
+        out = scores - penalty[:, None].to(scores.dtype)
+        return out if bias is None else out + bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, head={self.head}"
