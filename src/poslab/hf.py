@@ -166,7 +166,7 @@ def build_layer_encoding(
     """One layer's encoding (None when RoPE alone is asked for); embedding-level encodings refused."""
     if spec is None:
         return None
-    encoding = build_encoding(spec, n_heads=n_heads, head_dim=head_dim, **options)
+    encoding = build_encoding(spec, n_heads=n_heads, head_dim=head_dim, causal=True, **options)
     if "embed" in encoding.hooks:
         raise ValueError(
             f"encoding {encoding.name!r} acts on token embeddings (embed hook); poslab.hf supports "

@@ -80,14 +80,17 @@ class ModelConfig:
         return self.n_outputs if self.n_outputs is not None else self.vocab_size
 
     def build_encoding(self) -> PositionEncoding:
-        """One encoding module as configured (``max_len`` and ``train_len`` filled in where the
-        encoding takes them and they are not set)."""
+        """One encoding module as configured, for this config's attention mode (``causal``: a decoder's
+        encodings have no parameters for keys after the query), with ``max_len`` and ``train_len``
+        filled in where the encoding takes them and they are not set."""
         name, spec_options = parse_spec(self.encoding)
         options = {**spec_options, **self.encoding_options}
         for key, value in (("max_len", self.max_len), ("train_len", self.train_len)):
             if value is not None and key not in options and accepts_option(name, key):
                 options[key] = value
-        return build_encoding(name, n_heads=self.n_heads, head_dim=self.head_dim, **options)
+        return build_encoding(
+            name, n_heads=self.n_heads, head_dim=self.head_dim, causal=self.causal, **options
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -277,3 +277,18 @@ def test_every_x86_level_compiles_even_where_it_cannot_run(level, tmp_path, monk
     monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
     path = native._build(native._compiler(), 4, level)
     assert path.exists() and path.name.startswith(f"dape_mlp-h4-{level}-")
+    cope = native._build_cope(native._compiler(), level)  # both include the shared simd.h
+    assert cope.exists() and cope.name.startswith(f"cope_rows-{level}-")
+
+
+def test_a_change_to_the_shared_header_rebuilds_both_kernels(tmp_path, monkeypatch):
+    """simd.h is part of every library's cache key: editing it must not reuse a stale build."""
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path / "cache"))
+    level = native.arch()
+    before = native._build(native._compiler(), 2, level), native._build_cope(native._compiler(), level)
+    (header,) = native.HEADERS
+    edited = tmp_path / "simd.h"
+    edited.write_text(header.read_text() + "// edited\n")
+    monkeypatch.setattr(native, "HEADERS", (edited,))
+    after = native._build(native._compiler(), 2, level), native._build_cope(native._compiler(), level)
+    assert all(b.exists() and a.exists() and a != b for a, b in zip(after, before, strict=True))

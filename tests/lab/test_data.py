@@ -1,5 +1,5 @@
-"""Tests of poslab.lab.data: corpora and their split by document, the R serialization reader,
-tokenizers, LM batches, evaluation windows and the streaming perplexity."""
+"""Tests of poslab.lab.data: corpora and their split by document, the R lazy-load databases of the
+austen corpus, tokenizers, LM batches, evaluation windows and the streaming perplexity."""
 
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from poslab.lab.data import (
     split_of,
     token_stream,
 )
-from poslab.lab.data.rdata import LazyLoadDB, RDataError, read_rds, to_python, unserialize
 
 FIXTURES = Path(__file__).parents[1] / "data" / "rdata"
 
@@ -203,6 +202,7 @@ def test_python_docs_absent_names_the_debian_package(monkeypatch, tmp_path: Path
 
 @pytest.mark.skipif(not AUSTEN.is_file(), reason="Debian package r-cran-janeaustenr is not installed")
 def test_austen_corpus() -> None:
+    pytest.importorskip("rdata", reason="the austen extra (rdata) is not installed")
     books = load_corpus("austen")
     assert [d.id for d in books.documents] == [
         "emma",
@@ -234,6 +234,7 @@ def test_austen_absent_names_the_debian_package(monkeypatch, tmp_path: Path) -> 
 
 
 def test_austen_from_a_hand_built_package(tmp_path: Path) -> None:
+    pytest.importorskip("rdata", reason="the austen extra (rdata) is not installed")
     lines = ["BOOK", "", "CHAPTER I", "", "One.", "", "VOLUME II", "", "CHAPTER II", "Two.", None]
     _write_lazy_load_db(
         tmp_path / "pkg" / "data" / "Rdata",
@@ -274,7 +275,7 @@ def test_hf_corpus_without_datasets_says_what_to_install(monkeypatch) -> None:
         load_corpus("hf", path="anything")
 
 
-# -- R serialization, built by hand following R Internals section 1.8 ----------------------------
+# -- R lazy-load databases, serialized by hand following R Internals section 1.8 ------------------
 
 
 def _i(v: int) -> bytes:
@@ -311,16 +312,6 @@ def intsxp(values: list, attr: bytes = b"") -> bytes:
 NA_REAL = struct.pack(">II", 0x7FF00000, 1954)
 
 
-def realsxp(values: list) -> bytes:
-    body = b"".join(NA_REAL if v is None else struct.pack(">d", v) for v in values)
-    return flags(14) + _i(len(values)) + body
-
-
-def lglsxp(values: list) -> bytes:
-    ints = [-(2**31) if v is None else int(v) for v in values]
-    return flags(10) + _i(len(ints)) + struct.pack(f">{len(ints)}i", *ints)
-
-
 def vecsxp(items: list[bytes], attr: bytes = b"") -> bytes:
     return flags(19, attr=bool(attr)) + _i(len(items)) + b"".join(items) + attr
 
@@ -341,80 +332,6 @@ def pairlist(items: list[tuple[bytes | None, bytes]], tail: bytes = NIL) -> byte
 def header(version: int = 3) -> bytes:
     head = b"X\n" + _i(version) + _i(0x040202) + _i(0x020300)
     return head + (_i(5) + b"UTF-8" if version == 3 else b"")
-
-
-def altrep(cls: str, sexptype: int, state: bytes, attr: bytes = NIL) -> bytes:
-    info = pairlist([(None, symbol(cls)), (None, symbol("base")), (None, intsxp([sexptype]))])
-    return _i(238) + info + state + attr
-
-
-def test_unserialize_vectors_attributes_and_references() -> None:
-    # list(inner = list(x = c("a", NA, "é")), nums = c(1.5, NA, NaN), flags = c(TRUE, NA, FALSE))
-    inner = vecsxp(
-        [strsxp(["a", None, "é", charsxp("naïve", LATIN1)])],
-        attr=pairlist([(symbol("names"), strsxp(["x"]))]),  # defines reference 1: `names`
-    )
-    data = header() + vecsxp(
-        [inner, realsxp([1.5, None, float("nan")]), lglsxp([True, None, False])],
-        attr=pairlist([(ref(1), strsxp(["inner", "nums", "flags"])), (symbol("class"), strsxp(["rec"]))]),
-    )
-    obj = unserialize(data)
-    assert obj.type == "list" and obj.names == ["inner", "nums", "flags"]
-    assert obj.classes == ["rec"]
-    assert obj.value[0].value[0].value == ["a", None, "é", "naïve"]
-    nums = obj.value[1].value
-    assert nums[0] == 1.5 and nums[1] is None and math.isnan(nums[2])  # NA_real_ is not NaN
-    assert obj.value[2].value == [True, None, False]
-    assert to_python(obj)["inner"] == {"x": ["a", None, "é", "naïve"]}
-
-
-def test_unserialize_version_2_and_integers() -> None:
-    obj = unserialize(header(2) + intsxp([1, None, -7, 2**31 - 1]))
-    assert obj.type == "integer" and obj.value == [1, None, -7, 2**31 - 1]
-
-
-def test_unserialize_altrep_forms() -> None:
-    seq = unserialize(header() + altrep("compact_intseq", 13, realsxp([4, 5, 2])))
-    assert seq.type == "integer" and seq.value == [5, 7, 9, 11]
-    reals = unserialize(header() + altrep("compact_realseq", 14, realsxp([3, 0.5, -1])))
-    assert reals.value == [0.5, -0.5, -1.5]
-    # deferred_string: the numbers to format, as a dotted pair (numbers . scipen).
-    deferred = altrep("deferred_string", 16, pairlist([(None, intsxp([1, None, 30]))], intsxp([0])))
-    assert unserialize(header() + deferred).value == ["1", None, "30"]
-    wrapped = altrep(
-        "wrap_string",
-        16,
-        pairlist([(None, strsxp(["p", "q"]))], intsxp([0, 0])),
-        attr=pairlist([(symbol("names"), strsxp(["a", "b"]))]),
-    )
-    obj = unserialize(header() + wrapped)
-    assert obj.type == "character" and obj.value == ["p", "q"] and obj.names == ["a", "b"]
-    with pytest.raises(RDataError, match="ALTREP class 'mmap_real'"):
-        unserialize(header() + altrep("mmap_real", 14, NIL))
-
-
-def test_unserialize_environment_references_itself() -> None:
-    # list(e, e) where e holds x = 1L: the second element is a reference to the first.
-    env = flags(4) + _i(0) + _i(253) + pairlist([(symbol("x"), intsxp([1]))]) + NIL + NIL
-    obj = unserialize(header() + vecsxp([env, ref(1)]))
-    first, second = obj.value
-    assert first is second
-    assert first.value["bindings"]["x"].value == [1]
-    assert first.value["enclos"].value == "R_GlobalEnv"
-
-
-def test_unserialize_rejects_bad_input() -> None:
-    good = header() + strsxp(["abc"])
-    with pytest.raises(RDataError, match="truncated"):
-        unserialize(good[:-2])
-    with pytest.raises(RDataError, match="left after"):
-        unserialize(good + b"\x00")
-    with pytest.raises(RDataError, match="ascii"):
-        unserialize(b"A\n3\n")
-    with pytest.raises(RDataError, match="not an R serialization"):
-        unserialize(b"PK\x03\x04")
-    with pytest.raises(RDataError, match="reference 3"):
-        unserialize(header() + vecsxp([ref(3)]))
 
 
 def _write_lazy_load_db(base: Path, objects: dict[str, bytes], *, compression: int) -> None:
@@ -444,73 +361,33 @@ def _write_lazy_load_db(base: Path, objects: dict[str, bytes], *, compression: i
 
 @pytest.mark.parametrize("compression", [1, 2, 3])
 def test_lazy_load_db_by_hand(tmp_path: Path, compression: int) -> None:
+    pytest.importorskip("rdata", reason="the austen extra (rdata) is not installed")
     _write_lazy_load_db(
-        tmp_path / "Rdata",
-        {"words": strsxp(["x", "y"]), "seq": altrep("compact_intseq", 13, realsxp([3, 1, 1]))},
-        compression=compression,
+        tmp_path / "Rdata", {"words": strsxp(["x", None]), "n": intsxp([3, 1])}, compression=compression
     )
-    db = LazyLoadDB(tmp_path / "Rdata.rdb")
-    assert db.keys() == ["words", "seq"] and "seq" in db and len(db) == 2
-    assert db["words"].value == ["x", "y"]
-    assert db["seq"].value == [1, 2, 3]
-    with pytest.raises(KeyError, match="holds words, seq"):
-        db["nope"]
+    db = corpora._lazy_load_db(tmp_path / "Rdata")
+    assert list(db) == ["words", "n"]
+    assert db["words"].tolist() == ["x", None] and db["n"].tolist() == [3, 1]
     rdb = tmp_path / "Rdata.rdb"
     rdb.write_bytes(rdb.read_bytes()[:-3])
-    with pytest.raises(RDataError):
-        LazyLoadDB(tmp_path / "Rdata")["seq"]
+    with pytest.raises(ValueError, match="object 'n' is unreadable"):
+        corpora._lazy_load_db(tmp_path / "Rdata")
 
 
-def test_files_written_by_r() -> None:
-    """Fixtures written by R 4.2.2 (tests/data/rdata/make_fixtures.R holds the values)."""
-    values = read_rds(FIXTURES / "values_v3.rds")
-    plain = to_python(values)
-    assert plain["chars"] == ["plain", None, "café", "naïve"]
-    assert plain["ints"] == [1, None, -5]
-    assert plain["seq"] == list(range(1, 11))  # ALTREP compact_intseq
-    assert plain["defer"] == ["7", None, "-12"]  # ALTREP deferred_string
-    assert plain["dbl"][:2] == [1.5, None] and math.isnan(plain["dbl"][2])
-    assert plain["dbl"][3] == math.inf
-    assert plain["lgl"] == [True, None, False]
-    assert plain["cplx"] == complex(1, -2)
-    assert plain["raw"] == b"\x00\xff"
-    by_name = dict(zip(values.names, values.value, strict=True))
-    fac = by_name["fac"]
-    assert fac.value == [2, 1, 2] and fac.classes == ["factor"]
-    assert fac.attributes["levels"].value == ["a", "b"]
-    df = by_name["df"]
-    assert df.classes == ["data.frame"] and df.names == ["x", "y"]
-    assert df.attributes["row.names"].value == [None, -2]  # R's compact row names c(NA, -2)
-    assert plain["nested"] == {"a": {"b": None}}
-    assert by_name["sym"].type == "symbol" and by_name["sym"].value == "x"
-    assert plain["pl"] == {"a": 1.0, "b": "z"}
-    call = by_name["call"]
-    assert call.type == "language"
-    assert [(tag, item.value) for tag, item in call.value] == [
-        (None, "f"),
-        (None, "x"),
-        ("y", [2.0]),
-    ]
-    assert by_name["env"] is by_name["env2"]
-    assert by_name["env"].value["bindings"]["n"].value == [42]
-    v2 = to_python(read_rds(FIXTURES / "values_v2.rds"))  # version 2, gzip-compressed
-    assert v2["chars"] == plain["chars"] and v2["ints"] == plain["ints"]
+def test_lazy_load_dbs_written_by_r() -> None:
+    """Fixtures written by R 4.2.2 (tests/data/rdata/make_fixtures.R), zlib and xz records."""
+    pytest.importorskip("rdata", reason="the austen extra (rdata) is not installed")
     for db_name in ["db_zlib", "db_xz"]:
-        db = LazyLoadDB(FIXTURES / db_name)
-        assert to_python(db["letters3"]) == ["a", "b", "c"]
-        assert to_python(db["squares"]) == [1.0, 4.0, 9.0, 16.0]
+        db = corpora._lazy_load_db(FIXTURES / db_name)
+        assert db["letters3"].tolist() == ["a", "b", "c"]
+        assert db["squares"].tolist() == [1.0, 4.0, 9.0, 16.0]
 
 
-@pytest.mark.skipif(not AUSTEN.is_file(), reason="Debian package r-cran-janeaustenr is not installed")
-def test_whole_janeaustenr_package_parses() -> None:
-    """Every object of the package, its byte-compiled function and namespace environments too."""
-    code = LazyLoadDB(AUSTEN.parent.parent / "R" / "janeaustenr")
-    assert code["austen_books"].type == "closure"
-    assert to_python(code[".packageName"]) == "janeaustenr"
-    for key in code.references:
-        assert code.reference(key).type == "list"
-    data = LazyLoadDB(AUSTEN)
-    assert [len(data[k]) for k in data] == [16235, 15349, 7856, 8328, 13030, 12624]
+def test_austen_without_rdata_says_what_to_install(monkeypatch, tmp_path: Path) -> None:
+    _write_lazy_load_db(tmp_path / "pkg" / "data" / "Rdata", {"book": strsxp(["x"])}, compression=1)
+    monkeypatch.setitem(sys.modules, "rdata", None)  # import rdata raises ImportError
+    with pytest.raises(CorpusUnavailable, match=r"pip install 'poslab\[austen\]'"):
+        load_corpus("austen", path=str(tmp_path / "pkg"))
 
 
 # -- tokenizers ------------------------------------------------------------------------------------

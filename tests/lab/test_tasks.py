@@ -11,25 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from poslab.lab.tasks import TASKS, Batch, ChomskyTask, Task, build_task, list_tasks
+from poslab.lab.tasks.chomsky import chomsky_tasks
 
 CAUSAL = ["flipflop", "selective_copy", "counting"]
-CHOMSKY = [
-    "even_pairs",
-    "modular_arithmetic_simple",
-    "parity_check",
-    "cycle_navigation",
-    "stack_manipulation",
-    "reverse_string",
-    "modular_arithmetic",
-    "solve_equation",
-    "duplicate_string",
-    "missing_duplicate",
-    "odds_first",
-    "binary_addition",
-    "binary_multiplication",
-    "compute_sqrt",
-    "bucket_sort",
-]
+CHOMSKY = chomsky_tasks()  # the 15 tasks, by level
 # A typical training length per causal task (pairs, content tokens, max statements).
 CAUSAL_LENGTH = {"flipflop": 64, "selective_copy": 16, "counting": 40}
 CHANCE = {  # the table of docs/tasks.md
@@ -215,6 +200,7 @@ def check_chomsky(task: ChomskyTask, batch: Batch, length: int) -> None:
 
 def test_registry_holds_every_task() -> None:
     # "lm" samples windows of a real corpus; tests/test_extrapolate.py covers it.
+    assert len(CHOMSKY) == 15 and sorted(CHOMSKY_SOLVERS) == sorted(CHOMSKY)
     assert sorted(CAUSAL + CHOMSKY + ["lm"]) == list_tasks() == sorted(TASKS)
     assert [build_task(n).causal for n in CAUSAL + CHOMSKY] == [True] * 3 + [False] * 15
 

@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 
+import poslab.model
 from poslab.kernels.native import cpu_model
 from poslab.lab.checkpoint import CheckpointError, load_checkpoint
 from poslab.lab.config import (
@@ -97,6 +98,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     assert records(tmp_path / "cut") == records(tmp_path / "full")  # steps 5-6 not logged twice
     results = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert results["metrics"] == json.loads((tmp_path / "full" / "results.json").read_text())["metrics"]
+
+
+def test_a_decoder_checkpointed_with_two_half_encodings_resumes_exactly(tmp_path, monkeypatch):
+    # Before decoders dropped the encoder half, a decoder's CoPE table and Kerple parameters had two
+    # halves, and so had their AdamW moments: the weights and the moments keep their first half.
+    config = tiny(**{"model.encoding": "cope+kerple_log"})
+    full = train(config, tmp_path / "full")
+    build = poslab.model.build_encoding
+    with monkeypatch.context() as patch:  # the layout before: both halves in every mode
+        patch.setattr(poslab.model, "build_encoding", lambda *a, **k: build(*a, **{**k, "causal": None}))
+        with pytest.raises(Stop):
+            train(config, tmp_path / "cut", callback=stop_at(6))
+    saved = load_checkpoint(tmp_path / "cut")
+    assert saved["step"] == 4 and saved["model"]["encodings.0.parts.1.r1"].shape == (2, 2)
+    resumed = train(config, tmp_path / "cut", resume=True)
+    assert resumed.metrics == full.metrics
+    final = resumed.model.state_dict()
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(value, final[name]), name
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):

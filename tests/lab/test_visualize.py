@@ -72,7 +72,7 @@ def test_dape_bias_equals_logits_minus_raw_logits(tmp_path):
         q, k, _ = block.attn.qkv(x).view(1, t, 3, 4, 8).permute(2, 0, 3, 1, 4)
         a = (q @ k.transpose(-1, -2))[0] / math.sqrt(8)  # (H, T, T)
         n = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).clamp(min=0).float()
-        r1, r2 = (p[0].clamp(min=1e-2) for p in (enc.base.r1, enc.base.r2))  # row 0: causal
+        r1, r2 = (p.clamp(min=1e-2).view(-1) for p in (enc.base.r1, enc.base.r2))  # a decoder's (H, 1, 1)
         b = -r1.view(-1, 1, 1) * torch.log1p(r2.view(-1, 1, 1) * n)
         lin1, act, lin2 = enc.mlp
         features = torch.cat((a, b), dim=0).permute(1, 2, 0)  # (T, T, 2H)

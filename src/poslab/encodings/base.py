@@ -49,6 +49,12 @@ class PositionEncoding(nn.Module):
             one per layer); a model config can override it.
         supports_causal / supports_bidirectional: which attention modes the method is defined for.
         key_lookahead: keys after a causal query that its logits depend on (0 for nearly all).
+
+    Instance attribute:
+        causal: the attention mode the module was built for (`build_encoding`'s ``causal``): True
+            for a decoder, False for an encoder, None for either. Encodings with a parameter half
+            that only encoders read (CoPE, relative, Kerple) build it only when ``causal`` is not
+            True; a module built for one mode refuses the other (`check_mode`).
     """
 
     name: ClassVar[str] = ""
@@ -62,6 +68,7 @@ class PositionEncoding(nn.Module):
     # The extra keys (``input_keys`` in ``hooks``) are the layer's own queries at every key position,
     # not ``input_keys(x)``: the model and the KV cache pass and keep q instead (selective attention).
     queries_as_extra_keys: bool = False
+    causal: bool | None = None
 
     def __init__(self, *, n_heads: int, head_dim: int) -> None:
         super().__init__()
@@ -158,6 +165,12 @@ class PositionEncoding(nn.Module):
             raise ValueError(f"encoding {self.name!r} is not defined for causal attention")
         if not causal and not self.supports_bidirectional:
             raise ValueError(f"encoding {self.name!r} is not defined for bidirectional (encoder) attention")
+        if self.causal is not None and causal != self.causal:
+            built, asked = ("causal", "bidirectional") if self.causal else ("bidirectional", "causal")
+            raise ValueError(
+                f"encoding {self.name!r} was built for {built} attention (causal={self.causal}) and is "
+                f"used in {asked} attention; build it with causal={causal} (or None for both modes)"
+            )
 
     def check_length(self, max_position: int) -> None:
         """Raise ValueError when positions up to ``max_position`` cannot be encoded."""
@@ -186,6 +199,51 @@ def relative_distance(q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
     """
     n = q_pos[:, None] - k_pos[None, :]
     return n.clamp(min=0) if causal else n.abs()
+
+
+def takes_mode(cls: type[PositionEncoding]) -> bool:
+    """Whether the class's constructor takes the attention mode ``causal`` (see `build_encoding`)."""
+    return "causal" in inspect.signature(cls.__init__).parameters
+
+
+def causal_half(tensor: Tensor, causal: bool | None, rows: int) -> Tensor:
+    """``tensor`` as built for ``causal``: its first ``rows`` rows alone (a copy) for a decoder, else
+    all of it. Random initialisations draw both halves in every mode and keep the first for a
+    decoder, so a decoder draws the same numbers, in the same order, as an encoder."""
+    return tensor[:rows].clone() if causal else tensor
+
+
+def load_causal_half(
+    module: PositionEncoding,
+    state_dict: dict[str, Tensor],
+    prefix: str,
+    error_msgs: list[str],
+    layouts: dict[str, tuple[tuple[int, ...], Callable[[Tensor], Tensor]]],
+) -> None:
+    """For ``_load_from_state_dict``: a decoder module (``causal=True``) takes a saved parameter in the
+    both-halves layout of older checkpoints by keeping its first half. ``layouts[name]`` is that
+    layout's shape and the function picking the causal half of it. A saved shape that is neither
+    the module's own nor (for a decoder) the both-halves one is reported in ``error_msgs``."""
+    for name, (both_shape, first_half) in layouts.items():
+        key = prefix + name
+        saved = state_dict.get(key)
+        want = tuple(getattr(module, name).shape)
+        if saved is None or tuple(saved.shape) == want:
+            continue
+        if module.causal and tuple(saved.shape) == both_shape:
+            state_dict[key] = first_half(saved)
+            continue
+        accepted = f"{want} or, from older checkpoints, {both_shape}" if module.causal else f"{want}"
+        hint = (
+            ""
+            if module.causal
+            else " (a decoder's parameter lacks the half for keys after the query; build the encoding "
+            "with causal=True to load it)"
+        )
+        error_msgs.append(
+            f"{key}: saved shape {tuple(saved.shape)} does not fit encoding {module.name!r} built for "
+            f"causal={module.causal}, which takes {accepted}{hint}"
+        )
 
 
 def causal_mask(q_pos: Tensor, k_pos: Tensor) -> Tensor:
@@ -222,12 +280,13 @@ def accepts_option(name: str, option: str) -> bool:
 
 
 def encoding_options(cls: type[PositionEncoding]) -> dict[str, Any]:
-    """Keyword options of an encoding class with their defaults (n_heads and head_dim excluded)."""
+    """Keyword options of an encoding class with their defaults (n_heads, head_dim and the attention
+    mode ``causal``, which `build_encoding` passes, excluded)."""
     params = inspect.signature(cls.__init__).parameters
     return {
         key: p.default
         for key, p in params.items()
-        if key not in ("self", "n_heads", "head_dim") and p.kind is p.KEYWORD_ONLY
+        if key not in ("self", "n_heads", "head_dim", "causal") and p.kind is p.KEYWORD_ONLY
     }
 
 
@@ -280,7 +339,9 @@ def register_composition(cls: type[PositionEncoding]) -> type[PositionEncoding]:
     return cls
 
 
-def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) -> PositionEncoding:
+def build_encoding(
+    name: str, *, n_heads: int, head_dim: int, causal: bool | None = None, **options: Any
+) -> PositionEncoding:
     """Build a position encoding by registry name (docs/encodings.md).
 
     Args:
@@ -288,6 +349,9 @@ def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) ->
             spec with options such as ``'dape[base=kerple_log]'``.
         n_heads: attention heads H.
         head_dim: channels per head Dh.
+        causal: the attention mode the module will serve: True (decoder), False (encoder) or None
+            (either). A decoder's CoPE, relative and Kerple parameters then hold the causal half
+            alone (the papers' shapes); `poslab.Transformer` passes its config's mode.
         **options: keyword options of the encoding class. For a composition, an option goes to every
             part that accepts it, or to one part when given as ``part_name={...}``.
 
@@ -298,7 +362,7 @@ def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) ->
     options = {**spec_options, **options}
     if "+" in name:
         (composite,) = _COMPOSITION
-        return composite(name.split("+"), n_heads=n_heads, head_dim=head_dim, **options)
+        return composite(name.split("+"), n_heads=n_heads, head_dim=head_dim, causal=causal, **options)
     cls = encoding_class(name)
     known = encoding_options(cls)
     unknown = sorted(set(options) - set(known))
@@ -307,7 +371,8 @@ def build_encoding(name: str, *, n_heads: int, head_dim: int, **options: Any) ->
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for encoding {name!r}; accepted options: {accepted}"
         )
-    return cls(n_heads=n_heads, head_dim=head_dim, **options)
+    mode = {"causal": causal} if takes_mode(cls) else {}
+    return cls(n_heads=n_heads, head_dim=head_dim, **mode, **options)
 
 
 def as_float(t: Tensor, like: Tensor) -> Tensor:

@@ -27,8 +27,11 @@ class Composite(PositionEncoding):
     gives options to one part only, e.g. ``build_encoding('cope+rope', rope={'base': 500000})``.
     """
 
-    def __init__(self, names: list[str], *, n_heads: int, head_dim: int, **options: Any) -> None:
+    def __init__(
+        self, names: list[str], *, n_heads: int, head_dim: int, causal: bool | None = None, **options: Any
+    ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
+        self.causal = causal  # passed to every part (see `build_encoding`)
         if len(names) < 2 or any(not n for n in names):
             raise ValueError(f"bad composition {'+'.join(names)!r}; expected e.g. 'cope+rope'")
         if len(set(names)) != len(names):
@@ -42,7 +45,7 @@ class Composite(PositionEncoding):
             for i in takers:
                 per_part[i].setdefault(key, value)
         self.parts = nn.ModuleList(
-            build_encoding(n, n_heads=n_heads, head_dim=head_dim, **o)
+            build_encoding(n, n_heads=n_heads, head_dim=head_dim, causal=causal, **o)
             for n, o in zip(names, per_part, strict=True)
         )
         self.name = "+".join(names)

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, causal_mask, check_positive, register
+from poslab.encodings.base import PositionEncoding, causal_mask, check_positive, load_causal_half, register
 from poslab.encodings.relative import gather_positions
 from poslab.kernels.cope import cope_attention
 
@@ -56,8 +56,8 @@ class CoPE(PositionEncoding):
     Encoder (bidirectional) extension, not in the paper: a key after the query (j > i) counts
     p_ij = sum_{t=i..j} g_it and reads the second half of the table, e[npos_max + p]; keys at or
     before the query read the first half as above. With every gate 1 both sides count |i - j| + 1, yet
-    i - 1 and i + 1 get different vectors. Decoders use the first half only (its second half then
-    gets zero gradient).
+    i - 1 and i + 1 get different vectors. A module built for decoders (``causal=True``, as
+    `poslab.Transformer` builds it for a causal model) has the first half only.
 
     Options:
         npos_max: positions per direction (positions past npos_max - 1 are clamped).
@@ -68,9 +68,11 @@ class CoPE(PositionEncoding):
         val_gates: gates use the values, sigmoid(q_i . v_j / sqrt(Dh)).
 
     Attributes:
-        pos_emb: (2 npos_max, head_dim) learnable table, zero-initialised, shared by the heads: rows
-            0..npos_max-1 are the decoder's (and the official code's) table e, the rest the encoder's
-            table for keys after the query.
+        pos_emb: learnable table, zero-initialised, shared by the heads: (npos_max, head_dim) when
+            built for decoders (``causal=True``), the official code's table e; otherwise
+            (2 npos_max, head_dim), rows 0..npos_max-1 that table e (keys at or before the query), the
+            rest the encoder's table for keys after the query. A decoder loads the doubled table of
+            older checkpoints by keeping its first half.
         gate_key: the separate key projection (``sep_key`` only).
     """
 
@@ -84,6 +86,7 @@ class CoPE(PositionEncoding):
         npos_max: int = 64,
         sep_key: bool = False,
         val_gates: bool = False,
+        causal: bool | None = None,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         check_positive(npos_max=npos_max)
@@ -92,10 +95,18 @@ class CoPE(PositionEncoding):
         self.npos_max = npos_max
         self.sep_key = sep_key
         self.val_gates = val_gates
-        self.pos_emb = nn.Parameter(torch.zeros(2 * npos_max, head_dim))
+        self.causal = causal
+        self.pos_emb = nn.Parameter(torch.zeros(npos_max if causal else 2 * npos_max, head_dim))
         if sep_key:
             self.hooks = frozenset({"logits", "input_keys"})
             self.gate_key = nn.Linear(n_heads * head_dim, n_heads * head_dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        both = (2 * self.npos_max, self.head_dim)
+        load_causal_half(
+            self, state_dict, prefix, args[-1], {"pos_emb": (both, lambda t: t[: self.npos_max])}
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def input_keys(self, x: Tensor) -> Tensor:
         """The gates' own keys (B, H, T, Dh) from the attention layer's input x (B, T, H * Dh)."""
@@ -137,9 +148,10 @@ class CoPE(PositionEncoding):
         causal: bool,
         extra_keys: Tensor | None = None,
     ) -> Tensor:
+        self.check_mode(causal)
         gate_keys = () if extra_keys is None else (extra_keys,)  # subclasses may not take them
         pos = self.positions(self.gate_logits(scores, q, k, v, *gate_keys), q_pos, k_pos, causal=causal)
-        table = self.pos_emb[: self.npos_max] if causal else self.pos_emb
+        table = self.pos_emb[: self.npos_max] if causal else self.pos_emb  # the first half, or all
         z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, npos_max or 2 npos_max)
         floor = pos.floor()
         weight = pos - floor  # the gates' only path to a gradient

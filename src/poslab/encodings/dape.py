@@ -83,8 +83,10 @@ class DAPE(PositionEncoding):
         form: str = "A+B+f(A,B)",
         v2_mask: str = "hidden",
         train_len: int | None = None,
+        causal: bool | None = None,
     ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
+        self.causal = causal  # passed to the base (see `build_encoding`)
         check_positive(width=width, kernel_size=kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"dape kernel_size must be odd (1 = MLP, 3 = V2), got {kernel_size}")
@@ -101,7 +103,7 @@ class DAPE(PositionEncoding):
             if train_len is not None and accepts_option(base_name, "train_len"):
                 defaults["train_len"] = train_len
             options = {**{k: v for k, v in defaults.items() if k not in spec}, **(base_options or {})}
-            self.base = build_encoding(base, n_heads=n_heads, head_dim=head_dim, **options)
+            self.base = build_encoding(base, n_heads=n_heads, head_dim=head_dim, causal=causal, **options)
             if self.base.uses_logits:
                 raise ValueError(
                     f"dape base {base!r} rewrites logits itself; use a bias or rotation encoding"

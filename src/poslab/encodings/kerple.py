@@ -10,10 +10,13 @@ so it can grow again (a clamp inside the formula would give it zero gradient for
 with any training loop; the optimizer step itself may leave a value below the floor until the next
 forward.
 
-Each parameter is (2, H): row 0 for keys at or before the query (the only row causal attention
-uses, the paper's parameters), row 1 for keys after it. The paper defines Kerple for decoders; with
-one set of parameters per direction an encoder can tell a key on the left from one on the right,
-which the symmetric kernel of |i - j| cannot. Both rows are drawn from the same distribution.
+Built for decoders (``causal=True``, as `poslab.Transformer` builds it for a causal model), each
+parameter is (H, 1, 1), the official code's shape: one value per head, broadcast over (T, S).
+Otherwise it is (2, H): row 0 for keys at or before the query (the paper's parameters), row 1 for
+keys after it. The paper defines Kerple for decoders; with one set of parameters per direction an
+encoder can tell a key on the left from one on the right, which the symmetric kernel of |i - j|
+cannot. Both rows are drawn from the same distribution. A decoder loads the (2, H) parameters of
+older checkpoints by keeping row 0.
 """
 
 from __future__ import annotations
@@ -21,15 +24,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, as_float, register
+from poslab.encodings.base import PositionEncoding, as_float, load_causal_half, register
 
 _MIN = 1e-2
 
 
+def _init(values: Tensor, causal: bool | None) -> nn.Parameter:
+    """A parameter from ``values`` (2, H), drawn for both directions in every mode: a decoder keeps row 0
+    as (H, 1, 1), so it draws the same random numbers in the same order as an encoder (and as poslab
+    before decoders dropped row 1), and every later initialisation in the model is unchanged too. Its
+    3 dimensions also keep it among the parameters the lab's AdamW decays (dim >= 2), as the (2, H) one
+    was, so decoder training is bit-identical to the two-row layout."""
+    return nn.Parameter(values[0].reshape(-1, 1, 1).clone() if causal else values)
+
+
 def _per_direction(param: Tensor, n: Tensor, *, causal: bool) -> Tensor:
-    """The (2, H) ``param`` as (H, 1, 1) (causal: row 0) or (H, T, S) picked by the sign of n = i - j."""
+    """``param`` as (H, 1, 1) (causal: row 0 of a (2, H) one, or a decoder's own (H, 1, 1)) or as
+    (H, T, S), picked by the sign of n = i - j."""
+    if param.dim() == 3:  # built for decoders
+        return param
     before, after = param[0][:, None, None], param[1][:, None, None]
     return before if causal else torch.where(n < 0, after, before)
+
+
+def _row0(saved: Tensor) -> Tensor:
+    """The decoder's (H, 1, 1) parameter from a saved (2, H) one."""
+    return saved[0].reshape(-1, 1, 1)
+
+
+class _Kerple(PositionEncoding):
+    """The parameters' mode and loading, shared by both variants."""
+
+    hooks = frozenset({"bias"})
+    _params: tuple[str, str] = ("", "")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        both = (2, self.n_heads)
+        load_causal_half(self, state_dict, prefix, args[-1], {name: (both, _row0) for name in self._params})
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def _distance(n: Tensor, like: Tensor, *, causal: bool) -> Tensor:
@@ -38,18 +70,20 @@ def _distance(n: Tensor, like: Tensor, *, causal: bool) -> Tensor:
 
 
 @register("kerple_log")
-class KerpleLog(PositionEncoding):
+class KerpleLog(_Kerple):
     """bias = -r1 * log(1 + r2 * |i - j|), r1 ~ U(0, 2), r2 ~ U(0, 1) at init, per head, direction and
     layer; both kept >= 1e-2 (see the module docstring)."""
 
-    hooks = frozenset({"bias"})
+    _params = ("r1", "r2")
 
-    def __init__(self, *, n_heads: int, head_dim: int) -> None:
+    def __init__(self, *, n_heads: int, head_dim: int, causal: bool | None = None) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
-        self.r1 = nn.Parameter(torch.rand(2, n_heads) * 2)
-        self.r2 = nn.Parameter(torch.rand(2, n_heads))
+        self.causal = causal
+        self.r1 = _init(torch.rand(2, n_heads) * 2, causal)
+        self.r2 = _init(torch.rand(2, n_heads), causal)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        self.check_mode(causal)
         # The projection; through .data, so autograd neither records it nor sees a version change.
         self.r1.data.clamp_(min=_MIN)
         self.r2.data.clamp_(min=_MIN)
@@ -60,18 +94,20 @@ class KerpleLog(PositionEncoding):
 
 
 @register("kerple_power")
-class KerplePower(PositionEncoding):
+class KerplePower(_Kerple):
     """bias = -a * |i - j|^p, a ~ U(0, 1), p ~ U(0, 2) at init, per head, direction and layer; a is
     kept >= 1e-2 and p in [1e-2, 2] (see the module docstring)."""
 
-    hooks = frozenset({"bias"})
+    _params = ("a", "p")
 
-    def __init__(self, *, n_heads: int, head_dim: int) -> None:
+    def __init__(self, *, n_heads: int, head_dim: int, causal: bool | None = None) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
-        self.a = nn.Parameter(torch.rand(2, n_heads))
-        self.p = nn.Parameter(torch.rand(2, n_heads) * 2)
+        self.causal = causal
+        self.a = _init(torch.rand(2, n_heads), causal)
+        self.p = _init(torch.rand(2, n_heads) * 2, causal)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        self.check_mode(causal)
         self.a.data.clamp_(min=_MIN)
         self.p.data.clamp_(min=_MIN, max=2.0)
         n = q_pos[:, None] - k_pos[None, :]  # (T, S)

@@ -14,7 +14,13 @@ import math
 import torch
 from torch import Tensor, nn
 
-from poslab.encodings.base import PositionEncoding, check_positive, register, relative_distance
+from poslab.encodings.base import (
+    PositionEncoding,
+    check_positive,
+    load_causal_half,
+    register,
+    relative_distance,
+)
 
 
 def gather_positions(z: Tensor, index: Tensor) -> Tensor:
@@ -38,18 +44,31 @@ class RelativePE(PositionEncoding):
     row of the second half unused).
 
     Attributes:
-        pos_emb: (2 (max_dist + 1), head_dim): rows 0..max_dist for keys at or before the query (the
-            only rows a decoder reads), the rest for keys after it.
+        pos_emb: (max_dist + 1, head_dim) when built for decoders (``causal=True``); otherwise
+            (2 (max_dist + 1), head_dim), rows 0..max_dist for keys at or before the query, the rest
+            for keys after it. A decoder loads the doubled table of older checkpoints by keeping its
+            first half.
     """
 
     hooks = frozenset({"logits"})
     shared_across_layers = True
 
-    def __init__(self, *, n_heads: int, head_dim: int, max_dist: int = 63) -> None:
+    def __init__(
+        self, *, n_heads: int, head_dim: int, max_dist: int = 63, causal: bool | None = None
+    ) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
         check_positive(max_dist=max_dist)
         self.max_dist = max_dist
-        self.pos_emb = nn.Parameter(torch.zeros(2 * (max_dist + 1), head_dim))
+        self.causal = causal
+        rows = max_dist + 1
+        self.pos_emb = nn.Parameter(torch.zeros(rows if causal else 2 * rows, head_dim))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        rows = self.max_dist + 1
+        load_causal_half(
+            self, state_dict, prefix, args[-1], {"pos_emb": ((2 * rows, self.head_dim), lambda t: t[:rows])}
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def logits(
         self,
@@ -63,6 +82,7 @@ class RelativePE(PositionEncoding):
         *,
         causal: bool,
     ) -> Tensor:
+        self.check_mode(causal)
         n = relative_distance(q_pos, k_pos, causal=causal).clamp(max=self.max_dist)  # (T, S)
         table = self.pos_emb
         if causal:

@@ -38,61 +38,33 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VECTOR_BYTES = 64;
-constexpr const char* ISA = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int VECTOR_BYTES = 32;
-constexpr const char* ISA = "avx2";
-#elif defined(__AVX__)
-constexpr int VECTOR_BYTES = 32;
-constexpr const char* ISA = "avx";
-#else
-constexpr int VECTOR_BYTES = 16;
-constexpr const char* ISA = "sse/neon";
-#endif
+#include "simd.h"  // VECTOR_BYTES, ISA, Vec<T>, Bits<T>, LANES<T>, splat
 
-// GCC/Clang vector extension: arithmetic on Vec<T> is elementwise over one machine register; Bits<T>
-// is the integer vector of the same lanes, for building powers of two in exp.
+// exp: below LOW the result is 0 (underflow), above HIGH it would overflow.
 template <typename T>
-struct VecOf;
+struct ExpOf;
 template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(VECTOR_BYTES)));
-  typedef int32_t bits __attribute__((vector_size(VECTOR_BYTES)));
-  // exp: below LOW the result is 0 (underflow), above HIGH it would overflow; Taylor terms of
-  // exp(r), |r| <= ln 2 / 2, up to r^7 / 7! (relative error about 1e-8, below float's rounding).
+struct ExpOf<float> {
+  // Taylor terms of exp(r), |r| <= ln 2 / 2, up to r^7 / 7! (relative error about 1e-8, below
+  // float's rounding).
   static constexpr float LOW = -87.33654f, HIGH = 88.37626f, SHIFTER = 12582912.0f;  // 1.5 * 2^23
   static constexpr float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
   static constexpr int TERMS = 7, MANTISSA = 23, EXP_BIAS = 127;
 };
 template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(VECTOR_BYTES)));
-  typedef int64_t bits __attribute__((vector_size(VECTOR_BYTES)));
+struct ExpOf<double> {
   // up to r^13 / 13!: relative error about 1e-17
   static constexpr double LOW = -708.39641853226408, HIGH = 709.78271289338397,
                           SHIFTER = 6755399441055744.0;  // 1.5 * 2^52
   static constexpr double LN2_HI = 6.93147180369123816490e-01, LN2_LO = 1.90821492927058770002e-10;
   static constexpr int TERMS = 13, MANTISSA = 52, EXP_BIAS = 1023;
 };
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-using Bits = typename VecOf<T>::bits;
-template <typename T>
-constexpr int LANES = VECTOR_BYTES / sizeof(T);
-
-template <typename T>
-inline Vec<T> splat(T x) {
-  return Vec<T>{} + x;
-}
 
 // exp on every lane: x = k ln 2 + r with k an integer (rounded by adding 1.5 * 2^mantissa, whose
 // low bits then hold k), exp(r) by its Taylor series, and 2^k written straight into the exponent.
 template <typename T>
 inline Vec<T> vexp(Vec<T> x) {
-  using C = VecOf<T>;
+  using C = ExpOf<T>;
   const Vec<T> low = splat<T>(C::LOW), high = splat<T>(C::HIGH), shifter = splat<T>(C::SHIFTER);
   Vec<T> xc = x < high ? x : high;
   xc = xc > low ? xc : low;

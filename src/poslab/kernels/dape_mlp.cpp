@@ -40,35 +40,8 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int VECTOR_BYTES = 64;
-constexpr const char* ISA = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int VECTOR_BYTES = 32;
-constexpr const char* ISA = "avx2";
-#elif defined(__AVX__)
-constexpr int VECTOR_BYTES = 32;
-constexpr const char* ISA = "avx";
-#else
-constexpr int VECTOR_BYTES = 16;
-constexpr const char* ISA = "sse/neon";
-#endif
+#include "simd.h"  // VECTOR_BYTES, ISA, Vec<T>, LANES<T>, splat
 
-// GCC/Clang vector extension: arithmetic on Vec<T> is elementwise over one machine register.
-template <typename T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(VECTOR_BYTES)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(VECTOR_BYTES)));
-};
-template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int LANES = VECTOR_BYTES / sizeof(T);
 template <typename T>
 constexpr T NEG_INF = -std::numeric_limits<T>::infinity();
 
@@ -98,13 +71,6 @@ struct Broadcast {
     }
   }
 };
-
-// x in every lane: x - 0 is x for every float, so this compiles to one broadcast (Vec<T>{} + x
-// would add zero first, which turns -0.0 into +0.0).
-template <typename T>
-inline Vec<T> splat(T x) {
-  return x - Vec<T>{};
-}
 
 template <typename Fn>
 void parallel_rows(int64_t rows, int threads, Fn fn) {

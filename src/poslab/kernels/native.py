@@ -4,9 +4,10 @@ The DAPE MLP over a (B, H, t, S) score map is small per entry (2H -> D -> H chan
 B x t x S entries; in PyTorch it becomes a handful of skinny matrix products and elementwise passes
 over a (B x t x S, D) hidden map, which is memory-bound. ``dape_mlp.cpp`` keeps the hidden map in
 registers instead. It is plain C++ (no PyTorch headers), built with the system compiler into
-``$POSLAB_CACHE`` (default ``~/.cache/poslab``), keyed by a hash of the source, the compiler and
-the flags. A library is built per head count (a compile-time constant: the channel loops unroll
-into registers) and per x86-64 level (``-march=x86-64-v3``: AVX2 and FMA, 8-float vectors;
+``$POSLAB_CACHE`` (default ``~/.cache/poslab``), keyed by a hash of the source, the shared header
+``simd.h`` (the instruction-set preamble both sources include), the compiler and the flags. A
+library is built per head count (a compile-time constant: the channel loops unroll into registers)
+and per x86-64 level (``-march=x86-64-v3``: AVX2 and FMA, 8-float vectors;
 ``x86-64-v4``: AVX-512, 16-float vectors), the highest this CPU runs, so the code does not depend on
 the machine it was first built on; ``POSLAB_NATIVE_ARCH`` picks another level (or ``native``).
 
@@ -47,6 +48,7 @@ log = logging.getLogger("poslab")
 
 SOURCE = Path(__file__).with_name("dape_mlp.cpp")
 COPE_SOURCE = Path(__file__).with_name("cope_rows.cpp")
+HEADERS = (Path(__file__).with_name("simd.h"),)  # included by both sources: part of every cache key
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode turns contraction off).
 FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -174,7 +176,7 @@ def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], targ
     """Compile a source into the cache (once per source, compiler, flags, and CPU for -march=native)."""
     source = source_path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [source, " ".join(flags).encode(), version.encode()]
+    parts = [source, *(h.read_bytes() for h in HEADERS), " ".join(flags).encode(), version.encode()]
     if target == "native":
         parts.append(" ".join(sorted(_cpu_flags())).encode())
     key = hashlib.sha256(b"\0".join(parts))
@@ -188,7 +190,9 @@ def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], targ
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *flags, str(source_path), "-o", tmp], capture_output=True, text=True
+            [compiler, *flags, f"-I{source_path.parent}", str(source_path), "-o", tmp],
+            capture_output=True,
+            text=True,
         )
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or ["failed"]

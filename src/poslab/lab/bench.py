@@ -133,7 +133,7 @@ def bench_attention(
     }
     paths = {"sdpa (causal)": "sdpa", "plain materialised": "eager"}
     for name in encodings or ATTENTION_ENCODINGS:
-        enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim)).to(dev)
+        enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim, causal=True)).to(dev)
         candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
         paths[name] = attention_path(enc, q)
         for label, path, fn in _other_paths(enc, q):

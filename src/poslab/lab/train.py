@@ -92,6 +92,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
+def keep_first_halves(optimizer: torch.optim.Optimizer) -> None:
+    """Cut the optimizer moments of a decoder's two-half parameters to their first half, as loading
+    cuts the weights: a decoder checkpointed before decoders dropped the encoder half (CoPE's and
+    relative PE's second table half, Kerple's row 1) saved moments of twice the parameter's size. The
+    first half of the flattened moment is the first rows (tables) or row 0 (Kerple's (2, H)); the
+    dropped half was never updated (zero gradient), so the run continues exactly as it would have."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for name, value in list(state.items()):
+                halve = torch.is_tensor(value) and value.dim() and value.shape != param.shape
+                if halve and value.numel() == 2 * param.numel():
+                    state[name] = value.reshape(2, -1)[0].reshape(param.shape).clone()
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), Python's random and numpy."""
     torch.manual_seed(seed)
@@ -396,6 +411,7 @@ class TrainState:
         """Continue from ``checkpoint``: weights, optimizer, data generator, RNGs and step."""
         load_model_state(self.model, checkpoint, session.run_dir / CHECKPOINT)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        keep_first_halves(self.optimizer)
         self.generator.set_state(checkpoint["data_rng"])
         torch.set_rng_state(checkpoint["torch_rng"])
         if session.device.type == "cuda" and checkpoint.get("cuda_rng"):

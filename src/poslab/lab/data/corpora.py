@@ -10,7 +10,8 @@ Sources (docs/tasks.md, language modelling):
 - "stdlib": the .py files of the running Python's standard library (code; on every machine).
 - "files": a directory, a file or a glob of text files (``path=``).
 - "python_docs": the reST sources of the Python documentation from Debian's python3.11-doc.
-- "austen": Jane Austen's six novels from Debian's r-cran-janeaustenr (an R lazy-load database).
+- "austen": Jane Austen's six novels from Debian's r-cran-janeaustenr (an R lazy-load database, read
+  with the ``rdata`` package: the ``austen`` extra).
 - "hf": a Hugging Face ``datasets`` dataset (the ``hf`` extra), local or downloaded.
 
 The split is a pure function of a document's id: sha256(salt + id) mapped to [0, 1) picks the split
@@ -23,9 +24,11 @@ counts them by reason; a ValueError is raised when nothing usable remains.
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import sys
@@ -409,20 +412,58 @@ def _chapters(book: str, lines: list[str]) -> list[Document]:
     ]
 
 
+# A lazy-load record compressed with xz (R's compress = 3) is a raw LZMA2 stream, xz's preset 6.
+_R_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+
+
+def _lazy_load_db(base: Path) -> dict[str, Any]:
+    """The objects of an R lazy-load database (``base``.rdx, ``base``.rdb), converted by the ``rdata``
+    package: the .rdx index is an RDS file (names -> byte offset and length in the .rdb); each .rdb
+    record is its uncompressed length (4 bytes, big-endian), then a zlib stream (``compressed`` 1, as
+    R packages' data), or a type byte and a bzip2 ('2'), raw xz ('Z') or uncompressed ('0') body
+    (2 and 3). Environments stored by reference are not resolved (data holds plain vectors)."""
+    import rdata  # the austen extra; the caller turns ImportError into CorpusUnavailable
+
+    def parse(data: bytes) -> Any:
+        return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
+
+    index = parse(base.with_name(base.name + ".rdx").read_bytes())
+    compression = int(index.get("compressed", [1])[0])
+    rdb = base.with_name(base.name + ".rdb").read_bytes()
+    objects: dict[str, Any] = {}
+    for name, (offset, length) in index["variables"].items():
+        record = rdb[int(offset) : int(offset) + int(length)]
+        kind, body = (record[4:5], record[5:]) if compression in (2, 3) else (b"1", record[4:])
+        try:
+            if compression == 0 or kind == b"0":
+                data = record if compression == 0 else bytes(body)
+            elif kind == b"1":
+                data = zlib.decompress(body)
+            elif kind == b"2":
+                data = bz2.decompress(body)
+            elif kind == b"Z":
+                data = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=_R_LZMA_FILTERS)
+            else:
+                raise ValueError(f"unknown record compression {kind!r}")
+        except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as err:
+            raise ValueError(f"{base}.rdb: object {str(name)!r} is unreadable ({err})") from None
+        objects[str(name)] = parse(data)
+    return objects
+
+
 @register("austen")
 def austen(*, path: str | None = None, unit: str = "book") -> Corpus:
     """Jane Austen's six published novels from Debian's r-cran-janeaustenr R package.
 
     The package stores each novel as a character vector (one line of text per element) in an R
-    lazy-load database (``data/Rdata.rdb``/``.rdx``), read here by `poslab.lab.data.rdata` without R.
+    lazy-load database (``data/Rdata.rdb``/``.rdx``), read here without R by the ``rdata`` package
+    (``pip install 'poslab[austen]'``).
     unit: "book" (one document per novel, id e.g. "emma") or "chapter" (id "emma/001", ...; a
     volume heading goes with the chapter that follows it). With six books, the default 90/5/5 split
     by book leaves validation empty; use unit="chapter" (~270 documents) or split fractions such as
     (0.6, 0.2, 0.2) (four books for training, one each for validation and test).
     path: the package directory (the one holding ``data/``).
     """
-    from poslab.lab.data.rdata import LazyLoadDB
-
     if unit not in AUSTEN_UNITS:
         raise ValueError(f"corpus 'austen': unit must be one of {AUSTEN_UNITS}, got {unit!r}")
     roots = [Path(path)] if path is not None else [Path(p) for p in AUSTEN_ROOTS]
@@ -433,19 +474,23 @@ def austen(*, path: str | None = None, unit: str = "book") -> Corpus:
             f"Debian package {AUSTEN_PACKAGE} (apt-get install {AUSTEN_PACKAGE}) or pass path= to "
             f"the R package directory"
         )
-    db = LazyLoadDB(found[0] / "data" / "Rdata")
+    try:
+        objects = _lazy_load_db(found[0] / "data" / "Rdata")
+    except ImportError:
+        raise CorpusUnavailable(
+            "corpus 'austen' reads R data with the rdata package: pip install 'poslab[austen]'"
+        ) from None
     docs: list[Document] = []
-    for book in db:
-        obj = db[book]
-        if obj.type != "character":
+    for book, value in objects.items():
+        if not (hasattr(value, "dtype") and value.dtype.kind in "UO"):  # a character vector
             continue
-        lines = ["" if line is None else str(line) for line in obj.value]
+        lines = ["" if line is None else str(line) for line in value.tolist()]
         if unit == "book":
             docs.append(Document(book, "\n".join(lines) + "\n"))
         else:
             docs.extend(_chapters(book, lines))
     if not docs:
-        raise ValueError(f"corpus 'austen': {db.rdb_path} holds no character vectors")
+        raise ValueError(f"corpus 'austen': {found[0]}/data/Rdata.rdb holds no character vectors")
     return Corpus("austen", tuple(sorted(docs, key=lambda d: d.id)), str(found[0]))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from poslab.lab.tasks.chomsky import chomsky_tasks
 from poslab.registry import Registry
 
 DAPE_KERPLE = ("DAPE-Kerple (not in the paper)", "dape[base=kerple_log]")
@@ -324,25 +325,9 @@ _register(
 # The Chomsky hierarchy (Deletang et al., arXiv 2207.02098) as the DAPE paper runs it, after Ruoss et
 # al. (arXiv 2305.16843): a bidirectional encoder trained on lengths 1-40, per-token accuracy pooled
 # over each batch's output tokens and averaged over the unseen lengths (the `ood` split). One part per
-# task, in docs/tasks.md's order: regular, context-free, context-sensitive. The page takes each task's
-# level and chance (guessing among its output symbols) from the task itself.
-CHOMSKY_TASKS = (
-    "even_pairs",
-    "modular_arithmetic_simple",
-    "parity_check",
-    "cycle_navigation",
-    "stack_manipulation",
-    "reverse_string",
-    "modular_arithmetic",
-    "solve_equation",
-    "duplicate_string",
-    "missing_duplicate",
-    "odds_first",
-    "binary_addition",
-    "binary_multiplication",
-    "compute_sqrt",
-    "bucket_sort",
-)
+# registered task, in docs/tasks.md's order: regular, context-free, context-sensitive. The page takes
+# each task's level and chance (guessing among its output symbols) from the task itself.
+CHOMSKY_TASKS = tuple(chomsky_tasks())
 
 # No published numbers yet: the DAPE repository (chuanyang-Zheng/DAPE, README and configs) has the
 # language-model runs only, no Chomsky-hierarchy code or results, and the copies of the paper's

@@ -25,12 +25,15 @@ Where poslab differs from that code without changing a reported number:
   leaves them out of the accuracy but puts the padding (zeros) in the training loss.
 """
 
+from poslab.lab.tasks.base import TASKS
 from poslab.lab.tasks.chomsky import (  # noqa: F401  (importing a module registers its tasks)
     context_free,
     context_sensitive,
     regular,
 )
 from poslab.lab.tasks.chomsky.base import END, PLACEHOLDER, ChomskyTask
+
+LEVELS = ("regular", "context_free", "context_sensitive")
 
 # poslab registry name -> the key of DeepMind's code (experiments/constants.py), where they differ.
 DEEPMIND_NAMES = {
@@ -39,4 +42,12 @@ DEEPMIND_NAMES = {
     "missing_duplicate": "missing_duplicate_string",
 }
 
-__all__ = ["DEEPMIND_NAMES", "END", "PLACEHOLDER", "ChomskyTask"]
+
+def chomsky_tasks() -> list[str]:
+    """The registered Chomsky tasks by level (regular, context-free, context-sensitive), within a level
+    in the order its module registers them (table 1 of Deletang et al., and docs/tasks.md)."""
+    names = [name for name, cls in TASKS.items() if issubclass(cls, ChomskyTask)]
+    return sorted(names, key=lambda name: LEVELS.index(TASKS[name].level))  # stable within a level
+
+
+__all__ = ["DEEPMIND_NAMES", "END", "LEVELS", "PLACEHOLDER", "ChomskyTask", "chomsky_tasks"]
