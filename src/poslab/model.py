@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poslab.attention import IMPLS, attend
+from poslab.attention import IMPLS, attend, document_segments
 from poslab.encodings.base import PositionEncoding, accepts_option, build_encoding, parse_spec
 
 NORMS = ("pre", "post")
@@ -242,6 +242,7 @@ class SelfAttention(nn.Module):
         positions: Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -267,6 +268,7 @@ class SelfAttention(nn.Module):
             impl=self.impl,
             rotated=rotated,
             extra_keys=extra,
+            document_ids=document_ids,
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -284,11 +286,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.d_model, d_ff), nn.GELU(), nn.Linear(d_ff, config.d_model))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, encoding: PositionEncoding, positions: Tensor, cache=None, layer=0):
+    def forward(
+        self, x: Tensor, encoding: PositionEncoding, positions: Tensor, cache=None, layer=0, document_ids=None
+    ):
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), encoding, positions, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), encoding, positions, cache, layer, document_ids))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, encoding, positions, cache, layer)))
+        x = self.norm1(x + self.drop(self.attn(x, encoding, positions, cache, layer, document_ids)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -296,7 +300,9 @@ class Transformer(nn.Module):
     """Token embedding, position encoding(s), blocks, final norm and output head.
 
     ``forward(idx)`` maps token ids (B, T) to logits (B, T, n_outputs). With a ``KVCache`` (decoders
-    only) the new tokens are placed after the cached ones and the cache is extended in place.
+    only) the new tokens are placed after the cached ones and the cache is extended in place. With
+    ``document_ids`` (B, T) (packed batches, no cache) each run of equal ids in a row is a document
+    that attends only to itself, at positions restarting from 0: its logits equal running it alone.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -336,9 +342,21 @@ class Transformer(nn.Module):
     def encoding(self, layer: int) -> PositionEncoding:
         return self.encodings[self.layer_encoding[layer]]
 
-    def forward(self, idx: Tensor, *, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, *, cache: KVCache | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(idx.shape)}")
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "document_ids (packed documents) take no KV cache: decode each document alone"
+                )
+            if document_ids.shape != idx.shape:
+                raise ValueError(
+                    f"document_ids must have the shape of the token ids {tuple(idx.shape)}, got "
+                    f"{tuple(document_ids.shape)}"
+                )
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model")
         offset = 0 if cache is None else cache.length
@@ -349,10 +367,18 @@ class Transformer(nn.Module):
             )
         positions = torch.arange(offset, offset + idx.shape[1], device=idx.device)
         # embed is the identity except for embedding encodings, which a schedule cannot hold
-        x = self.encodings[0].embed(self.embed(idx), positions)  # (B, T, D)
+        x = self.embed(idx)  # (B, T, D)
+        first = self.encodings[0]
+        if document_ids is None or "embed" not in first.hooks:
+            x = first.embed(x, positions)
+        else:  # each document from position 0
+            out = x.clone()
+            for rows, index in document_segments(document_ids.to(idx.device)):
+                out[rows[:, None], index] = first.embed(x[rows[:, None], index], positions[: index.shape[1]])
+            x = out
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.encoding(layer), positions, cache, layer)
+            x = block(x, self.encoding(layer), positions, cache, layer, document_ids)
         return self.head(self.norm(x))  # (B, T, n_outputs)
 
     def new_cache(self) -> KVCache:
@@ -370,9 +396,13 @@ class DecoderLM(Transformer):
             raise ValueError("DecoderLM needs a causal config (causal=True)")
         super().__init__(config)
 
-    def loss(self, idx: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy over the positions where ``mask`` (B, T) is True (all if None)."""
-        return masked_cross_entropy(self(idx), targets, mask)
+    def loss(
+        self, idx: Tensor, targets: Tensor, mask: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Mean cross-entropy over the positions where ``mask`` (B, T) is True (all if None); with
+        ``document_ids``, a packed batch (mask out each document's last target: it is the next
+        document's first token)."""
+        return masked_cross_entropy(self(idx, document_ids=document_ids), targets, mask)
 
     def generate(
         self, prompt: Tensor, n_new: int, *, temperature: float = 0.0, use_cache: bool = True
