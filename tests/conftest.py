@@ -18,8 +18,8 @@ VARIANTS = [
     "cope[val_gates=true]",
     "rope[scaling=yarn,factor=4,original_max_len=16]",
     # dynamic and longrope change at original_max_len: 20 keeps the cached-decoding contracts (17
-    # tokens) on one side of it, while the 24- and 128-token tests run past it (tests/test_rope_scalings.py
-    # covers decoding across it).
+    # tokens) on one side of it, while the 24- and 128-token tests run past it
+    # (tests/encodings/test_rope.py covers decoding across it).
     "rope[scaling=dynamic,factor=4,original_max_len=20]",
     "rope[scaling=llama3,factor=8,original_max_len=16]",
     "rope[scaling=longrope,factor=4,original_max_len=20,short_factor=1.5,long_factor=4]",

@@ -196,7 +196,7 @@ def test_rope_rotation_is_the_textbook_formula():
 
 def test_rope_scalings_reduce_to_plain_rope_at_factor_one():
     plain = poslab.build_encoding("rope", n_heads=2, head_dim=16)
-    for scaling in ("linear", "ntk", "yarn"):
+    for scaling in ("linear", "ntk", "yarn", "dynamic", "llama3"):
         scaled = poslab.build_encoding("rope", n_heads=2, head_dim=16, scaling=scaling, factor=1.0)
         torch.testing.assert_close(scaled.inv_freq, plain.inv_freq)
         assert scaled.mscale == 1.0
