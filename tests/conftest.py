@@ -27,6 +27,14 @@ VARIANTS = [
     "rope[scaling=yarn,factor=4,original_max_len=16]",
     "stickbreaking[attend_current=true]",
     "pope[dim=4,bias_uniform_init=true]",
+    # dynamic and longrope change at original_max_len: 20 keeps the cached-decoding contracts (17
+    # tokens) on one side of it, while the 24- and 128-token tests run past it
+    # (tests/encodings/test_rope.py covers decoding across it).
+    "rope[scaling=dynamic,factor=4,original_max_len=20]",
+    "rope[scaling=llama3,factor=8,original_max_len=16]",
+    "rope[scaling=longrope,factor=4,original_max_len=20,short_factor=1.5,long_factor=4]",
+    "rope[partial=0.5]",
+    "rope[p=0.5]",
 ]
 ALL_ENCODINGS = poslab.list_encodings() + COMPOSITIONS + VARIANTS
 

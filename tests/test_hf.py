@@ -370,3 +370,21 @@ def test_the_trainer_example_runs(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["spec"] for r in results] == ["dape", "rope"]
     assert all(r["scores"]["2"]["length"] == 32 for r in results)
+
+
+@pytest.mark.parametrize("use_cache", [False, True], ids=["block_mask", "no_mask"])
+@pytest.mark.parametrize("spec", ["rope", "alibi", "cope+rope", "dape[base=kerple_log]", "nope"])
+def test_padding_free_packed_batches_equal_each_document_alone(spec, use_cache):
+    """DataCollatorWithFlattening's batch (one row, position_ids restarting per document, no mask):
+    transformers hands over a block-causal mask (use_cache=False) or none (a cache skips its packing
+    detection); either way poslab reads the documents from position_ids and runs each alone."""
+    model = applied(spec).double()
+    docs = [torch.randint(1, VOCAB, (n,)).tolist() for n in (5, 9, 3)]
+    batch = transformers.DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": d} for d in docs])
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=use_cache)
+        start = 0
+        for doc in docs:
+            alone = model(input_ids=torch.tensor([doc])).logits[0]
+            torch.testing.assert_close(packed.logits[0, start : start + len(doc)], alone, atol=1e-9, rtol=0)
+            start += len(doc)

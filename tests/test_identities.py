@@ -156,7 +156,8 @@ def test_rope_angle_table_equals_direct_angles():
     and after the module changes dtype."""
     rope = poslab.build_encoding("rope", n_heads=2, head_dim=16, scaling="yarn", factor=4.0)
     for positions in (torch.arange(5), torch.tensor([3, 900, 7]), torch.arange(2000, 2003)):
-        for got, want in zip(rope._cos_signed_sin(positions), rope._angles(positions), strict=True):
+        direct = rope._angles(positions, rope.inv_freq, rope.mscale)
+        for got, want in zip(rope._cos_signed_sin(positions), direct, strict=True):
             torch.testing.assert_close(got, want, atol=0, rtol=0)
         # the public (cos, sin), against the textbook formula (float32 angles: ~1e-5 off at 2000)
         theta = positions.double()[:, None] * rope.inv_freq.double()[None, :]
@@ -168,7 +169,8 @@ def test_rope_angle_table_equals_direct_angles():
     rope.double()
     cos, _ = rope.angles(torch.arange(3))
     assert cos.dtype == torch.float64
-    torch.testing.assert_close(cos, rope._angles(torch.arange(3))[0], atol=0, rtol=0)
+    direct = rope._angles(torch.arange(3), rope.inv_freq, rope.mscale)[0]
+    torch.testing.assert_close(cos, direct, atol=0, rtol=0)
 
 
 def test_rope_rotation_is_the_textbook_formula():
@@ -194,7 +196,7 @@ def test_rope_rotation_is_the_textbook_formula():
 
 def test_rope_scalings_reduce_to_plain_rope_at_factor_one():
     plain = poslab.build_encoding("rope", n_heads=2, head_dim=16)
-    for scaling in ("linear", "ntk", "yarn"):
+    for scaling in ("linear", "ntk", "yarn", "dynamic", "llama3"):
         scaled = poslab.build_encoding("rope", n_heads=2, head_dim=16, scaling=scaling, factor=1.0)
         torch.testing.assert_close(scaled.inv_freq, plain.inv_freq)
         assert scaled.mscale == 1.0

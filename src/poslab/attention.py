@@ -53,6 +53,7 @@ def attend(
     block_size: int | None = None,
     rotated: bool = False,
     extra_keys: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention with a position encoding.
 
@@ -75,6 +76,10 @@ def attend(
             for the encodings that have that hook (CoPE with ``sep_key``, FoX); required for them, else
             unused. For encodings with ``queries_as_extra_keys`` (selective): the queries at every key
             position (rotated like q, i.e. when ``rotated``); q itself when omitted in a full forward.
+        document_ids: (B, T) integer ids of packed documents, for a full forward (T == S, default
+            positions, not rotated): a document is a run of equal ids within a row; no query sees
+            another document's keys, and positions restart at 0 in each document, so every
+            document's outputs equal attending to it alone (`packed_attention`).
 
     Blocks are exact: every query row is independent and sees the keys up to its own position
     (docs/attention.md), so a causal block only computes keys up to the block's end (plus the
@@ -102,6 +107,27 @@ def attend(
             "attention, so attend computes NoPE attention: add encoding.embed(x, positions) to the "
             "layer input, and pass encoding=None to attend",
             stacklevel=2,
+        )
+    if document_ids is not None:
+        if (
+            rotated
+            or n_queries != n_keys
+            or not (positions is None or torch.equal(positions.cpu(), torch.arange(n_keys)))
+        ):
+            raise ValueError(
+                "attend: document_ids need a full forward (T == S, default positions, q and k not yet "
+                "rotated); decode each document with its own cache"
+            )
+        return packed_attention(
+            q,
+            k,
+            v,
+            encoding,
+            document_ids,
+            causal=causal,
+            impl=impl,
+            block_size=block_size,
+            extra_keys=extra_keys,
         )
     if positions is None:
         if n_queries > n_keys:
@@ -153,6 +179,65 @@ def attend(
     return blockwise_attention(
         q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block, extra_keys=extra_keys
     )
+
+
+def document_segments(document_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The documents of a packed (B, T) batch, grouped by length: for each length L, ``(rows,
+    index)``, rows (n,) the batch row of each document of that length and index (n, L) its token
+    indices. A document is a maximal run of equal ids within a row."""
+    if document_ids.dim() != 2 or document_ids.is_floating_point() or document_ids.is_complex():
+        raise ValueError(
+            f"document_ids must be (B, T) integers, got {document_ids.dtype} {tuple(document_ids.shape)}"
+        )
+    batch, length = document_ids.shape
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    flat = starts.flatten().nonzero().flatten()  # a row's first token always starts a document
+    lengths = torch.diff(flat, append=flat.new_tensor([batch * length]))
+    groups = []
+    for n in lengths.unique().tolist():
+        first = flat[lengths == n]
+        index = (first % length)[:, None] + torch.arange(n, device=flat.device)
+        groups.append((first // length, index))
+    return groups
+
+
+def packed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    encoding: PositionEncoding | None,
+    document_ids: Tensor,
+    *,
+    causal: bool,
+    impl: Impl = "auto",
+    block_size: int | None = None,
+    extra_keys: Tensor | None = None,
+) -> Tensor:
+    """`attend` over packed documents: each document attends to itself alone, at positions 0..L-1.
+
+    Documents of the same length (across rows) are gathered into one batch and attended together,
+    so this is exactly `attend` on each document alone, for every encoding (CoPE's gates and DAPE's
+    logits included: they only ever see one document), at one call per distinct document length.
+    """
+    document_ids = document_ids.to(q.device)
+    if document_ids.shape != q.shape[:1] + q.shape[2:3]:
+        raise ValueError(
+            f"document_ids must have shape (B, T) = {(q.shape[0], q.shape[2])}, got "
+            f"{tuple(document_ids.shape)}"
+        )
+    groups = document_segments(document_ids)
+    run = dict(causal=causal, impl=impl, block_size=block_size)
+    if len(groups) == 1 and groups[0][1].shape[1] == q.shape[2]:  # one document per row
+        return attend(q, k, v, encoding, extra_keys=extra_keys, **run)
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    for rows, index in groups:
+        take = [
+            None if x is None else x[rows[:, None], :, index].transpose(1, 2) for x in (q, k, v, extra_keys)
+        ]
+        y = attend(*take[:3], encoding, extra_keys=take[3], **run)  # (n, H, L, Dv)
+        out[rows[:, None], :, index] = y.transpose(1, 2).to(out.dtype)
+    return out
 
 
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in

@@ -240,7 +240,9 @@ def poslab_attention(
     (a full forward, or one step with the model's dynamic KV cache). ``attention_mask`` is None or a
     boolean (B, 1, T, S) mask that must be causal with key padding (left padding in generation,
     right padding in training); each row then runs with its own positions, counted from its first
-    real token, exactly as if it were alone. Returns ((B, T, H, Dv) outputs, None).
+    real token, exactly as if it were alone. A padding-free packed batch (position_ids restarting
+    at each document, `packed_documents`) runs each document alone, at positions from 0.
+    Returns ((B, T, H, Dv) outputs, None).
     """
     if dropout:
         raise ValueError("poslab.hf: attention dropout is not supported; set config.attention_dropout = 0")
@@ -253,6 +255,12 @@ def poslab_attention(
     extra = None
     if encoding is not None and "input_keys" in encoding.hooks:
         extra = layer_extra_keys(module, query, n_keys)
+    documents = packed_documents(
+        kwargs.get("position_ids"), attention_mask, query.shape[0], n_queries, n_keys
+    )
+    if documents is not None:  # padding-free packing: each document attends to itself alone
+        out = attend(query, key, value, encoding, impl=impl, document_ids=documents, extra_keys=extra)
+        return out.transpose(1, 2).contiguous(), None
     starts = padding_starts(attention_mask, n_queries, n_keys)
     if starts is None:
         out = attend(query, key, value, encoding, impl=impl, extra_keys=extra)
@@ -276,6 +284,36 @@ def poslab_attention(
             extra_keys=None if extra is None else extra[rows, :, start:],
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def packed_documents(
+    position_ids: Tensor | None, mask: Tensor | None, batch: int, n_queries: int, n_keys: int
+) -> Tensor | None:
+    """Document ids (B, T) of a padding-free packed batch, or None when the batch is not packed.
+
+    A packed batch (transformers' ``DataCollatorWithFlattening``) has no padding and position_ids
+    that restart at each document; a new document starts wherever the position does not grow by 1,
+    as transformers' ``find_packed_sequence_indices`` reads them. Only a full forward (T == S) can
+    be packed. transformers' mask is then None (it skips packing detection when a cache is passed,
+    as a plain forward does) or causal within each document, which is checked; any other mask (left
+    padding, whose position_ids also jump) is not packing.
+    """
+    if position_ids is None or n_queries != n_keys or n_queries < 2:
+        return None
+    position_ids = position_ids.expand(batch, -1)
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    documents = (step != 1).cumsum(-1)
+    if not bool((documents[:, -1] > 0).any()):
+        return None  # one document per row: not packed
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            mask = mask == 0  # a float mask: 0 where visible, -inf where masked
+        index = torch.arange(n_keys, device=mask.device)
+        documents = documents.to(mask.device)
+        packed = (index[None, :] <= index[:, None]) & (documents[:, :, None] == documents[:, None, :])
+        if mask.dim() != 4 or mask.shape[-2:] != (n_queries, n_keys) or not torch.equal(mask[:, 0], packed):
+            return None
+    return documents
 
 
 def check_rotary_positions(position_ids: Tensor | None, starts: Tensor, q_pos: Tensor) -> None:

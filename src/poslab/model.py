@@ -2,12 +2,14 @@
 
 Pre-LN by default (post-LN as an option, as in the CoPE paper's counting runs), GELU MLP, optional
 tied embeddings. The encoding is chosen by name and built per layer or once for all layers, as each
-paper does (``ModelConfig.share_encoding``).
+paper does (``ModelConfig.share_encoding``), or given per layer as a schedule (``encoding=["rope",
+"rope", "rope", "nope"]``, cycled over the layers: RoPE in three layers of four, NoPE in the fourth).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,10 +17,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from poslab.attention import IMPLS, attend
+from poslab.attention import IMPLS, attend, document_segments
 from poslab.encodings.base import PositionEncoding, accepts_option, build_encoding, parse_spec
 
 NORMS = ("pre", "post")
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a schedule string on commas outside brackets and parentheses:
+    ``'rope[scaling=yarn,factor=4],nope'`` -> ``['rope[scaling=yarn,factor=4]', 'nope']``."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char in "[(") - (char in "])")
+        if char == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += char
+    items.append(current.strip())
+    return items
+
+
+def normalize_encoding(encoding: Any) -> str | tuple[str, ...]:
+    """A single spec stays a string; a schedule (a list, a tuple, or a string with top-level commas
+    such as ``'rope,rope,rope,nope'``) becomes a tuple of specs (one spec alone: that string).
+    ValueError for anything else, or an empty spec."""
+    if isinstance(encoding, str):
+        specs: Sequence[Any] = split_specs(encoding)
+    elif isinstance(encoding, (list, tuple)):
+        specs = encoding
+    else:
+        raise ValueError(f"model.encoding must be a spec or a list of specs, got {encoding!r}")
+    if not specs or not all(isinstance(spec, str) and spec.strip() for spec in specs):
+        raise ValueError(
+            f"model.encoding must be a spec or a non-empty list of non-empty specs (one per layer, "
+            f"cycled), got {encoding!r}"
+        )
+    specs = tuple(spec.strip() for spec in specs)
+    return specs[0] if len(specs) == 1 else specs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +67,10 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int | None = None  # MLP hidden width; None means 4 * d_model
     dropout: float = 0.0  # on the residual branches and embeddings
-    encoding: str = "rope"  # registry name, composition ('cope+rope') or spec ('dape[base=fire]')
+    # registry name, composition ('cope+rope') or spec ('dape[base=fire]'); or one spec per layer,
+    # cycled over the layers (['rope', 'rope', 'rope', 'nope'], or the string 'rope,rope,rope,nope')
+    encoding: str | tuple[str, ...] = "rope"
+    # options for the encoding; with a schedule, each goes to every spec that accepts it
     encoding_options: dict[str, Any] = field(default_factory=dict)
     share_encoding: bool | None = None  # one encoding module for all layers; None: the method's default
     norm: str = "pre"  # 'pre' or 'post' layer norm
@@ -68,8 +107,9 @@ class ModelConfig:
                 f"model.tie_embeddings needs n_outputs == vocab_size, got {self.output_size} != "
                 f"{self.vocab_size}"
             )
-        # Fail now, not at the first forward: build the encoding once to validate name and options.
-        self.build_encoding()
+        object.__setattr__(self, "encoding", normalize_encoding(self.encoding))
+        # Fail now, not at the first forward: build each encoding once to validate names and options.
+        self.check_schedule()
 
     @property
     def head_dim(self) -> int:
@@ -79,18 +119,64 @@ class ModelConfig:
     def output_size(self) -> int:
         return self.n_outputs if self.n_outputs is not None else self.vocab_size
 
-    def build_encoding(self) -> PositionEncoding:
-        """One encoding module as configured, for this config's attention mode (``causal``: a decoder's
-        encodings have no parameters for keys after the query), with ``max_len`` and ``train_len``
-        filled in where the encoding takes them and they are not set."""
-        name, spec_options = parse_spec(self.encoding)
-        options = {**spec_options, **self.encoding_options}
+    @property
+    def schedule(self) -> tuple[str, ...]:
+        """The spec of each layer (n_layers of them): the schedule cycled, or the one spec repeated."""
+        specs = (self.encoding,) if isinstance(self.encoding, str) else self.encoding
+        return tuple(specs[layer % len(specs)] for layer in range(self.n_layers))
+
+    def check_schedule(self) -> None:
+        """ValueError for a schedule longer than the model, an embedding encoding in a schedule, or an
+        encoding option that no spec takes (and, through `build_encoding`, for bad specs)."""
+        if isinstance(self.encoding, str):
+            self.build_encoding()
+            return
+        if len(self.encoding) > self.n_layers:
+            raise ValueError(
+                f"model.encoding lists {len(self.encoding)} specs, one per layer, for "
+                f"{self.n_layers} layers; give at most model.n_layers (a shorter list is cycled)"
+            )
+        unused = set(self.encoding_options)
+        for layer, spec in enumerate(self.encoding):
+            name = parse_spec(spec)[0]
+            unused -= {key for key in self.encoding_options if accepts_option(name, key)}
+            try:
+                encoding = self.build_encoding(layer)
+            except ValueError as error:
+                raise ValueError(f"model.encoding[{layer}] {spec!r}: {error}") from None
+            if "embed" in encoding.hooks:
+                raise ValueError(
+                    f"model.encoding[{layer}] {spec!r} acts on the token embeddings, once before the "
+                    "first block, not per layer: it cannot be part of a per-layer schedule; use it as "
+                    "the model's only encoding"
+                )
+        if unused:
+            raise ValueError(
+                f"model.encoding_options {', '.join(sorted(unused))} taken by no encoding of the "
+                f"schedule {', '.join(self.encoding)}"
+            )
+
+    def build_encoding(self, layer: int = 0) -> PositionEncoding:
+        """The encoding module of ``layer`` as configured, for this config's attention mode
+        (``causal``: a decoder's encodings have no parameters for keys after the query), with
+        ``max_len`` and ``train_len`` filled in where the encoding takes them and they are not set. With a schedule, ``encoding_options``
+        go to each spec that accepts them."""
+        name, spec_options = parse_spec(self.schedule[layer])
+        given = self.encoding_options
+        if not isinstance(self.encoding, str):
+            given = {key: value for key, value in given.items() if accepts_option(name, key)}
+        options = {**spec_options, **given}
         for key, value in (("max_len", self.max_len), ("train_len", self.train_len)):
             if value is not None and key not in options and accepts_option(name, key):
                 options[key] = value
         return build_encoding(
             name, n_heads=self.n_heads, head_dim=self.head_dim, causal=self.causal, **options
         )
+
+    def distinct_encodings(self) -> list[PositionEncoding]:
+        """One encoding module per distinct spec of the schedule (just one without a schedule)."""
+        first = {spec: layer for layer, spec in reversed(list(enumerate(self.schedule)))}
+        return [self.build_encoding(layer) for layer in sorted(first.values())]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,6 +245,7 @@ class SelfAttention(nn.Module):
         positions: Tensor,
         cache: KVCache | None = None,
         layer: int = 0,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -187,6 +274,7 @@ class SelfAttention(nn.Module):
             impl=self.impl,
             rotated=rotated,
             extra_keys=extra,
+            document_ids=document_ids,
         )
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -204,11 +292,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.d_model, d_ff), nn.GELU(), nn.Linear(d_ff, config.d_model))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, encoding: PositionEncoding, positions: Tensor, cache=None, layer=0):
+    def forward(
+        self, x: Tensor, encoding: PositionEncoding, positions: Tensor, cache=None, layer=0, document_ids=None
+    ):
         if self.pre_norm:
-            x = x + self.drop(self.attn(self.norm1(x), encoding, positions, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), encoding, positions, cache, layer, document_ids))
             return x + self.drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + self.drop(self.attn(x, encoding, positions, cache, layer)))
+        x = self.norm1(x + self.drop(self.attn(x, encoding, positions, cache, layer, document_ids)))
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
@@ -216,7 +306,9 @@ class Transformer(nn.Module):
     """Token embedding, position encoding(s), blocks, final norm and output head.
 
     ``forward(idx)`` maps token ids (B, T) to logits (B, T, n_outputs). With a ``KVCache`` (decoders
-    only) the new tokens are placed after the cached ones and the cache is extended in place.
+    only) the new tokens are placed after the cached ones and the cache is extended in place. With
+    ``document_ids`` (B, T) (packed batches, no cache) each run of equal ids in a row is a document
+    that attends only to itself, at positions restarting from 0: its logits equal running it alone.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -233,18 +325,44 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * config.n_layers))
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        # Encodings are built after the init above, so their own initialisations stand.
-        first = config.build_encoding()
-        shared = first.shared_across_layers if config.share_encoding is None else config.share_encoding
-        rest = [] if shared else [config.build_encoding() for _ in range(config.n_layers - 1)]
-        self.encodings = nn.ModuleList([first, *rest])
+        # Encodings are built after the init above, so their own initialisations stand. Layers with
+        # the same spec share one module when the method (or share_encoding) says so; the modules are
+        # listed in order of first use, so a single spec keeps its layout (one, or one per layer).
+        modules: list[PositionEncoding] = []
+        self.layer_encoding: list[int] = []  # the index in self.encodings of each layer's encoding
+        shared_index: dict[str, int] = {}
+        for layer, spec in enumerate(config.schedule):
+            if spec not in shared_index:
+                module = config.build_encoding(layer)
+                modules.append(module)
+                shared = (
+                    module.shared_across_layers if config.share_encoding is None else config.share_encoding
+                )
+                if shared:
+                    shared_index[spec] = len(modules) - 1
+                self.layer_encoding.append(len(modules) - 1)
+            else:
+                self.layer_encoding.append(shared_index[spec])
+        self.encodings = nn.ModuleList(modules)
 
     def encoding(self, layer: int) -> PositionEncoding:
-        return self.encodings[0 if len(self.encodings) == 1 else layer]
+        return self.encodings[self.layer_encoding[layer]]
 
-    def forward(self, idx: Tensor, *, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, *, cache: KVCache | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
         if idx.dim() != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(idx.shape)}")
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "document_ids (packed documents) take no KV cache: decode each document alone"
+                )
+            if document_ids.shape != idx.shape:
+                raise ValueError(
+                    f"document_ids must have the shape of the token ids {tuple(idx.shape)}, got "
+                    f"{tuple(document_ids.shape)}"
+                )
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal (decoder) model")
         offset = 0 if cache is None else cache.length
@@ -254,10 +372,19 @@ class Transformer(nn.Module):
                 "v2_mask='input'), so cached decoding cannot equal the full forward; decode without a cache"
             )
         positions = torch.arange(offset, offset + idx.shape[1], device=idx.device)
-        x = self.encodings[0].embed(self.embed(idx), positions)  # (B, T, D)
+        # embed is the identity except for embedding encodings, which a schedule cannot hold
+        x = self.embed(idx)  # (B, T, D)
+        first = self.encodings[0]
+        if document_ids is None or "embed" not in first.hooks:
+            x = first.embed(x, positions)
+        else:  # each document from position 0
+            out = x.clone()
+            for rows, index in document_segments(document_ids.to(idx.device)):
+                out[rows[:, None], index] = first.embed(x[rows[:, None], index], positions[: index.shape[1]])
+            x = out
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, self.encoding(layer), positions, cache, layer)
+            x = block(x, self.encoding(layer), positions, cache, layer, document_ids)
         return self.head(self.norm(x))  # (B, T, n_outputs)
 
     def new_cache(self) -> KVCache:
@@ -275,9 +402,13 @@ class DecoderLM(Transformer):
             raise ValueError("DecoderLM needs a causal config (causal=True)")
         super().__init__(config)
 
-    def loss(self, idx: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy over the positions where ``mask`` (B, T) is True (all if None)."""
-        return masked_cross_entropy(self(idx), targets, mask)
+    def loss(
+        self, idx: Tensor, targets: Tensor, mask: Tensor | None = None, document_ids: Tensor | None = None
+    ) -> Tensor:
+        """Mean cross-entropy over the positions where ``mask`` (B, T) is True (all if None); with
+        ``document_ids``, a packed batch (mask out each document's last target: it is the next
+        document's first token)."""
+        return masked_cross_entropy(self(idx, document_ids=document_ids), targets, mask)
 
     def generate(
         self, prompt: Tensor, n_new: int, *, temperature: float = 0.0, use_cache: bool = True

@@ -341,3 +341,17 @@ def test_training_results_carry_the_declared_headline_and_per_length_splits(tmp_
     assert set(result.metrics["lengths"]) == {"id", "ood"}  # both splits range over lengths
     metrics = evaluate(result.model, config.task.build(), config.eval)
     assert "accuracy" in metrics["splits"]["ood"]
+
+
+def test_a_schedule_trains_and_its_checkpoint_loads(tmp_path):
+    config = tiny(**{"model.n_layers": 4, "model.encoding": "rope,rope,rope,nope"})
+    train(config, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["encoding"] == [
+        "rope",
+        "rope",
+        "rope",
+        "nope",
+    ]
+    loaded = RunDir(tmp_path / "run").load_model()
+    assert [loaded.model.encoding(i).name for i in range(4)] == ["rope", "rope", "rope", "nope"]
+    assert loaded.config == config

@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from poslab.encodings.base import parse_spec, parse_value
+from poslab.encodings.base import accepts_option, parse_spec, parse_value
 from poslab.lab.parsing import check_int, split_list
 from poslab.lab.tasks import build_task
-from poslab.model import ModelConfig
+from poslab.model import ModelConfig, normalize_encoding
 
 # ModelConfig fields a run takes from its task instead of from the config.
 TASK_GIVEN = ("vocab_size", "n_outputs", "causal", "train_len")
@@ -55,7 +55,9 @@ class ModelSpec:
     n_heads: int = 4
     d_ff: int | None = None
     dropout: float = 0.0
-    encoding: str = "rope"
+    # one spec, or one per layer (cycled): a list, or model.encoding=rope,rope,rope,nope on the
+    # command line (commas inside [...] belong to a spec); kept as a tuple
+    encoding: str | tuple[str, ...] = "rope"
     encoding_options: dict[str, Any] = field(default_factory=dict)
     share_encoding: bool | None = None
     norm: str = "pre"
@@ -66,6 +68,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.encoding_options, dict):
             raise ValueError(f"model.encoding_options must be a mapping, got {self.encoding_options!r}")
+        _set(self, "encoding", normalize_encoding(self.encoding))
         # ModelConfig validates every field (its messages name them model.<field>) and builds the
         # encoding once. The run config checks again with the task's sizes and attention mode.
         self.to_model_config(vocab_size=1, n_outputs=None, causal=True)
@@ -253,7 +256,8 @@ class RunConfig:
             causal=task.causal,
             train_len=self.task.train_len,
         )
-        config.build_encoding().check_mode(task.causal)
+        for encoding in config.distinct_encodings():
+            encoding.check_mode(task.causal)
         return config
 
     @property
@@ -391,8 +395,19 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def encoding_label(encoding: str, options: dict[str, Any] | None = None) -> str:
-    """An encoding and its options as one spec string that `parse_spec` reads back."""
+def encoding_label(encoding: str | tuple[str, ...], options: dict[str, Any] | None = None) -> str:
+    """An encoding and its options as one spec string that `parse_spec` reads back; a per-layer
+    schedule as its specs joined by commas, each with the options it takes."""
+    if not isinstance(encoding, str):
+        specs = normalize_encoding(encoding)
+        if not isinstance(specs, str):
+            return ",".join(
+                encoding_label(
+                    s, {k: v for k, v in (options or {}).items() if accepts_option(parse_spec(s)[0], k)}
+                )
+                for s in specs
+            )
+        encoding = specs
     name, spec_options = parse_spec(encoding)
     merged = {**spec_options, **(options or {})}
     if not merged:

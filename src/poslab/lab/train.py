@@ -313,7 +313,7 @@ def _check_positions(config: RunConfig, task: Any) -> None:
     """ValueError when the encoding cannot run at a fixed evaluation length (a learned table shorter
     than the sequences): every metric of that split would be null after the whole training.
     Length-range splits (Chomsky) may run past it: those lengths are scored NaN by design."""
-    encoding = config.model_config(task).build_encoding()
+    encodings = config.model_config(task).distinct_encodings()
     splits = task.splits()
     names = list(config.eval.splits) if config.eval.splits is not None else list(splits)
     for name in names:
@@ -322,7 +322,8 @@ def _check_positions(config: RunConfig, task: Any) -> None:
         length = config.eval.length or config.task.train_len
         tokens = task.sample(1, length, generator=torch.Generator().manual_seed(0), **splits[name]).inputs
         try:
-            encoding.check_length(tokens.shape[1] - 1)
+            for encoding in encodings:
+                encoding.check_length(tokens.shape[1] - 1)
         except ValueError as error:
             given = f"eval.length={length}" if config.eval.length else f"task.train_len={length}"
             raise ValueError(

@@ -76,8 +76,11 @@ def estimated_cost(config: RunConfig) -> float:
     A task that draws each batch's length from a range (the Chomsky tasks, no ``task.train_len``)
     counts the tokens of a sequence at its longest length."""
     tc = config.train
-    encoding = config.model.to_model_config(vocab_size=1, n_outputs=None, causal=True).build_encoding()
-    factor = 1.6 if encoding.uses_logits else 1.3 if "bias" in encoding.hooks else 1.0
+    model = config.model.to_model_config(vocab_size=1, n_outputs=None, causal=True)
+    factor = max(
+        1.6 if encoding.uses_logits else 1.3 if "bias" in encoding.hooks else 1.0
+        for encoding in model.distinct_encodings()
+    )
     length = config.task.train_len
     if length is None:
         task = config.task.build()
