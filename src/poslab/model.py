@@ -159,8 +159,8 @@ class ModelConfig:
     def build_encoding(self, layer: int = 0) -> PositionEncoding:
         """The encoding module of ``layer`` as configured, for this config's attention mode
         (``causal``: a decoder's encodings have no parameters for keys after the query), with
-        ``max_len`` and ``train_len`` filled in where the encoding takes them and they are not set. With a schedule, ``encoding_options``
-        go to each spec that accepts them."""
+        ``max_len`` and ``train_len`` filled in where the encoding takes them and they are not set.
+        With a schedule, ``encoding_options`` go to each spec that accepts them."""
         name, spec_options = parse_spec(self.schedule[layer])
         given = self.encoding_options
         if not isinstance(self.encoding, str):
