@@ -138,8 +138,9 @@ def _setting_lines(study: Study, grids: dict[str, list[GridRun]]) -> list[str]:
         m, t, tc = config.model, config.task, config.train
         options = ", ".join(f"{k}={v}" for k, v in t.options.items())
         with_overrides = f" with {' '.join(part.overrides)}" if part.overrides else ""
+        paper = f"`{part.paper_preset}`" if part.paper_preset else "none"
         lines.append(
-            f"- `{part.name}`: preset `{part.preset}`{with_overrides} (paper scale: `{part.paper_preset}`): "
+            f"- `{part.name}`: preset `{part.preset}`{with_overrides} (paper scale: {paper}): "
             f"{t.name}({options}) {_lengths(config)}; {m.n_layers} layers, d {m.d_model}, "
             f"{m.n_heads} heads, {m.norm}-LN; {tc.steps} steps of batch {tc.batch_size}, "
             f"lr {tc.lr:g}, warm-up {tc.warmup}."
