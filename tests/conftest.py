@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,3 +94,40 @@ def perturb_parameters(model: torch.nn.Module, scale: float = 0.5) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale * 0.1)
+
+
+CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "from", "home"]
+
+
+def write_corpus(root: Path, n_docs: int = 40) -> Path:
+    """Text files of pseudo-random sentences: a corpus small enough for tests."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for d in range(n_docs):
+        sentences = []
+        for _ in range(12):
+            n = int(torch.randint(4, 9, (1,), generator=g))
+            words = [CORPUS_WORDS[int(i)] for i in torch.randint(0, len(CORPUS_WORDS), (n,), generator=g)]
+            sentences.append(" ".join(words).capitalize() + ".")
+        (root / f"doc{d:03d}.txt").write_text(" ".join(sentences) + "\n")
+    return root
+
+
+def tiny_lm_overrides(corpus: Path) -> list[str]:
+    """Overrides of `lm_stdlib_small` for a language model of a few seconds on ``corpus``."""
+    return [
+        "task.options.corpus=files",
+        f"task.options.corpus_options.path={corpus}",
+        "task.options.fractions=0.6,0.2,0.2",
+        "task.train_len=16",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.max_len=16",
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.warmup=1",
+        "train.checkpoint_every=0",
+        "train.device=cpu",
+        "eval.batches=1",
+        "eval.batch_size=4",
+    ]

@@ -106,6 +106,8 @@ def test_no_import_cycle():
         ("poslab.lab.train", "poslab.lab.experiments"),
         ("poslab.lab.report", "poslab.lab.experiments"),
         ("poslab.lab.experiments", "poslab.lab.cli"),
+        ("poslab.lab.experiments", "poslab.lab.studies"),
+        ("poslab.lab.studies", "poslab.lab.cli"),
         ("poslab.lab.config", "poslab.lab.presets"),
         ("poslab.encodings", "poslab.model"),
         ("poslab.kernels", "poslab.attention"),

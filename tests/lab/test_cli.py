@@ -256,6 +256,9 @@ def test_the_command_line_offers_every_declared_command():
     names = [command.name for command in cli.COMMANDS]
     assert len(names) == len(set(names))
     assert {command.name for command in experiments.COMMANDS} <= set(names)
+    assert {"study"} <= set(names)
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert list(sub.choices) == names
+    # each command's name and then its aliases (study: reproduce, lm-study)
+    assert list(sub.choices) == [name for c in cli.COMMANDS for name in (c.name, *c.aliases)]
+    assert {"reproduce", "lm-study"} <= set(sub.choices)

@@ -1,6 +1,6 @@
 """The ``poslab`` command line (also ``python -m poslab``): argparse and printing only; the work
-is done by `poslab.lab.train`, `poslab.lab.experiments`, `poslab.lab.report`, `poslab.lab.visualize` and
-`poslab.lab.bench`.
+is done by `poslab.lab.train`, `poslab.lab.experiments`, `poslab.lab.studies`, `poslab.lab.report`,
+`poslab.lab.visualize` and `poslab.lab.bench`.
 
     poslab list [encodings|tasks|presets]
     poslab train --preset NAME [KEY=VALUE ...] [--out DIR] [--resume | --overwrite]
@@ -9,6 +9,7 @@ is done by `poslab.lab.train`, `poslab.lab.experiments`, `poslab.lab.report`, `p
     poslab report RUN_DIR [RUN_DIR ...] --out DIR
     poslab demo [--out DIR] [--seeds 0]
     poslab lm-extrapolation --encodings E1,E2,... --out DIR   /   poslab extrapolate RUN_DIR... --out DIR
+    poslab study NAME [--out DIR] [--page-only]   (also: poslab reproduce NAME, poslab lm-study NAME)
     poslab visualize RUN_DIR --out DIR
     poslab bench [--quick]
 
@@ -45,6 +46,7 @@ from poslab.lab.progress import setup_logging
 from poslab.lab.report.runs_page import RunRecord, markdown_table, summarize
 from poslab.lab.rundir import CONFIG, RunDir, RunDirError, load_model, results_record, resumable_change
 from poslab.lab.runtime import tune_allocator
+from poslab.lab.studies.runner import COMMANDS as STUDY_COMMANDS
 from poslab.lab.tasks import TASKS, list_tasks
 from poslab.lab.train import NonFiniteLossError, resolve_device, train
 from poslab.lab.visualize import visualize_run
@@ -266,7 +268,7 @@ TOOL_COMMANDS = (
     ),
 )
 # In the order `poslab --help` lists them.
-COMMANDS = (LIST, *RUN_COMMANDS, *EXPERIMENT_COMMANDS, *TOOL_COMMANDS)
+COMMANDS = (LIST, *RUN_COMMANDS, *EXPERIMENT_COMMANDS, *STUDY_COMMANDS, *TOOL_COMMANDS)
 
 
 # -- parser ----------------------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help)
+        p = sub.add_parser(command.name, help=command.help, aliases=command.aliases)
         groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
         for a in command.args:
             if a.exclusive is not None and a.exclusive not in groups:

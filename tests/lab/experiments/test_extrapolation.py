@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import write_corpus
 from poslab.lab.experiments.extrapolation import (
     aligned_windows,
     doubling_lengths,
@@ -26,22 +27,6 @@ from poslab.lab.parsing import parse_lengths
 from poslab.lab.presets import get_preset
 from poslab.lab.tasks import build_task
 from poslab.lab.train import train
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away", "from", "home"]
-
-
-def write_corpus(root: Path, n_docs: int = 40) -> Path:
-    """Text files of pseudo-random sentences: a corpus small enough for tests."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for d in range(n_docs):
-        sentences = []
-        for _ in range(12):
-            n = int(torch.randint(4, 9, (1,), generator=g))
-            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)]
-            sentences.append(" ".join(words).capitalize() + ".")
-        (root / f"doc{d:03d}.txt").write_text(" ".join(sentences) + "\n")
-    return root
 
 
 def task_options(corpus: Path) -> dict:

@@ -30,13 +30,15 @@ def arg(*names: str, exclusive: str | None = None, **settings: Any) -> Arg:
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: ``run(args)`` gets the parsed arguments (attributes named after them) and
-    returns the text to print; a user's mistake raises ValueError."""
+    """A subcommand: ``run(args)`` gets the parsed arguments (attributes named after them, and
+    ``command``: the name it was called by, ``name`` or one of its ``aliases``) and returns the
+    text to print; a user's mistake raises ValueError."""
 
     name: str
     help: str
     args: tuple[Arg, ...]
     run: Callable[[Any], str]
+    aliases: tuple[str, ...] = ()
 
 
 # -- arguments several commands share ---------------------------------------------------------------

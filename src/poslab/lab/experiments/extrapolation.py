@@ -405,26 +405,43 @@ def run_experiment(
     grid = plan_grid(base, encodings, seeds, out / "runs", resume=resume, overwrite=False)
     started = time.monotonic()
     train_grid(grid, resume=resume, progress=False)
-    train_wall = time.monotonic() - started
     if lengths is None and max_len is None:
         max_len = base.eval.extrapolate_to
-    result = extrapolate(
+    return score_grid(
         [run.path for run in grid],
+        out,
+        settings={
+            "preset": preset_name,
+            "overrides": list(overrides),
+            "encodings": list(encodings),
+            "seeds": list(seeds),
+            "train_wall_time_this_call": time.monotonic() - started,
+        },
+        started=started,
         lengths=lengths,
         max_len=max_len,
         max_windows=max_windows,
         split=split,
+        plots=plots,
         device=device,
         aligned=aligned,
     )
-    result["settings"].update(
-        preset=preset_name,
-        overrides=list(overrides),
-        encodings=list(encodings),
-        seeds=list(seeds),
-        train_wall_time_this_call=train_wall,
-        total_wall_time=time.monotonic() - started,
-    )
+
+
+def score_grid(
+    run_dirs: Sequence[Path],
+    out: str | Path,
+    *,
+    settings: dict[str, Any],
+    started: float,
+    plots: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """`extrapolate` the trained runs of a grid (``options``: its keywords) and write the report to
+    ``out``; ``settings`` (what the grid was: preset, overrides, encodings, seeds, ...) join the
+    result's, with ``total_wall_time`` since ``started`` (a `time.monotonic` reading)."""
+    result = extrapolate(run_dirs, **options)
+    result["settings"].update(settings, total_wall_time=time.monotonic() - started)
     result["files"] = [str(p) for p in write_extrapolation_report(result, out, plots=plots)]
     return result
 

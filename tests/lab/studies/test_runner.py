@@ -1,4 +1,5 @@
-"""`poslab reproduce`: a paper table's grids, resumed, and its page built from the per-run files."""
+"""`poslab study` of a task table (also `poslab reproduce`): its grids, resumed, and its page built from the
+per-run files."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch.nn.functional as F
 
 from poslab.lab.cli import main
 from poslab.lab.evaluate import eval_seed
-from poslab.lab.experiments import paper_tables
 from poslab.lab.experiments.grid import estimated_cost, makespan, start_order
-from poslab.lab.experiments.paper_tables import TABLES, PaperTable, Part, get_table
-from poslab.lab.experiments.reproduce import _value, length_curves, part_config, plan_table, reproduce
 from poslab.lab.presets import DEMO_ENCODINGS, get_preset, list_presets
 from poslab.lab.rundir import RunDir
+from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study, get_study
+from poslab.lab.studies.page import length_curves
+from poslab.lab.studies.runner import part_config, plan_study, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +29,8 @@ FAST = ("train.steps=4", "train.checkpoint_every=2", "eval.batches=1")
 @pytest.fixture
 def tiny_table(monkeypatch):
     """A two-part table on the smoke preset: (NoPE, RoPE) x (8 and 6 pairs)."""
-    table = PaperTable(
+    table = Study(
+        kind=TASK_TABLE,
         name="tiny",
         title="Tiny flip-flop",
         source="a test",
@@ -36,24 +38,33 @@ def tiny_table(monkeypatch):
         rows=(("No PE", "nope"), ("RoPE", "rope")),
         parts=(
             Part(
-                name="short", cpu="smoke", paper="flipflop_paper", overrides=FAST, splits=("id", "ood_dense")
+                name="short",
+                preset="smoke",
+                paper_preset="flipflop_paper",
+                overrides=FAST,
+                splits=("id", "ood_dense"),
             ),
-            Part(name="shorter", cpu="smoke", paper="flipflop_paper", overrides=(*FAST, "task.train_len=6")),
+            Part(
+                name="shorter",
+                preset="smoke",
+                paper_preset="flipflop_paper",
+                overrides=(*FAST, "task.train_len=6"),
+            ),
         ),
         numbers={"RoPE": {"short/id": 1.8, "shorter/id": 0.5}},
         paper_setting="none",
         seeds=(0, 1),
     )
-    monkeypatch.setitem(TABLES, "tiny", table)
+    monkeypatch.setitem(STUDIES, "tiny", table)
     return table
 
 
 def test_every_table_names_real_presets_encodings_and_columns():
-    assert {"cope_flipflop", "cope_selective_copy", "cope_counting"} <= set(TABLES)
-    for table in TABLES.values():
+    assert {"cope_flipflop", "cope_selective_copy", "cope_counting"} <= set(STUDIES)
+    for table in (study for study in STUDIES.values() if study.kind == TASK_TABLE):
         assert any("dape" in spec for _, spec in table.rows)  # the row beyond the paper
         for part in table.parts:
-            assert part.cpu in list_presets() and part.paper in list_presets()
+            assert part.preset in list_presets() and part.paper_preset in list_presets()
             for scale in ("cpu", "paper"):
                 config = part_config(part, scale)
                 for _, spec in table.rows:
@@ -63,35 +74,9 @@ def test_every_table_names_real_presets_encodings_and_columns():
         assert set(table.numbers) <= {row for row, _ in table.rows}
 
 
-def test_table_numbers_must_name_its_rows_and_columns():
-    part = Part(name="p", cpu="smoke", paper="smoke")
-    with pytest.raises(ValueError, match="rows it does not have"):
-        PaperTable(
-            name="x",
-            title="",
-            source="",
-            metric="error",
-            rows=(("A", "nope"),),
-            parts=(part,),
-            numbers={"B": {"p/id": 1.0}},
-        )
-    with pytest.raises(ValueError, match="unknown columns"):
-        PaperTable(
-            name="x",
-            title="",
-            source="",
-            metric="error",
-            rows=(("A", "nope"),),
-            parts=(part,),
-            numbers={"A": {"p/ood": 1.0}},
-        )
-    with pytest.raises(ValueError, match="unknown table 'nope'; known tables: .*cope_flipflop"):
-        get_table("nope")
-
-
 def test_reproduce_trains_every_part_and_the_page_holds_each_runs_numbers(tiny_table, tmp_path):
     out = tmp_path / "tiny"
-    result = reproduce("tiny", out, jobs=1)
+    result = run_study("tiny", out, jobs=1)
     assert (result["finished"], result["planned"], result["trained"]) == (8, 8, 8)
     page = (out / "README.md").read_text()
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -108,16 +93,16 @@ def test_reproduce_trains_every_part_and_the_page_holds_each_runs_numbers(tiny_t
     line = next(ln for ln in page.splitlines() if ln.startswith("| RoPE | ") and "1.8" in ln)
     assert line.split(" | ")[1:3] == [f"{mean:.2f} ± {std:.2f} (2)", "1.8"]
     assert "8 of 8 runs finished" in page and "Incomplete" not in page
-    assert "poslab reproduce tiny --out" in page and "## Reading" in page and "Not written yet" in page
+    assert "poslab study tiny --out" in page and "## Reading" in page and "Not written yet" in page
 
 
 def test_reproduce_resumes_keeps_finished_runs_and_the_notes(tiny_table, tmp_path):
     out = tmp_path / "tiny"
-    reproduce("tiny", out, seeds=[0], jobs=1)
+    run_study("tiny", out, seeds=[0], jobs=1)
     finished = out / "short" / "rope" / "seed0" / "results.json"
     before = finished.read_bytes()
     (out / "notes.md").write_text("RoPE beats NoPE here, as in the paper.\n")
-    result = reproduce("tiny", out, seeds=[0, 1], jobs=1)
+    result = run_study("tiny", out, seeds=[0, 1], jobs=1)
     assert result["trained"] == 4 and result["finished"] == 8
     assert finished.read_bytes() == before
     assert "RoPE beats NoPE here, as in the paper." in (out / "README.md").read_text()
@@ -125,7 +110,7 @@ def test_reproduce_resumes_keeps_finished_runs_and_the_notes(tiny_table, tmp_pat
 
 def test_page_only_reports_missing_runs_without_training(tiny_table, tmp_path):
     out = tmp_path / "tiny"
-    result = reproduce("tiny", out, train=False)
+    result = run_study("tiny", out, train=False)
     assert result["trained"] == 0 and result["finished"] == 0
     page = (out / "README.md").read_text()
     assert "**Incomplete**: 8 runs not finished" in page
@@ -134,20 +119,22 @@ def test_page_only_reports_missing_runs_without_training(tiny_table, tmp_path):
 
 def test_a_finished_run_of_another_config_stops_the_table_before_training(tiny_table, tmp_path, monkeypatch):
     out = tmp_path / "tiny"
-    reproduce("tiny", out, seeds=[0], jobs=1)
-    changed = Part(name="short", cpu="smoke", paper="flipflop_paper", overrides=(*FAST, "train.lr=0.01"))
+    run_study("tiny", out, seeds=[0], jobs=1)
+    changed = Part(
+        name="short", preset="smoke", paper_preset="flipflop_paper", overrides=(*FAST, "train.lr=0.01")
+    )
     monkeypatch.setitem(
-        TABLES, "tiny", PaperTable(**{**tiny_table.__dict__, "parts": (changed, tiny_table.parts[1])})
+        STUDIES, "tiny", Study(**{**tiny_table.__dict__, "parts": (changed, tiny_table.parts[1])})
     )
     before = sorted(p.name for p in (out / "short").rglob("*"))
     with pytest.raises(ValueError, match="different config.*train.lr"):
-        reproduce("tiny", out, seeds=[0], jobs=1)
+        run_study("tiny", out, seeds=[0], jobs=1)
     assert sorted(p.name for p in (out / "short").rglob("*")) == before
 
 
 def test_cli_reproduce_errors_are_one_line_with_exit_2(tiny_table, tmp_path, capsys):
     assert main(["reproduce", "nosuch", "--out", str(tmp_path / "x")]) == 2
-    assert "unknown table 'nosuch'" in capsys.readouterr().err
+    assert "unknown study 'nosuch'" in capsys.readouterr().err
     assert main(["reproduce", "tiny", "--out", str(tmp_path / "x"), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
     blocker = tmp_path / "file"
@@ -167,15 +154,11 @@ def test_cli_reproduce_prints_the_comparison(tiny_table, tmp_path, capsys):
     assert "4 of 4 runs finished (4 trained now)" in out
 
 
-def test_module_tables_are_registered_under_their_names():
-    assert all(name == table.name for name, table in paper_tables.TABLES.items())
-
-
 # -- length generalisation: columns at one evaluated length ----------------------------------------
 
 
 def test_length_generalisation_table_scores_validation_at_1x_and_2_5x(tmp_path):
-    table = get_table("cope_length_generalisation")
+    table = get_study("cope_length_generalisation")
     assert [spec for _, spec in table.rows] == ["relative", "cope", "cope+relative", "dape[base=kerple_log]"]
     assert table.columns == ["python_docs/validation@128", "python_docs/validation@320"]
     one, two_and_a_half = table.columns
@@ -188,31 +171,15 @@ def test_length_generalisation_table_scores_validation_at_1x_and_2_5x(tmp_path):
         assert config.task.train_len == 128 and config.eval.splits == ("validation",)
         assert task.split_lengths("validation") == (128, 320) and task.split_lengths("id") is None
         assert task.corpus == "python_docs" and task.tokenizer == "bpe"
-    grids = plan_table(table, tmp_path / "t", [0])  # the columns' lengths are the ones scored
+    grids = plan_study(table, tmp_path / "t", [0])  # the columns' lengths are the ones scored
     assert len(grids["python_docs"]) == 4 and not (tmp_path / "t").exists()
-
-
-def test_a_column_at_a_length_reads_that_lengths_value():
-    results = {
-        "metrics": {
-            "splits": {"validation": {"ppl": 20.5}},
-            "lengths": {"validation": {"128": {"ppl": 19.75}, "320": {"ppl": 21.25, "loss": 3.0}}},
-        }
-    }
-    assert _value(results, "validation@320", "ppl") == 21.25
-    assert _value(results, "validation@128", "ppl") == 19.75
-    assert _value(results, "validation", "ppl") == 20.5
-    # A length (or split) the run did not score is a missing cell, as a missing split is.
-    assert _value(results, "validation@256", "ppl") is None
-    assert _value(results, "test@320", "ppl") is None
-    assert _value({"metrics": {"splits": {}}}, "validation@320", "ppl") is None
 
 
 LENGTHS = ("validation@16", "validation@40")
 LENGTH_COLUMNS = ("files/validation@16", "files/validation@40")
 
 
-def _lm_table(tmp_path: Path, splits: tuple[str, ...], eval_lengths: str | None = "16,40") -> PaperTable:
+def _lm_table(tmp_path: Path, splits: tuple[str, ...], eval_lengths: str | None = "16,40") -> Study:
     """A one-part LM table on a tiny corpus of files: NoPE and RoPE, 4 steps at 16 tokens."""
     corpus = tmp_path / "corpus"
     corpus.mkdir(exist_ok=True)
@@ -236,9 +203,16 @@ def _lm_table(tmp_path: Path, splits: tuple[str, ...], eval_lengths: str | None 
         "eval.batch_size=4",
         *FAST,
     )
-    part = Part(name="files", cpu="lm_stdlib_small", paper="lm_paper_128", overrides=overrides, splits=splits)
+    part = Part(
+        name="files",
+        preset="lm_stdlib_small",
+        paper_preset="lm_paper_128",
+        overrides=overrides,
+        splits=splits,
+    )
     full = splits == LENGTHS
-    return PaperTable(
+    return Study(
+        kind=TASK_TABLE,
         name="tiny_lm",
         title="Tiny length generalisation",
         source="a test",
@@ -254,24 +228,24 @@ def _lm_table(tmp_path: Path, splits: tuple[str, ...], eval_lengths: str | None 
 
 def test_a_length_the_runs_do_not_score_stops_the_table_before_training(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setitem(TABLES, "tiny_lm", _lm_table(tmp_path, ("validation@16", "validation@32")))
+    monkeypatch.setitem(STUDIES, "tiny_lm", _lm_table(tmp_path, ("validation@16", "validation@32")))
     with pytest.raises(ValueError, match="validation@32: the runs score validation at 16, 40, not at 32"):
-        reproduce("tiny_lm", out)
-    monkeypatch.setitem(TABLES, "tiny_lm", _lm_table(tmp_path, ("validation@16",), eval_lengths=None))
+        run_study("tiny_lm", out)
+    monkeypatch.setitem(STUDIES, "tiny_lm", _lm_table(tmp_path, ("validation@16",), eval_lengths=None))
     with pytest.raises(ValueError, match="not scored per length by 'lm'.*eval_lengths"):
-        reproduce("tiny_lm", out)
+        run_study("tiny_lm", out)
     assert not out.exists()
     with pytest.raises(ValueError, match="length after '@' must be a positive integer"):
         _lm_table(tmp_path, ("validation@long",))
     with pytest.raises(ValueError, match="ratio must be two of its columns"):
-        PaperTable(**{**_lm_table(tmp_path, LENGTHS).__dict__, "ratio": (LENGTH_COLUMNS[1], "files/test")})
+        Study(**{**_lm_table(tmp_path, LENGTHS).__dict__, "ratio": (LENGTH_COLUMNS[1], "files/test")})
 
 
 def test_length_columns_end_to_end_are_full_context_perplexities(tmp_path, monkeypatch):
     table = _lm_table(tmp_path, LENGTHS)
-    monkeypatch.setitem(TABLES, "tiny_lm", table)
+    monkeypatch.setitem(STUDIES, "tiny_lm", table)
     out = tmp_path / "out"
-    result = reproduce("tiny_lm", out, jobs=1)
+    result = run_study("tiny_lm", out, jobs=1)
     assert (result["finished"], result["planned"]) == (4, 4)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 2 * 2 * 2  # encodings x seeds x lengths
@@ -324,7 +298,7 @@ def _docs_chomsky_table() -> list[tuple[str, str, float]]:
 
 
 def test_dape_chomsky_has_the_fifteen_tasks_of_docs_with_their_levels_and_chances(tmp_path):
-    table = get_table("dape_chomsky")
+    table = get_study("dape_chomsky")
     assert [spec for _, spec in table.rows] == DAPE_CHOMSKY_SPECS
     assert table.metric == "accuracy" and table.best and table.plot == ("id", "ood")
     assert table.numbers == {}  # none found; never typed in from memory
@@ -345,10 +319,10 @@ def test_dape_chomsky_has_the_fifteen_tasks_of_docs_with_their_levels_and_chance
     assert paper.task.build().split_lengths("ood") == range(41, 501)
     m, t = paper.model, paper.train
     assert (m.n_layers, m.d_model, m.n_heads, t.batch_size, t.lr) == (5, 256, 8, 128, 1e-4)
-    grids = plan_table(table, tmp_path / "t", [0, 1, 2])
+    grids = plan_study(table, tmp_path / "t", [0, 1, 2])
     assert sum(len(grid) for grid in grids.values()) == 360 and not (tmp_path / "t").exists()
     # The page's setting: one line for the fifteen parts, which differ only in their task.
-    page = reproduce("dape_chomsky", tmp_path / "page", train=False)["page"]
+    page = run_study("dape_chomsky", tmp_path / "page", train=False)["page"]
     setting = [ln for ln in page.splitlines() if "preset `chomsky_cpu`" in ln]
     assert len(setting) == 1 and setting[0].startswith("- Each part `<part>` of `even_pairs`, ")
     assert "with task.name=<part> (paper scale: `chomsky_paper`): <part>(max_train_len=40" in setting[0]
@@ -356,26 +330,27 @@ def test_dape_chomsky_has_the_fifteen_tasks_of_docs_with_their_levels_and_chance
 
 
 def test_best_tables_and_plots_are_checked_before_anything_trains(tmp_path, monkeypatch):
-    base = get_table("dape_chomsky")
+    base = get_study("dape_chomsky")
     with pytest.raises(ValueError, match="plot names whole splits"):
-        PaperTable(**{**base.__dict__, "plot": ("ood@50",)})
+        Study(**{**base.__dict__, "plot": ("ood@50",)})
     with pytest.raises(ValueError, match="learned names a whole split of a table with best seeds"):
-        PaperTable(**{**base.__dict__, "learned": "id@20"})
+        Study(**{**base.__dict__, "learned": "id@20"})
     with pytest.raises(ValueError, match="learned names a whole split of a table with best seeds"):
-        PaperTable(**{**get_table("cope_flipflop").__dict__, "learned": "id"})
+        Study(**{**get_study("cope_flipflop").__dict__, "learned": "id"})
     with pytest.raises(ValueError, match="best seeds has no ratio"):
-        PaperTable(**{**base.__dict__, "ratio": ("even_pairs/ood", "parity_check/ood")})
-    flipflop = get_table("cope_flipflop")
+        Study(**{**base.__dict__, "ratio": ("even_pairs/ood", "parity_check/ood")})
+    flipflop = get_study("cope_flipflop")
     monkeypatch.setitem(
-        TABLES, "plotted", PaperTable(**{**flipflop.__dict__, "name": "plotted", "plot": ("id",)})
+        STUDIES, "plotted", Study(**{**flipflop.__dict__, "name": "plotted", "plot": ("id",)})
     )
     with pytest.raises(ValueError, match="part flipflop: cannot plot 'id' per length"):
-        reproduce("plotted", tmp_path / "out")
+        run_study("plotted", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
-def _chomsky_table(task: str = "parity_check", overrides: tuple[str, ...] = ()) -> PaperTable:
-    return PaperTable(
+def _chomsky_table(task: str = "parity_check", overrides: tuple[str, ...] = ()) -> Study:
+    return Study(
+        kind=TASK_TABLE,
         name="tiny_chomsky",
         title="Tiny Chomsky",
         source="a test",
@@ -384,8 +359,8 @@ def _chomsky_table(task: str = "parity_check", overrides: tuple[str, ...] = ()) 
         parts=(
             Part(
                 name=task,
-                cpu="chomsky_cpu",
-                paper="chomsky_paper",
+                preset="chomsky_cpu",
+                paper_preset="chomsky_paper",
                 overrides=(f"task.name={task}", *overrides),
                 splits=("ood",),
             ),
@@ -411,14 +386,14 @@ def _fake_run(run, ood: float, lengths: dict[str, dict[int, float]], id_: float 
 
 def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot(tmp_path, monkeypatch):
     table = _chomsky_table()
-    monkeypatch.setitem(TABLES, "tiny_chomsky", table)
+    monkeypatch.setitem(STUDIES, "tiny_chomsky", table)
     out = tmp_path / "out"
-    grid = plan_table(table, out, [0, 1])["parity_check"]
+    grid = plan_study(table, out, [0, 1])["parity_check"]
     runs = {(run.config.encoding_label, run.config.train.seed): run for run in grid}
     _fake_run(runs[("nope", 0)], 60.0, {"id": {1: 100.0, 40: 90.0}, "ood": {41: 70.0, 100: 50.0}}, 95.0)
     _fake_run(runs[("nope", 1)], 80.0, {"id": {1: 100.0, 40: 96.0}, "ood": {41: 90.0, 100: None}}, 98.0)
     _fake_run(runs[("dape[base=fire]", 1)], 55.5, {"id": {40: 99.0}, "ood": {41: 55.5}}, 51.25)
-    result = reproduce("tiny_chomsky", out, train=False)
+    result = run_study("tiny_chomsky", out, train=False)
     assert (result["finished"], result["planned"]) == (3, 4)
     page = (out / "README.md").read_text()
     assert "| level | task | chance | NoPE | DAPE-FIRE |" in page
@@ -441,9 +416,9 @@ def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot
 def test_a_tiny_chomsky_table_end_to_end_scores_pooled_per_token_accuracy(tmp_path, monkeypatch):
     small = ("model.d_model=16", "model.n_heads=2", "task.options.max_eval_len=46", "eval.batch_size=8")
     table = _chomsky_table("reverse_string", (*FAST, *small))
-    monkeypatch.setitem(TABLES, "tiny_chomsky", table)
+    monkeypatch.setitem(STUDIES, "tiny_chomsky", table)
     out = tmp_path / "out"
-    result = reproduce("tiny_chomsky", out, jobs=1)
+    result = run_study("tiny_chomsky", out, jobs=1)
     assert (result["finished"], result["planned"], result["trained"]) == (4, 4, 4)
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 8 and {r["column"] for r in rows} == {"reverse_string/ood", "reverse_string/id"}
@@ -473,7 +448,7 @@ def test_a_tiny_chomsky_table_end_to_end_scores_pooled_per_token_accuracy(tmp_pa
 def test_chomsky_grids_start_the_longest_sequences_first():
     # The Chomsky tasks draw a length per batch (no task.train_len): the estimate counts a sequence at
     # the longest training length, input and output (it used to raise TypeError on the None).
-    table = get_table("dape_chomsky")
+    table = get_study("dape_chomsky")
     parts = {part.name: part for part in table.parts}
     cost = {
         name: estimated_cost(part_config(parts[name], "cpu").override({"model.encoding": "nope"}))

@@ -1,0 +1,619 @@
+"""Studies: a paper's experiment as data, and the registry of every study poslab runs.
+
+A `Study` is one of two kinds. A **task table** (``TASK_TABLE``: the CoPE paper's tables, the DAPE
+paper's Chomsky hierarchy, the demo) trains every part's grid and reads each run's own evaluation
+(results.json): its ``splits`` per part are the columns, beside the paper's ``numbers`` per row and
+column. An **LM extrapolation** study (``LM_EXTRAPOLATION``: the DAPE paper's language-model
+studies) trains every part's grid of language models and scores them at L, 2L, ... up to
+``factor`` times the training length (`poslab.lab.experiments.extrapolation`), beside the paper's
+``paper_numbers`` at the same multiple of its own training length.
+
+Both have rows (the paper's name for an encoding and poslab's spec), parts (one grid each: a preset,
+a paper-scale twin where there is one, and overrides), seeds, a source and the paper's setting.
+`poslab study NAME` (`poslab.lab.studies.runner`) trains what is missing, the folders are
+`poslab.lab.studies.layout`'s and the page is `poslab.lab.studies.page`'s.
+
+The tables' rows beyond a paper exist because CoPE and DAPE were never compared on each other's
+tasks: DAPE-Kerple in the CoPE paper's tables, CoPE in the DAPE paper's. The numbers are the
+papers' own: CoPE, Golovneva et al. 2024 (arXiv 2405.18719), tables 1-3 (test error %, lower is
+better), tables 4-5 and the Wikitext-103 length generalisation (perplexity); the DAPE paper's
+(arXiv 2405.14722; V2: arXiv 2410.04798) language-model numbers as the reproduction issue quotes
+them. Its Chomsky-hierarchy table has none here yet: see `dape_chomsky`. The DAPE paper's models are
+125M and 350M parameters trained on Arxiv and Books3; ours are 0.5M to 7M parameters trained on the
+Python standard library or the Python documentation. Compare the pattern, not the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from poslab.lab.presets import DEMO_ENCODINGS
+from poslab.lab.tasks.chomsky import chomsky_tasks
+from poslab.registry import Registry
+
+TASK_TABLE = "task table"
+LM_EXTRAPOLATION = "lm extrapolation"
+KINDS = (TASK_TABLE, LM_EXTRAPOLATION)
+DAPE_KERPLE = ("DAPE-Kerple (not in the paper)", "dape[base=kerple_log]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Part:
+    """One grid of a study: ``name`` labels its columns and names its folder; ``preset`` is its
+    config (CPU-scaled), ``paper_preset`` the paper-scale twin (``--scale paper``; None: the study
+    has none), ``overrides`` apply to both. A task table's ``splits`` are the evaluation splits
+    shown, in the paper's column order: a split's summary (``"validation"``) or the split at one
+    evaluated length (``"validation@320"``, results.json's ``metrics["lengths"]``)."""
+
+    name: str
+    preset: str
+    paper_preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ("id",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PaperNumber:
+    """A perplexity an LM-extrapolation paper reports: ``row`` in ``setting`` (model, corpus),
+    trained at ``train_len`` and scored at ``length``. The page sets ours at the same multiple
+    beside it."""
+
+    setting: str
+    row: str
+    train_len: int
+    length: int
+    value: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Study:
+    """A paper's experiment. Every kind: ``rows`` (the paper's row name, poslab encoding spec),
+    ``parts``, ``seeds``, ``source`` and ``paper_setting``.
+
+    A task table (``kind=TASK_TABLE``): ``metric``, the headline metric of the runs ('error' or
+    'accuracy', in %, or 'ppl'); ``numbers``, the paper's value per row name and column
+    ``"<part>/<split>"`` (missing: the paper has none); ``ratio``: two columns (numerator,
+    denominator) whose ratio the page adds per row, e.g. perplexity at 2.5 times the training length
+    over perplexity at it; ``best``: the page shows each cell's best seed beside the mean (the
+    Chomsky-hierarchy papers report the best of their runs), one line per column with its task's
+    level and chance, one column per row; ``plot``: length-range splits (e.g. ``("id", "ood")``)
+    whose per-length metric the page draws, one figure per part with a line per row (the mean over
+    seeds); ``learned``: for a table with best seeds, a split (``"id"``, the training lengths) whose
+    mean over seeds the page shows in a second table of the same shape, to tell a model that never
+    learned a task from one that learned it but did not extrapolate.
+
+    An LM extrapolation study (``kind=LM_EXTRAPOLATION``): scored at L, 2L, ... up to ``factor``
+    times the training length; ``gap``: two rows (a DAPE variant, its base) whose difference at the
+    longest length the page tabulates per part; ``paper_numbers``: the paper's, at its own lengths.
+    """
+
+    name: str
+    kind: str
+    title: str
+    source: str
+    rows: tuple[tuple[str, str], ...]
+    parts: tuple[Part, ...]
+    paper_setting: str = ""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # a task table's
+    metric: str = "error"
+    numbers: dict[str, dict[str, float]] = field(default_factory=dict)
+    ratio: tuple[str, str] | None = None
+    best: bool = False
+    plot: tuple[str, ...] = ()
+    learned: str | None = None
+    # an LM extrapolation study's
+    factor: int = 64
+    gap: tuple[str, str] | None = None
+    paper_numbers: tuple[PaperNumber, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"study {self.name}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        names = [row for row, _ in self.rows]
+        if len(set(names)) < len(names) or len({spec for _, spec in self.rows}) < len(self.rows):
+            raise ValueError(f"study {self.name}: every row needs its own name and spec")
+        if len({part.name for part in self.parts}) < len(self.parts):
+            raise ValueError(f"study {self.name}: two parts share a name")
+        if self.kind == TASK_TABLE:
+            self._check_table(names)
+        else:
+            self._check_lm(names)
+
+    def _check_table(self, names: list[str]) -> None:
+        if self.gap is not None or self.paper_numbers:
+            raise ValueError(f"study {self.name}: gap and paper_numbers belong to an LM extrapolation study")
+        unknown = set(self.numbers) - set(names)
+        if unknown:
+            raise ValueError(f"study {self.name}: numbers for rows it does not have: {sorted(unknown)}")
+        columns = set(self.columns)
+        for row, values in self.numbers.items():
+            if set(values) - columns:
+                raise ValueError(
+                    f"study {self.name}, row {row}: unknown columns {sorted(set(values) - columns)}"
+                )
+        if self.ratio is not None and (len(self.ratio) != 2 or set(self.ratio) - columns):
+            raise ValueError(f"study {self.name}: ratio must be two of its columns, got {self.ratio!r}")
+        for part in self.parts:
+            for split in part.splits:
+                split_at(split)  # a bad length raises here, not after training
+        if self.best and self.ratio is not None:
+            raise ValueError(f"study {self.name}: a table with best seeds has no ratio column")
+        for split in self.plot:
+            if split_at(split)[1] is not None:
+                raise ValueError(f"study {self.name}: plot names whole splits, got {split!r}")
+        if self.learned is not None and (not self.best or split_at(self.learned)[1] is not None):
+            raise ValueError(
+                f"study {self.name}: learned names a whole split of a table with best seeds, "
+                f"got {self.learned!r}"
+            )
+
+    def _check_lm(self, names: list[str]) -> None:
+        if self.numbers or self.ratio or self.best or self.plot or self.learned:
+            raise ValueError(
+                f"study {self.name}: numbers, ratio, best, plot and learned belong to a task table"
+            )
+        if self.factor < 1 or self.factor & (self.factor - 1):
+            raise ValueError(f"study {self.name}: factor must be a power of two, got {self.factor}")
+        if self.gap is not None and (len(self.gap) != 2 or set(self.gap) - set(names)):
+            raise ValueError(f"study {self.name}: gap must name two of its rows, got {self.gap!r}")
+        unknown = {number.row for number in self.paper_numbers} - set(names)
+        if unknown:
+            raise ValueError(f"study {self.name}: paper numbers for rows it does not have: {sorted(unknown)}")
+
+    @property
+    def columns(self) -> list[str]:
+        """A task table's ``"<part>/<split>"`` for every part and split, in order."""
+        return [f"{part.name}/{split}" for part in self.parts for split in part.splits]
+
+    @property
+    def specs(self) -> list[str]:
+        """The rows' encoding specs, in order."""
+        return [spec for _, spec in self.rows]
+
+    def spec(self, row: str) -> str:
+        return dict(self.rows)[row]
+
+    def row_name(self, spec: str) -> str:
+        return next(row for row, s in self.rows if s == spec)
+
+
+def split_at(split: str) -> tuple[str, int | None]:
+    """``"validation@320"`` -> ("validation", 320); ``"validation"`` -> ("validation", None)."""
+    name, at, length = split.partition("@")
+    if not at:
+        return name, None
+    if not length.isdigit() or int(length) < 1:
+        raise ValueError(f"column split {split!r}: the length after '@' must be a positive integer")
+    return name, int(length)
+
+
+STUDIES: Registry[Study] = Registry("study", "studies")
+
+
+def _register(study: Study) -> Study:
+    return STUDIES.add(study.name, study)
+
+
+def get_study(name: str) -> Study:
+    """The study called ``name``; ValueError naming the known ones otherwise."""
+    return STUDIES.lookup(name)
+
+
+# -- the CoPE paper's tables and the DAPE paper's Chomsky hierarchy (task tables) -------------------
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_flipflop",
+        title="Flip-flop language modelling: error on the read bits",
+        source="CoPE paper (arXiv 2405.18719), table 1",
+        metric="error",
+        rows=(("Absolute", "learned"), ("RoPE", "rope"), ("CoPE", "cope"), DAPE_KERPLE),
+        parts=(
+            Part(
+                name="flipflop",
+                preset="flipflop_demo",
+                paper_preset="flipflop_paper",
+                splits=("id", "ood_sparse", "ood_dense"),
+            ),
+        ),
+        numbers={
+            "Absolute": {"flipflop/id": 6.8, "flipflop/ood_sparse": 21.7},
+            "RoPE": {"flipflop/id": 1.8, "flipflop/ood_sparse": 20.3},
+            "CoPE": {"flipflop/id": 0.0, "flipflop/ood_sparse": 4.9},
+        },
+        paper_setting="4 layers, d 256, 256 pairs, OOD = FFL(0.98); the paper has no dense split",
+    )
+)
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_selective_copy",
+        title="Selective copy: error on the copied tokens",
+        source="CoPE paper (arXiv 2405.18719), table 2",
+        metric="error",
+        rows=(("Absolute", "learned"), ("RoPE", "rope"), ("CoPE", "cope"), DAPE_KERPLE),
+        parts=(
+            Part(
+                name="selective_copy",
+                preset="selective_copy_small",
+                paper_preset="selective_copy_paper",
+                splits=("id", "ood_dense", "ood_sparse"),
+            ),
+        ),
+        numbers={
+            "Absolute": {
+                "selective_copy/id": 16.9,
+                "selective_copy/ood_dense": 25.6,
+                "selective_copy/ood_sparse": 85.2,
+            },
+            "RoPE": {
+                "selective_copy/id": 40.1,
+                "selective_copy/ood_dense": 100.0,
+                "selective_copy/ood_sparse": 100.0,
+            },
+            "CoPE": {
+                "selective_copy/id": 0.0,
+                "selective_copy/ood_dense": 0.0,
+                "selective_copy/ood_sparse": 0.0,
+            },
+        },
+        paper_setting="4 layers, d 256, 128 content tokens; blanks ID : dense : sparse = 2 : 1 : 4",
+    )
+)
+
+
+def _counting_part(n_vars: int) -> Part:
+    label = f"{n_vars}var" if n_vars == 1 else f"{n_vars}vars"
+    return Part(
+        name=label,
+        preset="counting_small",
+        paper_preset="counting_paper",
+        overrides=(f"task.options.n_vars={n_vars}",),
+    )
+
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_counting",
+        title="Counting: error on the printed variable's value",
+        source="CoPE paper (arXiv 2405.18719), table 3",
+        metric="error",
+        rows=(("Absolute", "learned"), ("Relative", "relative"), ("CoPE", "cope"), DAPE_KERPLE),
+        parts=tuple(_counting_part(n) for n in (1, 3, 5)),
+        numbers={
+            "Absolute": {"1var/id": 5.3, "3vars/id": 67.6, "5vars/id": 71.5},
+            "Relative": {"1var/id": 1.1, "3vars/id": 17.8, "5vars/id": 22.4},
+            "CoPE": {"1var/id": 0.0, "3vars/id": 1.2, "5vars/id": 7.4},
+        },
+        paper_setting="4 layers, d 256, 4 heads, post-LN, 10k training programs of up to 512 statements",
+    )
+)
+
+# The language-model tables score perplexity on held-out documents at the training length
+# (`lm_stdlib_small`'s 2-layer d-128 model, 600 steps at 128 tokens); the paper trained a 20M-parameter
+# code model and a GPT-2-small-sized Wikitext-103 model at 1024 tokens.
+_LM_TEST = ("eval.splits=validation,test",)
+_PROSE = ("task.options.corpus=python_docs", "task.options.tokenizer=bpe")
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_code_lm",
+        title="Code language modelling: perplexity at the training length",
+        source="CoPE paper (arXiv 2405.18719), table 5 (code)",
+        metric="ppl",
+        rows=(
+            ("Absolute", "learned"),
+            ("RoPE", "rope"),
+            ("CoPE", "cope"),
+            ("CoPE+RoPE", "cope+rope"),
+            DAPE_KERPLE,
+        ),
+        parts=(
+            Part(
+                name="stdlib",
+                preset="lm_stdlib_small",
+                paper_preset="lm_paper_128",
+                overrides=_LM_TEST,
+                splits=("validation", "test"),
+            ),
+        ),
+        numbers={
+            "Absolute": {"stdlib/test": 4.7},
+            "RoPE": {"stdlib/test": 4.1},
+            "CoPE": {"stdlib/test": 3.9},
+            "CoPE+RoPE": {"stdlib/test": 4.0},
+        },
+        paper_setting="a 20M-parameter decoder on a code corpus at 1024 tokens (test perplexity); here the "
+        "bytes of the running Python's standard library at 128 tokens",
+    )
+)
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_text_lm",
+        title="Text language modelling: perplexity at the training length",
+        source="CoPE paper (arXiv 2405.18719), table 4 (Wikitext-103)",
+        metric="ppl",
+        rows=(
+            ("Absolute", "learned"),
+            ("Relative", "relative"),
+            ("CoPE", "cope"),
+            ("CoPE+Relative", "cope+relative"),
+            DAPE_KERPLE,
+        ),
+        parts=(
+            Part(
+                name="python_docs",
+                preset="lm_stdlib_small",
+                paper_preset="lm_paper_128",
+                overrides=(*_PROSE, *_LM_TEST),
+                splits=("validation", "test"),
+            ),
+        ),
+        numbers={
+            "Absolute": {"python_docs/validation": 23.96, "python_docs/test": 24.87},
+            "Relative": {"python_docs/validation": 22.90, "python_docs/test": 23.81},
+            "CoPE": {"python_docs/validation": 22.55, "python_docs/test": 23.46},
+            "CoPE+Relative": {"python_docs/validation": 22.31, "python_docs/test": 23.23},
+        },
+        paper_setting="GPT-2 small size on Wikitext-103 at 1024 tokens (val / test perplexity); here the "
+        "Python documentation's reST sources (Debian python3.11-doc) in 4096 BPE tokens at 128 tokens",
+    )
+)
+
+# Length generalisation: trained at 128 tokens, validation perplexity at 128 and at 320 (2.5x, the
+# paper's 1024 -> 2560). `LMTask`'s eval_lengths scores both lengths in the run's own evaluation:
+# each window of 320 tokens is read whole (full causal context, no 128-token sliding windows) and its
+# perplexity is over all its tokens, not the last 256 (the paper's plain perplexity), averaged over
+# the eval batches as in the tables above. Every run sees the same windows at a length; the two
+# lengths read different random windows of the held-out documents.
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="cope_length_generalisation",
+        title="Text language modelling: perplexity at the training length and at 2.5 times it",
+        source="CoPE paper (arXiv 2405.18719), Wikitext-103 length generalisation",
+        metric="ppl",
+        rows=(
+            ("Relative", "relative"),
+            ("CoPE", "cope"),
+            ("CoPE+Relative", "cope+relative"),
+            DAPE_KERPLE,
+        ),
+        parts=(
+            Part(
+                name="python_docs",
+                preset="lm_stdlib_small",
+                paper_preset="lm_paper_128",
+                overrides=(
+                    *_PROSE,
+                    "task.options.eval_lengths=128,320",
+                    "eval.splits=validation",
+                    "eval.batches=8",
+                ),
+                splits=("validation@128", "validation@320"),
+            ),
+        ),
+        numbers={
+            "Relative": {"python_docs/validation@128": 22.90, "python_docs/validation@320": 24.2},
+            "CoPE": {"python_docs/validation@128": 22.55, "python_docs/validation@320": 21.6},
+            "CoPE+Relative": {"python_docs/validation@128": 22.31},
+        },
+        ratio=("python_docs/validation@320", "python_docs/validation@128"),
+        paper_setting="GPT-2 small size on Wikitext-103 trained at 1024 tokens, validation perplexity at "
+        "1024 (table 4) and at 2560 (2.5x; ~24.2 and ~21.6 are read from the paper's text and figure, "
+        "approximate); here the Python documentation's reST sources in 4096 BPE tokens, trained at 128 "
+        "and scored at 128 and 320 over all tokens of each window",
+    )
+)
+
+# The Chomsky hierarchy (Deletang et al., arXiv 2207.02098) as the DAPE paper runs it, after Ruoss et
+# al. (arXiv 2305.16843): a bidirectional encoder trained on lengths 1-40, per-token accuracy pooled
+# over each batch's output tokens and averaged over the unseen lengths (the `ood` split). One part per
+# registered task, in docs/tasks.md's order: regular, context-free, context-sensitive. The page takes
+# each task's level and chance (guessing among its output symbols) from the task itself.
+CHOMSKY_TASKS = tuple(chomsky_tasks())
+
+# No published numbers yet: the DAPE repository (chuanyang-Zheng/DAPE, README and configs) has the
+# language-model runs only, no Chomsky-hierarchy code or results, and the copies of the paper's
+# pages that could be searched (arXiv HTML of v1, summaries) gave its opening, not the table.
+# Numbers are never typed in from memory: add them with the table's number and the paper's version.
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="dape_chomsky",
+        title="The Chomsky hierarchy: per-token accuracy at unseen lengths",
+        source="DAPE paper (arXiv 2405.14722), the Chomsky-hierarchy table",
+        metric="accuracy",
+        rows=(
+            ("NoPE", "nope"),
+            ("RoPE", "rope"),
+            ("ALiBi", "alibi"),
+            ("Kerple", "kerple_log"),
+            ("FIRE", "fire"),
+            ("DAPE-Kerple", "dape[base=kerple_log]"),
+            ("DAPE-FIRE", "dape[base=fire]"),
+            ("CoPE (not in the paper)", "cope"),
+        ),
+        parts=tuple(
+            Part(
+                name=task,
+                preset="chomsky_cpu",
+                paper_preset="chomsky_paper",
+                overrides=(f"task.name={task}",),
+                splits=("ood",),
+            )
+            for task in CHOMSKY_TASKS
+        ),
+        best=True,
+        plot=("id", "ood"),
+        learned="id",
+        paper_setting="a 5-layer encoder, d 256, 8 heads (about 4M parameters), batch 128, lr 1e-4, trained "
+        "on lengths 1-40 and tested on every length 41-500 (`chomsky_paper`); here 2 layers, d 64, 4 heads "
+        "(about 0.1M parameters), 2000 steps of batch 32 (1% of the sequences of 50k steps of batch 128), "
+        "tested on every 6th length 41-100 (2.5 times the longest training length, not 12.5): "
+        "`chomsky_cpu` has the sizing, about 100 CPU seconds a run",
+    )
+)
+
+# -- the DAPE paper's language-model studies (LM extrapolation) ------------------------------------
+
+# The paper's numbers as the reproduction issue quotes them (the DAPE paper's length-extrapolation
+# tables; the 350M corpus is not named there), not re-read from the paper here: check them against
+# the paper's tables before citing.
+_SOURCE = "DAPE paper (arXiv 2405.14722) and DAPE V2 (arXiv 2410.04798)"
+_ARXIV_128 = "125M, Arxiv, trained at 128"
+_BOOKS_512 = "125M, Books3, trained at 512"
+_LARGE_512 = "350M, trained at 512"
+_KERPLE_NUMBERS = (
+    PaperNumber(setting=_ARXIV_128, row="Kerple", train_len=128, length=8192, value=31.93),
+    PaperNumber(setting=_ARXIV_128, row="DAPE-Kerple", train_len=128, length=8192, value=5.00),
+    PaperNumber(setting=_BOOKS_512, row="Kerple", train_len=512, length=8192, value=39.31),
+    PaperNumber(setting=_BOOKS_512, row="DAPE-Kerple", train_len=512, length=8192, value=17.88),
+    PaperNumber(setting=_LARGE_512, row="Kerple", train_len=512, length=8192, value=22.76),
+    PaperNumber(setting=_LARGE_512, row="DAPE-Kerple", train_len=512, length=8192, value=3.43),
+)
+_CPU_SETTING = (
+    "here `lm_stdlib_small` (2 layers, d 128, 4 heads, 0.46M parameters, 600 steps of 16 windows of "
+    "128 tokens, about 0.1 epoch), scored on 8 non-overlapping validation windows per length"
+)
+
+_register(
+    Study(
+        kind=LM_EXTRAPOLATION,
+        name="dape_extrapolation",
+        title="Length extrapolation: trained at 128, perplexity on the last 256 tokens up to 64x",
+        source=_SOURCE,
+        rows=(
+            ("NoPE", "nope"),
+            ("RoPE", "rope"),
+            ("T5", "t5"),
+            ("ALiBi", "alibi"),
+            ("Kerple", "kerple_log"),
+            ("FIRE", "fire"),
+            ("DAPE-ALiBi", "dape[base=alibi]"),
+            ("DAPE-Kerple", "dape[base=kerple_log]"),
+            ("DAPE-FIRE", "dape[base=fire]"),
+            ("DAPE V2-Kerple", "dape[base=kerple_log,kernel_size=3]"),
+            ("CoPE (not in the paper)", "cope"),
+        ),
+        parts=(
+            Part(name="stdlib", preset="lm_stdlib_small"),
+            Part(name="python_docs", preset="lm_stdlib_small", overrides=_PROSE),
+        ),
+        gap=("DAPE-Kerple", "Kerple"),
+        paper_numbers=(
+            *_KERPLE_NUMBERS,
+            PaperNumber(setting=_LARGE_512, row="ALiBi", train_len=512, length=8192, value=4.21),
+            PaperNumber(setting=_LARGE_512, row="DAPE-ALiBi", train_len=512, length=8192, value=3.57),
+        ),
+        paper_setting="the paper trains 125M and 350M decoders on Arxiv and Books3 at 128 or 512 "
+        f"tokens and scores up to 8192; {_CPU_SETTING}: bytes of the Python standard library "
+        "(`stdlib`) and 4096 BPE tokens of the Python documentation's reST sources (`python_docs`)",
+    )
+)
+
+_register(
+    Study(
+        kind=LM_EXTRAPOLATION,
+        name="dape_scale",
+        title="Scale: does the DAPE-Kerple minus Kerple gap at 64x grow with the model and training?",
+        source=_SOURCE,
+        rows=(("Kerple", "kerple_log"), ("DAPE-Kerple", "dape[base=kerple_log]")),
+        parts=(
+            Part(name="x1", preset="lm_stdlib_small"),
+            Part(name="x4", preset="lm_stdlib_x4"),
+            Part(name="x16", preset="lm_stdlib_x16"),
+            Part(name="x1_steps4", preset="lm_stdlib_small", overrides=("train.steps=2400",)),
+            Part(name="x4_steps4", preset="lm_stdlib_x4", overrides=("train.steps=2400",)),
+            Part(name="x16_lr1e-3", preset="lm_stdlib_x16", overrides=("train.lr=0.001",)),
+        ),
+        gap=("DAPE-Kerple", "Kerple"),
+        paper_numbers=_KERPLE_NUMBERS,
+        paper_setting="in the paper Kerple degrades past the training length while DAPE-Kerple keeps "
+        f"improving, at 125M and 350M parameters; {_CPU_SETTING}. The parts widen it to d 256 "
+        "(`lm_stdlib_x4`, 1.7M parameters) and d 512 (`lm_stdlib_x16`, 6.6M) and train 4 times longer "
+        "(2400 steps, about 0.4 epoch), the learning rate unchanged (3e-3); `x16_lr1e-3` retrains d 512 "
+        "at 1e-3 for both rows, because at 3e-3 it trained worse than d 256",
+    )
+)
+
+_register(
+    Study(
+        kind=LM_EXTRAPOLATION,
+        name="dape_width",
+        title="The width D of DAPE's MLP (DAPE-ALiBi, trained at 128)",
+        source=_SOURCE,
+        rows=(
+            ("ALiBi", "alibi"),
+            ("DAPE-ALiBi D=4", "dape[base=alibi,width=4]"),
+            ("DAPE-ALiBi D=16", "dape[base=alibi,width=16]"),
+            ("DAPE-ALiBi D=32", "dape[base=alibi,width=32]"),
+            ("DAPE-ALiBi D=64", "dape[base=alibi,width=64]"),
+        ),
+        parts=(Part(name="stdlib", preset="lm_stdlib_small"),),
+        paper_numbers=(
+            PaperNumber(setting=_ARXIV_128, row="ALiBi", train_len=128, length=128, value=8.31),
+            PaperNumber(setting=_ARXIV_128, row="ALiBi", train_len=128, length=8192, value=5.85),
+            PaperNumber(setting=_ARXIV_128, row="DAPE-ALiBi D=4", train_len=128, length=128, value=8.25),
+            PaperNumber(setting=_ARXIV_128, row="DAPE-ALiBi D=4", train_len=128, length=8192, value=5.67),
+        ),
+        paper_setting=f"the paper sweeps D over 4 to 64 with a 125M model trained at 128; {_CPU_SETTING} "
+        "(DAPE's default D is 32)",
+    )
+)
+
+_register(
+    Study(
+        kind=LM_EXTRAPOLATION,
+        name="dape_ablation",
+        title="Which terms DAPE needs: A + B, A + f(B), A + f(A, B), A + B + f(A, B) over Kerple",
+        source=_SOURCE,
+        rows=(
+            ("A+B (Kerple)", "kerple_log"),
+            ("A+f(B)", "dape[base=kerple_log,form=A+f(B)]"),
+            ("A+f(A,B)", "dape[base=kerple_log,form=A+f(A,B)]"),
+            ("A+B+f(A,B) (DAPE-Kerple)", "dape[base=kerple_log]"),
+        ),
+        parts=(Part(name="stdlib", preset="lm_stdlib_small"),),
+        paper_setting="A: the attention logits, B: Kerple's bias, f: DAPE's MLP; the paper ablates them "
+        f"with a 125M model; {_CPU_SETTING} (no numbers of the paper's ablation are recorded here yet)",
+    )
+)
+
+# -- the demo --------------------------------------------------------------------------------------
+
+# The README's main comparison (`poslab demo`, a `poslab compare` grid with the runs' own page) as a
+# study: the flip-flop table's preset and numbers with the demo's five encodings, seed 0 by default.
+_DEMO_ROWS = {"learned": "Absolute", "rope": "RoPE", "alibi": "ALiBi", "cope": "CoPE", "dape": "DAPE"}
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="demo",
+        title="The demo: flip-flop language modelling with the README's encodings",
+        source="flip-flop of the CoPE paper (arXiv 2405.18719, table 1) with `poslab demo`'s encodings",
+        metric="error",
+        rows=tuple((_DEMO_ROWS[spec], spec) for spec in DEMO_ENCODINGS),
+        parts=(
+            Part(
+                name="flipflop",
+                preset="flipflop_demo",
+                paper_preset="flipflop_paper",
+                splits=("id", "ood_sparse", "ood_dense"),
+            ),
+        ),
+        numbers={
+            row: values
+            for row, values in get_study("cope_flipflop").numbers.items()
+            if row in _DEMO_ROWS.values()
+        },
+        seeds=(0,),
+        paper_setting=get_study("cope_flipflop").paper_setting,
+    )
+)

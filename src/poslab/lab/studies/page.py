@@ -1,0 +1,614 @@
+"""A study's page: ``OUT/README.md`` and ``OUT/results.csv``, for either kind of study.
+
+Every page starts with the title, the command that made it and the setting, and ends with the
+reading written by hand in ``OUT/notes.md`` (kept across rebuilds, `report.common.read_notes`).
+
+A task table's page (`table_page`): the machines and compute the runs recorded, ours (mean ± sample
+std over seeds, and the best seed where the study asks for it) beside the paper's numbers, every
+seed's value; its results.csv has one row per run and column. A study with ``plot`` splits also gets
+``OUT/plots/<part>.png``, its metric per evaluated length (with matplotlib installed).
+
+An LM extrapolation study's page (`lm_page`), from its parts' extrapolation results
+(`poslab.lab.experiments.extrapolation`): wall time, seeds, the last-256-token perplexity per part
+and length (mean ± sample std and every seed at the longest length), each part's plot, the paper's
+numbers beside ours at the same multiple of the training length, and, where the study names two
+rows, their gap at the longest length per part, paired by seed; its results.csv has one row per
+part, run and length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from poslab.lab import plotting
+from poslab.lab.checkpoint import write_text
+from poslab.lab.evaluate import eval_lengths
+from poslab.lab.experiments.grid import GridRun
+from poslab.lab.report.common import csv_value, finite, mean_std, read_notes, stats_cell
+from poslab.lab.rundir import RunDir
+from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
+
+UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
+
+
+def write_page(
+    study: Study,
+    out: Path,
+    *,
+    command: str,
+    grids: dict[str, list[GridRun]] | None = None,
+    results: dict[str, dict[str, Any]] | None = None,
+    plots: bool = True,
+) -> str:
+    """Write ``out/README.md`` and ``out/results.csv`` of ``study`` and return the page: a task
+    table's from its parts' ``grids`` (and, with ``plots``, its per-length figures in
+    ``out/plots``), an LM extrapolation study's from its parts' extrapolation ``results``."""
+    notes = read_notes(out)
+    if study.kind == TASK_TABLE:
+        figures = draw_length_plots(study, grids, out / "plots") if study.plot and plots else {}
+        page, rows = table_page(study, grids, command=command, notes=notes, plots=figures)
+        csv_text = table_csv(rows)
+    else:
+        page, csv_text = lm_page(study, results, command=command, notes=notes), lm_csv(study, results)
+    write_text(out / "README.md", page)
+    write_text(out / "results.csv", csv_text)
+    return page
+
+
+# -- a task table ----------------------------------------------------------------------------------
+
+
+def _value(results: dict[str, Any], split: str, metric: str) -> float | None:
+    """``metric`` of a column's ``split`` (``"validation"`` or ``"validation@320"``) in a run's
+    results, None where the run has none (not evaluated there, or NaN)."""
+    name, length = split_at(split)
+    metrics = results["metrics"]
+    if length is None:
+        value = metrics["splits"].get(name, {}).get(metric)
+    else:
+        value = metrics.get("lengths", {}).get(name, {}).get(str(length), {}).get(metric)
+    return value if finite(value) else None
+
+
+def table_page(
+    study: Study,
+    grids: dict[str, list[GridRun]],
+    *,
+    command: str,
+    notes: str | None,
+    plots: dict[str, str] | None = None,
+) -> tuple[str, list[dict[str, Any]]]:
+    """The page's Markdown and its per-run rows, from the finished runs of ``grids``; ``plots``:
+    each part's figure, as a path relative to the page."""
+    rows: list[dict[str, Any]] = []  # one per finished run and column
+    missing: list[str] = []
+    machines: dict[str, int] = {}
+    wall = 0.0
+    for part in study.parts:
+        for run in grids[part.name]:
+            if not run.run_dir.is_finished():
+                missing.append(str(run.path))
+                continue
+            results = run.run_dir.load_results()
+            wall += float(results.get("wall_time") or 0.0)
+            machine = results.get("machine") or {}
+            key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
+            machines[key] = machines.get(key, 0) + 1
+            for split in (*part.splits, *([study.learned] if study.learned else [])):
+                rows.append(
+                    {
+                        "row": study.row_name(run.config.encoding_label),
+                        "encoding": run.config.encoding_label,
+                        "column": f"{part.name}/{split}",
+                        "seed": run.config.train.seed,
+                        "value": _value(results, split, study.metric),
+                        "wall_time": results.get("wall_time"),
+                        "run_dir": str(run.path),
+                    }
+                )
+    planned = sum(len(grid) for grid in grids.values())
+    lines = [f"# {study.title}", "", f"Reproduces the {study.source} at CPU scale. Made by", ""]
+    lines += ["```", command, "```", ""]
+    lines += _setting_lines(study, grids)
+    seeds = sorted({run.config.train.seed for grid in grids.values() for run in grid})
+    lines += [
+        f"- Seeds: {', '.join(map(str, seeds))}; {planned - len(missing)} of {planned} runs finished.",
+        f"- Compute: {wall / 3600:.2f} h, the sum of the finished runs' training wall times "
+        "(each run one process; grids run two at a time on 2 cores).",
+        "- Machines (from the runs' results.json): "
+        + "; ".join(f"{name} ({count} runs)" for name, count in machines.items()),
+        "",
+    ]
+    if missing:
+        lines += [f"**Incomplete**: {len(missing)} runs not finished; rerun the command to finish them.", ""]
+    comparison = _by_part(study, rows, grids) if study.best else _comparison(study, rows)
+    lines += comparison + [""] + _plot_lines(study, plots or {}) + _per_seed(study, rows, seeds) + [""]
+    lines += ["## Reading", "", notes or "_Not written yet._", ""]
+    return "\n".join(lines), rows
+
+
+def _setting_lines(study: Study, grids: dict[str, list[GridRun]]) -> list[str]:
+    lines = []
+    for part in study.parts:
+        config = grids[part.name][0].config
+        m, t, tc = config.model, config.task, config.train
+        options = ", ".join(f"{k}={v}" for k, v in t.options.items())
+        with_overrides = f" with {' '.join(part.overrides)}" if part.overrides else ""
+        paper = f"`{part.paper_preset}`" if part.paper_preset else "none"
+        lines.append(
+            f"- `{part.name}`: preset `{part.preset}`{with_overrides} (paper scale: {paper}): "
+            f"{t.name}({options}) {_lengths(config)}; {m.n_layers} layers, d {m.d_model}, "
+            f"{m.n_heads} heads, {m.norm}-LN; {tc.steps} steps of batch {tc.batch_size}, "
+            f"lr {tc.lr:g}, warm-up {tc.warmup}."
+        )
+    # Many parts that differ only in their name (one task each): one line with a stand-in.
+    shared = {line.replace(part.name, "<part>") for part, line in zip(study.parts, lines, strict=True)}
+    if len(study.parts) > 2 and len(shared) == 1:
+        names = ", ".join(f"`{part.name}`" for part in study.parts)
+        lines = [shared.pop().replace("- `<part>`:", f"- Each part `<part>` of {names}:", 1)]
+    lines.append(f"- The paper's setting: {study.paper_setting}.")
+    return lines
+
+
+def _lengths(config) -> str:
+    """'at length 64', or for a task that trains on a range of lengths (the Chomsky tasks) the
+    training range and the lengths each length-range split is scored at."""
+    if config.task.train_len is not None:
+        return f"at length {config.task.train_len}"
+    task = config.task.build()
+    train = task.split_lengths("id")
+    scored = []
+    for split in config.eval.splits or task.splits():
+        lengths = task.split_lengths(split)
+        if lengths is not None:
+            at = eval_lengths(lengths, config.eval, None)
+            every = f", every {config.eval.len_stride}th" if config.eval.len_stride > 1 else ""
+            scored.append(f"{split} {at[0]}-{at[-1]}{every}")
+    per_length = f"{config.eval.batches} x {config.eval.batch_size} sequences a length"
+    return f"trained on lengths {train[0]}-{train[-1]}, scored at {'; '.join(scored)} ({per_length})"
+
+
+def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    unit = UNITS.get(study.metric, study.metric)
+    better = "higher" if study.metric == "accuracy" else "lower"
+    ratio_head = " | ratio ours | ratio paper" if study.ratio is not None else ""
+    lines = [
+        "## Ours beside the paper's",
+        "",
+        f"{unit}, {better} is better; ours: mean ± sample std over the seeds (n), the paper's: one number.",
+        "",
+        "| encoding | " + " | ".join(f"{c} ours | {c} paper" for c in study.columns) + ratio_head + " |",
+        "|---|" + "---|---|" * (len(study.columns) + (study.ratio is not None)),
+    ]
+    for row, _ in study.rows:
+        cells = []
+        for column in study.columns:
+            values = _values(rows, row, column)
+            stats = mean_std(values)
+            ours = f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–"
+            paper = study.numbers.get(row, {}).get(column)
+            cells += [ours, "–" if paper is None else f"{paper:g}"]
+        if study.ratio is not None:
+            cells += _ratio_cells(study, row, rows)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if study.ratio is not None:
+        lines += [
+            "",
+            f"ratio: {study.ratio[0]} / {study.ratio[1]}, below 1 where the {unit} is lower at "
+            f"{study.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
+        ]
+    return lines
+
+
+def _values(rows: list[dict[str, Any]], row: str, column: str) -> list[float | None]:
+    """The values of one row and column of the page, one per finished run (seed)."""
+    return [r["value"] for r in rows if r["row"] == row and r["column"] == column]
+
+
+def _task_table_head(study: Study) -> list[str]:
+    """The head of a table of one line per task, one column per row of ``study``."""
+    return [
+        "| level | task | chance | " + " | ".join(row for row, _ in study.rows) + " |",
+        "|---|---|---|" + "---|" * len(study.rows),
+    ]
+
+
+def _by_part(study: Study, rows: list[dict[str, Any]], grids: dict[str, list[GridRun]]) -> list[str]:
+    """One line per column (its task's level and chance where the task has them), one column per
+    row of the table; each cell the best seed, then mean ± sample std (n), then the paper's value."""
+    unit = UNITS.get(study.metric, study.metric)
+    higher = study.metric == "accuracy"
+    levels = {}
+    for part in study.parts:
+        task = grids[part.name][0].config.task.build()
+        chance = getattr(task, "chance", None)
+        levels[part.name] = (
+            str(getattr(task, "level", "–")).replace("_", "-"),
+            "–" if chance is None else f"{chance:.0f}",
+        )
+    lines = [
+        "## Ours beside the paper's",
+        "",
+        f"{unit}, {'higher' if higher else 'lower'} is better. Each cell: the best seed, then the mean ± "
+        "sample std over the seeds (n), then the paper's number where there is one; the "
+        "Chomsky-hierarchy papers report the best run. Chance: guessing uniformly among the task's "
+        "output symbols.",
+        "",
+        *_task_table_head(study),
+    ]
+    for part in study.parts:
+        level, chance_cell = levels[part.name]
+        for split in part.splits:
+            column = f"{part.name}/{split}"
+            cells = []
+            for row, _ in study.rows:
+                values = _values(rows, row, column)
+                stats = mean_std(values)
+                known = [v for v in values if v is not None]
+                cell = "–"
+                if known:
+                    best = max(known) if higher else min(known)
+                    cell = f"**{best:.2f}** / {stats_cell(stats)} ({stats['n']})"
+                paper = study.numbers.get(row, {}).get(column)
+                cells.append(cell if paper is None else f"{cell} / paper {paper:g}")
+            name = part.name if len(part.splits) == 1 else column
+            lines.append(f"| {level} | {name} | {chance_cell} | " + " | ".join(cells) + " |")
+    if study.learned is None:
+        return lines
+    lines += [
+        "",
+        f"### At the training lengths ({study.learned})",
+        "",
+        f"The same runs scored on split {study.learned}: {unit}, mean ± sample std over the seeds (n). "
+        "Near chance here, a model did not learn the task, and its score above says nothing about "
+        "extrapolation.",
+        "",
+        *_task_table_head(study),
+    ]
+    for part in study.parts:
+        level, chance_cell = levels[part.name]
+        column = f"{part.name}/{study.learned}"
+        cells = []
+        for row, _ in study.rows:
+            stats = mean_std(_values(rows, row, column))
+            cells.append(f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–")
+        lines.append(f"| {level} | {part.name} | {chance_cell} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot_lines(study: Study, plots: dict[str, str]) -> list[str]:
+    if not study.plot:
+        return []
+    splits = " and ".join(study.plot)
+    lines = [
+        "## Per length",
+        "",
+        f"{study.metric} at each evaluated length of {splits}, one line per encoding (the mean over the "
+        "seeds); grey dotted: chance, dashed: the longest training length.",
+        "",
+    ]
+    if not plots:
+        return lines + ["_No plots: no finished runs, or matplotlib is not installed._", ""]
+    return lines + [f"![{part}]({path})" for part, path in plots.items()] + [""]
+
+
+def _ratio_cells(study: Study, row: str, rows: list[dict[str, Any]]) -> list[str]:
+    """Ours (each seed's ratio of the two columns, then mean ± std) and the paper's ratio."""
+    top, bottom = study.ratio
+    by_seed = {column: {} for column in study.ratio}
+    for r in rows:
+        if r["row"] == row and r["column"] in by_seed and r["value"] is not None:
+            by_seed[r["column"]][r["seed"]] = r["value"]
+    stats = mean_std([v / by_seed[bottom][s] for s, v in by_seed[top].items() if by_seed[bottom].get(s)])
+    ours = f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['n']})" if stats["n"] else "–"
+    paper = study.numbers.get(row, {})
+    both = top in paper and bottom in paper
+    return [ours, f"{paper[top] / paper[bottom]:.3f}" if both else "–"]
+
+
+def _per_seed(study: Study, rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    lines = [
+        "## Every seed",
+        "",
+        "| encoding | column | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    for row, _ in study.rows:
+        for column in study.columns:
+            by_seed = {r["seed"]: r["value"] for r in rows if r["row"] == row and r["column"] == column}
+            cells = ["–" if by_seed.get(s) is None else f"{by_seed[s]:.2f}" for s in seeds]
+            lines.append(f"| {row} | {column} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    head = ["row", "encoding", "column", "seed", "value", "wall_time", "run_dir"]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(head)
+    for r in rows:
+        writer.writerow([csv_value(r[k]) if k in ("value", "wall_time") else r[k] for k in head])
+    return out.getvalue()
+
+
+# -- a task table's plots --------------------------------------------------------------------------
+
+
+def length_curves(study: Study, grid: list[GridRun]) -> tuple[dict[str, dict[int, float]], int | None]:
+    """Per row of ``study``, the mean over finished seeds of the metric at every length of the
+    table's plot splits (lengths where every seed is missing are left out); and the last length of
+    the first split (for the id split: the longest training length)."""
+    per_row: dict[str, dict[int, list[float]]] = {}
+    boundary = None
+    for run in grid:
+        if not run.run_dir.is_finished():
+            continue
+        lengths = run.run_dir.load_results()["metrics"].get("lengths", {})
+        curve = per_row.setdefault(study.row_name(run.config.encoding_label), {})
+        for index, split in enumerate(study.plot):
+            scored = {int(n): m.get(study.metric) for n, m in lengths.get(split, {}).items()}
+            if index == 0 and scored:
+                boundary = max(scored)
+            for n, value in scored.items():
+                if finite(value):
+                    curve.setdefault(n, []).append(value)
+    means = {
+        row: {n: sum(vs) / len(vs) for n, vs in sorted(per_row[row].items())}
+        for row, _ in study.rows
+        if per_row.get(row)
+    }
+    return means, boundary
+
+
+def draw_length_plots(study: Study, grids: dict[str, list[GridRun]], folder: Path) -> dict[str, str]:
+    """Each part's figure of `length_curves` in ``folder/<part>.png``; {part: "plots/<part>.png"},
+    empty (and a warning) without matplotlib. Parts without finished runs get none."""
+    if not plotting.can_plot("the per-length plots"):
+        return {}
+    written = {}
+    for part in study.parts:
+        curves, boundary = length_curves(study, grids[part.name])
+        if not curves:
+            continue
+        task = grids[part.name][0].config.task.build()
+        fig = plotting.figure(figsize=(7, 4.2))
+        ax = fig.subplots()
+        for row, curve in curves.items():
+            ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=row)
+        if getattr(task, "chance", None) is not None:
+            ax.axhline(task.chance, color="grey", linestyle=":", linewidth=1)
+        if boundary is not None and len(study.plot) > 1:
+            ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("input length")
+        ax.set_ylabel(UNITS.get(study.metric, study.metric))
+        ax.set_title(f"{part.name} ({str(getattr(task, 'level', '')).replace('_', '-')})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        plotting.save(fig, folder / f"{part.name}.png", dpi=100)
+        written[part.name] = f"{folder.name}/{part.name}.png"
+    return written
+
+
+# -- an LM extrapolation study ---------------------------------------------------------------------
+
+
+def _part_lengths(result: dict[str, Any]) -> list[int]:
+    return list(result["settings"]["lengths"])
+
+
+def _seed_values(result: dict[str, Any], spec: str, length: int) -> dict[int, float]:
+    """seed -> last-256 perplexity of ``spec``'s runs at ``length`` (the scored ones)."""
+    values = {}
+    for run in result["runs"]:
+        cell = run["results"].get(str(length), {})
+        if run["encoding"] == spec and cell.get("status") == "ok":
+            values[run["seed"]] = cell["ppl_last"]
+    return values
+
+
+def _cell(result: dict[str, Any], spec: str, length: int) -> str:
+    values = _seed_values(result, spec, length)
+    return stats_cell(mean_std(list(values.values()))) if values else "n/a"
+
+
+def _about(result: dict[str, Any]) -> dict[str, Any]:
+    """Parameters, steps, learning rates, machines and wall times of a part's runs."""
+    machines: dict[str, int] = {}
+    steps, params, lrs, train_s = set(), set(), set(), 0.0
+    for run in result["runs"]:
+        run_dir = RunDir(run["run_dir"])
+        try:
+            machine = run_dir.load_results().get("machine") or {}
+        except ValueError:
+            machine = {}
+        with contextlib.suppress(ValueError):  # a run without its config shows '?'
+            lrs.add(run_dir.load_config().train.lr)
+        key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
+        machines[key] = machines.get(key, 0) + 1
+        steps.add(run["step"])
+        params.add(run["n_params"])
+        train_s += run["train_wall_time"] or 0.0
+    eval_s = sum(run["eval_seconds"] for run in result["runs"])
+    return {
+        "machines": machines,
+        "steps": steps,
+        "params": params,
+        "lrs": lrs,
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+
+
+def _part_section(study: Study, part: Part, result: dict[str, Any]) -> list[str]:
+    lengths = _part_lengths(result)
+    about = _about(result)
+    top = lengths[-1]
+    settings = result["settings"]
+    lines = [
+        f"## {part.name}",
+        "",
+        " ".join([f"`{part.preset}`", *(f"`{o}`" for o in part.overrides)])
+        + f": {settings['corpus']}, {settings['tokenizer']} tokens, "
+        f"{'/'.join(map(str, sorted(about['params'])))} parameters, "
+        f"{'/'.join(map(str, sorted(about['steps'])))} steps. Training {about['train_s'] / 3600:.2f} h "
+        f"(summed over runs), scoring {about['eval_s'] / 3600:.2f} h; machines: "
+        + "; ".join(f"{key} ({count} runs)" for key, count in about["machines"].items())
+        + ".",
+        "",
+        f"Perplexity on the last {settings['last']} tokens of each window, mean ± sample std over seeds "
+        f"(windows per length: {', '.join(f'{n}: {w}' for n, w in settings['windows'].items())}):",
+        "",
+        "| row | encoding | " + " | ".join(map(str, lengths)) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for row, spec in study.rows:
+        cells = [_cell(result, spec, n) for n in lengths]
+        lines.append(f"| {row} | `{spec}` | " + " | ".join(cells) + " |")
+    seeds = sorted({run["seed"] for run in result["runs"]})
+    lines += [
+        "",
+        f"Every seed at {top} ({top // lengths[0]}x):",
+        "",
+        "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|" + "---|" * len(seeds),
+    ]
+    for row, spec in study.rows:
+        values = _seed_values(result, spec, top)
+        cells = [f"{values[s]:.2f}" if s in values and finite(values[s]) else "–" for s in seeds]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += ["", f"![perplexity against length]({part.name}/ppl_last.png)", ""]
+    return lines
+
+
+def _paired_gaps(result: dict[str, Any], new: str, base: str, length: int) -> dict[int, float]:
+    """seed -> ``new`` minus ``base`` at ``length``, over the seeds both have."""
+    a, b = _seed_values(result, new, length), _seed_values(result, base, length)
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
+def _gap_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
+    """Per part: the two rows at the longest length and their difference, paired by seed, and the
+    difference at the training length beside it (a gap already there is not about extrapolation)."""
+    new, base = study.gap
+    lines = [
+        f"## The gap at the longest length: {new} minus {base}",
+        "",
+        "Negative: DAPE is better. The gap's mean ± sample std is over the seeds both rows have; the "
+        "last column is the same gap at the training length, where no extrapolation is involved.",
+        "",
+        f"| part | parameters ({base}) | steps | lr | length | {base} | {new} | gap | per seed "
+        "| gap at the training length |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for part in study.parts:
+        if part.name not in results:
+            continue
+        result = results[part.name]
+        lengths = _part_lengths(result)
+        top = lengths[-1]
+        about = _about(result)
+        gaps = _paired_gaps(result, study.spec(new), study.spec(base), top)
+        at_train = _paired_gaps(result, study.spec(new), study.spec(base), lengths[0])
+        params = {run["n_params"] for run in result["runs"] if run["encoding"] == study.spec(base)}
+        cells = [
+            part.name,
+            "/".join(map(str, sorted(params))),
+            "/".join(map(str, sorted(about["steps"]))),
+            "/".join(f"{lr:g}" for lr in sorted(about["lrs"])) or "?",
+            str(top),
+            _cell(result, study.spec(base), top),
+            _cell(result, study.spec(new), top),
+            stats_cell(mean_std(list(gaps.values()))),
+            ", ".join(f"{g:+.2f}" for g in gaps.values()) or "–",
+            stats_cell(mean_std(list(at_train.values()))),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _paper_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
+    """The paper's numbers and ours at the same multiple of the training length."""
+    parts = [part.name for part in study.parts if part.name in results]
+    lines = [
+        "## The paper's numbers beside ours",
+        "",
+        "The paper's models, corpora and training lengths differ from ours (see the setting above): "
+        "ours are at the same multiple of our training length. Compare the pattern, not the values. "
+        "The paper's values are as the reproduction issue quotes them.",
+        "",
+        "| paper's setting | row | at | paper | " + " | ".join(f"ours ({p})" for p in parts) + " |",
+        "|---|---|---|---|" + "---|" * len(parts),
+    ]
+    for number in study.paper_numbers:
+        ratio = number.length / number.train_len
+        cells = []
+        for name in parts:
+            result = results[name]
+            length = int(result["settings"]["train_lens"][0] * ratio)
+            known = length in _part_lengths(result)
+            cells.append(f"{_cell(result, study.spec(number.row), length)} at {length}" if known else "–")
+        lines.append(
+            f"| {number.setting} | {number.row} | {number.length} ({ratio:g}x) | {number.value:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def lm_page(
+    study: Study, results: dict[str, dict[str, Any]], *, command: str, notes: str | None = None
+) -> str:
+    """The README of a study from its parts' extrapolation results (part name -> result), ending
+    with ``notes``, the reading written by hand."""
+    seeds = sorted({run["seed"] for result in results.values() for run in result["runs"]})
+    missing = [part.name for part in study.parts if part.name not in results]
+    lines = [
+        f"# {study.title}",
+        "",
+        f"Source: {study.source}. Setting: {study.paper_setting}.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Seeds: {', '.join(map(str, seeds))}. Each part's own report (table.md with all-token "
+        "perplexity too, results.csv, results.json, plots) is in its folder.",
+        "",
+    ]
+    abouts = [_about(result) for result in results.values()]
+    lines += [
+        f"Compute: training {sum(a['train_s'] for a in abouts) / 3600:.2f} h and scoring "
+        f"{sum(a['eval_s'] for a in abouts) / 3600:.2f} h, summed over runs (the machines are per part).",
+        "",
+    ]
+    if missing:
+        lines += [f"**Incomplete**: no results yet for {', '.join(missing)}; rerun the command.", ""]
+    if study.gap is not None:
+        lines += _gap_lines(study, results)
+    if study.paper_numbers:
+        lines += _paper_lines(study, results)
+    for part in study.parts:
+        if part.name in results:
+            lines += _part_section(study, part, results[part.name])
+    lines += ["## Reading", "", notes or "_Not written yet._", ""]
+    return "\n".join(lines)
+
+
+def lm_csv(study: Study, results: dict[str, dict[str, Any]]) -> str:
+    """One row per part, run and length: the row name, seed and both perplexities."""
+    names = {spec: row for row, spec in study.rows}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["part", "row", "encoding", "seed", "length", "status", "ppl_last", "ppl_all"])
+    for part, result in results.items():
+        for run in result["runs"]:
+            for length, cell in run["results"].items():
+                writer.writerow(
+                    [part, names.get(run["encoding"], run["encoding"]), run["encoding"], run["seed"], length]
+                    + [cell["status"], csv_value(cell.get("ppl_last")), csv_value(cell.get("ppl_all"))]
+                )
+    return out.getvalue()

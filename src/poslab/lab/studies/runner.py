@@ -1,0 +1,318 @@
+"""``poslab study NAME``: train what is missing of a study and write its page.
+
+Every part of the study (`poslab.lab.studies.declaration`) is a grid of its rows' encodings x seeds
+at ``OUT/<part>/<encoding>/seed<k>`` (`poslab.lab.studies.layout`; an old LM-study folder is moved
+to it first). Grids always resume: finished runs (their results.json) are kept and skipped, an
+interrupted run continues from its checkpoint, and a finished run made with another config stops
+the command before anything trains, so a study can be built over several sessions and machines
+from the small per-run files alone. All parts' runs train together, ``--jobs`` at a time.
+
+A task table then reads each run's own evaluation. An LM extrapolation study scores each part's
+runs at L, 2L, ... up to its factor times L and writes the part's report in ``OUT/<part>``
+(`poslab.lab.experiments.extrapolation`); a part's scoring is reused when its results.json scored
+the same grid (encodings, seeds, overrides, lengths, windows) of finished runs: delete it to
+rescore. ``--page-only`` trains and scores nothing and rebuilds the page (`poslab.lab.studies.page`)
+from what there is. ``poslab reproduce`` and ``poslab lm-study`` are the command's older names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from poslab.lab.checkpoint import check_writable
+from poslab.lab.config import RunConfig
+from poslab.lab.evaluate import eval_lengths
+from poslab.lab.experiments.command import NO_PLOTS, THREADS, Command, arg, progress
+from poslab.lab.experiments.extrapolation import doubling_lengths, score_grid
+from poslab.lab.experiments.grid import GridRun, check_jobs, plan_grid, train_grid
+from poslab.lab.parsing import parse_seeds
+from poslab.lab.presets import get_preset
+from poslab.lab.rundir import RunDir
+from poslab.lab.studies import layout
+from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study, get_study, split_at
+from poslab.lab.studies.page import write_page
+
+log = logging.getLogger("poslab")
+
+SCALES = ("cpu", "paper")
+MAX_WINDOWS = 8  # an LM study's windows per length
+
+
+def part_config(part: Part, scale: str, overrides: list[str] = ()) -> RunConfig:
+    """The base config of a part at ``scale`` ('cpu' or 'paper'), with the part's and the caller's
+    overrides."""
+    if scale not in SCALES:
+        raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if scale == "paper" and part.paper_preset is None:
+        raise ValueError(f"part {part.name} has no paper-scale preset; use --scale cpu")
+    preset = part.preset if scale == "cpu" else part.paper_preset
+    return get_preset(preset).override([*part.overrides, *overrides])
+
+
+def plan_study(
+    study: Study, out: Path, seeds: list[int], *, scale: str = "cpu", overrides: list[str] = ()
+) -> dict[str, list[GridRun]]:
+    """Every part's grid, every run directory checked (a finished run whose config differs from the
+    study's, or a column at a length the runs do not evaluate, raises ValueError before anything
+    trains)."""
+    grids = {}
+    for part in study.parts:
+        config = part_config(part, scale, overrides)
+        if study.kind == TASK_TABLE:
+            _check_lengths(part, config)
+            _check_plot(study, part, config)
+        root = layout.part_folder(out, part.name)
+        grids[part.name] = plan_grid(config, study.specs, seeds, root, resume=True, overwrite=False)
+    return grids
+
+
+def _check_lengths(part: Part, config: RunConfig) -> None:
+    """ValueError when a ``split@length`` column of ``part`` names a length its runs do not score."""
+    task = config.task.build()
+    for column in part.splits:
+        split, length = split_at(column)
+        if length is None:
+            continue
+        if split not in task.splits() or task.split_lengths(split) is None:
+            raise ValueError(
+                f"column {part.name}/{column}: split {split!r} is not scored per length by "
+                f"{task.name!r} (for 'lm', set task.options.eval_lengths)"
+            )
+        scored = eval_lengths(task.split_lengths(split), config.eval, config.task.train_len)
+        if length not in scored:
+            raise ValueError(
+                f"column {part.name}/{column}: the runs score {split} at {', '.join(map(str, scored))}, "
+                f"not at {length}"
+            )
+
+
+def _check_plot(study: Study, part: Part, config: RunConfig) -> None:
+    """ValueError when a split the study plots is not scored per length by ``part``'s task."""
+    task = config.task.build()
+    for split in study.plot:
+        if split not in task.splits() or task.split_lengths(split) is None:
+            raise ValueError(f"study {study.name}, part {part.name}: cannot plot {split!r} per length")
+
+
+def run_study(
+    name: str,
+    out: str | Path,
+    *,
+    seeds: list[int] | None = None,
+    scale: str = "cpu",
+    overrides: list[str] = (),
+    jobs: int = 1,
+    threads: int | None = None,
+    max_windows: int = MAX_WINDOWS,
+    train: bool = True,
+    plots: bool = True,
+    device: str = "auto",
+    progress: bool | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Train (and for an LM study score) what is missing of study ``name`` under ``out``, unless
+    ``train`` is False, and write its page. ``device`` is where an LM study scores.
+
+    Returns {"page": text, "finished": runs finished, "planned": runs planned, "trained": runs
+    trained now, "results": an LM study's part name -> extrapolation result}.
+    """
+    study = get_study(name)
+    out = Path(out)
+    check_jobs(jobs, threads)
+    if max_windows < 1:
+        raise ValueError(f"--max-windows must be a positive integer, got {max_windows}")
+    check_writable(out)
+    seeds = list(study.seeds) if seeds is None else seeds
+    # Every part's config first: a bad override or scale fails before any part trains.
+    configs = {part.name: part_config(part, scale, list(overrides)) for part in study.parts}
+    layout.migrate(out, [part.name for part in study.parts])
+    command = command or _command("study", study, out, seeds, scale, max_windows, overrides)
+    common = {"seeds": seeds, "overrides": list(overrides), "jobs": jobs, "threads": threads, "train": train,
+              "plots": plots, "progress": progress, "command": command}  # fmt: skip
+    if study.kind == TASK_TABLE:
+        return _run_table(study, out, scale=scale, **common)
+    return _run_lm(study, out, configs, max_windows=max_windows, device=device, **common)
+
+
+def _run_table(
+    study: Study, out: Path, *, seeds, scale, overrides, jobs, threads, train, plots, progress, command
+) -> dict[str, Any]:
+    """`run_study` of a task table: every part's grid trained, then the page from the runs."""
+    grids = plan_study(study, out, seeds, scale=scale, overrides=overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    trained = 0
+    if train:
+        started = time.monotonic()
+        todo = [run for grid in grids.values() for run in grid]
+        trained = len(train_grid(todo, resume=True, jobs=jobs, threads=threads, progress=progress))
+        log.info("%s: %d runs trained in %.0f s", study.name, trained, time.monotonic() - started)
+    page = write_page(study, out, command=command, grids=grids, plots=plots)
+    finished = sum(run.run_dir.is_finished() for grid in grids.values() for run in grid)
+    planned = sum(len(grid) for grid in grids.values())
+    return {"page": page, "finished": finished, "planned": planned, "trained": trained, "results": {}}
+
+
+def _run_lm(
+    study: Study,
+    out: Path,
+    configs: dict[str, RunConfig],
+    *,
+    seeds, overrides, max_windows, device, jobs, threads, train, plots, progress, command,
+) -> dict[str, Any]:  # fmt: skip
+    """`run_study` of an LM extrapolation study: the grids of the parts not scored yet trained
+    together, then each scored (its report in ``OUT/<part>``), then the page from the parts'
+    results; a part whose results.json scored the same grid is reused as it is."""
+    results, todo, grid_settings = {}, {}, {}
+    for part in study.parts:
+        folder = layout.part_folder(out, part.name)
+        train_len = configs[part.name].task.train_len
+        grid_settings[part.name] = {
+            "preset": part.preset,
+            "overrides": [*part.overrides, *overrides],
+            "encodings": study.specs,
+            "seeds": seeds,
+        }
+        wanted = {
+            **grid_settings[part.name],
+            "lengths": doubling_lengths(train_len, train_len * study.factor),
+            "max_windows": max_windows,
+        }
+        previous = _scored(folder, wanted)
+        if train and previous is None:
+            todo[part.name] = plan_grid(
+                configs[part.name], study.specs, seeds, folder, resume=True, overwrite=False
+            )
+        elif previous is None and (folder / "results.json").is_file():
+            previous = json.loads((folder / "results.json").read_text())
+        if previous is not None:
+            results[part.name] = previous
+    started = time.monotonic()
+    runs = [run for grid in todo.values() for run in grid]
+    trained = train_grid(runs, resume=True, jobs=jobs, threads=threads, progress=progress) if runs else []
+    train_wall = time.monotonic() - started
+    for name, grid in todo.items():
+        results[name] = score_grid(
+            [run.path for run in grid],
+            layout.part_folder(out, name),
+            settings={**grid_settings[name], "train_wall_time_this_call": train_wall},
+            started=started,
+            max_len=configs[name].task.train_len * study.factor,
+            max_windows=max_windows,
+            plots=plots,
+            device=device,
+        )
+    if not results:
+        raise ValueError(
+            f"no part of study {study.name!r} has results in {out}; run it without --page-only first"
+        )
+    results = {part.name: results[part.name] for part in study.parts if part.name in results}
+    page = write_page(study, out, command=command, results=results)
+    planned = len(study.parts) * len(study.rows) * len(seeds)
+    finished = sum(len(result["runs"]) for result in results.values())
+    return {
+        "page": page,
+        "finished": finished,
+        "planned": planned,
+        "trained": len(trained),
+        "results": results,
+    }
+
+
+def _scored(folder: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The part's earlier result when it scored the very grid ``wanted`` describes and all its runs
+    are finished (finished runs never change, so their scores stand), else None."""
+    try:
+        result = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    settings = result.get("settings", {})
+    if any(settings.get(key) != value for key, value in wanted.items()):
+        return None
+    if not all(RunDir(run["run_dir"]).is_finished() for run in result.get("runs", [])):
+        return None
+    return result
+
+
+def _command(
+    name: str, study: Study, out: Path, seeds: list[int], scale: str, max_windows: int, overrides
+) -> str:
+    """The command line that makes the page, as the page shows it (``name``: the command used)."""
+    parts = [f"poslab {name} {study.name} --out {out}"]
+    if seeds != list(study.seeds):
+        parts.append(f"--seeds {','.join(map(str, seeds))}")
+    if scale != "cpu":
+        parts.append(f"--scale {scale}")
+    if max_windows != MAX_WINDOWS:
+        parts.append(f"--max-windows {max_windows}")
+    return " ".join([*parts, *overrides])
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def _study_command(args: Any) -> str:
+    study = get_study(args.name)
+    out = args.out or f"runs/study/{args.name}"
+    seeds = parse_seeds(args.seeds) if args.seeds else list(study.seeds)
+    result = run_study(
+        args.name,
+        out,
+        seeds=seeds,
+        scale=args.scale,
+        overrides=list(args.overrides),
+        jobs=args.jobs,
+        threads=args.threads,
+        max_windows=args.max_windows,
+        train=not args.page_only,
+        plots=not args.no_plots,
+        device=args.device,
+        progress=progress(args),
+        command=_command(args.command, study, Path(out), seeds, args.scale, args.max_windows, args.overrides),
+    )
+    return (
+        result["page"].split("## Every seed")[0]
+        + f"{result['finished']} of {result['planned']} runs finished ({result['trained']} trained now); "
+        f"page in {out}/README.md\n"
+    )
+
+
+COMMANDS = (
+    Command(
+        "study",
+        "train a paper's study (its grids, resuming) and write its page: " + ", ".join(STUDIES),
+        (
+            arg("name", help="the study: " + ", ".join(STUDIES)),
+            arg("--out", help="output directory (default runs/study/NAME)"),
+            arg("--seeds", help="seeds, e.g. 0-2 (default: the study's, mostly 0-2)"),
+            arg(
+                "--scale",
+                default="cpu",
+                choices=SCALES,
+                help="cpu (default) or paper (the GPU-sized presets of a task table)",
+            ),
+            arg("--jobs", type=int, default=2, help="runs trained at once, one process each (default 2)"),
+            THREADS,
+            arg(
+                "--max-windows",
+                type=int,
+                default=MAX_WINDOWS,
+                help=f"an LM study's windows per length (default {MAX_WINDOWS})",
+            ),
+            arg("--device", default="auto", help="where an LM study scores: auto, cpu, cuda, cuda:N"),
+            arg(
+                "--page-only",
+                action="store_true",
+                help="train and score nothing; rebuild the page from the runs there are",
+            ),
+            arg("--no-progress", action="store_true", help="no progress bar"),
+            NO_PLOTS,
+            arg("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every run"),
+        ),
+        _study_command,
+        aliases=("reproduce", "lm-study"),
+    ),
+)

@@ -1,0 +1,139 @@
+"""Studies as data: a bad declaration fails when it is made, and every study is registered."""
+
+from __future__ import annotations
+
+import pytest
+
+from poslab.encodings import build_encoding
+from poslab.lab.presets import get_preset
+from poslab.lab.studies.declaration import (
+    LM_EXTRAPOLATION,
+    STUDIES,
+    TASK_TABLE,
+    PaperNumber,
+    Part,
+    Study,
+    get_study,
+)
+
+
+def test_table_numbers_must_name_its_rows_and_columns():
+    part = Part(name="p", preset="smoke", paper_preset="smoke")
+    with pytest.raises(ValueError, match="rows it does not have"):
+        Study(
+            kind=TASK_TABLE,
+            name="x",
+            title="",
+            source="",
+            metric="error",
+            rows=(("A", "nope"),),
+            parts=(part,),
+            numbers={"B": {"p/id": 1.0}},
+        )
+    with pytest.raises(ValueError, match="unknown columns"):
+        Study(
+            kind=TASK_TABLE,
+            name="x",
+            title="",
+            source="",
+            metric="error",
+            rows=(("A", "nope"),),
+            parts=(part,),
+            numbers={"A": {"p/ood": 1.0}},
+        )
+    with pytest.raises(ValueError, match="unknown study 'nope'; known studies: .*cope_flipflop"):
+        get_study("nope")
+
+
+def test_module_tables_are_registered_under_their_names():
+    assert all(name == table.name for name, table in STUDIES.items())
+
+
+def tiny_lm_study(**changes) -> Study:
+    """A two-row LM study on `lm_stdlib_small`, with ``changes``."""
+    fields = dict(
+        kind=LM_EXTRAPOLATION,
+        name="tiny",
+        title="Tiny",
+        source="a test",
+        rows=(("Kerple", "kerple_log"), ("DAPE-Kerple", "dape[base=kerple_log]")),
+        parts=(Part(name="a", preset="lm_stdlib_small"),),
+        paper_setting="none",
+        factor=4,
+        seeds=(0, 1),
+        gap=("DAPE-Kerple", "Kerple"),
+        paper_numbers=(PaperNumber(setting="big", row="Kerple", train_len=128, length=512, value=31.5),),
+    )
+    return Study(**{**fields, **changes})
+
+
+def test_a_bad_study_fails_when_defined():
+    with pytest.raises(ValueError, match="gap must name two of its rows"):
+        tiny_lm_study(gap=("DAPE-Kerple", "ALiBi"))
+    with pytest.raises(ValueError, match="factor must be a power of two, got 48"):
+        tiny_lm_study(factor=48)
+    with pytest.raises(ValueError, match=r"paper numbers for rows it does not have: \['RoPE'\]"):
+        tiny_lm_study(
+            paper_numbers=(PaperNumber(setting="big", row="RoPE", train_len=128, length=512, value=3.0),)
+        )
+    with pytest.raises(ValueError, match="its own name and spec"):
+        tiny_lm_study(
+            rows=(("Kerple", "kerple_log"), ("Kerple again", "kerple_log")), gap=None, paper_numbers=()
+        )
+    with pytest.raises(ValueError, match="two parts share a name"):
+        tiny_lm_study(parts=(Part(name="a", preset="lm_stdlib_small"),) * 2)
+    with pytest.raises(
+        ValueError,
+        match="unknown study 'dape_nothing'; known studies: cope_code_lm, .*dape_ablation, dape_chomsky",
+    ):
+        get_study("dape_nothing")
+
+
+def test_the_studies_hold_what_the_issue_asks_for():
+    extrapolation = get_study("dape_extrapolation")
+    specs = [spec for _, spec in extrapolation.rows]
+    assert specs == [
+        "nope", "rope", "t5", "alibi", "kerple_log", "fire", "dape[base=alibi]", "dape[base=kerple_log]",
+        "dape[base=fire]", "dape[base=kerple_log,kernel_size=3]", "cope",
+    ]  # fmt: skip
+    assert extrapolation.factor == 64 and extrapolation.seeds == (0, 1, 2)
+    prose = get_preset("lm_stdlib_small").override(list(extrapolation.parts[1].overrides))
+    assert (prose.task.options["corpus"], prose.task.options["tokenizer"]) == ("python_docs", "bpe")
+    # Every row of every study builds (the ablation's forms and V2 included).
+    for study in STUDIES.values():
+        for _, spec in study.rows:
+            assert build_encoding(spec, n_heads=4, head_dim=32).n_heads == 4
+    scale = get_study("dape_scale")
+    widths = {p.name: get_preset(p.preset).override(list(p.overrides)).model.d_model for p in scale.parts}
+    steps = {p.name: get_preset(p.preset).override(list(p.overrides)).train.steps for p in scale.parts}
+    lrs = {p.name: get_preset(p.preset).override(list(p.overrides)).train.lr for p in scale.parts}
+    assert widths == {"x1": 128, "x4": 256, "x16": 512, "x1_steps4": 128, "x4_steps4": 256, "x16_lr1e-3": 512}
+    assert steps == {name: 2400 if name.endswith("steps4") else 600 for name in widths}
+    assert lrs == {**{name: 3e-3 for name in widths if name != "x16_lr1e-3"}, "x16_lr1e-3": 1e-3}
+    assert scale.gap == ("DAPE-Kerple", "Kerple")
+    widths = [build_encoding(spec, n_heads=4, head_dim=32) for _, spec in get_study("dape_width").rows[1:]]
+    assert [e.width for e in widths] == [4, 16, 32, 64]
+    forms = [build_encoding(spec, n_heads=4, head_dim=32) for _, spec in get_study("dape_ablation").rows[1:]]
+    assert [e.form for e in forms] == ["A+f(B)", "A+f(A,B)", "A+B+f(A,B)"]
+
+
+def test_a_study_is_one_kind_and_holds_only_that_kinds_fields():
+    with pytest.raises(ValueError, match="kind must be one of task table, lm extrapolation"):
+        tiny_lm_study(kind="table")
+    with pytest.raises(ValueError, match="belong to a task table"):
+        tiny_lm_study(numbers={"Kerple": {"a/id": 1.0}})
+    flipflop = get_study("cope_flipflop")
+    with pytest.raises(ValueError, match="belong to an LM extrapolation study"):
+        Study(**{**flipflop.__dict__, "gap": ("RoPE", "CoPE")})
+    kinds = {name: study.kind for name, study in STUDIES.items()}
+    assert {name for name, kind in kinds.items() if kind == LM_EXTRAPOLATION} == {
+        "dape_ablation", "dape_extrapolation", "dape_scale", "dape_width",
+    }  # fmt: skip
+    assert {"cope_flipflop", "cope_counting", "dape_chomsky", "demo"} <= set(kinds)
+
+
+def test_the_demo_is_the_flip_flop_table_with_the_demos_encodings():
+    demo, flipflop = get_study("demo"), get_study("cope_flipflop")
+    assert demo.kind == TASK_TABLE and demo.seeds == (0,)
+    assert demo.specs == ["learned", "rope", "alibi", "cope", "dape"]
+    assert demo.parts == flipflop.parts and demo.numbers == flipflop.numbers

@@ -1,0 +1,99 @@
+"""`poslab study` of an LM extrapolation study (also `poslab lm-study`): lm-extrapolation grids and a page."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from test_declaration import tiny_lm_study
+
+from conftest import tiny_lm_overrides, write_corpus
+from poslab.lab.cli import main
+from poslab.lab.presets import get_preset
+from poslab.lab.report.common import mean_std, stats_cell
+from poslab.lab.studies.declaration import STUDIES, Part
+from poslab.lab.studies.runner import run_study
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_a_study_end_to_end_resumes_and_shows_the_gap_and_the_paper(tmp_path, monkeypatch):
+    corpus = write_corpus(tmp_path / "corpus")
+    parts = (
+        Part(name="a", preset="lm_stdlib_small"),
+        Part(name="b", preset="lm_stdlib_small", overrides=("model.n_layers=1",)),
+    )
+    monkeypatch.setitem(STUDIES, "tiny", tiny_lm_study(parts=parts))
+    out = tmp_path / "out"
+    result = run_study("tiny", out, overrides=tiny_lm_overrides(corpus), max_windows=2, plots=False)
+    page = (out / "README.md").read_text()
+    assert page == result["page"]
+    for name in ("a", "b"):
+        assert result["results"][name]["settings"]["lengths"] == [16, 32, 64]  # up to factor x 16
+        assert (out / name / "results.json").is_file()
+    # The gap per part is DAPE-Kerple minus Kerple at 64, paired by seed.
+    res = result["results"]["b"]
+    at = {(r["encoding"], r["seed"]): r["results"]["64"]["ppl_last"] for r in res["runs"]}
+    gaps = [at["dape[base=kerple_log]", s] - at["kerple_log", s] for s in (0, 1)]
+    gap_row = next(line for line in page.splitlines() if line.startswith("| b | "))
+    assert f"{gaps[0]:+.2f}, {gaps[1]:+.2f}" in gap_row and "| 64 |" in gap_row
+    n_params = {r["n_params"] for r in res["runs"] if r["encoding"] == "kerple_log"}
+    lr = get_preset("lm_stdlib_small").override(tiny_lm_overrides(corpus)).train.lr
+    assert f"| b | {n_params.pop()} | 3 | {lr:g} | 64 |" in gap_row
+    # ... and beside it the same gap at the training length (16), paired by seed.
+    at16 = {(r["encoding"], r["seed"]): r["results"]["16"]["ppl_last"] for r in res["runs"]}
+    train_gap = mean_std([at16["dape[base=kerple_log]", s] - at16["kerple_log", s] for s in (0, 1)])
+    assert gap_row.endswith(f"| {stats_cell(train_gap)} |")
+    # The paper's 512 from 128 (4x) sits beside ours at 64 (4 x 16).
+    paper_row = next(line for line in page.splitlines() if line.startswith("| big | Kerple |"))
+    assert "| 512 (4x) | 31.50 |" in paper_row and paper_row.count(" at 64") == 2
+    # Every seed at the longest length, and the command.
+    assert f"| Kerple | {at['kerple_log', 0]:.2f} | {at['kerple_log', 1]:.2f} |" in page
+    assert "poslab study tiny --out" in page
+    assert "Compute: training 0.00 h and scoring 0.00 h" in page
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert len(rows) == 2 * 2 * 2 * 3  # parts x rows x seeds x lengths
+    assert {row["row"] for row in rows} == {"Kerple", "DAPE-Kerple"}
+
+    # Rerunning trains and scores nothing again (runs and scores are reused); other windows rescore
+    # without retraining; --page-only rebuilds the same page.
+    checkpoint = next((out / "a").rglob("checkpoint.pt"))
+    mtimes = checkpoint.stat().st_mtime_ns, (out / "a" / "results.json").stat().st_mtime_ns
+    again = run_study("tiny", out, overrides=tiny_lm_overrides(corpus), max_windows=2, plots=False)
+    assert (checkpoint.stat().st_mtime_ns, (out / "a" / "results.json").stat().st_mtime_ns) == mtimes
+    assert again["page"] == page
+    one = run_study("tiny", out, overrides=tiny_lm_overrides(corpus), max_windows=1, plots=False)
+    assert checkpoint.stat().st_mtime_ns == mtimes[0]
+    assert set(one["results"]["a"]["settings"]["windows"].values()) == {1}
+    run_study("tiny", out, overrides=tiny_lm_overrides(corpus), max_windows=2, plots=False)
+    rebuilt = run_study("tiny", out, train=False, overrides=tiny_lm_overrides(corpus), max_windows=2)
+    assert rebuilt["page"] == page
+    # The reading comes from notes.md, at the end of the page, and survives rebuilds.
+    assert page.endswith("## Reading\n\n_Not written yet._\n")
+    (out / "notes.md").write_text("\nKerple stays flat here.\n\n")
+    same = {"overrides": tiny_lm_overrides(corpus), "max_windows": 2}
+    noted = run_study("tiny", out, train=False, **same)["page"]
+    assert noted == page.replace("_Not written yet._", "Kerple stays flat here.")
+    assert (out / "README.md").read_text() == noted
+    (out / "notes.md").write_bytes(b"\xff\xfe broken")
+    with pytest.raises(ValueError, match=r"cannot read .*notes\.md"):
+        run_study("tiny", out, train=False, **same)
+    assert (out / "README.md").read_text() == noted  # the page written before is kept
+    assert json.loads((out / "a" / "results.json").read_text())["settings"]["lengths"] == [16, 32, 64]
+
+
+def test_lm_study_command_errors(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["lm-study", "dape_ablation", "--out", str(out), "--max-windows", "0"]) == 2
+    assert capsys.readouterr().err == "poslab: error: --max-windows must be a positive integer, got 0\n"
+    assert main(["lm-study", "dape_ablation", "--out", str(out), "--page-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("poslab: error: no part of study 'dape_ablation' has results in")
+    assert err.count("\n") == 1
+    assert main(["lm-study", "dape_ablation", "--out", str(out), "--page-only", "train.steps=x"]) == 2
+    assert capsys.readouterr().err.startswith("poslab: error: ")
+    assert main(["lm-study", "dape_nothing", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("poslab: error: unknown study 'dape_nothing'; known studies:")
+    assert not out.exists()
