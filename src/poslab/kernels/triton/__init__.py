@@ -1,0 +1,67 @@
+"""Triton kernels for ``attend(..., impl="triton")``: bias encodings (ALiBi, Kerple, T5, FIRE,
+Sandwich) and CoPE, forward and backward, tiled over keys (docs/attention.md, Triton kernels).
+
+Nothing here imports triton at ``import poslab`` time: ``available()`` looks for it, and the kernel
+modules (``bias``, ``cope``) are imported on first use. On a machine without a GPU the kernels run
+through triton's interpreter when ``TRITON_INTERPRET=1`` is set before triton is imported (the tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from torch import Tensor
+
+from poslab.encodings.base import PositionEncoding
+
+_AVAILABLE: bool | None = None
+
+
+def available() -> bool:
+    """Whether triton can be imported (cached after the first call)."""
+    global _AVAILABLE
+    if _AVAILABLE is None:
+        if importlib.util.find_spec("triton") is None:
+            _AVAILABLE = False
+        else:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+            except Exception:  # a broken install counts as none
+                _AVAILABLE = False
+            else:
+                _AVAILABLE = True
+    return _AVAILABLE
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def runnable_on(q: Tensor) -> bool:
+    """Whether the kernels can run on ``q``'s device: CUDA, or any device under the interpreter."""
+    return available() and (q.is_cuda or interpreting())
+
+
+def plan(encoding: PositionEncoding | None) -> str | None:
+    """Which kernel runs ``encoding``: 'none' (NoPE, or a rotation only), 'table' (a bias of the
+    signed distance alone, tabulated per head), 'fire', 'cope', or None (no Triton kernel)."""
+    from poslab.kernels.triton.dispatch import plan as _plan
+
+    return _plan(encoding)
+
+
+def triton_attention(q, k, v, encoding, q_pos, *, causal: bool, extra_keys=None) -> Tensor:
+    """Attention with ``encoding`` through the Triton kernels; q and k already rotated. ValueError
+    when triton is missing, the device cannot run it, or the encoding has no kernel."""
+    if not available():
+        raise ValueError('attend(impl="triton") needs triton: pip install "poslab[gpu]"')
+    if not runnable_on(q):
+        raise ValueError(
+            f'attend(impl="triton") runs on CUDA tensors (or under TRITON_INTERPRET=1), got {q.device}'
+        )
+    from poslab.kernels.triton.dispatch import run
+
+    return run(q, k, v, encoding, q_pos, causal=causal, extra_keys=extra_keys)

@@ -1,0 +1,86 @@
+"""The Triton kernels (``attend(impl="triton")``) against the eager path, float32: outputs and every
+gradient (inputs and the encoding's parameters), full forward and cached decoding. Without a GPU
+they run through triton's interpreter (TRITON_INTERPRET=1, set by tests/kernels/conftest.py before
+triton is imported); skipped when triton is not installed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poslab import attend, build_encoding
+from poslab.kernels import triton as triton_kernels
+
+pytestmark = pytest.mark.skipif(not triton_kernels.available(), reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(n_batch, n_heads, n_queries, n_keys, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE).requires_grad_()
+
+    return rand(n_batch, n_heads, n_queries, head_dim), *(
+        rand(n_batch, n_heads, n_keys, head_dim) for _ in "kv"
+    )
+
+
+def _perturb(encoding: torch.nn.Module, seed: int) -> None:
+    """Non-trivial parameters (CoPE's table starts at zero, T5's near it)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in encoding.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
+
+
+def check(name, *, causal=True, n_queries=24, n_keys=24, n_heads=2, seed=0, **options):
+    encoding = build_encoding(name, n_heads=n_heads, head_dim=16, **options).to(DEVICE)
+    _perturb(encoding, seed)
+    q, k, v = _inputs(2, n_heads, n_queries, n_keys, 16, seed)
+    params = [p for p in encoding.parameters() if p.requires_grad]
+    tensors = [q, k, v, *params]
+    results = []
+    for impl in ("eager", "triton"):
+        out = attend(q, k, v, encoding, causal=causal, impl=impl)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+        results.append((out.detach(), torch.autograd.grad(out, tensors, grad, allow_unused=True)))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    labels = ["q", "k", "v", *(n for n, p in encoding.named_parameters() if p.requires_grad)]
+    for label, g, w in zip(labels, got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or not g.abs().any(), label
+            continue
+        assert g is not None, f"no gradient for {label}"
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
+
+
+BIASES = ["alibi", "kerple_log", "kerple_power", "t5", "sandwich", "fire", "alibi+rope", "rope", "nope"]
+
+
+@pytest.mark.parametrize("name", BIASES)
+def test_bias_causal(name):
+    check(name)
+
+
+@pytest.mark.parametrize("name", BIASES)
+def test_bias_cached_decoding(name):
+    check(name, n_queries=5, n_keys=29, seed=1)
+
+
+@pytest.mark.parametrize("name", ["alibi", "t5", "fire", "kerple_power"])
+def test_bias_bidirectional(name):
+    check(name, causal=False, n_queries=20, n_keys=20, seed=2)
+
+
+def test_fire_leaky_and_small_threshold():
+    check("fire", activation="leaky_relu", threshold=4.0, seed=3, n_heads=3)
+
+
+def test_unsupported_encoding_raises():
+    encoding = build_encoding("relative", n_heads=2, head_dim=16)
+    q, k, v = _inputs(1, 2, 8, 8, 16, 0)
+    with pytest.raises(ValueError, match="no kernel"):
+        attend(q, k, v, encoding, impl="triton")
