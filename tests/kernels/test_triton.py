@@ -84,3 +84,18 @@ def test_unsupported_encoding_raises():
     q, k, v = _inputs(1, 2, 8, 8, 16, 0)
     with pytest.raises(ValueError, match="no kernel"):
         attend(q, k, v, encoding, impl="triton")
+
+
+@pytest.mark.parametrize("name", ["cope", "cope+rope"])
+def test_cope_causal(name):
+    check(name, n_queries=32, n_keys=32, npos_max=8)
+
+
+@pytest.mark.parametrize("name", ["cope", "cope+rope"])
+def test_cope_cached_decoding(name):
+    check(name, n_queries=6, n_keys=27, npos_max=8, seed=4)
+
+
+def test_cope_clamped_positions():
+    """npos_max below the longest row: positions clamp, those gates get no gradient."""
+    check("cope", n_queries=32, n_keys=32, npos_max=3, seed=5)
