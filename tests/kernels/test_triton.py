@@ -99,3 +99,20 @@ def test_cope_cached_decoding(name):
 def test_cope_clamped_positions():
     """npos_max below the longest row: positions clamp, those gates get no gradient."""
     check("cope", n_queries=32, n_keys=32, npos_max=3, seed=5)
+
+
+DAPES = ["dape", "dape[base=kerple_log]", "dape[base=nope]", "dape[base=rope]", "dape[form=A+f(A,B)]"]
+
+
+@pytest.mark.parametrize("name", DAPES)
+def test_dape_causal(name):
+    check(name, n_queries=20, n_keys=20, n_heads=4, width=8)
+
+
+@pytest.mark.parametrize("name", ["dape", "dape[base=t5]"])
+def test_dape_cached_decoding(name):
+    check(name, n_queries=5, n_keys=21, n_heads=3, seed=6)
+
+
+def test_dape_bidirectional():
+    check("dape", causal=False, n_queries=18, n_keys=18, n_heads=2, width=8, seed=7)

@@ -9,6 +9,7 @@ from torch import Tensor
 from poslab.encodings.alibi import ALiBi
 from poslab.encodings.base import PositionEncoding, as_float
 from poslab.encodings.cope import CoPE
+from poslab.encodings.dape import DAPE
 from poslab.encodings.fire import FIRE
 from poslab.encodings.kerple import KerpleLog, KerplePower
 from poslab.encodings.sandwich import Sandwich
@@ -23,7 +24,7 @@ def _parts(encoding: PositionEncoding) -> list[PositionEncoding]:
 
 
 def plan(encoding: PositionEncoding | None) -> str | None:
-    """'none', 'table', 'fire', 'cope' or None (see ``poslab.kernels.triton.plan``)."""
+    """'none', 'table', 'fire', 'cope', 'dape' or None (see ``poslab.kernels.triton.plan``)."""
     if encoding is None:
         return "none"
     parts = [p for p in _parts(encoding) if p.hooks - {"rotate"}]  # rotations are applied before
@@ -37,7 +38,17 @@ def plan(encoding: PositionEncoding | None) -> str | None:
         return "fire"
     if len(parts) == 1 and type(parts[0]) is CoPE and not (parts[0].sep_key or parts[0].val_gates):
         return "cope"
+    if len(parts) == 1 and type(parts[0]) is DAPE and _dape_supported(parts[0]):
+        return "dape"
     return None
+
+
+def _dape_supported(dape: DAPE) -> bool:
+    """The MLP (kernel_size 1) of a form that reads A, over a base without one or with a distance bias."""
+    if dape.mlp is None or dape.kernel_size != 1 or not dape.reads_logits:
+        return False
+    base = [p for p in _parts(dape.base) if p.hooks - {"rotate"}] if dape.base is not None else []
+    return all(type(p) in DISTANCE_BIASES for p in base)
 
 
 def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> Tensor:
@@ -46,8 +57,8 @@ def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> T
     if kind is None:
         raise ValueError(
             f'attend(impl="triton") has no kernel for encoding {encoding.name!r}: Triton kernels cover '
-            "NoPE, RoPE, ALiBi, Kerple, T5, FIRE, Sandwich, CoPE (causal, gates from q.k) and "
-            "their compositions with RoPE"
+            "NoPE, RoPE, ALiBi, Kerple, T5, FIRE, Sandwich, CoPE (causal, gates from q.k), DAPE (the "
+            "MLP, kernel_size 1, over NoPE, RoPE or a distance bias) and their compositions with RoPE"
         )
     if kind == "cope":
         from poslab.kernels.triton.cope import cope_attention
@@ -56,6 +67,17 @@ def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> T
         if not causal:
             raise ValueError('attend(impl="triton"): the CoPE kernel is causal only')
         return cope_attention(q, k, v, q_pos, cope.pos_emb[: cope.npos_max], cope.npos_max)
+
+    if kind == "dape":
+        from poslab.kernels.triton.dape import dape_attention
+
+        (dape,) = [p for p in _parts(encoding) if p.hooks - {"rotate"}]
+        dape.check_queries(q)
+        table, c_off = None, 0
+        if dape.base is not None and dape.base.hooks - {"rotate"}:
+            params = distance_table(dape, q_pos.to(q.device), k.shape[2], causal=causal)
+            table, c_off = params.table, params.c_off
+        return dape_attention(q, k, v, q_pos, dape, table, c_off, causal=causal)
 
     from poslab.kernels.triton.bias import BiasParams, bias_attention
 
