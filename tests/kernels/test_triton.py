@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from poslab import attend, build_encoding
+from poslab import ModelConfig, attend, build_encoding, build_model
 from poslab.kernels import triton as triton_kernels
 
 pytestmark = pytest.mark.skipif(not triton_kernels.available(), reason="triton is not installed")
@@ -131,3 +131,26 @@ def test_refused_without_triton_or_device(monkeypatch):
     with pytest.raises(ValueError, match="needs triton"):
         attend(q, k, v, encoding, impl="triton")
     attend(q, k, v, encoding, impl="auto")  # auto never needs triton
+
+
+@pytest.mark.parametrize("name", ["cope+rope", "alibi", "dape"])
+def test_model_cached_decoding(name):
+    """A model with attn_impl='triton': prompt then one token at a time through the KV cache (keys in
+    buffers with spare capacity) gives the logits of the eager model's full forward."""
+    torch.manual_seed(0)
+
+    def config(impl):
+        return ModelConfig(vocab_size=13, d_model=32, n_layers=1, n_heads=4, encoding=name, attn_impl=impl)
+
+    eager = build_model(config("eager")).to(DEVICE)
+    _perturb(eager, 0)
+    model = build_model(config("triton")).to(DEVICE)
+    model.load_state_dict(eager.state_dict())
+    tokens = torch.randint(0, 13, (2, 12), device=DEVICE)
+    with torch.no_grad():
+        want = eager(tokens)
+        cache = model.new_cache()
+        steps = [model(tokens[:, :8], cache=cache)] + [
+            model(tokens[:, t : t + 1], cache=cache) for t in range(8, 12)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-4)
