@@ -35,10 +35,10 @@ def _perturb(encoding: torch.nn.Module, seed: int) -> None:
             p.add_(0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device))
 
 
-def check(name, *, causal=True, n_queries=24, n_keys=24, n_heads=2, seed=0, **options):
+def check(name, *, causal=True, n_queries=24, n_keys=24, n_heads=2, n_batch=2, seed=0, **options):
     encoding = build_encoding(name, n_heads=n_heads, head_dim=16, **options).to(DEVICE)
     _perturb(encoding, seed)
-    q, k, v = _inputs(2, n_heads, n_queries, n_keys, 16, seed)
+    q, k, v = _inputs(n_batch, n_heads, n_queries, n_keys, 16, seed)
     params = [p for p in encoding.parameters() if p.requires_grad]
     tensors = [q, k, v, *params]
     results = []
@@ -108,7 +108,7 @@ DAPES = ["dape", "dape[base=kerple_log]", "dape[base=nope]", "dape[base=rope]", 
 
 @pytest.mark.parametrize("name", DAPES)
 def test_dape_causal(name):
-    check(name, n_queries=20, n_keys=20, n_heads=4, width=8)
+    check(name, n_queries=20, n_keys=20, n_heads=4, n_batch=1, width=8)
 
 
 @pytest.mark.parametrize(("name", "width"), [("dape", 32), ("dape[base=t5]", 8)])
@@ -154,3 +154,19 @@ def test_model_cached_decoding(name):
             model(tokens[:, t : t + 1], cache=cache) for t in range(8, 12)
         ]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-4)
+
+
+V2 = ["dape[kernel_size=3]", "dape[kernel_size=3,base=kerple_log]", "dape[kernel_size=3,v2_mask=input]"]
+
+
+@pytest.mark.parametrize("name", V2)
+def test_dape_v2_causal(name):
+    check(name, n_queries=20, n_keys=20, n_heads=2, n_batch=1, width=4, seed=8)
+
+
+def test_dape_v2_cached_decoding():
+    check("dape[kernel_size=3]", n_queries=5, n_keys=21, n_heads=2, width=4, seed=9)  # batch 2
+
+
+def test_dape_v2_bidirectional():
+    check("dape[kernel_size=3,base=t5]", causal=False, n_queries=18, n_keys=18, n_batch=1, width=4, seed=10)

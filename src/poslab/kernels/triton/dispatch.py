@@ -44,8 +44,9 @@ def plan(encoding: PositionEncoding | None) -> str | None:
 
 
 def _dape_supported(dape: DAPE) -> bool:
-    """The MLP (kernel_size 1) of a form that reads A, over a base without one or with a distance bias."""
-    if dape.mlp is None or dape.kernel_size != 1 or not dape.reads_logits:
+    """The MLP or V2 with kernel_size 3 (either mask) of a form that reads A, over no base, RoPE or a
+    distance bias."""
+    if dape.mlp is None or dape.kernel_size not in (1, 3) or not dape.reads_logits:
         return False
     base = [p for p in _parts(dape.base) if p.hooks - {"rotate"}] if dape.base is not None else []
     return all(type(p) in DISTANCE_BIASES for p in base)
@@ -58,7 +59,8 @@ def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> T
         raise ValueError(
             f'attend(impl="triton") has no kernel for encoding {encoding.name!r}: Triton kernels cover '
             "NoPE, RoPE, ALiBi, Kerple, T5, FIRE, Sandwich, CoPE (causal, gates from q.k), DAPE (the "
-            "MLP, kernel_size 1, over NoPE, RoPE or a distance bias) and their compositions with RoPE"
+            "MLP or V2 with kernel_size 3, over NoPE, RoPE or a distance bias) and their compositions "
+            "with RoPE"
         )
     if kind == "cope":
         from poslab.kernels.triton.cope import cope_attention
@@ -77,6 +79,10 @@ def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> T
         if dape.base is not None and dape.base.hooks - {"rotate"}:
             params = distance_table(dape, q_pos.to(q.device), k.shape[2], causal=causal)
             table, c_off = params.table, params.c_off
+        if dape.kernel_size == 3:
+            from poslab.kernels.triton.dape_v2 import dape_v2_attention
+
+            return dape_v2_attention(q, k, v, q_pos, dape, table, c_off, causal=causal)
         return dape_attention(q, k, v, q_pos, dape, table, c_off, causal=causal)
 
     from poslab.kernels.triton.bias import BiasParams, bias_attention
