@@ -129,7 +129,7 @@ def attend(
     if impl == "fused" and rewrites:
         raise ValueError(f"encoding {encoding.name!r} rewrites logits; the fused path cannot run it")
 
-    if impl == "triton" or (impl == "auto" and q.is_cuda and _triton_takes(encoding)):
+    if impl == "triton" or (impl == "auto" and q.is_cuda and _triton_takes(encoding, causal)):
         from poslab.kernels import triton as triton_kernels
 
         return triton_kernels.triton_attention(q, k, v, encoding, q_pos, causal=causal, extra_keys=extra_keys)
@@ -146,12 +146,15 @@ def attend(
     )
 
 
-def _triton_takes(encoding: PositionEncoding | None) -> bool:
-    """Whether ``impl="auto"`` hands CUDA tensors to a Triton kernel: triton is installed and the
-    encoding has a kernel that SDPA does not already cover (a bias or CoPE, not NoPE or RoPE)."""
+def _triton_takes(encoding: PositionEncoding | None, causal: bool) -> bool:
+    """Whether ``impl="auto"`` hands CUDA tensors to a Triton kernel: triton is installed, not switched
+    off (POSLAB_TRITON=0), and the encoding has a kernel that SDPA does not already cover (a bias,
+    CoPE or DAPE; not NoPE or RoPE)."""
     from poslab.kernels import triton as triton_kernels
 
-    return triton_kernels.plan(encoding) not in (None, "none") and triton_kernels.available()
+    if not triton_kernels.auto_enabled() or triton_kernels.plan(encoding, causal=causal) in (None, "none"):
+        return False
+    return triton_kernels.available()
 
 
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in

@@ -45,12 +45,17 @@ def runnable_on(q: Tensor) -> bool:
     return available() and (q.is_cuda or interpreting())
 
 
-def plan(encoding: PositionEncoding | None) -> str | None:
+def plan(encoding: PositionEncoding | None, *, causal: bool = True) -> str | None:
     """Which kernel runs ``encoding``: 'none' (NoPE, or a rotation only), 'table' (a bias of the
-    signed distance alone, tabulated per head), 'fire', 'cope', or None (no Triton kernel)."""
+    signed distance alone, tabulated per head), 'fire', 'cope', 'dape', or None (no Triton kernel)."""
     from poslab.kernels.triton.dispatch import plan as _plan
 
-    return _plan(encoding)
+    return _plan(encoding, causal=causal)
+
+
+def auto_enabled() -> bool:
+    """Whether ``impl="auto"`` may pick the Triton kernels on CUDA: unless POSLAB_TRITON=0."""
+    return os.environ.get("POSLAB_TRITON", "1") != "0"
 
 
 def triton_attention(q, k, v, encoding, q_pos, *, causal: bool, extra_keys=None) -> Tensor:

@@ -115,7 +115,9 @@ def _cope_bwd(
     m_dv = rdv[None, :] < DV
     qp = tl.load(QPOS + rm, mask=m_row, other=0)
     q = tl.load(Q + bh * T * D + rm[:, None] * D + rd[None, :], mask=m_row[:, None] & m_d, other=0.0)
-    do = tl.load(DO + bh * T * DV + rm[:, None] * DV + rdv[None, :], mask=m_row[:, None] & m_dv, other=0.0)
+    do = tl.load(
+        DO + bh * T * DV + rm[:, None] * DV + rdv[None, :], mask=m_row[:, None] & m_dv, other=0.0
+    ).to(tl.float32)
     lse = tl.load(LSE + bh * T + rm, mask=m_row, other=0.0)
     delta = tl.load(DELTA + bh * T + rm, mask=m_row, other=0.0)
     dz_row = DZ + (bh * T + rm[:, None]) * P

@@ -130,7 +130,7 @@ def _dape_bwd(
     m_d = rd[None, None, :] < D
     m_dv = rdv[None, None, :] < DV
     q = tl.load(Q + rows * D + rd[None, None, :], mask=m_rows & m_d, other=0.0)
-    do = tl.load(DO + rows * DV + rdv[None, None, :], mask=m_rows & m_dv, other=0.0)
+    do = tl.load(DO + rows * DV + rdv[None, None, :], mask=m_rows & m_dv, other=0.0).to(tl.float32)
     row_ids = (bh0 + rh[:, None]) * T + rm[None, :]
     m_hr = m_h[:, None] & m_row[None, :]
     lse = tl.load(LSE + row_ids, mask=m_hr, other=0.0)
@@ -202,7 +202,7 @@ class DAPETritonFn(torch.autograd.Function):
         weights = [t.detach().float().contiguous() for t in (w1, b1, w2, b2)]
         tab = table.detach().float().contiguous() if table is not None else weights[1]
         n_tab = table.shape[-1] if table is not None else 1
-        bm, bn = block_sizes(q)
+        bm, bn = block_sizes(q, "dape")
         grid = (triton.cdiv(n_queries, bm), n_batch)
         meta = dict(
             CAUSAL=causal, HAS_TAB=table is not None, ADD_BASE=add_base, WIDTH=w1.shape[0],
@@ -227,7 +227,7 @@ class DAPETritonFn(torch.autograd.Function):
         dq, dk, dv = (float32_zeros(t.shape, q) for t in (q, k, v))
         dtab = float32_zeros(tab.shape, q)
         dweights = [float32_zeros(t.shape, q) for t in weights]
-        bm, _ = block_sizes(q)
+        bm, _ = block_sizes(q, "dape")
         grid = (triton.cdiv(n_queries, bm), n_batch)
         _dape_bwd[grid](
             q, k, v, q_pos, grad_out, lse, delta, dq, dk, dv, tab, ctx.n_tab, ctx.c_off, *weights,

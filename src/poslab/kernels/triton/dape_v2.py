@@ -216,7 +216,7 @@ def _v2_bwd(
     m_rows = m_h[:, None, None] & m_row[None, :, None]
     m_dv = rdv[None, None, :] < DV
     q = tl.load(Q + rows * D + rd[None, None, :], mask=m_rows & (rd[None, None, :] < D), other=0.0)
-    do = tl.load(DO + rows * DV + rdv[None, None, :], mask=m_rows & m_dv, other=0.0)
+    do = tl.load(DO + rows * DV + rdv[None, None, :], mask=m_rows & m_dv, other=0.0).to(tl.float32)
     row_ids = (bh0 + rh[:, None]) * T + rm[None, :]
     m_hr = m_h[:, None] & m_row[None, :]
     lse = tl.load(LSE + row_ids, mask=m_hr, other=0.0)
@@ -332,7 +332,7 @@ class DAPEV2TritonFn(torch.autograd.Function):
         weights = [t.detach().float().contiguous() for t in (w1, b1, w2, b2)]
         tab = table.detach().float().contiguous() if table is not None else weights[1]
         n_tab = table.shape[-1] if table is not None else 1
-        bm, bn = block_sizes(q)
+        bm, bn = block_sizes(q, "dape_v2")
         meta = dict(
             CAUSAL=causal, HAS_TAB=table is not None, ADD_BASE=add_base, HIDDEN=hidden_mask,
             WIDTH=w1.shape[0], HP=_pow2(n_heads, 1), BM=bm, BN=bn, DP=_pow2(head_dim),

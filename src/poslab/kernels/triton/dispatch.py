@@ -23,7 +23,7 @@ def _parts(encoding: PositionEncoding) -> list[PositionEncoding]:
     return list(getattr(encoding, "parts", [encoding]))
 
 
-def plan(encoding: PositionEncoding | None) -> str | None:
+def plan(encoding: PositionEncoding | None, *, causal: bool = True) -> str | None:
     """'none', 'table', 'fire', 'cope', 'dape' or None (see ``poslab.kernels.triton.plan``)."""
     if encoding is None:
         return "none"
@@ -37,7 +37,7 @@ def plan(encoding: PositionEncoding | None) -> str | None:
     if len(parts) == 1 and type(parts[0]) is FIRE:
         return "fire"
     if len(parts) == 1 and type(parts[0]) is CoPE and not (parts[0].sep_key or parts[0].val_gates):
-        return "cope"
+        return "cope" if causal else None
     if len(parts) == 1 and type(parts[0]) is DAPE and _dape_supported(parts[0]):
         return "dape"
     return None
@@ -54,11 +54,11 @@ def _dape_supported(dape: DAPE) -> bool:
 
 def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> Tensor:
     """Attention through the kernel ``plan`` picks; ValueError when there is none."""
-    kind = plan(encoding)
+    kind = plan(encoding, causal=causal)
     if kind is None:
         raise ValueError(
             f'attend(impl="triton") has no kernel for encoding {encoding.name!r}: Triton kernels cover '
-            "NoPE, RoPE, ALiBi, Kerple, T5, FIRE, Sandwich, CoPE (causal, gates from q.k), DAPE (the "
+            "NoPE, RoPE, ALiBi, Kerple, T5, FIRE, Sandwich, CoPE (causal only, gates from q.k), DAPE (the "
             "MLP or V2 with kernel_size 3, over NoPE, RoPE or a distance bias) and their compositions "
             "with RoPE"
         )
@@ -66,8 +66,6 @@ def run(q, k, v, encoding, q_pos: Tensor, *, causal: bool, extra_keys=None) -> T
         from poslab.kernels.triton.cope import cope_attention
 
         (cope,) = [p for p in _parts(encoding) if p.hooks - {"rotate"}]
-        if not causal:
-            raise ValueError('attend(impl="triton"): the CoPE kernel is causal only')
         return cope_attention(q, k, v, q_pos, cope.pos_emb[: cope.npos_max], cope.npos_max)
 
     if kind == "dape":
