@@ -1,12 +1,21 @@
 """The Triton kernels (``attend(impl="triton")``) against the eager path, float32: outputs and every
 gradient (inputs and the encoding's parameters), full forward and cached decoding. Without a GPU
-they run through triton's interpreter (TRITON_INTERPRET=1, set by tests/kernels/conftest.py before
-triton is imported); skipped when triton is not installed."""
+they run through triton's interpreter (TRITON_INTERPRET=1, set below); skipped when triton is not
+installed."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the kernels run through triton's interpreter, which triton reads when a kernel is
+# defined: poslab defines its kernels on first use, so setting it here, at collection, is early
+# enough in a pytest process that runs other tests too. (Not in a conftest.py: a second one would
+# shadow the `from conftest import ...` of the tests above this directory.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from poslab import ModelConfig, attend, build_encoding, build_model
 from poslab.kernels import triton as triton_kernels

@@ -54,14 +54,13 @@ def _shifted(
 def _pre(W1, B1, w, H, rh, m_h, a_m, a_0, a_p, b_m, b_0, b_p):
     """conv_in's channel w at one key from [A; B] at the key before, the key and the key after."""
     base = W1 + w * 2 * H * 3
-    acc = tl.load(W1 + 0 * w) * 0.0 + tl.load(B1 + w)
     x = tl.load(base + rh * 3 + 0, mask=m_h, other=0.0)[:, None, None] * a_m
     x += tl.load(base + rh * 3 + 1, mask=m_h, other=0.0)[:, None, None] * a_0
     x += tl.load(base + rh * 3 + 2, mask=m_h, other=0.0)[:, None, None] * a_p
     x += tl.load(base + (H + rh) * 3 + 0, mask=m_h, other=0.0)[:, None, None] * b_m
     x += tl.load(base + (H + rh) * 3 + 1, mask=m_h, other=0.0)[:, None, None] * b_0
     x += tl.load(base + (H + rh) * 3 + 2, mask=m_h, other=0.0)[:, None, None] * b_p
-    return tl.sum(x, 0) + acc
+    return tl.sum(x, 0) + tl.load(B1 + w)
 
 
 @triton.jit
