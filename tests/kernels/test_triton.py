@@ -129,19 +129,6 @@ def test_dape_bidirectional():
     check("dape", causal=False, n_queries=18, n_keys=18, n_heads=2, width=8, seed=7)
 
 
-def test_refused_without_triton_or_device(monkeypatch):
-    encoding = build_encoding("alibi", n_heads=2, head_dim=16)
-    q, k, v = (torch.randn(1, 2, 8, 16) for _ in "qkv")
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match="CUDA"):
-            attend(q, k, v, encoding, impl="triton")
-    monkeypatch.setattr(triton_kernels, "_AVAILABLE", False)
-    with pytest.raises(ValueError, match="needs triton"):
-        attend(q, k, v, encoding, impl="triton")
-    attend(q, k, v, encoding, impl="auto")  # auto never needs triton
-
-
 @pytest.mark.parametrize("name", ["cope+rope", "alibi", "dape"])
 def test_model_cached_decoding(name):
     """A model with attn_impl='triton': prompt then one token at a time through the KV cache (keys in

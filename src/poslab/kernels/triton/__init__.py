@@ -22,16 +22,16 @@ def available() -> bool:
     """Whether triton can be imported (cached after the first call)."""
     global _AVAILABLE
     if _AVAILABLE is None:
-        if importlib.util.find_spec("triton") is None:
-            _AVAILABLE = False
-        else:
-            try:
-                import triton  # noqa: F401
-                import triton.language  # noqa: F401
-            except Exception:  # a broken install counts as none
+        try:
+            if importlib.util.find_spec("triton") is None:
                 _AVAILABLE = False
             else:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+
                 _AVAILABLE = True
+        except Exception:  # a broken install (or a blocked import) counts as none
+            _AVAILABLE = False
     return _AVAILABLE
 
 
