@@ -14,6 +14,7 @@ import os
 from torch import Tensor
 
 from poslab.encodings.base import PositionEncoding
+from poslab.kernels.triton.common import interpreting
 
 _AVAILABLE: bool | None = None
 
@@ -33,11 +34,6 @@ def available() -> bool:
         except Exception:  # a broken install (or a blocked import) counts as none
             _AVAILABLE = False
     return _AVAILABLE
-
-
-def interpreting() -> bool:
-    """Whether triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def runnable_on(q: Tensor) -> bool:

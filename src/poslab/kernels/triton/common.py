@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from poslab.kernels.triton import interpreting
+
+def interpreting() -> bool:
+    """Whether triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 # (queries, keys) per tile on a GPU, per kernel; guesses, not yet tuned on one. The DAPE kernels hold
 # every head of a tile (V2: five shifted tiles of A and B), so theirs are smaller.
