@@ -234,3 +234,20 @@ def test_block_temporaries_live_in_reused_scratch_buffers(name, save_bytes, dape
     for a, b in zip([first[0], *first[1]], [second[0], *second[1]], strict=True):
         if a is not None:
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_triton_impl_refusals(monkeypatch):
+    """impl='triton' names what is missing (triton, a device it can run on); 'auto' never needs it.
+    Runs with or without triton installed (the kernels' own tests are in tests/kernels)."""
+    from poslab.kernels import triton as triton_kernels
+
+    encoding = poslab.build_encoding("alibi", n_heads=2, head_dim=16)
+    q, k, v = (torch.randn(1, 2, 8, 16) for _ in "qkv")
+    if triton_kernels.available() and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="CUDA"):
+            poslab.attend(q, k, v, encoding, impl="triton")
+    monkeypatch.setattr(triton_kernels, "_AVAILABLE", False)
+    with pytest.raises(ValueError, match="needs triton"):
+        poslab.attend(q, k, v, encoding, impl="triton")
+    poslab.attend(q, k, v, encoding, impl="auto")

@@ -98,7 +98,7 @@ def test_non_positive_sizes(field):
             "unknown option\\(s\\) npos_max for encoding 'rope'",
         ),
         ({"tie_embeddings": True, "n_outputs": 3}, "tie_embeddings needs n_outputs == vocab_size"),
-        ({"attn_impl": "flash"}, "model.attn_impl must be one of auto, fused, eager"),
+        ({"attn_impl": "flash"}, "model.attn_impl must be one of auto, fused, eager, triton"),
         ({"d_model": 12, "n_heads": 4}, "rope needs an even head_dim, got 3"),
     ],
 )

@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, causal_mask
 
-Impl = Literal["auto", "fused", "eager"]
-IMPLS = ("auto", "fused", "eager")
+Impl = Literal["auto", "fused", "eager", "triton"]
+IMPLS = ("auto", "fused", "eager", "triton")
 
 
 def default_positions(n_queries: int, n_keys: int, device: torch.device) -> Tensor:
@@ -65,8 +65,10 @@ def attend(
         positions: (T,) integer positions of the queries; default S - T + arange(T), i.e. the queries
             are the last T keys (a full forward when T == S, cached decoding when T < S).
         impl: 'auto' (fused SDPA when the encoding allows it, else the encoding's fused block kernel
-            or the eager block path, query block by query block), 'fused' (SDPA only; raise if the
-            encoding rewrites logits or replaces the softmax), or 'eager' (the reference path: everything
+            or the eager block path, query block by query block; on CUDA the Triton kernels where the
+            encoding has one), 'fused' (SDPA only; raise if the encoding rewrites logits or replaces
+            the softmax), 'triton' (the Triton kernels, ``poslab.kernels.triton``; raise if triton is
+            missing or the encoding has none), or 'eager' (the reference path: everything
             materialised).
         block_size: queries per block for the blockwise paths; None picks one from the shapes so
             that a block's (B, C, t, S) intermediates stay near ``BLOCK_ELEMENTS``.
@@ -168,6 +170,10 @@ def attend(
         what = "rewrites logits" if encoding.uses_logits else "replaces the softmax"
         raise ValueError(f"encoding {encoding.name!r} {what}; the fused path cannot run it")
 
+    if impl == "triton" or (impl == "auto" and q.is_cuda and _triton_takes(encoding, causal)):
+        from poslab.kernels import triton as triton_kernels
+
+        return triton_kernels.triton_attention(q, k, v, encoding, q_pos, causal=causal, extra_keys=extra_keys)
     if impl == "eager":
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
@@ -238,6 +244,17 @@ def packed_attention(
         y = attend(*take[:3], encoding, extra_keys=take[3], **run)  # (n, H, L, Dv)
         out[rows[:, None], :, index] = y.transpose(1, 2).to(out.dtype)
     return out
+
+
+def _triton_takes(encoding: PositionEncoding | None, causal: bool) -> bool:
+    """Whether ``impl="auto"`` hands CUDA tensors to a Triton kernel: triton is installed, not switched
+    off (POSLAB_TRITON=0), and the encoding has a kernel that SDPA does not already cover (a bias,
+    CoPE or DAPE; not NoPE or RoPE)."""
+    from poslab.kernels import triton as triton_kernels
+
+    if not triton_kernels.auto_enabled() or triton_kernels.plan(encoding, causal=causal) in (None, "none"):
+        return False
+    return triton_kernels.available()
 
 
 # A block's intermediates hold about this many elements (8 MiB in float32): small enough to stay in

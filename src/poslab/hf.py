@@ -67,7 +67,7 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
         model: a transformers ``LlamaForCausalLM`` / ``LlamaModel`` (or the Qwen2 / Mistral ones).
         spec: any encoding `poslab.build_encoding` accepts: a registry name, a composition
             (``"cope+rope"``) or a spec with options (``"dape[base=kerple_log]"``).
-        impl: `poslab.attend`'s path ('auto', 'fused' or 'eager').
+        impl: `poslab.attend`'s path ('auto', 'fused', 'triton' or 'eager').
         **options: encoding options, as for `poslab.build_encoding`.
 
     Raises:

@@ -79,7 +79,7 @@ class ModelConfig:
     n_outputs: int | None = None  # size of the output head; None means vocab_size
     max_len: int = 1024  # table size for encodings that have one (learned absolute), if not set
     train_len: int | None = None  # the training length, for encodings initialised from it (FIRE)
-    attn_impl: str = "auto"  # 'auto', 'fused' or 'eager' (see poslab.attend)
+    attn_impl: str = "auto"  # 'auto', 'fused', 'triton' or 'eager' (see poslab.attend)
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
