@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -302,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
+    previous = _sigterm_as_interrupt()
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:
@@ -332,6 +335,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("poslab: interrupted; continue a run with --resume", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (``kill PID``) stops any command as Ctrl-C does (exit 130, files whole), also between
+    a grid's runs; a run in training saves a checkpoint first (`poslab.lab.train`). Returns the
+    previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _out_of_memory(error: RuntimeError) -> bool:
