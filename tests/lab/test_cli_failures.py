@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -828,3 +829,57 @@ def test_a_signal_to_a_training_grid_saves_checkpoints_and_leaves_no_process(tmp
     if len(signals) == 1:
         assert all(load_checkpoint(r / "checkpoint.pt")["step"] >= 1 for r in runs), err
     assert not any((r / ".lock").exists() and len(signals) == 1 for r in runs)
+
+
+# -- 10. result and config files of the wrong shape name the file (issue #31) ---------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[]",
+        '"x"',
+        '{"task": "flipflop"}',
+        '{"task": "flipflop", "encoding": "rope", "seed": 0, "metrics": "x"}',
+        '{"task": "flipflop", "encoding": "rope", "seed": 0, "metrics": {"id": "x"}}',
+    ],
+)
+def test_a_results_file_of_the_wrong_shape_is_one_line_naming_it(capsys, tmp_path, finished_run, content):
+    run_dir = copy_run(finished_run, tmp_path / "runs" / "rope")
+    (run_dir / "results.json").write_text(content)
+    code, _, err = run(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and err.count("\n") == 1 and str(run_dir / "results.json") in err, err
+
+
+def test_a_foreign_results_file_under_a_report_is_one_line_naming_it(capsys, tmp_path, finished_run):
+    copy_run(finished_run, tmp_path / "runs" / "rope")
+    junk = tmp_path / "runs" / "junk"
+    junk.mkdir()
+    (junk / "results.json").write_text("[]")
+    (junk / "config.json").write_text("[]")
+    code, _, err = run(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and err.count("\n") == 1 and str(junk) in err, err
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: [], "a JSON list"),
+        (lambda r: {**r, "settings": "x"}, "'settings' is 'x'"),
+        (lambda r: {**r, "runs": [{**r["runs"][0], "results": "x"}]}, "runs[0].results is 'x'"),
+    ],
+)
+def test_an_extrapolation_results_file_of_the_wrong_shape_names_it(tmp_path, change, named):
+    from poslab.lab.experiments.extrapolation_page import load_extrapolation_results
+
+    good = {
+        "settings": {"lengths": [8]},
+        "runs": [{"encoding": "rope", "seed": 0, "results": {"8": {"ppl_last": 2.0}}}],
+        "summary": {},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(good))
+    assert load_extrapolation_results(path) == good
+    path.write_text(json.dumps(change(good)))
+    with pytest.raises(ValueError, match=rf"{path}.*{re.escape(named)}"):
+        load_extrapolation_results(path)

@@ -90,6 +90,8 @@ def _read_json(path: Path, missing: str) -> Any:
         raise ValueError(missing) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -289,16 +291,22 @@ class RunDir:
     # -- reading and writing -------------------------------------------------------------------------
 
     def load_config(self) -> RunConfig:
-        """The run's config.json."""
+        """The run's config.json; ValueError naming the file when it is not a run config."""
         data = _read_json(self / CONFIG, f"{self.path} holds no run ({CONFIG} is missing)")
-        return RunConfig.from_dict(data)
+        try:
+            return RunConfig.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self / CONFIG} is not a poslab run config: {error}") from None
 
     def write_config(self, config: RunConfig) -> None:
         write_text(self / CONFIG, config.to_json())
 
     def load_results(self) -> dict[str, Any]:
-        """The results.json of a finished run."""
-        return _read_json(self / RESULTS, f"{self.path} holds no finished run ({RESULTS} is missing)")
+        """The results.json of a finished run; ValueError naming the file when it is not one
+        (`check_results`)."""
+        data = _read_json(self / RESULTS, f"{self.path} holds no finished run ({RESULTS} is missing)")
+        check_results(data, self / RESULTS)
+        return data
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json(self / RESULTS, results)
@@ -327,6 +335,24 @@ class RunDir:
 
 
 # -- results ---------------------------------------------------------------------------------------
+
+# The fields of a run's results.json that readers index, and their types (`results_record`).
+_RESULT_FIELDS = {"task": str, "encoding": str, "seed": int, "metrics": (dict, type(None))}
+
+
+def check_results(data: Any, path: str | Path) -> None:
+    """ValueError naming ``path`` unless ``data`` has the shape of a run's results.json: an object
+    with a task, an encoding, a seed and metrics (an object of splits, or null)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a run's results (a JSON {type(data).__name__}, not an object)")
+    for key, types in _RESULT_FIELDS.items():
+        value = data.get(key)
+        if key not in data or not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{path} is not a run's results ({key!r} is {value!r})")
+    metrics = data["metrics"] or {}
+    bad = [split for split, values in metrics.items() if not isinstance(values, dict)]
+    if bad:
+        raise ValueError(f"{path} is not a run's results (metrics of split {bad[0]!r} are not an object)")
 
 
 def results_record(

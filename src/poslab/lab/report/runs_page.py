@@ -71,8 +71,14 @@ def _config_dict(run_dir: RunDir) -> dict[str, Any]:
     try:
         return run_dir.load_config().to_dict()
     except (TypeError, ValueError):
+        pass
+    try:
         raw = json.loads((run_dir / CONFIG).read_text())
-        return raw if isinstance(raw, dict) else {}
+    except ValueError:
+        raise ValueError(f"{run_dir / CONFIG} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{run_dir / CONFIG} is not a run config (a JSON {type(raw).__name__})")
+    return raw
 
 
 # -- statistics ------------------------------------------------------------------------------------
