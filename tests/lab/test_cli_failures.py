@@ -883,3 +883,79 @@ def test_an_extrapolation_results_file_of_the_wrong_shape_names_it(tmp_path, cha
     path.write_text(json.dumps(change(good)))
     with pytest.raises(ValueError, match=rf"{path}.*{re.escape(named)}"):
         load_extrapolation_results(path)
+
+
+# -- 11. messages: the file, the grammar, only flags the command has (issue #31) ------------------
+
+
+def test_a_directory_with_an_unfinished_run_says_an(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "results.json").unlink()
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, "--out", str(out))
+    assert code == 2 and "already holds an unfinished run" in err, err
+
+
+def test_report_on_a_full_disk_or_interrupted_names_no_resume(capsys, tmp_path, finished_run, monkeypatch):
+    import errno
+
+    from poslab.lab import checkpoint
+    from poslab.lab.experiments import compare
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full)
+    code, _, err = run(capsys, "report", str(finished_run), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and "No space left on device" in err and "--resume" not in err, err
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "write_report", interrupted)
+    code, _, err = run(capsys, "report", str(finished_run), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 130 and err == "poslab: interrupted\n", err
+
+
+def test_advice_names_only_flags_the_command_has():
+    from types import SimpleNamespace
+
+    from poslab.lab.cli import _advice
+
+    message = "DIR already holds an unfinished run; pass --resume to continue it or --overwrite to replace it"
+    assert _advice(message, SimpleNamespace(resume=True, overwrite=True)) == message
+    assert (
+        _advice(message, SimpleNamespace(no_resume=False))
+        == "DIR already holds an unfinished run; use another --out"
+    )
+    full = "cannot write R/table.md: No space left on device; free some space, then run the command again"
+    assert _advice(full + " (--resume continues a run)", SimpleNamespace()) == full
+
+
+def test_threads_far_above_the_cores_warn(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads as they are
+    code, _, err = run(
+        capsys,
+        "train",
+        "--preset",
+        "smoke",
+        *FAST,
+        "--threads",
+        "4096",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    )
+    assert code == 0 and "--threads 4096 is more than the" in err, err
+
+
+def test_eval_json_to_a_directory_is_refused_before_the_evaluation(
+    capsys, tmp_path, finished_run, monkeypatch
+):
+    from poslab.lab import cli
+
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    code, _, err = run(capsys, "eval", str(finished_run), "--json", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and f"--json {tmp_path} is a directory" in err, err

@@ -160,7 +160,8 @@ class RunDir:
         status = self.status()
         if status != "empty" and not (resume or overwrite):
             raise RunDirError(
-                f"{self.path} already holds a {status} run; pass --resume to continue it or "
+                f"{self.path} already holds {'an' if status[0] in 'aeiou' else 'a'} {status} run; "
+                "pass --resume to continue it or "
                 "--overwrite to replace it"
             )
         if resume and config is not None and (self / CONFIG).exists():
