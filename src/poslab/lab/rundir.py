@@ -341,14 +341,19 @@ class RunDir:
 _RESULT_FIELDS = {"task": str, "encoding": str, "seed": int, "metrics": (dict, type(None))}
 
 
-def check_results(data: Any, path: str | Path) -> None:
+def check_results(data: Any, path: str | Path, *, required: Sequence[str] = ("metrics",)) -> None:
     """ValueError naming ``path`` unless ``data`` has the shape of a run's results.json: an object
-    with a task, an encoding, a seed and metrics (an object of splits, or null)."""
+    whose task and encoding (where given) are strings, seed an integer, metrics an object of splits
+    or null; the ``required`` fields must be there."""
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a run's results (a JSON {type(data).__name__}, not an object)")
     for key, types in _RESULT_FIELDS.items():
         value = data.get(key)
-        if key not in data or not isinstance(value, types) or isinstance(value, bool):
+        if key not in data:
+            if key in required:
+                raise ValueError(f"{path} is not a run's results (no {key!r})")
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
             raise ValueError(f"{path} is not a run's results ({key!r} is {value!r})")
     metrics = data["metrics"] or {}
     bad = [split for split, values in metrics.items() if not isinstance(values, dict)]

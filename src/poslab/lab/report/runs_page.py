@@ -25,7 +25,7 @@ from poslab.lab import plotting
 from poslab.lab.checkpoint import write_text
 from poslab.lab.config import flatten
 from poslab.lab.report.common import csv_value, finite, mean_std, stats_cell, write_page
-from poslab.lab.rundir import CONFIG, RESULTS, RunDir, find_finished_runs
+from poslab.lab.rundir import CONFIG, RESULTS, RunDir, check_results, find_finished_runs
 from poslab.lab.tasks import TASKS
 
 log = logging.getLogger("poslab")
@@ -56,6 +56,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
     records = []
     for run_dir in find_finished_runs(paths):
         results = RunDir(run_dir).load_results()
+        check_results(results, run_dir / RESULTS, required=("task", "encoding", "seed", "metrics"))
         if not results.get("metrics"):
             raise ValueError(f"{run_dir / RESULTS} holds no evaluation")
         config = _config_dict(RunDir(run_dir))
