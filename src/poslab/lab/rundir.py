@@ -8,6 +8,7 @@ A run lives in its own directory:
     train.log       the log lines of the run
     results.json    the final evaluation; its presence marks a finished run
     scores.json     extrapolation scores of the finished run (`poslab.lab.experiments.extrapolation`)
+    .lock           the id of the process writing the run, while it does (`RunDir.lock`)
 
 `RunDir` is the one place that knows these names. `poslab.lab.train` writes them, `poslab.lab.report` and
 `poslab.lab.experiments` read them back; a checkpoint file alone also loads (`load_model`).
