@@ -388,3 +388,21 @@ def test_padding_free_packed_batches_equal_each_document_alone(spec, use_cache):
             alone = model(input_ids=torch.tensor([doc])).logits[0]
             torch.testing.assert_close(packed.logits[0, start : start + len(doc)], alone, atol=1e-9, rtol=0)
             start += len(doc)
+
+
+@pytest.mark.parametrize("spec", ["dape", "cope+rope"])
+def test_apply_to_a_bfloat16_model_gives_the_encoding_its_dtype(spec, tmp_path):
+    """Before, DAPE stayed float32 on a bfloat16 model and refused its queries at the first forward;
+    ``from_pretrained(..., dtype=torch.bfloat16)`` failed the same way."""
+    model = hf.apply(tiny().to(torch.bfloat16), spec)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model(tokens(2, 12)).logits.dtype == torch.bfloat16
+    hf.apply(tiny(), spec).save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded(tokens(2, 12)).logits.dtype == torch.bfloat16
+
+
+def test_apply_names_an_option_of_the_wrong_type():
+    with pytest.raises(ValueError, match="option width must be int"):
+        hf.apply(tiny(), "dape[width=1.5]")

@@ -143,3 +143,30 @@ def test_model_input_errors():
     encoder = poslab.build_model(poslab.ModelConfig(vocab_size=10, d_model=16, n_heads=2, causal=False))
     with pytest.raises(ValueError, match="a KV cache needs a causal"):
         encoder(torch.zeros(1, 3, dtype=torch.long), cache=encoder.new_cache())
+
+
+@pytest.mark.parametrize(
+    ("spec", "option"),
+    [
+        ("rope[base=abc]", "base"),
+        ("cope[npos_max=2.5]", "npos_max"),
+        ("dape[width=1.5]", "width"),
+        ("dape[base_options=x]", "base_options"),
+        ("rope[scaling=ntk,factor=1e308]", "factor"),
+        ("rope[base=inf]", "base"),
+        ("alibi+cope[npos_max=nan]", "npos_max"),
+    ],
+)
+def test_spec_values_of_the_wrong_type_are_a_value_error_naming_the_option(spec, option):
+    """Before, these were a TypeError or OverflowError deep inside the class, or (inf) NaN logits."""
+    with pytest.raises(ValueError, match=rf"\b{option}\b"):
+        build(spec)
+
+
+def test_spec_values_of_the_wrong_type_are_one_line_on_the_command_line(capsys, tmp_path):
+    from poslab.lab.cli import main
+
+    code = main(["train", "--preset", "smoke", "model.encoding=rope[base=inf]", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "base" in err and "finite" in err, err
+    assert not (tmp_path / "r").exists()

@@ -110,6 +110,13 @@ def apply(model: nn.Module, spec: str, *, impl: str = "auto", **options: Any) ->
     model_rope, rest, rest_options = split_rope(spec, options)
     # Everything is checked and built before the model is touched: a refused spec leaves it as it was.
     encodings = [build_layer_encoding(rest, rest_options, n_heads, head_dim) for _ in layers]
+    # The encoding's parameters (DAPE's MLP, CoPE's table) follow the model's: a bfloat16 model on a
+    # GPU gets a bfloat16 encoding there, or DAPE refuses its queries' dtype at the first forward.
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if reference is not None:
+        for encoding in encodings:
+            if encoding is not None:
+                encoding.to(device=reference.device, dtype=reference.dtype)
     if impl == "fused" and encodings[0] is not None:
         if encodings[0].uses_logits:
             raise ValueError(f"encoding {encodings[0].name!r} rewrites logits; impl='fused' cannot run it")

@@ -297,3 +297,17 @@ def test_every_x86_level_compiles_even_where_it_cannot_run(level, tmp_path, monk
     monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
     path = native._build_cope(native._compiler(), level)
     assert path.exists() and path.name.startswith(f"cope_rows-{level}-")
+
+
+@pytest.mark.parametrize("path", ["native", "torch", "eager"])
+@pytest.mark.parametrize("spec", ["cope", "cope+rope"])
+def test_a_nan_in_a_query_gives_a_nan_row_as_other_encodings_do(monkeypatch, path, spec):
+    """Before, the native kernel turned a NaN row into finite numbers (and indexed its table with
+    the integer of NaN) and the PyTorch paths failed in gather with an index out of bounds."""
+    monkeypatch.setenv("POSLAB_NATIVE", "1" if path == "native" else "0")
+    enc = poslab.build_encoding(spec, n_heads=2, head_dim=8)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    q[0, 0, 3, 2] = float("nan")
+    out = poslab.attend(q, k, v, enc, impl="eager" if path == "eager" else "auto")
+    alibi = poslab.attend(q, k, v, poslab.build_encoding("alibi", n_heads=2, head_dim=8))
+    assert torch.equal(out.isnan(), alibi.isnan()) and out[0, 0, 3].isnan().all()

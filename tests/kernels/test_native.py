@@ -160,7 +160,8 @@ def test_build_is_cached_and_a_failed_build_falls_back(tmp_path, monkeypatch):
         native._library.cache_clear()
         with pytest.warns(UserWarning, match="building the native DAPE kernel failed"):
             assert not native.available()
-        assert sorted(tmp_path.iterdir()) == sorted([*built, broken])  # no half-written library left
+        record = built[0].with_suffix(".sha256")  # the library's size and checksum
+        assert sorted(tmp_path.iterdir()) == sorted([*built, record, broken])  # no half-written library left
         # DAPE still runs, on its PyTorch path.
         enc = poslab.build_encoding("dape", n_heads=2, head_dim=8)
         q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
@@ -292,3 +293,118 @@ def test_a_change_to_the_shared_header_rebuilds_both_kernels(tmp_path, monkeypat
     monkeypatch.setattr(native, "HEADERS", (edited,))
     after = native._build(native._compiler(), 2, level), native._build_cope(native._compiler(), level)
     assert all(b.exists() and a.exists() and a != b for a, b in zip(after, before, strict=True))
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory):
+    """A cache the tests copy libraries from, each built once (not loaded: a library loaded in this
+    process and then cut short would take the test process down)."""
+    return tmp_path_factory.mktemp("native-cache")
+
+
+@pytest.fixture
+def built_cache(tmp_path, monkeypatch, libraries):
+    """``built_cache(n_heads)``: POSLAB_CACHE is ``tmp_path``, holding the DAPE library for
+    ``n_heads`` heads and its record; returns the library's path."""
+    import shutil
+
+    monkeypatch.setenv("POSLAB_NATIVE", "1")
+    native._library.cache_clear()
+
+    def make(n_heads: int = 2):
+        monkeypatch.setenv("POSLAB_CACHE", str(libraries))
+        library = native._build(native._compiler(), n_heads, native.arch())
+        monkeypatch.setenv("POSLAB_CACHE", str(tmp_path))
+        for path in (library, library.with_suffix(".sha256")):
+            shutil.copy(path, tmp_path / path.name)
+        return tmp_path / library.name
+
+    yield make
+    native._library.cache_clear()
+
+
+def dape_runs(n_heads: int) -> bool:
+    enc = poslab.build_encoding("dape", n_heads=n_heads, head_dim=8)
+    q, k, v = (torch.randn(1, n_heads, 6, 8) for _ in range(3))
+    return bool(torch.isfinite(poslab.attend(q, k, v, enc)).all())
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(built_cache, record):
+    """Loading a truncated .so killed the process with "Bus error" (SIGBUS): it is checked against
+    the size and checksum recorded at build time, or without a record loaded in a subprocess first."""
+    # n_heads=3: a head count no other test of this process loads (a library loaded once stays
+    # mapped under its name, whatever happens to the file)
+    library = built_cache(3)
+    good = library.read_bytes()
+    library.write_bytes(good[: len(good) // 2])
+    if not record:
+        library.with_suffix(".sha256").unlink()
+    try:
+        assert native.library(3) is not None
+        assert library.read_bytes() == good  # built again
+    finally:
+        native._library.cache_clear()
+
+
+def test_a_truncated_library_in_a_cache_that_cannot_replace_it_falls_back_with_one_warning(
+    built_cache, monkeypatch
+):
+    library = built_cache(5)
+    library.write_bytes(library.read_bytes()[:4096])
+
+    def read_only(path):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(native, "_remove", read_only)
+    try:
+        with pytest.warns(UserWarning, match="damaged") as caught:
+            assert native.library(5) is None
+            assert dape_runs(5)  # on the PyTorch path
+        assert len(caught) == 1
+    finally:
+        native._library.cache_clear()
+
+
+def test_a_read_only_cache_without_a_guard_file_times_for_this_process_only(
+    tmp_path, monkeypatch, built_cache
+):
+    built_cache(2)
+    monkeypatch.setenv("POSLAB_NATIVE", "auto")
+    monkeypatch.setattr(native, "_decisions", {})
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(native.tempfile, "mkstemp", read_only)
+    try:
+        with pytest.warns(UserWarning, match="cannot write the native kernels' timing"):
+            native.decision("k", 2, lambda: {"native": 1.0, "torch": 2.0})
+        assert native.decision("k", 2, lambda: pytest.fail("timed again"))
+        assert not list(tmp_path.glob("*.guard.json"))
+    finally:
+        native._library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[]", '"x"', '{"k": "fast"}', '{"k": {"native": 1.0, "torch": 2.0}}', '{"k": {"native_wins": "yes"}}'],
+)
+def test_a_guard_file_of_the_wrong_shape_is_treated_as_absent(monkeypatch, built_cache, content):
+    library = built_cache(2)
+    monkeypatch.setattr(native, "_decisions", {})
+    monkeypatch.setattr(native, "_warned", set())
+    library.with_suffix(".guard.json").write_text(content)
+    try:
+        with pytest.warns(UserWarning, match="measuring"):
+            assert native.decision("k", 2, lambda: {"native": 1.0, "torch": 2.0})
+        assert json.loads(library.with_suffix(".guard.json").read_text())["k"]["native_wins"] is True
+    finally:
+        native._library.cache_clear()
+
+
+def test_a_garbage_poslab_native_warns_naming_the_valid_values(monkeypatch):
+    monkeypatch.setenv("POSLAB_NATIVE", "garbage")
+    monkeypatch.setattr(native, "_warned", set())
+    with pytest.warns(UserWarning, match="POSLAB_NATIVE='garbage' is not one of auto, 1, .*0"):
+        assert native.mode() == "auto"

@@ -167,3 +167,16 @@ def test_cli_bench_quick_section_writes_json(tmp_path, capsys):
     assert "Decoding with the KV cache" in capsys.readouterr().out
     assert json.loads(out.read_text())[0]["rows"]
     assert main(["bench", "--sections", "speed", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("sections", [",", " , ,", ""])
+def test_bench_with_no_section_keeps_the_old_file(capsys, tmp_path, sections):
+    """``--sections ,`` used to measure nothing and write ``[]`` over the last bench.json."""
+    from poslab.lab.cli import main
+
+    out = tmp_path / "bench.json"
+    out.write_text('[{"old": 1}]')
+    code = main(["bench", "--sections", sections, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no bench section" in err, err
+    assert out.read_text() == '[{"old": 1}]'

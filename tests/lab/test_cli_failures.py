@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 
@@ -653,3 +654,308 @@ def test_a_failed_run_in_a_parallel_grid_starts_no_queued_run(tmp_path):
     assert (tmp_path / "slow" / "results.json").exists()
     assert not (tmp_path / "failing" / "metrics.jsonl").exists()
     assert not (tmp_path / "queued").exists()
+
+
+# -- 8. a run directory written by one process at a time (issue #31) ------------------------------
+
+
+def live_process():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_a_run_directory_another_process_writes_is_refused(capsys, tmp_path, finished_run, flag):
+    out = copy_run(finished_run, tmp_path / "run")
+    holder = live_process()
+    try:
+        (out / ".lock").write_text(f"{holder.pid}\n")
+        before = snapshot(out)
+        code, _, err = run(
+            capsys, "train", "--preset", "smoke", *FAST, "train.steps=6", "--out", str(out), flag
+        )
+        assert code == 2 and err.count("\n") == 1, err
+        assert str(out) in err and f"process {holder.pid}" in err, err
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_grid_refuses_a_run_directory_another_process_writes(capsys, tmp_path, finished_run):
+    root = tmp_path / "grid"
+    copy_run(finished_run, root / "rope" / "seed0")
+    holder = live_process()
+    try:
+        (root / "rope" / "seed0" / ".lock").write_text(f"{holder.pid}\n")
+        code, _, err = run(
+            capsys, "compare", "--preset", "smoke", "--encodings", "nope,rope", "--out", str(root),
+            "--overwrite", "--no-plots", *FAST,
+        )  # fmt: skip
+        assert code == 2 and err.count("\n") == 1 and f"process {holder.pid}" in err, err
+        assert not (root / "nope").exists()  # refused before anything trained
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_a_run_holds_its_lock_while_it_writes(tmp_path):
+    import os
+
+    from poslab.lab.presets import get_preset
+    from poslab.lab.train import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{dead_pid()}\n")  # left by a process killed with kill -9
+    config = get_preset("smoke").override([*FAST])
+    seen = []
+    train(config, out, progress=False, callback=lambda step, model: seen.append((out / ".lock").read_text()))
+    assert seen and set(seen) == {f"{os.getpid()}\n"}
+    assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_a_finished_run_is_reused_only_for_its_own_config(capsys, tmp_path):
+    root = tmp_path / "grid"
+    argv = ["compare", "--preset", "smoke", "--encodings", "nope", "--out", str(root), "--no-plots", *FAST]
+    assert run(capsys, *argv)[0] == 0
+    before = snapshot(root / "nope")
+    code, _, err = run(capsys, *argv, "--resume", "train.steps=6")
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(root / "nope" / "seed0") in err and "train.steps" in err, err
+    assert snapshot(root / "nope") == before
+    code, _, err = run(capsys, *argv, "--resume")  # the same config: reused
+    assert code == 0, err
+
+
+# -- 9. a signal ends a parallel grid at any moment, leaving no process behind (issue #31) --------
+
+
+def start_grid(out, encodings="nope,rope,alibi"):
+    import os
+    import subprocess
+    import sys
+
+    argv = ["compare", "--preset", "smoke", "--encodings", encodings, "--jobs", "2", "--out", str(out)]
+    argv += ["train.steps=1000000", "train.checkpoint_every=0", "train.eval_every=0", "--no-plots"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "poslab", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group: every process it starts stays in it
+    )
+
+
+def group_left(pgid: int, seconds: float = 10.0) -> bool:
+    """Whether a process of the group still runs ``seconds`` after the grid's process ended."""
+    import os
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def end_grid(proc, *signals, gap=0.3, timeout=60):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(gap)
+        proc.send_signal(sig)  # to the grid's own process only, as `kill PID` does
+    started = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    took = time.monotonic() - started
+    left = group_left(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return err, took, left
+
+
+@pytest.mark.parametrize("delay", [0.5])
+def test_sigterm_while_a_grid_starts_its_workers_ends_it_and_leaves_no_process(tmp_path, delay):
+    """A signal before the workers train (spawning, importing torch, idle): before, a worker died
+    of it or lived on, orphaned, waiting for runs (with the resource tracker)."""
+    import signal
+    import time
+
+    proc = start_grid(tmp_path / "grid")
+    head = ""
+    while "run 1/3" not in head and proc.poll() is None:  # the pool is spawning its workers
+        head += proc.stderr.readline()
+    time.sleep(delay)
+    err, took, left = end_grid(proc, signal.SIGTERM)
+    err = head + err
+    assert proc.returncode == 130, err
+    assert took < 30 and not left, err
+    assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("signals", [["SIGINT"], ["SIGTERM", "SIGTERM"]])
+def test_a_signal_to_a_training_grid_saves_checkpoints_and_leaves_no_process(tmp_path, signals):
+    """SIGINT to the grid's process alone (``kill -INT``; Ctrl-C reaches the workers too) used to
+    stop the grid and leave its workers training, orphaned; a second signal stops them at once."""
+    import signal
+    import time
+
+    from poslab.lab.checkpoint import load_checkpoint
+
+    out = tmp_path / "grid"
+    proc = start_grid(out)
+    every = [out / name / "seed0" for name in ("nope", "rope", "alibi")]
+    deadline = time.monotonic() + 120
+    while sum((r / "metrics.jsonl").exists() for r in every) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)
+    runs = [r for r in every if (r / "metrics.jsonl").exists()]
+    err, took, left = end_grid(proc, *(getattr(signal, name) for name in signals))
+    assert proc.returncode == 130, err
+    assert took < 30 and not left, err
+    if len(signals) == 1:
+        assert all(load_checkpoint(r / "checkpoint.pt")["step"] >= 1 for r in runs), err
+    assert not any((r / ".lock").exists() and len(signals) == 1 for r in runs)
+
+
+# -- 10. result and config files of the wrong shape name the file (issue #31) ---------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "[]",
+        '"x"',
+        '{"task": "flipflop"}',
+        '{"task": "flipflop", "encoding": "rope", "seed": 0, "metrics": "x"}',
+        '{"task": "flipflop", "encoding": "rope", "seed": 0, "metrics": {"id": "x"}}',
+    ],
+)
+def test_a_results_file_of_the_wrong_shape_is_one_line_naming_it(capsys, tmp_path, finished_run, content):
+    run_dir = copy_run(finished_run, tmp_path / "runs" / "rope")
+    (run_dir / "results.json").write_text(content)
+    code, _, err = run(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and err.count("\n") == 1 and str(run_dir / "results.json") in err, err
+
+
+def test_a_foreign_results_file_under_a_report_is_one_line_naming_it(capsys, tmp_path, finished_run):
+    copy_run(finished_run, tmp_path / "runs" / "rope")
+    junk = tmp_path / "runs" / "junk"
+    junk.mkdir()
+    (junk / "results.json").write_text("[]")
+    (junk / "config.json").write_text("[]")
+    code, _, err = run(capsys, "report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and err.count("\n") == 1 and str(junk) in err, err
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda r: [], "a JSON list"),
+        (lambda r: {**r, "settings": "x"}, "'settings' is 'x'"),
+        (lambda r: {**r, "runs": [{**r["runs"][0], "results": "x"}]}, "runs[0].results is 'x'"),
+    ],
+)
+def test_an_extrapolation_results_file_of_the_wrong_shape_names_it(tmp_path, change, named):
+    from poslab.lab.experiments.extrapolation_page import load_extrapolation_results
+
+    good = {
+        "settings": {"lengths": [8]},
+        "runs": [{"encoding": "rope", "seed": 0, "results": {"8": {"ppl_last": 2.0}}}],
+        "summary": {},
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(good))
+    assert load_extrapolation_results(path) == good
+    path.write_text(json.dumps(change(good)))
+    with pytest.raises(ValueError, match=rf"{path}.*{re.escape(named)}"):
+        load_extrapolation_results(path)
+
+
+# -- 11. messages: the file, the grammar, only flags the command has (issue #31) ------------------
+
+
+def test_a_directory_with_an_unfinished_run_says_an(capsys, tmp_path, finished_run):
+    out = copy_run(finished_run, tmp_path / "run")
+    (out / "results.json").unlink()
+    code, _, err = run(capsys, "train", "--preset", "smoke", *FAST, "--out", str(out))
+    assert code == 2 and "already holds an unfinished run" in err, err
+
+
+def test_report_on_a_full_disk_or_interrupted_names_no_resume(capsys, tmp_path, finished_run, monkeypatch):
+    import errno
+
+    from poslab.lab import checkpoint
+    from poslab.lab.experiments import compare
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_bytes", full)
+    code, _, err = run(capsys, "report", str(finished_run), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 2 and "No space left on device" in err and "--resume" not in err, err
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "write_report", interrupted)
+    code, _, err = run(capsys, "report", str(finished_run), "--out", str(tmp_path / "r"), "--no-plots")
+    assert code == 130 and err == "poslab: interrupted\n", err
+
+
+def test_advice_names_only_flags_the_command_has():
+    from types import SimpleNamespace
+
+    from poslab.lab.cli import _advice
+
+    message = "DIR already holds an unfinished run; pass --resume to continue it or --overwrite to replace it"
+    assert _advice(message, SimpleNamespace(resume=True, overwrite=True)) == message
+    assert (
+        _advice(message, SimpleNamespace(no_resume=False))
+        == "DIR already holds an unfinished run; use another --out"
+    )
+    full = "cannot write R/table.md: No space left on device; free some space, then run the command again"
+    assert _advice(full + " (--resume continues a run)", SimpleNamespace()) == full
+
+
+def test_threads_far_above_the_cores_warn(capsys, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # leave this process's threads as they are
+    code, _, err = run(
+        capsys,
+        "train",
+        "--preset",
+        "smoke",
+        *FAST,
+        "--threads",
+        "4096",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    )
+    assert code == 0 and "--threads 4096 is more than the" in err, err
+
+
+def test_eval_json_to_a_directory_is_refused_before_the_evaluation(
+    capsys, tmp_path, finished_run, monkeypatch
+):
+    from poslab.lab import cli
+
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    code, _, err = run(capsys, "eval", str(finished_run), "--json", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and f"--json {tmp_path} is a directory" in err, err

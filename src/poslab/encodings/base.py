@@ -24,7 +24,10 @@ Conventions shared by every hook:
 from __future__ import annotations
 
 import inspect
+import math
 import re
+import types
+import typing
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -371,8 +374,55 @@ def build_encoding(
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for encoding {name!r}; accepted options: {accepted}"
         )
+    for key, value in options.items():
+        check_option_type(name, cls, key, value)
     mode = {"causal": causal} if takes_mode(cls) else {}
-    return cls(n_heads=n_heads, head_dim=head_dim, **mode, **options)
+    try:
+        return cls(n_heads=n_heads, head_dim=head_dim, **mode, **options)
+    except OverflowError as error:  # e.g. rope[scaling=ntk,factor=1e308]: base * factor ** ... overflows
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items() if isinstance(v, (int, float)))
+        raise ValueError(f"encoding {name!r}: option(s) {given or 'given'} out of range ({error})") from None
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (types not listed here are not checked)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True
+
+
+def check_option_type(name: str, cls: type[PositionEncoding], key: str, value: Any) -> None:
+    """ValueError naming option ``key`` of encoding ``name`` when ``value`` is not of the type its
+    class annotates (``rope[base=abc]``, ``dape[width=1.5]``, ``dape[base_options=x]``), or is a
+    float that is not finite (``rope[base=inf]``): the class would otherwise fail with a TypeError
+    deep inside, or build an encoding of NaNs."""
+    try:
+        hint = typing.get_type_hints(cls.__init__).get(key)
+    except Exception:  # an annotation that does not resolve: leave the value to the class
+        return
+    if hint is None or _fits(value, hint):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"encoding {name!r}: option {key} must be finite, got {value!r}")
+    expected = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    raise ValueError(f"encoding {name!r}: option {key} must be {expected}, got {value!r}")
 
 
 def as_float(t: Tensor, like: Tensor) -> Tensor:

@@ -153,6 +153,7 @@ class CoPE(PositionEncoding):
         pos = self.positions(self.gate_logits(scores, q, k, v, *gate_keys), q_pos, k_pos, causal=causal)
         table = self.pos_emb[: self.npos_max] if causal else self.pos_emb  # the first half, or all
         z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, npos_max or 2 npos_max)
+        pos = pos.nan_to_num(nan=0.0)  # a NaN query: a valid table index (its logits stay NaN)
         floor = pos.floor()
         weight = pos - floor  # the gates' only path to a gradient
         index_floor, index_ceil = floor.long(), pos.ceil().long()

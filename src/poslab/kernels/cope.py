@@ -61,6 +61,7 @@ def _forward_block(q, k, v, table, bias, keep, npos_max, *, saved: bool = False)
         gates.masked_fill_(~keep, 0.0)
     # p = reverse cumulative sum, one rounding per entry (rowsum - cumsum + g cancels in float32)
     pos = gates.flip(-1).cumsum_(-1).flip(-1).clamp_(max=npos_max - 1)
+    pos.nan_to_num_(nan=npos_max - 1)  # a NaN query: a valid table index; its logits stay NaN
     floor = torch.ceil(pos, out=scratch("cope_floor", shape, q))  # ceil p for now
     idx_ceil = buffer("idx_ceil", torch.int64).copy_(floor)
     torch.floor(pos, out=floor)

@@ -221,7 +221,10 @@ inline void suffix_sums(const T* g, int64_t n, T max_pos, double* sums, T* pos) 
     for (int64_t j = s * m; j < (s + 1) * m; ++j) sums[j] += carry;
     carry += run[s];
   }
-  for (int64_t j = 0; j < n; ++j) pos[j] = std::min(static_cast<T>(sums[j]), max_pos);
+  for (int64_t j = 0; j < n; ++j) {
+    const T sum = static_cast<T>(sums[j]);
+    pos[j] = sum < max_pos ? sum : max_pos;  // NaN (a NaN query) -> max_pos: a table row, not past it
+  }
 }
 
 // The logits of the row's first n keys (the visible ones) into ``logits`` (which may be ``a``), its
@@ -372,6 +375,14 @@ void forward(const Problem<T>& p, T* probs, T* lse, T* gates, int threads) {
     T* g = gates == nullptr ? row.gates.data() : gates + r * S;
     row_logits(a, p.z + r * P, bias, n, P, row, g, out);
     if (gates != nullptr) std::fill(g + n, g + S, T(0));
+    bool nan = false;  // a NaN logit makes the row NaN, as softmax does (row_max would skip it)
+    for (int64_t j = 0; j < n; ++j) nan |= out[j] != out[j];
+    if (nan) {
+      std::fill(out, out + n, std::numeric_limits<T>::quiet_NaN());
+      std::fill(out + n, out + S, T(0));
+      lse[r] = std::numeric_limits<T>::quiet_NaN();
+      return;
+    }
     const T m = row_max(out, n);
     const T sum = exp_shifted(out, n, m);
     const T inv = T(1) / sum;

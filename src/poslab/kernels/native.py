@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -72,9 +73,20 @@ def mode() -> str:
     if _forced:
         return "on"
     value = os.environ.get("POSLAB_NATIVE", "auto").strip().lower()
-    if value in ("0", "false", "no", "off"):
+    if value in _OFF:
         return "off"
-    return "on" if value in ("1", "true", "yes", "on", "force") else "auto"
+    if value in _ON:
+        return "on"
+    if value not in ("auto", ""):
+        _warn_once(
+            f"poslab: POSLAB_NATIVE={value!r} is not one of auto, {', '.join(_ON)}, {', '.join(_OFF)}; "
+            "using auto"
+        )
+    return "auto"
+
+
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on", "force")
 
 
 def enabled() -> bool:
@@ -182,7 +194,15 @@ def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], targ
     key = hashlib.sha256(b"\0".join(parts))
     target_path = cache_dir() / f"{stem}-{target}-{key.hexdigest()[:16]}.so"
     if target_path.exists():
-        return target_path
+        if _intact(target_path):
+            return target_path
+        log.warning("the cached native kernel %s is damaged (truncated?); building it again", target_path)
+        try:
+            _remove(target_path)
+        except OSError as error:
+            raise RuntimeError(
+                f"the cached {target_path} is damaged and cannot be replaced ({error})"
+            ) from None
     target_path.parent.mkdir(parents=True, exist_ok=True)
     log.info("compiling the native kernel %s into %s (once)", source_path.name, target_path)
     # Build beside the target and rename: a concurrent process never sees a half-written library.
@@ -197,11 +217,61 @@ def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], targ
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or ["failed"]
             raise RuntimeError(errors[0].strip())
+        _write_record(Path(tmp), target_path)
         os.replace(tmp, target_path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target_path
+
+
+def _record_path(library: Path) -> Path:
+    """Where the size and SHA-256 of a cached library, taken when it was built, are kept."""
+    return library.with_suffix(".sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _write_record(built: Path, library: Path) -> None:
+    """Record the size and checksum of ``built`` (about to become ``library``); a cache that cannot
+    take the record only costs a test load in a subprocess later (`_intact`)."""
+    try:
+        record = _record_path(library)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=library.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(_fingerprint(built) + "\n")
+        os.replace(tmp, record)
+    except OSError:
+        pass
+
+
+def _intact(library: Path) -> bool:
+    """Whether a cached library is the one that was built: its size and checksum match the record
+    taken at build time. Loading a truncated library (a full disk, a copy cut short) does not fail:
+    the process dies of SIGBUS ("Bus error") when it touches the missing pages. A library without a
+    record (an older poslab, a cache copied without it) is loaded in a subprocess first."""
+    try:
+        expected = _record_path(library).read_text().strip()
+    except OSError:
+        expected = ""
+    try:
+        if expected:
+            return _fingerprint(library) == expected
+        probe = "import ctypes, sys; ctypes.CDLL(sys.argv[1])"
+        result = subprocess.run([sys.executable, "-c", probe, str(library)], capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if result.returncode != 0:
+        return False
+    _write_record(library, library)
+    return True
+
+
+def _remove(path: Path) -> None:
+    path.unlink()
 
 
 MAX_HEADS = 32  # beyond, one library per head count is not worth it: DAPE takes its PyTorch path
@@ -296,10 +366,16 @@ def decision(key: str, n_heads: int | None, measure: Callable[[], dict[str, floa
     if key not in cached:
         timing = measure()
         cached = {**_guard_cache(path), key: {**timing, "native_wins": timing["native"] <= timing["torch"]}}
-        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(cached, f, indent=1)
-        os.replace(tmp, path)
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(cached, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as error:  # a read-only cache: the timing holds for this process only
+            _warn_once(
+                f"poslab: cannot write the native kernels' timing to {path} ({error}); "
+                "it holds for this process only"
+            )
         log.info("native kernel for %s: %s", key, cached[key])
     _decisions[path, key] = bool(cached[key]["native_wins"])
     return _decisions[path, key]
@@ -323,10 +399,29 @@ _decisions: dict[tuple[Path, str], bool] = {}  # this process's reads of the gua
 
 
 def _guard_cache(path: Path) -> dict:
+    """The timings of a guard file, ``{key: {"native": s, "torch": s, "native_wins": bool}}``; a file
+    of another shape (``[]``, a string for an entry, an entry without ``native_wins``) is treated as
+    absent (its entries measured again), with one warning."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        _warn_once(f"poslab: {path} is not a JSON object of timings; measuring again")
+        return {}
+    good = {k: v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("native_wins"), bool)}
+    if len(good) < len(data):
+        _warn_once(f"poslab: {path} holds entries without a native_wins flag; measuring them again")
+    return good
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}

@@ -482,6 +482,8 @@ def run_bench(
     device: str = "cpu", progress: Callable[[str], None] = print,
 ) -> list[Table]:  # fmt: skip
     """Run the chosen sections, print each table as it finishes, and write them all as JSON to ``out``."""
+    if not sections:  # e.g. --sections , : an empty bench.json would replace the last one
+        raise ValueError(f"no bench section given; choose from {', '.join(SECTIONS)}")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown bench section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")

@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +132,10 @@ def cmd_eval(args: Any) -> str:
     if bad:
         raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
     if args.json:
+        if Path(args.json).is_dir():
+            raise ValueError(
+                f"--json {args.json} is a directory; give a file, e.g. {Path(args.json) / 'eval.json'}"
+            )
         check_writable(Path(args.json).parent)
     loaded = load_model(args.checkpoint, overrides=args.overrides)
     config, task = loaded.config, loaded.task
@@ -304,22 +311,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     setup_logging(args.quiet)
+    previous = _sigterm_as_interrupt()
     try:
         threads = getattr(args, "threads", None)
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"--threads must be at least 1, got {threads}")
+            cores = _cores()
+            if threads > cores:
+                logging.getLogger("poslab").warning(
+                    "--threads %d is more than the %d core(s) this process may use; threads beyond "
+                    "the cores contend with each other and slow the work down",
+                    threads,
+                    cores,
+                )
             torch.set_num_threads(threads)
         print(args.run(args), end="")
         return 0
     except ValueError as error:
-        print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
+        print(f"poslab: error: {_advice(_one_line(error), args)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"poslab: error: {_one_line(error)}", file=sys.stderr)
         return 1
     except OSError as error:  # a write outside the atomic helpers: a log line, a plot, a directory
-        print(f"poslab: error: {_one_line(output_error(error.filename or 'a file', error))}", file=sys.stderr)
+        message = _one_line(output_error(error.filename or "a file", error))
+        print(f"poslab: error: {_advice(message, args)}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # the allocator, past what `poslab.lab.memory.check_fits` could foresee
         if not _out_of_memory(error):
@@ -332,8 +349,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
-        print("poslab: interrupted; continue a run with --resume", file=sys.stderr)
+        advice = (
+            "; continue a run with --resume"
+            if hasattr(args, "resume")
+            else "; run the command again to continue"
+            if hasattr(args, "no_resume")  # lm-extrapolation reuses what is done by default
+            else ""
+        )
+        print(f"poslab: interrupted{advice}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt() -> Any:
+    """SIGTERM (``kill PID``) stops any command as Ctrl-C does (exit 130, files whole), also between
+    a grid's runs; a run in training saves a checkpoint first (`poslab.lab.train`). Returns the
+    previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+# Advice in the library's messages that names a flag, and what it becomes for a command without it.
+_WITHOUT_OVERWRITE = (
+    ("; pass --resume to continue it or --overwrite to replace it", "; use another --out"),
+    ("; use another --out or --overwrite", "; use another --out"),
+    (", or --overwrite to train it again", ", or remove it to train it again"),
+)
+_WITHOUT_RESUME = ((" (--resume continues a run)", ""),)
+
+
+def _advice(message: str, args: Any) -> str:
+    """``message`` without advice to pass a flag the command does not have (``report`` on a full
+    disk said "--resume continues a run"; ``lm-extrapolation`` said "use --overwrite")."""
+    if not hasattr(args, "overwrite"):
+        for old, new in _WITHOUT_OVERWRITE:
+            message = message.replace(old, new)
+    if not hasattr(args, "resume"):
+        for old, new in _WITHOUT_RESUME:
+            message = message.replace(old, new)
+    return message
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _out_of_memory(error: RuntimeError) -> bool:

@@ -8,6 +8,7 @@ A run lives in its own directory:
     train.log       the log lines of the run
     results.json    the final evaluation; its presence marks a finished run
     scores.json     extrapolation scores of the finished run (`poslab.lab.experiments.extrapolation`)
+    .lock           the id of the process writing the run, while it does (`RunDir.lock`)
 
 `RunDir` is the one place that knows these names. `poslab.lab.train` writes them, `poslab.lab.report` and
 `poslab.lab.experiments` read them back; a checkpoint file alone also loads (`load_model`).
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,10 @@ CONFIG, METRICS, CHECKPOINT, RESULTS, LOG, SCORES = (
 )
 RUN_FILES = (CONFIG, METRICS, CHECKPOINT, RESULTS, LOG, SCORES)
 ASIDE = ".replaced"  # an overwritten run's files until the new run has a checkpoint
+LOCK = ".lock"  # the id of the process writing the run, while it does (`RunDir.lock`)
+# Keys in which a finished run may differ from a grid's request and still be reused as it is:
+# where it trained, not what.
+REUSABLE_CHANGES = ("train.device",)
 # Keys a resumed run may change: they alter how long it runs, when it logs, where, and how it is
 # evaluated, but not what a given step learns.
 RESUMABLE_CHANGES = (
@@ -85,6 +91,8 @@ def _read_json(path: Path, missing: str) -> Any:
         raise ValueError(missing) from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error.msg} at line {error.lineno})") from None
+    except (UnicodeDecodeError, IsADirectoryError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -149,10 +157,12 @@ class RunDir:
             raise RunDirError("--resume and --overwrite exclude each other")
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} exists and is not a directory")
+        self.check_unlocked()
         status = self.status()
         if status != "empty" and not (resume or overwrite):
             raise RunDirError(
-                f"{self.path} already holds a {status} run; pass --resume to continue it or "
+                f"{self.path} already holds {'an' if status[0] in 'aeiou' else 'a'} {status} run; "
+                "pass --resume to continue it or "
                 "--overwrite to replace it"
             )
         if resume and config is not None and (self / CONFIG).exists():
@@ -163,6 +173,80 @@ class RunDir:
                     "use another --out or --overwrite"
                 )
         return status
+
+    # -- the lock of the process writing the run ---------------------------------------------------
+
+    def lock_holder(self) -> int | None:
+        """The id of the live process (other than this one) that holds the directory's lock, or
+        None: no lock, or a stale one (its process has ended, e.g. killed with kill -9)."""
+        try:
+            text = (self / LOCK).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            return None
+        if not text.isdigit():
+            return None  # not a lock poslab wrote whole: taken over
+        pid = int(text)
+        return pid if pid != os.getpid() and _process_alive(pid) else None
+
+    def check_unlocked(self) -> None:
+        """`RunDirError` naming the directory and the process when another live process writes it."""
+        pid = self.lock_holder()
+        if pid is not None:
+            raise RunDirError(
+                f"{self.path} is being written by process {pid} (its lock file {self / LOCK}); wait "
+                f"for it to end or stop it (kill {pid}), or use another --out"
+            )
+
+    def lock(self) -> None:
+        """Take the directory's lock (the directory must exist): a file holding this process's id,
+        created whole (written aside, then linked into place, which fails if it exists). A stale
+        lock, of a process that no longer runs, is taken over; a live one raises `RunDirError`."""
+        lock = self / LOCK
+        mine = self.path / f"{TMP_PREFIX}{LOCK}.{os.getpid()}{TMP_SUFFIX}"
+        mine.write_text(f"{os.getpid()}\n")
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, lock)
+                    return
+                except FileExistsError:
+                    self.check_unlocked()
+                    # Stale (or this process's own, left behind): move it away under a name of our
+                    # own, so that two processes taking it over do not both succeed.
+                    stale = self.path / f"{TMP_PREFIX}{LOCK}.stale.{os.getpid()}{TMP_SUFFIX}"
+                    with suppress(FileNotFoundError):
+                        os.replace(lock, stale)
+                        stale.unlink()
+            self.check_unlocked()
+            raise RunDirError(f"cannot take the lock {lock}; remove it if no process writes {self.path}")
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        """Give the lock back (only if this process holds it)."""
+        with suppress(OSError):
+            if (self / LOCK).read_text().strip() == str(os.getpid()):
+                (self / LOCK).unlink()
+
+    # -- reusing a finished run -----------------------------------------------------------------------
+
+    def check_reusable(self, config: RunConfig) -> None:
+        """`RunDirError` naming the differing keys when the finished run here was trained with a
+        config other than ``config`` (beyond `REUSABLE_CHANGES`): a grid or study that reuses it as
+        it is (``--resume``) would report results of another config under this one's name, e.g.
+        ``compare --resume train.steps=30`` over runs of 20 steps. Does nothing when the directory
+        holds no finished run."""
+        if not self.is_finished():
+            return
+        saved = self.load_config()
+        changed = [k for k in config.diff(saved) if k not in REUSABLE_CHANGES]
+        if changed:
+            raise RunDirError(
+                f"{self.path} holds a finished run with a different config ({', '.join(changed)}), "
+                "which would be reused as it is; use another --out, or --overwrite to train it again"
+            )
 
     def clear(self) -> None:
         """Remove the files a run writes (and nothing else)."""
@@ -209,16 +293,22 @@ class RunDir:
     # -- reading and writing -------------------------------------------------------------------------
 
     def load_config(self) -> RunConfig:
-        """The run's config.json."""
+        """The run's config.json; ValueError naming the file when it is not a run config."""
         data = _read_json(self / CONFIG, f"{self.path} holds no run ({CONFIG} is missing)")
-        return RunConfig.from_dict(data)
+        try:
+            return RunConfig.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{self / CONFIG} is not a poslab run config: {error}") from None
 
     def write_config(self, config: RunConfig) -> None:
         write_text(self / CONFIG, config.to_json())
 
     def load_results(self) -> dict[str, Any]:
-        """The results.json of a finished run."""
-        return _read_json(self / RESULTS, f"{self.path} holds no finished run ({RESULTS} is missing)")
+        """The results.json of a finished run; ValueError naming the file when it is not one
+        (`check_results`)."""
+        data = _read_json(self / RESULTS, f"{self.path} holds no finished run ({RESULTS} is missing)")
+        check_results(data, self / RESULTS)
+        return data
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_json(self / RESULTS, results)
@@ -247,6 +337,29 @@ class RunDir:
 
 
 # -- results ---------------------------------------------------------------------------------------
+
+# The fields of a run's results.json that readers index, and their types (`results_record`).
+_RESULT_FIELDS = {"task": str, "encoding": str, "seed": int, "metrics": (dict, type(None))}
+
+
+def check_results(data: Any, path: str | Path, *, required: Sequence[str] = ("metrics",)) -> None:
+    """ValueError naming ``path`` unless ``data`` has the shape of a run's results.json: an object
+    whose task and encoding (where given) are strings, seed an integer, metrics an object of splits
+    or null; the ``required`` fields must be there."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a run's results (a JSON {type(data).__name__}, not an object)")
+    for key, types in _RESULT_FIELDS.items():
+        value = data.get(key)
+        if key not in data:
+            if key in required:
+                raise ValueError(f"{path} is not a run's results (no {key!r})")
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ValueError(f"{path} is not a run's results ({key!r} is {value!r})")
+    metrics = data["metrics"] or {}
+    bad = [split for split, values in metrics.items() if not isinstance(values, dict)]
+    if bad:
+        raise ValueError(f"{path} is not a run's results (metrics of split {bad[0]!r} are not an object)")
 
 
 def results_record(

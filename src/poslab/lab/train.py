@@ -219,6 +219,7 @@ def train(
     overwrite: bool = False,
     progress: bool | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train one run and evaluate it.
 
@@ -230,6 +231,8 @@ def train(
         overwrite: replace a run already in ``out_dir``.
         progress: draw a progress bar; None draws one only when stderr is a terminal.
         callback: called as ``callback(step, model)`` after every update (and its checkpoint).
+        stop: asked after every update; once it returns True the run saves a checkpoint and stops
+            with KeyboardInterrupt, as on Ctrl-C (a grid's workers are stopped this way).
 
     Raises:
         RunDirError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
@@ -239,7 +242,7 @@ def train(
     """
     ctx = _init_distributed(config.train.device)
     try:
-        return _train(config, out_dir, ctx, resume, overwrite, progress, callback)
+        return _train(config, out_dir, ctx, resume, overwrite, progress, callback, stop)
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -253,6 +256,7 @@ def _train(
     overwrite: bool,
     progress: bool | None,
     callback: Callable[[int, nn.Module], None] | None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     tc = config.train
     if tc.batch_size % ctx.world:
@@ -274,39 +278,48 @@ def _train(
     task = config.task.build()
     check_fits(config, task, device, eval_lengths=planned_lengths(task, config.eval, config.task.train_len))
     _check_positions(config, task)
-    if run_dir is not None:
-        ctx.barrier()
-        if ctx.main:
-            check_writable(run_dir.path)
-            run_dir.path.mkdir(parents=True, exist_ok=True)
-            for stale in run_dir.remove_stale_temporaries():
-                log.info("removed %s, left by a process that was killed while writing it", stale)
-            if overwrite and status != "empty":
-                replacing = _Replacing(run_dir)
-            elif overwrite or (resume and checkpoint is None):
-                run_dir.clear()
-            run_dir.write_config(config)
-    writer = run_dir if ctx.main else None
+    locked = None  # the run directory, while this process holds its lock
     try:
-        file_log = _attach_file_log(writer / LOG if writer is not None else None)
+        if run_dir is not None:
+            ctx.barrier()
+            if ctx.main:
+                check_writable(run_dir.path)
+                run_dir.path.mkdir(parents=True, exist_ok=True)
+                run_dir.lock()  # RunDirError while another live process writes it
+                locked = run_dir
+                # Checked again under the lock: another process may have written it meanwhile.
+                status = run_dir.check(resume=resume, overwrite=overwrite, config=config)
+                for stale in run_dir.remove_stale_temporaries():
+                    log.info("removed %s, left by a process that was killed while writing it", stale)
+                if overwrite and status != "empty":
+                    replacing = _Replacing(run_dir)
+                elif overwrite or (resume and checkpoint is None):
+                    run_dir.clear()
+                run_dir.write_config(config)
+        writer = run_dir if ctx.main else None
         try:
-            session = _Session(
-                config=config,
-                run_dir=run_dir,
-                writer=writer,
-                ctx=ctx,
-                device=device,
-                task=task,
-                metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
-                replacing=replacing,
-            )
-            return _loop(session, checkpoint, progress, callback)
-        finally:
-            _detach_file_log(file_log)
-    except BaseException:
-        if replacing is not None:
-            replacing.undo()
-        raise
+            file_log = _attach_file_log(writer / LOG if writer is not None else None)
+            try:
+                session = _Session(
+                    config=config,
+                    run_dir=run_dir,
+                    writer=writer,
+                    ctx=ctx,
+                    device=device,
+                    task=task,
+                    metrics_log=_MetricsLog(writer / METRICS if writer is not None else None),
+                    replacing=replacing,
+                )
+                return _loop(session, checkpoint, progress, callback, stop)
+            finally:
+                _detach_file_log(file_log)
+        except BaseException:
+            if replacing is not None:
+                replacing.undo()
+            raise
+    finally:
+        if locked is not None:
+            locked.unlock()
 
 
 def _check_positions(config: RunConfig, task: Any) -> None:
@@ -453,6 +466,7 @@ def _loop(
     checkpoint: dict[str, Any] | None,
     progress: bool | None,
     callback: Callable[[int, nn.Module], None] | None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     ctx, tc = session.ctx, session.config.train
     state = _start(session, checkpoint)
@@ -484,7 +498,7 @@ def _loop(
                 final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
                 if callback is not None:
                     callback(state.step, state.model)
-                if interrupts.requested:
+                if interrupts.requested or (stop is not None and stop()):
                     session.save(state, elapsed)
                     where = f"; checkpoint saved in {session.run_dir}" if session.writer is not None else ""
                     log.warning("%s: stopped at step %d%s", session.label, state.step, where)

@@ -11,12 +11,53 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from poslab.lab import plotting
 from poslab.lab.report.common import finite, mean_std, stats_cell, write_page
+
+
+def load_extrapolation_results(path: str | Path) -> dict[str, Any]:
+    """An extrapolation's results.json (``{"settings", "runs", "summary"}``, as `write_extrapolation_report`
+    writes it), read back; ValueError (one line) naming the file when it is not valid JSON or not of
+    that shape (``[]``, ``"settings": "x"``, a run whose ``results`` is not an object), instead of a
+    traceback in the page built from it. The studies read their parts' results with it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no such results file: {path}") from None
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    check_extrapolation_results(data, path)
+    return data
+
+
+def check_extrapolation_results(data: Any, path: str | Path) -> None:
+    """ValueError naming ``path`` unless ``data`` has the shape `load_extrapolation_results` expects."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} is not an extrapolation's results ({what})")
+
+    if not isinstance(data, dict):
+        raise bad(f"a JSON {type(data).__name__}, not an object")
+    for key in ("settings", "summary"):
+        if not isinstance(data.get(key), dict):
+            raise bad(f"{key!r} is {data.get(key)!r}")
+    if not isinstance(data.get("runs"), list):
+        raise bad(f"'runs' is {data.get('runs')!r}")
+    for i, run in enumerate(data["runs"]):
+        if not isinstance(run, dict):
+            raise bad(f"runs[{i}] is {run!r}")
+        if not isinstance(run.get("results"), dict) or not all(
+            isinstance(cell, dict) for cell in run["results"].values()
+        ):
+            raise bad(f"runs[{i}].results is {run.get('results')!r}")
+        if not isinstance(run.get("encoding"), str):
+            raise bad(f"runs[{i}].encoding is {run.get('encoding')!r}")
 
 
 def summarize_extrapolation(records: list[dict[str, Any]], lengths: Sequence[int]) -> dict[str, Any]:

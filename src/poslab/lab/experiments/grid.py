@@ -7,12 +7,14 @@ train one after the other or in worker processes (``jobs``) that share the CPU c
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import itertools
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -62,6 +64,8 @@ def plan_grid(
             config = base.override({"model.encoding": spec, "train.seed": seed})
             run_dir = RunDir(Path(root) / slug(encoding_label(spec)) / f"seed{seed}")
             run_dir.check(resume=resume, overwrite=overwrite, config=config)
+            if resume:
+                run_dir.check_reusable(config)  # a finished run is reused only for its own config
             grid.append(GridRun(config, run_dir))
     if len({run.run_dir for run in grid}) < len(grid):
         raise ValueError("two encodings of --encodings map to the same directory; list each once")
@@ -206,77 +210,153 @@ def _train_parallel(
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     quiet = log.level > logging.INFO
-    stop = context.Event()  # once set, runs already handed to a worker are skipped
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet, stop)
-    ) as pool:
-        # The pool starts them in this order, ``jobs`` at a time.
-        futures = {
-            pool.submit(_train_worker, run.config.to_dict(), str(run.path), resume, overwrite): run
-            for run in todo
-        }
-        for run in todo[:jobs]:
-            tracker.starting(run)
-        waiting = list(todo[jobs:])
+    stop = context.Event()  # once set, workers skip the runs handed to them (a run failed)
+    interrupt = context.Event()  # once set, training workers also checkpoint and stop (a signal)
+    signals = _GridSignals(stop, interrupt)
+    with signals:
+        # Workers are spawned with SIGINT and SIGTERM blocked (the mask passes to a child), so a
+        # signal while one starts cannot kill it half-way; `_worker_init` ignores both and unblocks.
+        with signals.blocked():
+            pool = ProcessPoolExecutor(
+                jobs, mp_context=context, initializer=_worker_init, initargs=(threads, quiet, stop, interrupt)
+            )
+            signals.pool = pool
+            # The pool starts them in this order, ``jobs`` at a time (and spawns its workers here).
+            futures = {
+                pool.submit(_train_worker, run.config.to_dict(), str(run.path), resume, overwrite): run
+                for run in todo
+            }
         try:
-            with _stop_workers_on_sigterm(pool, stop):
-                for future in as_completed(futures):
-                    future.result()
-                    tracker.finished(futures[future])
-                    if waiting:
-                        tracker.starting(waiting.pop(0))
+            signals.raise_if_stopped()  # a signal that came while the pool started
+            for run in todo[:jobs]:
+                tracker.starting(run)
+            waiting = list(todo[jobs:])
+            signals.waiting = True
+            for future in as_completed(futures):
+                signals.waiting = False
+                future.result()
+                tracker.finished(futures[future])
+                if waiting:
+                    tracker.starting(waiting.pop(0))
+                signals.raise_if_stopped()
+                signals.waiting = True
+            signals.waiting = False
         except BaseException:  # a failed run, Ctrl-C or SIGTERM: runs not yet started are dropped
+            signals.waiting = False
             stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+        pool.shutdown(wait=True)
+    signals.raise_if_stopped()
 
 
-@contextmanager
-def _stop_workers_on_sigterm(pool: ProcessPoolExecutor, stop: Any) -> Iterator[None]:
-    """Within the block, SIGTERM to the grid's process (``kill PID``) is passed on to the workers,
-    which save a checkpoint after their current step and stop (`poslab.lab.train`), and stops the grid
-    as Ctrl-C does; without it the workers would train on, orphaned, after the grid had gone. (Ctrl-C
-    in a terminal reaches the workers by itself: they share the terminal's process group.) ``stop``
-    (a multiprocessing Event the workers share) is set first: the pool hands a worker its next run
-    before the current one ends, and cancelling the futures cannot take such a run back, so a worker
-    checks it before it starts a run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _GridSignals:
+    """While a parallel grid runs, SIGTERM (``kill PID``) and SIGINT (Ctrl-C, ``kill -INT``) to its process
+    stop it: the first sets ``interrupt`` and ``stop`` (multiprocessing Events the workers share); a
+    worker reads ``interrupt`` after every step (`poslab.lab.train.train`'s ``stop``): it saves a
+    checkpoint and stops, and a worker that is idle or handed a queued run starts nothing. The grid then
+    waits for its workers and exits as on Ctrl-C. A second signal kills the workers at once (their last
+    checkpoints stay) so that nothing is left running. The workers themselves ignore both signals
+    outside a run: a signal to the whole process group (Ctrl-C in a terminal) reaches a training worker
+    as its own request to stop, and nothing else; without this an idle worker died of it and broke the
+    pool, and a grid killed before its loop left its workers behind."""
 
-    def forward(signum: int, frame: object) -> None:
-        stop.set()
-        workers = getattr(pool, "_processes", None) or {}  # pid -> Process, while the pool runs
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, stop: Any, interrupt: Any) -> None:
+        self.stop, self.interrupt = stop, interrupt
+        self.count = 0
+        self.waiting = False  # whether the grid waits for its runs (a signal may raise there)
+        self.pool: ProcessPoolExecutor | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _GridSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+    @contextmanager
+    def blocked(self) -> Iterator[None]:
+        if not self.previous:
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
+    def raise_if_stopped(self) -> None:
+        if self.count:
+            raise KeyboardInterrupt
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        self.interrupt.set()
+        self.stop.set()
+        if self.count == 1:
+            log.warning(
+                "interrupted: the grid's runs save a checkpoint after their step and stop "
+                "(again to stop them at once)"
+            )
+            if self.waiting:
+                self.waiting = False
+                raise KeyboardInterrupt
+            return
+        workers = getattr(self.pool, "_processes", None) or {}  # pid -> Process, while the pool runs
         for pid in list(workers):
             with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+                os.kill(pid, signal.SIGKILL)
 
 
-_STOP: Any = None  # the grid's stop Event, in a worker process
+_STOP: Any = None  # the grid's stop Event, in a worker process: start no run
+_INTERRUPT: Any = None  # the grid's interrupt Event, in a worker process: stop the run
 
 
-def _worker_init(threads: int, quiet: bool, stop: Any) -> None:
-    global _STOP
+def _worker_init(threads: int, quiet: bool, stop: Any, interrupt: Any) -> None:
+    global _STOP, _INTERRUPT
+    # The grid stops its workers through ``stop`` (`_GridSignals`); a run's own handlers
+    # (`poslab.lab.train`) take the signals while it trains. Spawned with both blocked: ignore, unblock.
+    for sig in _GridSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _GridSignals.SIGNALS)
+    _die_with_parent()
     tune_allocator()  # process-wide: only in grid workers and the command line
     torch.set_num_threads(threads)
     setup_logging(quiet)
-    _STOP = stop
+    _STOP, _INTERRUPT = stop, interrupt
 
 
 def _train_worker(config: dict, run_dir: str, resume: bool, overwrite: bool) -> None:
     if _STOP.is_set():  # the grid is stopping: do not start this run
         return
     try:
-        train(RunConfig.from_dict(config), run_dir, resume=resume, overwrite=overwrite, progress=False)
+        train(
+            RunConfig.from_dict(config),
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            progress=False,
+            stop=_INTERRUPT.is_set,
+        )
     except BaseException:
         # Stop the grid from here, before this worker takes its next run: the grid's own
         # `stop.set()` comes only after it has seen the failure, too late for that run.
         _STOP.set()
         raise
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the grid's process dies (kill -9), instead of
+    leaving it waiting for runs that never come."""
+    if not sys.platform.startswith("linux"):
+        return
+    with suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(1)

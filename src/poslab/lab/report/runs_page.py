@@ -25,7 +25,7 @@ from poslab.lab import plotting
 from poslab.lab.checkpoint import write_text
 from poslab.lab.config import flatten
 from poslab.lab.report.common import csv_value, finite, mean_std, stats_cell, write_page
-from poslab.lab.rundir import CONFIG, RESULTS, RunDir, find_finished_runs
+from poslab.lab.rundir import CONFIG, RESULTS, RunDir, check_results, find_finished_runs
 from poslab.lab.tasks import TASKS
 
 log = logging.getLogger("poslab")
@@ -56,6 +56,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
     records = []
     for run_dir in find_finished_runs(paths):
         results = RunDir(run_dir).load_results()
+        check_results(results, run_dir / RESULTS, required=("task", "encoding", "seed", "metrics"))
         if not results.get("metrics"):
             raise ValueError(f"{run_dir / RESULTS} holds no evaluation")
         config = _config_dict(RunDir(run_dir))
@@ -71,8 +72,14 @@ def _config_dict(run_dir: RunDir) -> dict[str, Any]:
     try:
         return run_dir.load_config().to_dict()
     except (TypeError, ValueError):
+        pass
+    try:
         raw = json.loads((run_dir / CONFIG).read_text())
-        return raw if isinstance(raw, dict) else {}
+    except ValueError:
+        raise ValueError(f"{run_dir / CONFIG} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{run_dir / CONFIG} is not a run config (a JSON {type(raw).__name__})")
+    return raw
 
 
 # -- statistics ------------------------------------------------------------------------------------
