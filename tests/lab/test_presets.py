@@ -22,7 +22,7 @@ def test_lm_presets_carry_their_evaluation_lengths():
         EvalConfig(extrapolate_to=0)
 
 
-def test_probe_presets_share_one_model_schedule_and_grid():
+def test_probe_presets_share_one_model_optimiser_and_grid():
     configs = {name: get_preset(f"{name}_small") for name in ("passkey", "mqar", "repeated_text")}
     for name, config in configs.items():
         task = config.task.build()
@@ -30,5 +30,6 @@ def test_probe_presets_share_one_model_schedule_and_grid():
         assert task.split_lengths("by_length") == (128, 256, 512, 1024, 2048, 4096)
         assert config.model.max_len >= 4096
     first, *rest = configs.values()
-    for config in rest:  # calibrated once, for every probe and encoding alike
-        assert (config.model, config.train, config.eval) == (first.model, first.train, first.eval)
+    for config in rest:  # calibrated once, for every probe and encoding alike (steps: per probe)
+        assert (config.model, config.eval) == (first.model, first.eval)
+        assert config.override({"train.steps": first.train.steps}).train == first.train

@@ -417,25 +417,34 @@ def stdlib_streams() -> dict[str, bytes]:
     return {s: bytes(data.stream(s).clamp(max=255).to(torch.uint8).tolist()) for s in ("train", "validation")}
 
 
-@pytest.mark.parametrize("gap", [0.0, 0.25])
+@pytest.mark.parametrize("gap", [0.0, 0.5])
 def test_repeated_text_against_checker(gap: float, stdlib_streams: dict[str, bytes]) -> None:
     task = build_task("repeated_text", gap=gap, eval_lengths=(64, 255))
     for split in ("id", "by_length"):
         params = task.splits()[split]
         stream = stdlib_streams[params["split"]]
         for length in (64, 255):
-            batch = task.sample(6, length, generator=gen(length), **params)
-            assert batch.inputs.shape == (6, length)
-            for b in range(6):
+            batch = task.sample(8, length, generator=gen(length), **params)
+            assert batch.inputs.shape == (8, length)
+            for b in range(8):
                 ids = full_ids(batch, b)
-                # The copy: the longest suffix equal to a prefix, at the distance the gap implies.
-                g = round(gap * (length + 1))
-                distance = (length + 1 - g + 1) // 2 + g
-                assert ids[distance:] == ids[: length + 1 - distance]
+                distance = batch.mask[b].nonzero()[0].item()  # the copy's first byte is not scored
+                copied = length + 1 - distance
+                assert ids[distance:] == ids[:copied]  # the second copy repeats the chunk's start
                 check_scored(batch, b, {t: ids[t + 1] for t in range(distance, length)})
-                chunk = bytes(min(i, 255) for i in ids[: distance - g])  # <eos> read as 0xFF
-                assert chunk in stream  # real text of the split's documents
-                assert bytes(min(i, 255) for i in ids[distance - g : distance]) in stream
+                # The chunk (c2 or c2 + 1 bytes) and the gap (none to `gap` of the sequence) fill
+                # the distance: distance - c2 = the gap, plus one for a chunk of c2 + 1.
+                assert 0 <= distance - copied <= round(gap * (length + 1)) + 1
+                assert bytes(min(i, 255) for i in ids[:copied]) in stream  # real text (<eos> as 0xFF)
+
+
+def test_repeated_text_copy_distance_varies_within_a_length() -> None:
+    task = build_task("repeated_text", gap=0.5)
+    batch = task.sample(200, 127, generator=gen(0))
+    distances = batch.mask.int().argmax(dim=1)  # the first scored target
+    assert distances.min() == 64 and 90 <= distances.max() <= 96  # 128 bytes: 1/2 to 3/4 of them
+    fixed = build_task("repeated_text", gap=0.0).sample(20, 127, generator=gen(0))
+    assert fixed.mask.int().argmax(dim=1).eq(64).all()
 
 
 def test_repeated_text_metrics_report_the_copy_loss() -> None:
