@@ -9,7 +9,9 @@ from poslab.lab.config import EvalConfig, ModelSpec, RunConfig, TaskConfig, Trai
 from poslab.lab.presets.registry import preset
 
 TRAIN_LEN = 128
-EVAL_LENGTHS = (128, 256, 512, 1024, 2048, 4096)  # 1x .. 32x the training length
+# 1x .. 32x the training length; a list, as a config's JSON gives it back (a tuple would not compare
+# equal after the round trip).
+EVAL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
 
 # The calibrated CPU model and optimiser (docs/tasks.md, "Calibration of the probes"), the same for
 # every encoding and every probe; model.max_len covers the longest evaluation for the encodings
