@@ -20,3 +20,16 @@ def test_lm_presets_carry_their_evaluation_lengths():
     assert get_preset("smoke").eval.extrapolate_to is None
     with pytest.raises(ValueError, match="eval.extrapolate_to"):
         EvalConfig(extrapolate_to=0)
+
+
+def test_probe_presets_share_one_model_optimiser_and_grid():
+    configs = {name: get_preset(f"{name}_small") for name in ("passkey", "mqar", "repeated_text")}
+    for name, config in configs.items():
+        task = config.task.build()
+        assert task.name == name and config.task.train_len == 128
+        assert task.split_lengths("by_length") == (128, 256, 512, 1024, 2048, 4096)
+        assert config.model.max_len >= 4096
+    first, *rest = configs.values()
+    for config in rest:  # calibrated once, for every probe and encoding alike (steps: per probe)
+        assert (config.model, config.eval) == (first.model, first.eval)
+        assert config.override({"train.steps": first.train.steps}).train == first.train

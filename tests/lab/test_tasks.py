@@ -4,6 +4,7 @@ solver that recomputes the answer from the decoded input text."""
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
@@ -14,14 +15,19 @@ from poslab.lab.tasks import TASKS, Batch, ChomskyTask, Task, build_task, list_t
 from poslab.lab.tasks.chomsky import chomsky_tasks
 
 CAUSAL = ["flipflop", "selective_copy", "counting"]
+PROBES = ["passkey", "mqar", "repeated_text"]  # causal too; their checkers read ids (bytes)
 CHOMSKY = chomsky_tasks()  # the 15 tasks, by level
 # A typical training length per causal task (pairs, content tokens, max statements).
 CAUSAL_LENGTH = {"flipflop": 64, "selective_copy": 16, "counting": 40}
+CAUSAL_LENGTH.update(dict.fromkeys(PROBES, 128))  # tokens
 CHANCE = {  # the table of docs/tasks.md
     **dict.fromkeys(["modular_arithmetic_simple", "cycle_navigation", "modular_arithmetic"], 20.0),
     **dict.fromkeys(["solve_equation", "bucket_sort"], 20.0),
     "counting": 100 / 11,  # answers 0..10
     "selective_copy": 100 / 8,  # 8 content symbols by default
+    "passkey": 10.0,  # a digit
+    "mqar": 100 / 512,  # 512 values by default
+    "repeated_text": 100 / 257,  # bytes and <eos>
 }
 
 
@@ -201,8 +207,8 @@ def check_chomsky(task: ChomskyTask, batch: Batch, length: int) -> None:
 def test_registry_holds_every_task() -> None:
     # "lm" samples windows of a real corpus; tests/test_extrapolate.py covers it.
     assert len(CHOMSKY) == 15 and sorted(CHOMSKY_SOLVERS) == sorted(CHOMSKY)
-    assert sorted(CAUSAL + CHOMSKY + ["lm"]) == list_tasks() == sorted(TASKS)
-    assert [build_task(n).causal for n in CAUSAL + CHOMSKY] == [True] * 3 + [False] * 15
+    assert sorted(CAUSAL + PROBES + CHOMSKY + ["lm"]) == list_tasks() == sorted(TASKS)
+    assert [build_task(n).causal for n in CAUSAL + PROBES + CHOMSKY] == [True] * 6 + [False] * 15
 
 
 @pytest.mark.parametrize("p", [0.8, 0.98, 0.1, 0.0, 1.0])
@@ -264,10 +270,201 @@ def test_end_token_tasks_leave_padding_unscored() -> None:
         assert (~mask).any()  # some padding exists at this length
 
 
+# -- the length-generalisation probes against their checkers ---------------------------------------
+# Each checker reads the sequence (input ids: the first input then the targets), finds the structure
+# in it without the task's code, and returns {target index: expected id} for the scored targets.
+
+
+def full_ids(batch: Batch, b: int) -> list[int]:
+    return torch.cat([batch.inputs[b, :1], batch.targets[b]]).tolist()
+
+
+def check_scored(batch: Batch, b: int, expected: dict[int, int]) -> None:
+    scored = batch.mask[b].nonzero().flatten().tolist()
+    assert scored == sorted(expected)
+    assert batch.targets[b, scored].tolist() == [expected[t] for t in scored]
+
+
+def solve_passkey(ids: list[int]) -> tuple[dict[int, int], int, int]:
+    """-> (expected answer digits, the key line's offset, the filler's size)."""
+    text = bytes(ids).decode("ascii")
+    lines = list(re.finditer(r"the pass key is (\d+)\. remember it\. ", text))
+    assert len(lines) == 1, text
+    answer = re.search(r"\nwhat is the pass key\? the pass key is (\d+)$", text)
+    assert answer is not None and answer.group(1) == lines[0].group(1)
+    key, start = answer.group(1), lines[0].start()
+    filler = text[:start] + text[lines[0].end() : answer.start()]
+    assert not re.search(r"\d|pass|key", filler)  # the filler hides no other key
+    assert all(re.fullmatch(r"[a-z ]*", s.strip()) for s in filler.split(".")), filler
+    n = len(ids) - 1  # targets
+    return {n - len(key) + i: ord(d) for i, d in enumerate(key)}, start, len(filler)
+
+
+@pytest.mark.parametrize("depth", [None, 0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("n_digits", [1, 5, 7])
+def test_passkey_against_checker(depth: float | None, n_digits: int) -> None:
+    task = build_task("passkey", n_digits=n_digits)
+    for seed, length in enumerate([task.min_length, 128, 200, 1000]):
+        batch = task.sample(8, length, generator=gen(seed), depth=depth)
+        assert batch.inputs.shape == (8, length)  # the length is the context, exactly
+        for b in range(8):
+            expected, start, filler = solve_passkey(full_ids(batch, b))
+            assert len(expected) == n_digits
+            check_scored(batch, b, expected)
+            if depth is not None:
+                assert start == round(depth * filler)
+
+
+def test_passkey_depths_and_keys_are_spread() -> None:
+    task = build_task("passkey")
+    batch = task.sample(400, 300, generator=gen(0))
+    starts, digits = [], []
+    for b in range(400):
+        expected, start, filler = solve_passkey(full_ids(batch, b))
+        starts.append(start / filler)
+        digits += [chr(v) for v in expected.values()]
+    assert min(starts) < 0.05 and max(starts) > 0.95 and abs(sum(starts) / 400 - 0.5) < 0.05
+    counts = [digits.count(str(d)) for d in range(10)]
+    assert min(counts) > 150 and max(counts) < 250  # 2000 digits, uniform
+
+
+def test_passkey_splits_make_the_depth_by_length_grid() -> None:
+    task = build_task("passkey", eval_lengths="512,128,256", eval_depths="0,0.5,1")
+    splits = task.splits()
+    assert list(splits) == ["id", "by_length", "depth_0", "depth_50", "depth_100"]
+    assert splits["id"] == {"depth": None}
+    assert splits["depth_50"] == {"depth": 0.5, "lengths": (128, 256, 512)}
+    assert build_task("passkey", depth=0.25).splits() == {"id": {"depth": 0.25}}
+    for name, params in splits.items():
+        for length in task.split_lengths(name) or [128]:
+            batch = task.sample(2, length, generator=gen(0), **params)
+            assert batch.inputs.shape == (2, length)
+            for b in range(2):
+                _, start, filler = solve_passkey(full_ids(batch, b))
+                if params["depth"] is not None:
+                    assert start == round(params["depth"] * filler)
+    with pytest.raises(ValueError, match="not one of the split's lengths"):
+        task.sample(2, 300, generator=gen(0), **splits["depth_0"])
+
+
+def solve_mqar(names: list[str], tokens_per_pair: int = 8) -> dict[int, int]:
+    n = len(names) // tokens_per_pair
+    pairs = names[: 2 * n]
+    keys, values = pairs[0::2], pairs[1::2]
+    assert all(k[0] == "k" for k in keys) and all(v[0] == "v" for v in values)
+    assert len(set(keys)) == n  # distinct keys
+    table = dict(zip(keys, values, strict=True))
+    expected, asked = {}, []
+    i = 2 * n
+    while i < len(names):
+        if names[i] == ".":
+            i += 1
+            continue
+        assert names[i] in table and names[i + 1] == table[names[i]], names[i : i + 2]
+        expected[i] = names[i + 1]  # the target at index i is sequence[i + 1]
+        asked.append(names[i])
+        i += 2
+    assert sorted(asked) == sorted(keys)  # every key asked once
+    return expected
+
+
+@pytest.mark.parametrize("tokens_per_pair", [4, 5, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mqar_against_checker(tokens_per_pair: int, seed: int) -> None:
+    task = build_task("mqar", n_keys=64, n_values=10, tokens_per_pair=tokens_per_pair)
+    for length in (tokens_per_pair - 1, 31, 128, 255):
+        batch = task.sample(8, length, generator=gen(seed))
+        assert batch.inputs.shape == (8, length)
+        for b in range(8):
+            names = task.decode(full_ids(batch, b)).split(" ")
+            expected = solve_mqar(names, tokens_per_pair)
+            assert len(expected) == (length + 1) // tokens_per_pair
+            check_scored(batch, b, {t: task.tokens.index(v) for t, v in expected.items()})
+
+
+def test_mqar_lookups_grow_with_the_length() -> None:
+    task = build_task("mqar", eval_lengths=(128, 1024))
+    assert task.splits() == {"id": {}, "by_length": {"lengths": (128, 1024)}}
+    distances = {}
+    for length in (128, 1024):
+        batch = task.sample(16, length, generator=gen(0))
+        names = [task.decode(full_ids(batch, b)).split(" ") for b in range(16)]
+        gaps = [t - seq.index(seq[t]) for seq in names for t in solve_mqar(seq)]
+        distances[length] = sum(gaps) / len(gaps)
+        assert batch.mask.sum(dim=1).eq((length + 1) // 8).all()
+    assert 6 < distances[1024] / distances[128] < 10  # 8x the length, about 8x the distance
+    with pytest.raises(ValueError, match="n_keys"):
+        build_task("mqar", n_keys=16, eval_lengths=(136,))
+
+
+@pytest.fixture(scope="module")
+def stdlib_streams() -> dict[str, bytes]:
+    data = build_task("lm", corpus="stdlib", tokenizer="bytes").data
+    return {s: bytes(data.stream(s).clamp(max=255).to(torch.uint8).tolist()) for s in ("train", "validation")}
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.5])
+def test_repeated_text_against_checker(gap: float, stdlib_streams: dict[str, bytes]) -> None:
+    task = build_task("repeated_text", gap=gap, eval_lengths=(64, 255))
+    for split in ("id", "by_length"):
+        params = task.splits()[split]
+        stream = stdlib_streams[params["split"]]
+        for length in (64, 255):
+            batch = task.sample(8, length, generator=gen(length), **params)
+            assert batch.inputs.shape == (8, length)
+            for b in range(8):
+                ids = full_ids(batch, b)
+                distance = batch.mask[b].nonzero()[0].item()  # the copy's first byte is not scored
+                copied = length + 1 - distance
+                assert ids[distance:] == ids[:copied]  # the second copy repeats the chunk's start
+                check_scored(batch, b, {t: ids[t + 1] for t in range(distance, length)})
+                # The chunk (c2 or c2 + 1 bytes) and the gap (none to `gap` of the sequence) fill
+                # the distance: distance - c2 = the gap, plus one for a chunk of c2 + 1.
+                assert 0 <= distance - copied <= round(gap * (length + 1)) + 1
+                assert bytes(min(i, 255) for i in ids[:copied]) in stream  # real text (<eos> as 0xFF)
+
+
+def test_repeated_text_copy_distance_varies_within_a_length() -> None:
+    task = build_task("repeated_text", gap=0.5)
+    batch = task.sample(200, 127, generator=gen(0))
+    distances = batch.mask.int().argmax(dim=1)  # the first scored target
+    assert distances.min() == 64 and 90 <= distances.max() <= 96  # 128 bytes: 1/2 to 3/4 of them
+    fixed = build_task("repeated_text", gap=0.0).sample(20, 127, generator=gen(0))
+    assert fixed.mask.int().argmax(dim=1).eq(64).all()
+
+
+def test_repeated_text_metrics_report_the_copy_loss() -> None:
+    task = build_task("repeated_text")
+    batch = task.sample(4, 64, generator=gen(0))
+    logits = torch.randn(4, 64, task.n_outputs, generator=gen(1))
+    result = task.metrics(logits, batch)
+    expected = F.cross_entropy(logits[batch.mask], batch.targets[batch.mask]).item()
+    assert result["loss"] == pytest.approx(expected)
+    assert result["accuracy"] == pytest.approx(100 - result["error"])
+
+
+def test_probe_results_hold_every_length_and_depth() -> None:
+    from poslab.lab.config import EvalConfig
+    from poslab.lab.evaluate import evaluate
+    from poslab.model import ModelConfig, build_model
+
+    task = build_task("passkey", eval_lengths=(96, 192), eval_depths=(0.0, 1.0))
+    model = build_model(
+        ModelConfig(vocab_size=task.vocab_size, d_model=16, n_layers=1, n_heads=2, encoding="rope")
+    )
+    result = evaluate(model, task, EvalConfig(batches=1, batch_size=2), train_len=96)
+    assert set(result["lengths"]) == {"by_length", "depth_0", "depth_100"}
+    for split in ("by_length", "depth_0", "depth_100"):
+        cells = result["lengths"][split]
+        assert set(cells) == {"96", "192"}
+        assert set(cells["96"]) >= {"accuracy", "key_accuracy", "error"}
+    assert set(result["splits"]) == {"id", "by_length", "depth_0", "depth_100"}
+
+
 # -- shapes, seeds, splits -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CAUSAL + CHOMSKY)
+@pytest.mark.parametrize("name", CAUSAL + PROBES + CHOMSKY)
 def test_shapes_dtypes_and_ranges(name: str) -> None:
     task = build_task(name)
     batch = task.sample(8, length_for(task, name), generator=gen(0))
@@ -284,7 +481,7 @@ def test_shapes_dtypes_and_ranges(name: str) -> None:
     assert task.chance == CHANCE.get(name, 50.0)
 
 
-@pytest.mark.parametrize("name", CAUSAL + CHOMSKY)
+@pytest.mark.parametrize("name", CAUSAL + PROBES + CHOMSKY)
 def test_seed_determines_the_batch(name: str) -> None:
     task = build_task(name)
     length = length_for(task, name)
@@ -294,7 +491,7 @@ def test_seed_determines_the_batch(name: str) -> None:
     assert not torch.equal(a.inputs, c.inputs)
 
 
-@pytest.mark.parametrize("name", CAUSAL + CHOMSKY)
+@pytest.mark.parametrize("name", CAUSAL + PROBES + CHOMSKY)
 def test_every_split_samples(name: str) -> None:
     task = build_task(name)
     splits = task.splits()
@@ -368,14 +565,14 @@ def test_counting_shortest_programs_have_three_statements() -> None:
 # -- metrics ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CAUSAL + CHOMSKY)
+@pytest.mark.parametrize("name", CAUSAL + PROBES + CHOMSKY)
 def test_metrics_perfect_and_corrupted(name: str) -> None:
     task = build_task(name)
     batch = task.sample(16, length_for(task, name), generator=gen(0))
     logits = F.one_hot(batch.targets, task.n_outputs).float()
     perfect = task.metrics(logits, batch)
     assert perfect["error"] == 0.0 and perfect["seq_error"] == 0.0
-    if not task.causal:
+    if "accuracy" in perfect:
         assert perfect["accuracy"] == 100.0
 
     # Corrupt the first scored token of rows 0, 2, 4, 6.
@@ -387,7 +584,7 @@ def test_metrics_perfect_and_corrupted(name: str) -> None:
     n_scored = batch.mask.sum().item()
     assert bad["error"] == pytest.approx(100 * len(rows) / n_scored)
     assert bad["seq_error"] == pytest.approx(100 * len(rows) / 16)
-    if not task.causal:  # pooled over the batch's scored tokens, as DeepMind's code
+    if "accuracy" in bad:  # pooled over the batch's scored tokens, as DeepMind's code
         assert bad["accuracy"] == pytest.approx(100 * (1 - len(rows) / n_scored))
 
 
@@ -469,7 +666,7 @@ def test_decode_names_tokens() -> None:
 # -- speed -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CAUSAL + CHOMSKY)
+@pytest.mark.parametrize("name", CAUSAL + PROBES + CHOMSKY)
 def test_sampling_is_fast(name: str) -> None:
     task = build_task(name)
     length = {"flipflop": 256}.get(name, CAUSAL_LENGTH.get(name, 40))

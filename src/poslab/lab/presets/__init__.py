@@ -7,12 +7,13 @@ carry no options, so ``model.encoding`` can be swapped for any registered encodi
 - `poslab.lab.presets.synthetic`: flip-flop, selective copy, counting, the Chomsky hierarchy (and the
   demo's encodings);
 - `poslab.lab.presets.language`: language models for length extrapolation (their evaluation lengths are in
-  ``eval.extrapolate_to``).
+  ``eval.extrapolate_to``);
+- `poslab.lab.presets.probes`: the length-generalisation probes (pass key, MQAR, repeated text).
 
 A new module of presets is imported here, once, so that its presets register.
 """
 
-from poslab.lab.presets import language, synthetic
+from poslab.lab.presets import language, probes, synthetic
 from poslab.lab.presets.registry import DESCRIPTIONS, PRESETS, get_preset, list_presets, preset
 from poslab.lab.presets.synthetic import DEMO_ENCODINGS
 
@@ -24,5 +25,6 @@ __all__ = [
     "list_presets",
     "language",
     "preset",
+    "probes",
     "synthetic",
 ]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from poslab.lab.parsing import check_int as check_int  # re-exported for the task modules
+from poslab.lab.parsing import parse_lengths
 from poslab.registry import Registry
 
 TASKS: Registry[type[Task]] = Registry("task", "tasks")
@@ -170,6 +171,29 @@ def check_probability(name: str, value: Any) -> None:
     """Raise ValueError naming ``name`` unless 0 <= ``value`` <= 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def parse_eval_lengths(task: str, value: Any) -> tuple[int, ...] | None:
+    """A task's ``eval_lengths`` option: ``"256,512"``, a sequence or one length -> sorted lengths
+    (None stays None: no length sweep)."""
+    if value is None:
+        return None
+    try:
+        return tuple(parse_lengths([value] if isinstance(value, int) else value))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{task}: eval_lengths must be positive integers such as 256,512, got {value!r}"
+        ) from None
+
+
+def check_split_length(task: str, length: int, lengths: Sequence[int] | None) -> None:
+    """ValueError unless ``length`` is one of a length split's ``lengths`` (None: any length)."""
+    if lengths is not None and length not in lengths:
+        raise ValueError(f"{task}: length {length} is not one of the split's lengths {list(lengths)}")
+
+
+BYTE_NAMES = tuple(chr(i) if 32 <= i < 127 else f"<0x{i:02X}>" for i in range(256))
+"""A printable name per byte id (the byte-level tasks' ``tokens``)."""
 
 
 class RandomStream:
