@@ -5,18 +5,11 @@ installed."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-# Without a GPU the kernels run through triton's interpreter, which triton reads when a kernel is
-# defined: poslab defines its kernels on first use, so setting it here, at collection, is early
-# enough in a pytest process that runs other tests too. (Not in a conftest.py: a second one would
-# shadow the `from conftest import ...` of the tests above this directory.)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
+# Without a GPU the kernels run through triton's interpreter: tests/conftest.py sets
+# TRITON_INTERPRET=1 before any test module imports triton.
 from poslab import ModelConfig, attend, build_encoding, build_model
 from poslab.kernels import triton as triton_kernels
 

@@ -347,8 +347,8 @@ def test_passkey_splits_make_the_depth_by_length_grid() -> None:
         task.sample(2, 300, generator=gen(0), **splits["depth_0"])
 
 
-def solve_mqar(names: list[str], tokens_per_pair: int = 8) -> dict[int, int]:
-    n = len(names) // tokens_per_pair
+def solve_mqar(names: list[str], tokens_per_pair: int = 8, max_pairs: int | None = None) -> dict[int, int]:
+    n = len(names) // tokens_per_pair if max_pairs is None else min(len(names) // tokens_per_pair, max_pairs)
     pairs = names[: 2 * n]
     keys, values = pairs[0::2], pairs[1::2]
     assert all(k[0] == "k" for k in keys) and all(v[0] == "v" for v in values)
@@ -395,6 +395,23 @@ def test_mqar_lookups_grow_with_the_length() -> None:
     assert 6 < distances[1024] / distances[128] < 10  # 8x the length, about 8x the distance
     with pytest.raises(ValueError, match="n_keys"):
         build_task("mqar", n_keys=16, eval_lengths=(136,))
+
+
+def test_mqar_with_a_cap_keeps_its_pairs_and_lengthens_the_lookups() -> None:
+    task = build_task("mqar", n_keys=32, n_values=8, max_pairs=24, eval_lengths=(128, 1024))
+    distances = {}
+    for length in (128, 1024):
+        batch = task.sample(8, length, generator=gen(1))
+        names = [task.decode(full_ids(batch, b)).split(" ") for b in range(8)]
+        solved = [solve_mqar(seq, 8, max_pairs=24) for seq in names]
+        assert all(len(s) == min((length + 1) // 8, 24) for s in solved)
+        for b, expected in enumerate(solved):
+            check_scored(batch, b, {t: task.tokens.index(v) for t, v in expected.items()})
+        gaps = [t - seq.index(seq[t]) for seq, s in zip(names, solved, strict=True) for t in s]
+        distances[length] = sum(gaps) / len(gaps)
+    assert distances[1024] > 5 * distances[128]  # 16 -> 24 pairs, look-ups about 8x as long
+    with pytest.raises(ValueError, match="max_pairs"):
+        build_task("mqar", max_pairs=0)
 
 
 @pytest.fixture(scope="module")

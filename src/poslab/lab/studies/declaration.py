@@ -617,3 +617,56 @@ _register(
         paper_setting=get_study("cope_flipflop").paper_setting,
     )
 )
+
+# -- the length-generalisation benchmark ----------------------------------------------------------
+
+# Every registered encoding (and DAPE over Kerple, the DAPE paper's best variant), in the order of
+# docs/encodings.md: the baselines, then the context-adaptive methods and their successors.
+BENCHMARK_ROWS = (
+    ("NoPE", "nope"),
+    ("Absolute (learned)", "learned"),
+    ("Sinusoidal", "sinusoidal"),
+    ("RoPE", "rope"),
+    ("ALiBi", "alibi"),
+    ("T5", "t5"),
+    ("Kerple (log)", "kerple_log"),
+    ("Kerple (power)", "kerple_power"),
+    ("FIRE", "fire"),
+    ("Sandwich", "sandwich"),
+    ("Relative", "relative"),
+    ("CoPE", "cope"),
+    ("DAPE-ALiBi", "dape"),
+    ("DAPE-Kerple", "dape[base=kerple_log]"),
+    ("FoX", "fox"),
+    ("CABLE", "cable"),
+    ("Selective", "selective"),
+    ("PoPE", "pope"),
+    ("Stick-breaking", "stickbreaking"),
+)
+PROBE_LENGTHS = (128, 256, 512, 1024, 2048, 4096)
+
+_register(
+    Study(
+        kind=TASK_TABLE,
+        name="length_generalisation",
+        title="Length-generalisation benchmark: probes that need a far-away token",
+        source="poslab's probes after Mohtashami & Jaggi (arXiv 2305.16300, pass key) and Arora et al. "
+        "(arXiv 2312.04927, multi-query associative recall), and repeated text (induction over a "
+        "growing distance); no paper reports these rows",
+        metric="accuracy",
+        rows=BENCHMARK_ROWS,
+        parts=tuple(
+            Part(
+                name=task,
+                preset=f"{task}_small",
+                splits=tuple(f"by_length@{n}" for n in PROBE_LENGTHS),
+            )
+            for task in ("passkey", "mqar", "repeated_text")
+        ),
+        plot=("by_length",),
+        seeds=(0, 1, 2, 3, 4),
+        paper_setting="no paper trains these probes from scratch at this scale; every row has the same "
+        "2-layer, d 64, 4-head decoder, optimiser and steps (the `*_small` presets, calibrated once for "
+        "all rows: docs/tasks.md), trained at 128 tokens and scored at 1x to 32x",
+    )
+)

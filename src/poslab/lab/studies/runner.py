@@ -147,7 +147,9 @@ def _run_table(
     trained = 0
     if train:
         started = time.monotonic()
-        todo = [run for grid in grids.values() for run in grid]
+        # Seed by seed (stable: parts and rows in order within a seed), so that a grid stopped
+        # part-way has the same seeds of every row rather than every seed of the first rows.
+        todo = sorted((run for grid in grids.values() for run in grid), key=lambda run: run.config.train.seed)
         trained = len(train_grid(todo, resume=True, jobs=jobs, threads=threads, progress=progress))
         log.info("%s: %d runs trained in %.0f s", study.name, trained, time.monotonic() - started)
     page = write_page(study, out, command=command, grids=grids, plots=plots)

@@ -45,6 +45,8 @@ class MQAR(Task):
         n_keys: size of the key vocabulary (at least the pairs of the longest evaluated sequence).
         n_values: size of the value vocabulary.
         tokens_per_pair: sequence tokens per pair (at least 4: the pair and its query).
+        max_pairs: at most this many pairs (None: no cap); past it a longer sequence keeps the
+            pairs and lengthens only the look-ups (the query region grows with filler).
         eval_lengths: the lengths of the ``by_length`` split, e.g. ``"128,256,512"``.
     """
 
@@ -61,12 +63,16 @@ class MQAR(Task):
         n_keys: int = 512,
         n_values: int = 512,
         tokens_per_pair: int = 8,
+        max_pairs: int | None = None,
         eval_lengths: Sequence[int] | str | None = None,
     ) -> None:
         check_int("mqar: n_keys", n_keys, minimum=1)
         check_int("mqar: n_values", n_values, minimum=1)
         check_int("mqar: tokens_per_pair", tokens_per_pair, minimum=4)
+        if max_pairs is not None:
+            check_int("mqar: max_pairs", max_pairs, minimum=1)
         self.n_keys, self.n_values, self.tokens_per_pair = n_keys, n_values, tokens_per_pair
+        self.max_pairs = max_pairs
         self.eval_lengths = parse_eval_lengths("mqar", eval_lengths)
         if self.eval_lengths is not None:
             self.n_pairs(self.eval_lengths[-1])  # refused now rather than after training
@@ -77,6 +83,8 @@ class MQAR(Task):
     def n_pairs(self, length: int) -> int:
         """The number of pairs (and of queries) in a sequence of ``length`` + 1 tokens."""
         n = (length + 1) // self.tokens_per_pair
+        if self.max_pairs is not None:
+            n = min(n, self.max_pairs)
         if n < 1:
             raise ValueError(f"mqar: length {length} holds no pair ({self.tokens_per_pair} tokens a pair)")
         if n > self.n_keys:
