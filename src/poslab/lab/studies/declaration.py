@@ -102,6 +102,7 @@ class Study:
     best: bool = False
     plot: tuple[str, ...] = ()
     learned: str | None = None
+    reference: str | None = None
     # an LM extrapolation study's
     factor: int = 64
     gap: tuple[str, str] | None = None
@@ -132,6 +133,8 @@ class Study:
                 raise ValueError(
                     f"study {self.name}, row {row}: unknown columns {sorted(set(values) - columns)}"
                 )
+        if self.reference is not None and self.reference not in names:
+            raise ValueError(f"study {self.name}: reference {self.reference!r} is not one of its rows")
         if self.ratio is not None and (len(self.ratio) != 2 or set(self.ratio) - columns):
             raise ValueError(f"study {self.name}: ratio must be two of its columns, got {self.ratio!r}")
         for part in self.parts:
@@ -664,6 +667,7 @@ _register(
             for task in ("passkey", "mqar", "repeated_text")
         ),
         plot=("by_length",),
+        reference="RoPE",
         seeds=(0, 1, 2, 3, 4),
         paper_setting="no paper trains these probes from scratch at this scale; every row has the same "
         "2-layer, d 64, 4-head decoder, optimiser and steps (the `*_small` presets, calibrated once for "

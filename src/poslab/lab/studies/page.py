@@ -29,10 +29,12 @@ from poslab.lab.checkpoint import write_text
 from poslab.lab.evaluate import eval_lengths
 from poslab.lab.experiments.grid import GridRun
 from poslab.lab.report.common import csv_value, finite, mean_std, read_notes, stats_cell
+from poslab.lab.report.stats import difference_cell, interval, paired_difference
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def write_page(
@@ -50,7 +52,8 @@ def write_page(
     notes = read_notes(out)
     if study.kind == TASK_TABLE:
         figures = draw_length_plots(study, grids, out / "plots") if study.plot and plots else {}
-        page, rows = table_page(study, grids, command=command, notes=notes, plots=figures)
+        maps = draw_depth_maps(study, grids, out / "plots") if plots else {}
+        page, rows = table_page(study, grids, command=command, notes=notes, plots=figures, maps=maps)
         csv_text = table_csv(rows)
     else:
         page, csv_text = lm_page(study, results, command=command, notes=notes), lm_csv(study, results)
@@ -81,9 +84,11 @@ def table_page(
     command: str,
     notes: str | None,
     plots: dict[str, str] | None = None,
+    maps: dict[str, str] | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The page's Markdown and its per-run rows, from the finished runs of ``grids``; ``plots``:
-    each part's figure, as a path relative to the page."""
+    each part's figure, ``maps``: each depth x length heat map (`draw_depth_maps`), as paths
+    relative to the page."""
     rows: list[dict[str, Any]] = []  # one per finished run and column
     missing: list[str] = []
     machines: dict[str, int] = {}
@@ -126,7 +131,8 @@ def table_page(
     if missing:
         lines += [f"**Incomplete**: {len(missing)} runs not finished; rerun the command to finish them.", ""]
     comparison = _by_part(study, rows, grids) if study.best else _comparison(study, rows)
-    lines += comparison + [""] + _plot_lines(study, plots or {}) + _per_seed(study, rows, seeds) + [""]
+    lines += comparison + [""] + _plot_lines(study, plots or {}) + _map_lines(maps or {})
+    lines += _per_seed(study, rows, seeds) + [""]
     lines += ["## Reading", "", notes or "_Not written yet._", ""]
     return "\n".join(lines), rows
 
@@ -173,6 +179,8 @@ def _lengths(config) -> str:
 
 
 def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    if not study.numbers:
+        return _intervals(study, rows)
     unit = UNITS.get(study.metric, study.metric)
     better = "higher" if study.metric == "accuracy" else "lower"
     ratio_head = " | ratio ours | ratio paper" if study.ratio is not None else ""
@@ -201,6 +209,58 @@ def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             f"ratio: {study.ratio[0]} / {study.ratio[1]}, below 1 where the {unit} is lower at "
             f"{study.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
         ]
+    return lines
+
+
+def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    """A table without paper numbers: each cell the mean over seeds with its 95% interval (n); then,
+    with a ``reference`` row, every row's paired difference from it."""
+    unit = UNITS.get(study.metric, study.metric)
+    higher = study.metric == "accuracy"
+    lines = [
+        "## Results",
+        "",
+        f"{unit}, {'higher' if higher else 'lower'} is better; each cell: the mean over the seeds, its "
+        "95% interval (Student's t; none for one seed) and the number of seeds.",
+        "",
+        "| encoding | " + " | ".join(study.columns) + " |",
+        "|---|" + "---|" * len(study.columns),
+    ]
+    for row, _ in study.rows:
+        cells = []
+        for column in study.columns:
+            stats = interval(_values(rows, row, column))
+            if not stats["n"]:
+                cells.append("–")
+            elif stats["n"] == 1:
+                cells.append(f"{stats['mean']:.1f} (1)")
+            else:
+                cells.append(f"{stats['mean']:.1f} [{stats['low']:.1f}, {stats['high']:.1f}] ({stats['n']})")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if study.reference is None:
+        return lines
+    lines += [
+        "",
+        f"### Against {study.reference}",
+        "",
+        f"Each row minus {study.reference}, paired by seed: the mean difference in {unit}, its 95% "
+        f"interval, and the seeds on which the row is better than {study.reference} (an interval "
+        "that holds 0 is no difference at this number of seeds).",
+        "",
+        "| encoding | " + " | ".join(study.columns) + " |",
+        "|---|" + "---|" * len(study.columns),
+    ]
+    for row, _ in study.rows:
+        if row == study.reference:
+            continue
+        cells = []
+        for column in study.columns:
+            ours, theirs = (
+                {r["seed"]: r["value"] for r in rows if r["row"] == name and r["column"] == column}
+                for name in (row, study.reference)
+            )
+            cells.append(difference_cell(paired_difference(ours, theirs, lower_is_better=not higher), 1))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -377,8 +437,11 @@ def draw_length_plots(study: Study, grids: dict[str, list[GridRun]], folder: Pat
         task = grids[part.name][0].config.task.build()
         fig = plotting.figure(figsize=(7, 4.2))
         ax = fig.subplots()
-        for row, curve in curves.items():
-            ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=row)
+        for index, (row, curve) in enumerate(curves.items()):
+            # ten colours, then the same ten dashed, dotted, ...: every row keeps its own line
+            color, style = f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
+            ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=row, color=color,
+                    linestyle=style)  # fmt: skip
         if getattr(task, "chance", None) is not None:
             ax.axhline(task.chance, color="grey", linestyle=":", linewidth=1)
         if boundary is not None and len(study.plot) > 1:
@@ -391,6 +454,75 @@ def draw_length_plots(study: Study, grids: dict[str, list[GridRun]], folder: Pat
         plotting.save(fig, folder / f"{part.name}.png", dpi=100)
         written[part.name] = f"{folder.name}/{part.name}.png"
     return written
+
+
+def depth_maps(
+    study: Study, grid: list[GridRun]
+) -> dict[str, tuple[list[int], list[int], list[list[float]]]]:
+    """Per row, the depth x length grid of the metric (mean over finished seeds) of a task with
+    ``depth_<percent>`` splits (the pass key): (depths in percent, lengths, values[depth][length],
+    NaN where no seed has it). Empty for a task without depth splits."""
+    cells: dict[str, dict[tuple[int, int], list[float]]] = {}
+    for run in grid:
+        if not run.run_dir.is_finished():
+            continue
+        lengths = run.run_dir.load_results()["metrics"].get("lengths", {})
+        for split, per_length in lengths.items():
+            if not split.startswith("depth_"):
+                continue
+            depth = int(split.removeprefix("depth_"))
+            row = cells.setdefault(study.row_name(run.config.encoding_label), {})
+            for n, metrics in per_length.items():
+                if finite(metrics.get(study.metric)):
+                    row.setdefault((depth, int(n)), []).append(metrics[study.metric])
+    maps = {}
+    for row, _ in study.rows:
+        if not cells.get(row):
+            continue
+        depths = sorted({d for d, _ in cells[row]})
+        lengths = sorted({n for _, n in cells[row]})
+        values = [
+            [sum(v) / len(v) if (v := cells[row].get((d, n))) else float("nan") for n in lengths]
+            for d in depths
+        ]
+        maps[row] = (depths, lengths, values)
+    return maps
+
+
+def draw_depth_maps(study: Study, grids: dict[str, list[GridRun]], folder: Path) -> dict[str, str]:
+    """Each depth-split part's heat maps (one panel per row: depth down, length across) in
+    ``folder/<part>_depth.png``; {part: path relative to the page}. None without matplotlib."""
+    found = {part.name: depth_maps(study, grids[part.name]) for part in study.parts}
+    found = {name: maps for name, maps in found.items() if maps}
+    if not found or not plotting.can_plot("the depth x length heat maps"):
+        return {}
+    written = {}
+    for name, maps in found.items():
+        cols = min(5, len(maps))
+        rows = -(-len(maps) // cols)
+        fig = plotting.figure(figsize=(2.6 * cols, 2.3 * rows + 0.4))
+        axes = fig.subplots(rows, cols, squeeze=False)
+        image = None
+        panels = zip(axes.flat, maps.items(), strict=False)  # more panels than rows: blanked below
+        for ax, (row, (depths, lengths, values)) in panels:
+            image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            ax.set_title(row, fontsize=8)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6, rotation=45)
+            ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=6)
+        for ax in list(axes.flat)[len(maps) :]:
+            ax.axis("off")
+        fig.suptitle(f"{name}: {UNITS.get(study.metric, study.metric)} by depth (down) and length (across)")
+        fig.colorbar(image, ax=axes, shrink=0.6)
+        plotting.save(fig, folder / f"{name}_depth.png", dpi=100)
+        written[name] = f"{folder.name}/{name}_depth.png"
+    return written
+
+
+def _map_lines(maps: dict[str, str]) -> list[str]:
+    if not maps:
+        return []
+    lines = ["## By depth and length", "", "The mean over the seeds in each (depth, length) cell.", ""]
+    return lines + [f"![{part} by depth]({path})" for part, path in maps.items()] + [""]
 
 
 # -- an LM extrapolation study ---------------------------------------------------------------------
