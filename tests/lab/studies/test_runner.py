@@ -503,3 +503,17 @@ def test_a_table_trains_seed_by_seed_so_a_stopped_grid_is_balanced(tiny_table, t
     # within a seed, parts then rows in the study's order
     assert [p for p, *_ in seen[:4]] == ["short", "short", "shorter", "shorter"]
     assert [e for _, e, _ in seen[:4]] == ["nope", "rope", "nope", "rope"]
+
+
+def test_a_study_rerun_with_other_steps_is_refused_naming_the_key(tiny_table, tmp_path, capsys):
+    """Issue 31: 'reproduce ... train.steps=3' then 'train.steps=4' reported 4 of 4 runs finished
+    and labelled 3-step runs with 4 steps."""
+    out = str(tmp_path / "t")
+    base = ["reproduce", "tiny", "--out", out, "--seeds", "0", "--jobs", "1", "--no-progress"]
+    assert main([*base, "train.steps=3"]) == 0
+    capsys.readouterr()
+    before = (tmp_path / "t" / "README.md").read_text()
+    assert main([*base, "train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("poslab: error:") and "train.steps" in err and err.count("\n") == 1
+    assert (tmp_path / "t" / "README.md").read_text() == before
