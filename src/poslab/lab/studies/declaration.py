@@ -653,9 +653,8 @@ _register(
         kind=TASK_TABLE,
         name="length_generalisation",
         title="Length-generalisation benchmark: probes that need a far-away token",
-        source="poslab's probes after Mohtashami & Jaggi (arXiv 2305.16300, pass key) and Arora et al. "
-        "(arXiv 2312.04927, multi-query associative recall), and repeated text (induction over a "
-        "growing distance); no paper reports these rows",
+        source="poslab's probes after Mohtashami & Jaggi (arXiv 2305.16300, pass key) and repeated text "
+        "(induction over a growing distance); no paper reports these rows",
         metric="accuracy",
         rows=BENCHMARK_ROWS,
         parts=tuple(
@@ -664,7 +663,9 @@ _register(
                 preset=f"{task}_small",
                 splits=tuple(f"by_length@{n}" for n in PROBE_LENGTHS),
             )
-            for task in ("passkey", "mqar", "repeated_text")
+            # MQAR joins when a setting is found that a 2-layer d-64 model learns at 128 tokens:
+            # at 4000 steps RoPE reached 28% (chance 6%) with 32 keys (docs/tasks.md).
+            for task in ("passkey", "repeated_text")
         ),
         plot=("by_length",),
         reference="RoPE",
