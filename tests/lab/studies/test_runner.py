@@ -495,11 +495,13 @@ def test_the_demo_starts_its_two_slowest_runs_on_the_same_worker():
 def test_a_table_trains_seed_by_seed_so_a_stopped_grid_is_balanced(tiny_table, tmp_path, monkeypatch):
     from poslab.lab.studies import runner
 
-    order = []
-    monkeypatch.setattr(runner, "train_grid", lambda todo, **kwargs: order.extend(todo) or [])
+    order, calls = [], []
+    monkeypatch.setattr(
+        runner, "train_grid", lambda todo, **kwargs: calls.append(len(todo)) or order.extend(todo) or []
+    )
     run_study("tiny", tmp_path / "t", seeds=[0, 1])
     seen = [(run.path.parent.parent.name, run.path.parent.name, run.config.train.seed) for run in order]
-    assert [s for *_, s in seen] == [0] * 4 + [1] * 4
+    assert [s for *_, s in seen] == [0] * 4 + [1] * 4 and calls == [4, 4]  # one grid per seed
     # within a seed, parts then rows in the study's order
     assert [p for p, *_ in seen[:4]] == ["short", "short", "shorter", "shorter"]
     assert [e for _, e, _ in seen[:4]] == ["nope", "rope", "nope", "rope"]

@@ -147,10 +147,13 @@ def _run_table(
     trained = 0
     if train:
         started = time.monotonic()
-        # Seed by seed (stable: parts and rows in order within a seed), so that a grid stopped
-        # part-way has the same seeds of every row rather than every seed of the first rows.
-        todo = sorted((run for grid in grids.values() for run in grid), key=lambda run: run.config.train.seed)
-        trained = len(train_grid(todo, resume=True, jobs=jobs, threads=threads, progress=progress))
+        # Seed by seed, one grid each (a grid starts its slowest runs first, which across seeds would
+        # train every seed of the slowest rows before the first seed of the others), so that a study
+        # stopped part-way has the same seeds of every row.
+        todo = [run for grid in grids.values() for run in grid]
+        for seed in sorted({run.config.train.seed for run in todo}):
+            batch = [run for run in todo if run.config.train.seed == seed]
+            trained += len(train_grid(batch, resume=True, jobs=jobs, threads=threads, progress=progress))
         log.info("%s: %d runs trained in %.0f s", study.name, trained, time.monotonic() - started)
     page = write_page(study, out, command=command, grids=grids, plots=plots)
     finished = sum(run.run_dir.is_finished() for grid in grids.values() for run in grid)
