@@ -9,7 +9,7 @@ synthetic tasks:
     batch.inputs, batch.targets  # (32, 128) each; targets are the inputs shifted by one token
 
 Every target is scored (the mask is all True). The length-extrapolation evaluation of the DAPE
-protocol lives in `poslab.extrapolate`; it reads the same data through `LMTask.data`.
+protocol lives in `poslab.lab.experiments.extrapolation`; it reads the same data through `LMTask.data`.
 """
 
 from __future__ import annotations
