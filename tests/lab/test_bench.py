@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import poslab
 from poslab.kernels import native
 from poslab.lab import bench
 from poslab.model import ModelConfig, build_model
@@ -180,3 +181,18 @@ def test_bench_with_no_section_keeps_the_old_file(capsys, tmp_path, sections):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no bench section" in err, err
     assert out.read_text() == '[{"old": 1}]'
+
+
+def test_every_registered_encoding_is_in_the_memory_table_and_the_newer_ones_everywhere():
+    assert set(poslab.list_encodings()) <= set(bench.MEMORY_ENCODINGS)
+    for table in (bench.ATTENTION_ENCODINGS, bench.STEP_ENCODINGS, bench.DECODE_ENCODINGS):
+        assert set(bench.NEWER) <= set(table)
+
+
+def test_attention_bench_gives_encodings_that_read_the_layer_input_their_keys():
+    table = bench.bench_attention(
+        batch=1, heads=2, length=16, head_dim=8, repeats=1, encodings=["fox", "selective"]
+    )
+    names = [row["attention"] for row in table.rows]
+    assert {"fox", "fox (eager)", "selective", "selective (eager)"} <= set(names)
+    assert all(row["fwd+bwd ms"] > 0 for row in table.rows)

@@ -34,6 +34,8 @@ from poslab.lab import runtime
 from poslab.lab.checkpoint import write_text
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
 
+# The encodings added after the two papers (docs/encodings.md), in every table.
+NEWER = ["fox", "cable", "selective", "pope", "stickbreaking"]
 ATTENTION_ENCODINGS = [
     "nope",
     "rope",
@@ -45,12 +47,23 @@ ATTENTION_ENCODINGS = [
     "cope+rope",
     "dape",
     "dape[kernel_size=3]",
+    *NEWER,
 ]
-STEP_ENCODINGS = ["rope", "nope", "alibi", "kerple_log", "fire", "cope", "dape", "dape[base=kerple_log]"]
-DECODE_ENCODINGS = ["nope", "rope", "alibi", "cope", "dape", "dape[kernel_size=3]"]
+STEP_ENCODINGS = [
+    "rope",
+    "nope",
+    "alibi",
+    "kerple_log",
+    "fire",
+    "cope",
+    "dape",
+    "dape[base=kerple_log]",
+    *NEWER,
+]
+DECODE_ENCODINGS = ["nope", "rope", "alibi", "cope", "dape", "dape[kernel_size=3]", *NEWER]
 MEMORY_ENCODINGS = [
     "nope", "learned", "sinusoidal", "rope", "alibi", "t5", "kerple_log", "kerple_power", "fire", "sandwich",
-    "relative", "cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[kernel_size=3]",
+    "relative", "cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[kernel_size=3]", *NEWER,
 ]  # fmt: skip
 
 
@@ -132,15 +145,22 @@ def bench_attention(
         "plain materialised": plain_materialised,
     }
     paths = {"sdpa (causal)": "sdpa", "plain materialised": "eager"}
+    # The layer input, for the encodings whose input_keys hook reads it (FoX's and CABLE's gates);
+    # computed once, outside the timing, as a model computes it once per layer.
+    x = torch.randn(batch, length, heads * head_dim, device=dev)
     for name in encodings or ATTENTION_ENCODINGS:
         enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim, causal=True)).to(dev)
-        candidates[f"{name}"] = lambda enc=enc: poslab.attend(q, k, v, enc)
+        reads_input = "input_keys" in enc.hooks and not enc.queries_as_extra_keys
+        extra = {"extra_keys": enc.input_keys(x).detach()} if reads_input else {}
+        candidates[f"{name}"] = lambda enc=enc, extra=extra: poslab.attend(q, k, v, enc, **extra)
         paths[name] = attention_path(enc, q)
         for label, path, fn in _other_paths(enc, q):
             candidates[f"{name} ({label})"] = lambda enc=enc, fn=fn: fn(poslab.attend, q, k, v, enc)
             paths[f"{name} ({label})"] = path
-        if enc.uses_logits:
-            candidates[f"{name} (eager)"] = lambda enc=enc: poslab.attend(q, k, v, enc, impl="eager")
+        if enc.uses_logits or enc.replaces_softmax:
+            candidates[f"{name} (eager)"] = lambda enc=enc, extra=extra: poslab.attend(
+                q, k, v, enc, impl="eager", **extra
+            )
             paths[f"{name} (eager)"] = "eager"
     both = interleaved_medians({n: fwd_bwd(f) for n, f in candidates.items()}, repeats=repeats)
     forward = interleaved_medians({n: fwd(f) for n, f in candidates.items()}, repeats=repeats)
