@@ -41,3 +41,11 @@ def test_save_creates_the_folder(tmp_path):
     fig.subplots().plot([0, 1], [1, 0])
     path = plotting.save(fig, tmp_path / "a" / "b.png", dpi=50)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forty_lines_each_have_their_own_colour_and_style():
+    """Plots of more than ten rows reused matplotlib's ten colours (NoPE and CoPE were the same blue
+    on the dape_extrapolation page)."""
+    styles = [tuple(sorted(plotting.line_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40
+    assert plotting.line_style(0)["linestyle"] == "-" and plotting.line_style(10)["color"] == "C0"

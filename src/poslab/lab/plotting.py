@@ -43,3 +43,13 @@ def save(fig: Any, path: str | Path, *, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(index: int) -> dict[str, str]:
+    """The colour and line style of a figure's ``index``-th line: matplotlib's ten colours, then the
+    same ten dashed, dotted and dash-dotted, so that up to 40 lines (every encoding of a table) are
+    told apart; matplotlib's own cycle repeats its colours after ten."""
+    return {"color": f"C{index % 10}", "linestyle": LINE_STYLES[index // 10 % len(LINE_STYLES)]}

@@ -154,7 +154,7 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
     settings = result["settings"]
     fig = plotting.figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for label, entry in result["summary"].items():
+    for index, (label, entry) in enumerate(result["summary"].items()):
         xs, ys, es = [], [], []
         for n in settings["lengths"]:
             cell = entry["lengths"][str(n)]
@@ -164,8 +164,9 @@ def plot_extrapolation(result: dict[str, Any], path: str | Path, *, metric: str 
                 es.append(cell[metric]["std"] if finite(cell[metric]["std"]) else 0.0)
         if xs:
             ax.errorbar(
-                xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=f"{label} (n={entry['n']})"
-            )
+                xs, ys, yerr=es, marker="o", markersize=4, capsize=3, label=f"{label} (n={entry['n']})",
+                **plotting.line_style(index),
+            )  # fmt: skip
     for train_len in settings["train_lens"]:
         ax.axvline(train_len, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)

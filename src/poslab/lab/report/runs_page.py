@@ -384,7 +384,7 @@ def _length_plot(task: str, entries: dict[str, Any], path: Path) -> Path:
     fig = plotting.figure(figsize=(7, 3.6))
     ax = fig.subplots()
     boundary = None
-    for label, entry in entries.items():
+    for index, (label, entry) in enumerate(entries.items()):
         points = []
         for split, per_length in entry["lengths"].items():
             for length, metrics in per_length.items():
@@ -395,11 +395,11 @@ def _length_plot(task: str, entries: dict[str, Any], path: Path) -> Path:
         points.sort()
         xs = [p[0] for p in points]
         ys = [p[1] for p in points]
-        ax.plot(xs, ys, marker=".", label=f"{label} (n={entry['n']})")
+        ax.plot(xs, ys, marker=".", label=f"{label} (n={entry['n']})", **plotting.line_style(index))
         if entry["n"] > 1:
             lo = [max(0.0, p[1] - p[2]) for p in points]  # percentages: clip the band to [0, 100]
             hi = [min(100.0, p[1] + p[2]) for p in points]
-            ax.fill_between(xs, lo, hi, alpha=0.15)
+            ax.fill_between(xs, lo, hi, alpha=0.15, color=plotting.line_style(index)["color"])
     if boundary is not None:
         ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlabel("length")

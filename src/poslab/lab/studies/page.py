@@ -34,7 +34,6 @@ from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
-LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def write_page(
@@ -438,10 +437,10 @@ def draw_length_plots(study: Study, grids: dict[str, list[GridRun]], folder: Pat
         fig = plotting.figure(figsize=(7, 4.2))
         ax = fig.subplots()
         for index, (row, curve) in enumerate(curves.items()):
-            # ten colours, then the same ten dashed, dotted, ...: every row keeps its own line
-            color, style = f"C{index % 10}", LINE_STYLES[index // 10 % len(LINE_STYLES)]
-            ax.plot(list(curve), list(curve.values()), marker="o", markersize=3, label=row, color=color,
-                    linestyle=style)  # fmt: skip
+            ax.plot(
+                list(curve), list(curve.values()), marker="o", markersize=3, label=row,
+                **plotting.line_style(index),
+            )  # fmt: skip
         if getattr(task, "chance", None) is not None:
             ax.axhline(task.chance, color="grey", linestyle=":", linewidth=1)
         if boundary is not None and len(study.plot) > 1:
