@@ -149,15 +149,19 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self / CHECKPOINT).exists()
 
-    def check(self, *, resume: bool, overwrite: bool, config: RunConfig | None = None) -> str:
+    def check(
+        self, *, resume: bool, overwrite: bool, config: RunConfig | None = None, read_only: bool = False
+    ) -> str:
         """Raise `RunDirError` when the directory holds a run and neither flag allows touching it,
         or when resuming it with a ``config`` that differs from the saved one beyond
-        `RESUMABLE_CHANGES`. Returns the directory's `status`."""
+        `RESUMABLE_CHANGES`. Returns the directory's `status`. ``read_only``: the caller only reads
+        the directory (a page built while a grid trains), so another process's lock is no error."""
         if resume and overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"{self.path} exists and is not a directory")
-        self.check_unlocked()
+        if not read_only:
+            self.check_unlocked()
         status = self.status()
         if status != "empty" and not (resume or overwrite):
             raise RunDirError(

@@ -519,3 +519,23 @@ def test_a_study_rerun_with_other_steps_is_refused_naming_the_key(tiny_table, tm
     err = capsys.readouterr().err
     assert err.startswith("poslab: error:") and "train.steps" in err and err.count("\n") == 1
     assert (tmp_path / "t" / "README.md").read_text() == before
+
+
+def test_a_page_is_built_while_another_process_trains_but_training_is_refused(tiny_table, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "t"
+    run_study("tiny", out, seeds=[0], jobs=1)
+    busy = out / "short" / "rope" / "seed1"
+    busy.mkdir(parents=True)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (busy / ".lock").write_text(f"{writer.pid}\n")  # a live process writes seed 1
+        result = run_study("tiny", out, seeds=[0, 1], train=False)
+        assert result["finished"] == 4 and result["planned"] == 8 and result["trained"] == 0
+        with pytest.raises(ValueError, match=f"being written by process {writer.pid}"):
+            run_study("tiny", out, seeds=[0, 1], jobs=1)
+    finally:
+        writer.kill()
+        writer.wait()

@@ -55,15 +55,17 @@ def plan_grid(
     *,
     resume: bool,
     overwrite: bool,
+    read_only: bool = False,
 ) -> list[GridRun]:
     """One run per encoding and seed at ``root/<encoding>/seed<k>``, every directory checked
-    (`RunDir.check`) before anything trains; ValueError when two encodings share a directory."""
+    (`RunDir.check`) before anything trains; ValueError when two encodings share a directory.
+    ``read_only``: the grid is only read (a page), so runs another process is writing are allowed."""
     grid = []
     for spec in encodings:
         for seed in seeds:
             config = base.override({"model.encoding": spec, "train.seed": seed})
             run_dir = RunDir(Path(root) / slug(encoding_label(spec)) / f"seed{seed}")
-            run_dir.check(resume=resume, overwrite=overwrite, config=config)
+            run_dir.check(resume=resume, overwrite=overwrite, config=config, read_only=read_only)
             if resume:
                 run_dir.check_reusable(config)  # a finished run is reused only for its own config
             grid.append(GridRun(config, run_dir))

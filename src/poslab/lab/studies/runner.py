@@ -54,11 +54,17 @@ def part_config(part: Part, scale: str, overrides: list[str] = ()) -> RunConfig:
 
 
 def plan_study(
-    study: Study, out: Path, seeds: list[int], *, scale: str = "cpu", overrides: list[str] = ()
+    study: Study,
+    out: Path,
+    seeds: list[int],
+    *,
+    scale: str = "cpu",
+    overrides: list[str] = (),
+    read_only: bool = False,
 ) -> dict[str, list[GridRun]]:
     """Every part's grid, every run directory checked (a finished run whose config differs from the
     study's, or a column at a length the runs do not evaluate, raises ValueError before anything
-    trains)."""
+    trains). ``read_only`` (a page only): runs another process is training count as unfinished."""
     grids = {}
     for part in study.parts:
         config = part_config(part, scale, overrides)
@@ -66,7 +72,9 @@ def plan_study(
             _check_lengths(part, config)
             _check_plot(study, part, config)
         root = layout.part_folder(out, part.name)
-        grids[part.name] = plan_grid(config, study.specs, seeds, root, resume=True, overwrite=False)
+        grids[part.name] = plan_grid(
+            config, study.specs, seeds, root, resume=True, overwrite=False, read_only=read_only
+        )
     return grids
 
 
@@ -142,7 +150,7 @@ def _run_table(
     study: Study, out: Path, *, seeds, scale, overrides, jobs, threads, train, plots, progress, command
 ) -> dict[str, Any]:
     """`run_study` of a task table: every part's grid trained, then the page from the runs."""
-    grids = plan_study(study, out, seeds, scale=scale, overrides=overrides)
+    grids = plan_study(study, out, seeds, scale=scale, overrides=overrides, read_only=not train)
     out.mkdir(parents=True, exist_ok=True)
     trained = 0
     if train:
