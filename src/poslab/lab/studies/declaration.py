@@ -103,6 +103,7 @@ class Study:
     plot: tuple[str, ...] = ()
     learned: str | None = None
     reference: str | None = None
+    reproduces: bool = True  # False: poslab's own benchmark, not a paper's experiment
     # an LM extrapolation study's
     factor: int = 64
     gap: tuple[str, str] | None = None
@@ -653,8 +654,9 @@ _register(
         kind=TASK_TABLE,
         name="length_generalisation",
         title="Length-generalisation benchmark: probes that need a far-away token",
-        source="poslab's probes after Mohtashami & Jaggi (arXiv 2305.16300, pass key) and repeated text "
+        source="probes after Mohtashami & Jaggi (arXiv 2305.16300, pass key) and repeated text "
         "(induction over a growing distance); no paper reports these rows",
+        reproduces=False,
         metric="accuracy",
         rows=BENCHMARK_ROWS,
         parts=tuple(

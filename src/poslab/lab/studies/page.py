@@ -115,7 +115,8 @@ def table_page(
                     }
                 )
     planned = sum(len(grid) for grid in grids.values())
-    lines = [f"# {study.title}", "", f"Reproduces the {study.source} at CPU scale. Made by", ""]
+    what = f"Reproduces the {study.source} at CPU scale" if study.reproduces else f"poslab's {study.source}"
+    lines = [f"# {study.title}", "", f"{what}. Made by", ""]
     lines += ["```", command, "```", ""]
     lines += _setting_lines(study, grids)
     seeds = sorted({run.config.train.seed for grid in grids.values() for run in grid})
@@ -501,17 +502,21 @@ def draw_depth_maps(study: Study, grids: dict[str, list[GridRun]], folder: Path)
         rows = -(-len(maps) // cols)
         fig = plotting.figure(figsize=(2.6 * cols, 2.3 * rows + 0.4))
         axes = fig.subplots(rows, cols, squeeze=False)
-        image = None
         panels = zip(axes.flat, maps.items(), strict=False)  # more panels than rows: blanked below
         for ax, (row, (depths, lengths, values)) in panels:
-            image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+            for i, line in enumerate(values):  # the value in each cell, dark text on light cells
+                for j, value in enumerate(line):
+                    if finite(value):
+                        colour = "black" if value > 60 else "white"
+                        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=6, color=colour)
             ax.set_title(row, fontsize=8)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6, rotation=45)
             ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths], fontsize=6)
         for ax in list(axes.flat)[len(maps) :]:
             ax.axis("off")
-        fig.suptitle(f"{name}: {UNITS.get(study.metric, study.metric)} by depth (down) and length (across)")
-        fig.colorbar(image, ax=axes, shrink=0.6)
+        unit = UNITS.get(study.metric, study.metric)
+        fig.suptitle(f"{name}: {unit} by the key's depth (down) and the length (across); 0 dark, 100 yellow")
         plotting.save(fig, folder / f"{name}_depth.png", dpi=100)
         written[name] = f"{folder.name}/{name}_depth.png"
     return written
