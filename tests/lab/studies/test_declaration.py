@@ -137,3 +137,15 @@ def test_the_demo_is_the_flip_flop_table_with_the_demos_encodings():
     assert demo.kind == TASK_TABLE and demo.seeds == (0,)
     assert demo.specs == ["learned", "rope", "alibi", "cope", "dape"]
     assert demo.parts == flipflop.parts and demo.numbers == flipflop.numbers
+
+
+def test_the_quick_benchmark_is_a_subset_of_the_benchmark_run_as_it_is():
+    # Each cell of the quick study must be the benchmark's own cell made again: same rows (name and
+    # spec), same preset, overrides and splits, seeds among the benchmark's.
+    full, quick = get_study("length_generalisation"), get_study("length_generalisation_quick")
+    assert set(quick.rows) < set(full.rows) and len(quick.rows) >= 3
+    assert quick.reference == full.reference and quick.metric == full.metric
+    parts = {part.name: part for part in full.parts}
+    for part in quick.parts:
+        assert part == parts[part.name]
+    assert set(quick.seeds) < set(full.seeds)
