@@ -306,9 +306,14 @@ def blockwise_attention(
     save_bytes = SAVE_BYTES // len(q_blocks) if torch.is_grad_enabled() else 0
     k_blocks, v_blocks = _prefixes(k, visible), _prefixes(v, visible)
     e_blocks = [None] * len(visible) if extra_keys is None else _prefixes(extra_keys, visible)
+    contexts = [None] * len(visible)
+    if rewrites:
+        starts = [int(pb.min()) for pb in pos_blocks]
+        made = encoding.block_context(q, k, extra_keys, starts, k_pos, causal=causal)
+        contexts = contexts if made is None else made
     outputs = []
-    blocks = zip(q_blocks, pos_blocks, k_blocks, v_blocks, e_blocks, visible, strict=True)
-    for qb, pb, kb, vb, eb, n_visible in blocks:
+    blocks = zip(q_blocks, pos_blocks, k_blocks, v_blocks, e_blocks, visible, contexts, strict=True)
+    for qb, pb, kb, vb, eb, n_visible, cb in blocks:
         kpb = k_pos[:n_visible]
         bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
         if bias is not None:
@@ -325,9 +330,9 @@ def blockwise_attention(
         if out is None:
             args = (qb, kb, vb, encoding, bias, pb, kpb)
             if torch.is_grad_enabled() and q.shape[2] > block_size:
-                out = checkpoint(_eager_block, *args, causal, eb, use_reentrant=False)
+                out = checkpoint(_eager_block, *args, causal, eb, cb, use_reentrant=False)
             else:
-                out = eager_attention(*args, causal=causal, extra_keys=eb)
+                out = eager_attention(*args, causal=causal, extra_keys=eb, context=cb)
         outputs.append(out)
     return torch.cat(outputs, dim=2)
 
@@ -357,8 +362,10 @@ class _Prefixes(torch.autograd.Function):
         return grad, None
 
 
-def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal, extra_keys):
-    return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
+def _eager_block(q, k, v, encoding, bias, q_pos, k_pos, causal, extra_keys, context=None):
+    return eager_attention(
+        q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys, context=context
+    )
 
 
 def eager_attention(
@@ -372,10 +379,13 @@ def eager_attention(
     *,
     causal: bool,
     extra_keys: Tensor | None = None,
+    context: Tensor | None = None,
 ) -> Tensor:
     """The reference path: materialise the logits, let the encoding rewrite them, mask, softmax (or the
-    encoding's ``normalize``, which masks itself)."""
-    _, logits = eager_logits(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
+    encoding's ``normalize``, which masks itself). ``context``: the block's ``block_context``."""
+    _, logits = eager_logits(
+        q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys, context=context
+    )
     if encoding is not None and encoding.replaces_softmax:
         return encoding.normalize(logits, q_pos, k_pos, causal=causal).to(v.dtype) @ v
     return eager_probabilities(logits, q_pos, k_pos, causal=causal) @ v  # (B, H, T, Dv)
@@ -392,11 +402,14 @@ def eager_logits(
     *,
     causal: bool,
     extra_keys: Tensor | None = None,
+    context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The raw scores A = q.k / sqrt(Dh) and the final pre-mask logits, both (B, H, T, S)."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if encoding is not None and encoding.uses_logits:
         extra = {} if extra_keys is None else {"extra_keys": extra_keys}  # only encodings with keys
+        if context is not None:  # only encodings with a block_context
+            extra["context"] = context
         return scores, encoding.logits(scores, bias, q, k, v, q_pos, k_pos, causal=causal, **extra)
     return scores, scores if bias is None else scores + bias.to(scores.dtype)
 

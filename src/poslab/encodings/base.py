@@ -151,6 +151,25 @@ class PositionEncoding(nn.Module):
         """
         return None
 
+    def block_context(
+        self,
+        q: Tensor,
+        k: Tensor,
+        extra_keys: Tensor | None,
+        block_starts: list[int],
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> list[Tensor] | None:
+        """Optional per-call state for query-block attention: one tensor per query block, handed to
+        ``logits`` as the keyword ``context`` for that block, or None (the default: blocks need
+        nothing from each other). For encodings whose logits at a query read earlier queries (the
+        selective penalty sums over them), so that each block does not recompute all of them.
+        ``block_starts`` are the first query positions of the blocks, ascending; q, k and
+        ``extra_keys`` are the whole call's (B, H, ., .).
+        """
+        return None
+
     # -- properties the attention uses ------------------------------------------------------------
     @property
     def uses_logits(self) -> bool:

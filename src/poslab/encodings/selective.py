@@ -20,11 +20,26 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, register
 
 
-def selection_penalty(queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
+def _selection(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
+    """S (B, n, S): relu of the selecting head's logits of the queries at ``t_pos``, kept for keys
+    0 < j < t (a query never selects the first key or itself)."""
+    keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)
+    return F.relu(queries[:, t_pos] @ keys.transpose(-1, -2) * scale).masked_fill(~keep, 0.0)
+
+
+def selection_penalty(
+    queries: Tensor,
+    keys: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    scale: float,
+    prefix: Tensor | None = None,
+) -> Tensor:
     """F (B, T, S) for the queries at ``q_pos`` from the selecting head's queries and keys.
 
     Args:
@@ -32,13 +47,39 @@ def selection_penalty(queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tenso
         keys: (B, S, D) its keys at ``k_pos`` (0..S-1).
         q_pos: (T,) the positions whose penalty is wanted.
         scale: the attention's logit scale (1/sqrt(D)).
+        prefix: (B, S') the penalty's sum over the queries t < min(q_pos) (`selection_prefixes`),
+            S' >= S, so that only the queries from min(q_pos) on are summed here; None: from 0.
     """
-    n_hist = int(q_pos.max())  # F_i reads the queries t < i only
-    t_pos = torch.arange(n_hist, device=k_pos.device)
-    keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)  # (n, S): 0 < j < t
-    selection = F.relu(queries[:, :n_hist] @ keys.transpose(-1, -2) * scale).masked_fill(~keep, 0.0)
-    accumulated = F.pad(selection.cumsum(-2), (0, 0, 1, 0))  # row i: sum_{t<i} S_t; row 0 is 0
-    return accumulated[:, q_pos]
+    start = 0 if prefix is None else int(q_pos.min())
+    t_pos = torch.arange(start, int(q_pos.max()), device=k_pos.device)  # F_i reads the queries t < i
+    accumulated = F.pad(_selection(queries, keys, t_pos, k_pos, scale).cumsum(-2), (0, 0, 1, 0))
+    if prefix is not None:  # row i: the prefix plus sum_{start <= t < i} S_t
+        accumulated = accumulated + prefix[:, None, : keys.shape[1]].to(accumulated.dtype)
+    return accumulated[:, q_pos - start]
+
+
+def selection_prefixes(
+    queries: Tensor, keys: Tensor, starts: list[int], k_pos: Tensor, scale: float
+) -> list[Tensor]:
+    """For each of the ascending ``starts`` a, sum_{t < a} S_t (B, S): one pass over the queries,
+    chunk by chunk, so query blocks cost O(T S) together instead of O(T^2 S)."""
+    running = keys.new_zeros(keys.shape[0], keys.shape[1])
+    prefixes, done = [], 0
+    for start in starts:
+        if start > done:
+            t_pos = torch.arange(done, start, device=k_pos.device)
+            if torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad):
+                chunk = checkpoint(_summed, queries, keys, t_pos, k_pos, scale, use_reentrant=False)
+            else:
+                chunk = _summed(queries, keys, t_pos, k_pos, scale)
+            running = running + chunk
+            done = start
+        prefixes.append(running)
+    return prefixes
+
+
+def _summed(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
+    return _selection(queries, keys, t_pos, k_pos, scale).sum(-2)
 
 
 @register("selective")
@@ -77,15 +118,33 @@ class Selective(PositionEncoding):
         *,
         causal: bool,
         extra_keys: Tensor | None = None,
+        context: Tensor | None = None,
     ) -> Tensor:
         self.check_mode(causal)
         if extra_keys is None:
             raise ValueError("selective needs the queries of every key position as extra_keys")
         scale = 1 / math.sqrt(q.shape[-1])
         h = self.head
-        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale)
+        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
         out = scores - penalty[:, None].to(scores.dtype)
         return out if bias is None else out + bias
+
+    def block_context(
+        self,
+        q: Tensor,
+        k: Tensor,
+        extra_keys: Tensor | None,
+        block_starts: list[int],
+        k_pos: Tensor,
+        *,
+        causal: bool,
+    ) -> list[Tensor] | None:
+        """Each query block's penalty sum over the queries before it, made in one pass."""
+        if extra_keys is None or len(block_starts) < 2 or block_starts != sorted(block_starts):
+            return None  # one block, or positions out of order: each block sums from 0 itself
+        scale = 1 / math.sqrt(q.shape[-1])
+        h = self.head
+        return selection_prefixes(extra_keys[:, h].to(k.dtype), k[:, h], block_starts, k_pos, scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head={self.head}"
