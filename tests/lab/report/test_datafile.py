@@ -8,6 +8,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,15 @@ def test_a_page_of_runs_rebuilds_from_the_data_file_alone(grid, capsys):
         load_runs([part / "alibi"])
     assert main(["record", str(tmp := grid / "folders")]) == 2
     assert f"no finished run folders (config.json and results.json) below {tmp}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["cope_flipflop", "dape_width", "demo"])
+def test_committed_pages_rebuild_from_their_data_files_alone(page):
+    """docs/results/check_data.py on a task table, an LM study and a compare grid: the committed
+    page and files, byte for byte, from the data file without the run folders."""
+    pytest.importorskip("matplotlib")
+    script = Path(__file__).parents[3] / "docs" / "results" / "check_data.py"
+    done = subprocess.run([sys.executable, str(script), page], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith(f"docs/results/{page}: `poslab ") and " identical; " in done.stdout
