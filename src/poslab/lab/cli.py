@@ -6,7 +6,8 @@ is done by `poslab.lab.train`, `poslab.lab.experiments`, `poslab.lab.studies`, `
     poslab train --preset NAME [KEY=VALUE ...] [--out DIR] [--resume | --overwrite]
     poslab eval CHECKPOINT [eval.KEY=VALUE ...] [--json FILE]
     poslab compare --preset NAME --encodings E1,E2,... [--seeds 0,1] --out DIR [KEY=VALUE ...]
-    poslab report RUN_DIR [RUN_DIR ...] --out DIR
+    poslab report RUN_DIR [RUN_DIR ...] --out DIR   (run folders, or runs a data file records)
+    poslab record DIR                  (DIR's finished run folders, appended to DIR/data.jsonl)
     poslab demo [--out DIR] [--seeds 0]
     poslab lm-extrapolation --encodings E1,E2,... --out DIR   /   poslab extrapolate RUN_DIR... --out DIR
     poslab study NAME [--out DIR] [--page-only]   (also: poslab reproduce NAME, poslab lm-study NAME)

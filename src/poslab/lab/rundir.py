@@ -11,7 +11,9 @@ A run lives in its own directory:
     .lock           the id of the process writing the run, while it does (`RunDir.lock`)
 
 `RunDir` is the one place that knows these names. `poslab.lab.train` writes them, `poslab.lab.report` and
-`poslab.lab.experiments` read them back; a checkpoint file alone also loads (`load_model`).
+`poslab.lab.experiments` read them back; a checkpoint file alone also loads (`load_model`). A
+finished run's config, results and curves are kept, once the folder is gone, in its study's data
+file (`poslab.lab.report.datafile`, whose `RecordedRunDir` reads them as a `RunDir` would).
 """
 
 from __future__ import annotations

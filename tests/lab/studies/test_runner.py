@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from poslab.lab.cli import main
 from poslab.lab.evaluate import eval_seed
 from poslab.lab.experiments.grid import estimated_cost, makespan, start_order
 from poslab.lab.presets import DEMO_ENCODINGS, get_preset, list_presets
+from poslab.lab.report.datafile import DATA
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study, get_study
 from poslab.lab.studies.page import length_curves
@@ -539,3 +541,66 @@ def test_a_page_is_built_while_another_process_trains_but_training_is_refused(ti
     finally:
         writer.kill()
         writer.wait()
+
+
+# -- the data file: the page from it alone, resuming from it ---------------------------------------
+
+
+def _delete_run_folders(out: Path) -> None:
+    for run in sorted(out.rglob("seed*")):
+        if run.is_dir():
+            shutil.rmtree(run)
+
+
+def test_a_table_resumes_from_its_data_file_alone(tiny_table, tmp_path):
+    """A clean clone holds the data file and no run folder: the recorded runs count as finished and
+    only the missing ones train; the data file only grows."""
+    out = tmp_path / "tiny"
+    run_study("tiny", out, seeds=[0], jobs=1)
+    before = (out / DATA).read_bytes()
+    assert before.count(b"\n") == 4
+    _delete_run_folders(out)
+    result = run_study("tiny", out, seeds=[0, 1], jobs=1)
+    assert (result["trained"], result["finished"], result["planned"]) == (4, 8, 8)
+    after = (out / DATA).read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == 8
+    assert not (out / "short" / "rope" / "seed0").exists()  # seed 0 was not trained again
+    assert "8 of 8 runs finished" in result["page"]
+    again = run_study("tiny", out, seeds=[0, 1], jobs=1, train=False)
+    assert again["page"] == result["page"] and (out / DATA).read_bytes() == after  # nothing appended
+
+
+def test_a_recorded_run_of_another_config_is_refused_before_anything_trains(tiny_table, tmp_path, capsys):
+    out = tmp_path / "t"
+    base = ["study", "tiny", "--out", str(out), "--seeds", "0", "--jobs", "1", "--no-progress"]
+    assert main([*base, "train.steps=3"]) == 0
+    _delete_run_folders(out)
+    capsys.readouterr()
+    data = (out / DATA).read_bytes()
+    assert main([*base, "train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"poslab: error: {out / DATA}:1 records short/nope/seed0 with a different config")
+    assert "(train.steps)" in err and err.count("\n") == 1
+    assert (out / DATA).read_bytes() == data and not list(out.rglob("seed*"))
+
+
+def test_the_page_from_the_data_file_is_the_page_from_the_folders(tmp_path, monkeypatch):
+    table = _chomsky_table()
+    monkeypatch.setitem(STUDIES, "tiny_chomsky", table)
+    out = tmp_path / "out"
+    runs = {
+        (run.config.encoding_label, run.config.train.seed): run
+        for run in plan_study(table, out, [0, 1])["parity_check"]
+    }
+    _fake_run(runs[("nope", 0)], 60.0, {"id": {1: 100.0, 40: 90.0}, "ood": {41: 70.0, 100: 50.0}}, 95.0)
+    _fake_run(runs[("nope", 1)], 80.0, {"id": {1: 100.0, 40: 96.0}, "ood": {41: 90.0, 100: None}}, 98.0)
+    _fake_run(runs[("dape[base=fire]", 1)], 55.5, {"id": {40: 99.0}, "ood": {41: 55.5}}, 51.25)
+    from_folders = run_study("tiny_chomsky", out, train=False)["page"]
+    csv_text, data = (out / "results.csv").read_bytes(), (out / DATA).read_bytes()
+    assert data.count(b"\n") == 3
+    _delete_run_folders(out)
+    shutil.rmtree(out / "plots")
+    result = run_study("tiny_chomsky", out, train=False)
+    assert result["page"] == from_folders == (out / "README.md").read_text() and result["finished"] == 3
+    assert (out / "results.csv").read_bytes() == csv_text and (out / DATA).read_bytes() == data
+    assert (out / "plots" / "parity_check.png").read_bytes()[:4] == b"\x89PNG"

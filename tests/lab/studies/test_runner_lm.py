@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 
 import pytest
 from test_declaration import tiny_lm_study
@@ -13,6 +14,7 @@ from conftest import tiny_lm_overrides, write_corpus
 from poslab.lab.cli import main
 from poslab.lab.presets import get_preset
 from poslab.lab.report.common import mean_std, stats_cell
+from poslab.lab.report.datafile import DATA
 from poslab.lab.studies.declaration import STUDIES, Part
 from poslab.lab.studies.runner import run_study
 
@@ -97,3 +99,34 @@ def test_lm_study_command_errors(capsys, tmp_path):
     assert main(["lm-study", "dape_nothing", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("poslab: error: unknown study 'dape_nothing'; known studies:")
     assert not out.exists()
+
+
+def test_an_lm_study_rebuilds_and_resumes_from_its_data_file_alone(tmp_path, monkeypatch):
+    """The runs and each part's scoring are recorded: with the run folders and the part's report
+    gone, the page is the same, the report is written again, and a rerun trains and scores nothing;
+    scoring again needs the checkpoints, which a clean clone does not have."""
+    corpus = write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(STUDIES, "tiny", tiny_lm_study())
+    out = tmp_path / "out"
+    same = {"overrides": tiny_lm_overrides(corpus), "max_windows": 2, "plots": False}
+    page = run_study("tiny", out, **same)["page"]
+    report = {name: (out / "a" / name).read_bytes() for name in ("results.json", "results.csv", "table.md")}
+    data = (out / DATA).read_bytes()
+    records = [json.loads(line) for line in data.splitlines()]
+    assert [r["kind"] for r in records] == ["run"] * 4 + ["scoring"]
+    assert records[-1]["result"] == json.loads(report["results.json"])
+    for run in sorted((out / "a").glob("*/seed*")):
+        shutil.rmtree(run)
+    for name in report:
+        (out / "a" / name).unlink()
+    rebuilt = run_study("tiny", out, train=False, **same)
+    assert rebuilt["page"] == page and (out / "README.md").read_text() == page
+    assert {name: (out / "a" / name).read_bytes() for name in report} == report
+    again = run_study("tiny", out, **same)  # the recorded scoring of the very grid: nothing to do
+    assert (again["trained"], again["page"]) == (0, page) and not list((out / "a").glob("*/seed*"))
+    assert (out / DATA).read_bytes() == data
+    with pytest.raises(
+        ValueError, match=r"part a must be scored, which needs the checkpoints of its 4 recorded"
+    ):
+        run_study("tiny", out, **{**same, "max_windows": 1})
+    assert (out / DATA).read_bytes() == data and not list((out / "a").glob("*/seed*"))

@@ -5,6 +5,12 @@
 
 Runs go to ``DIR/<encoding>/seed<k>`` (`poslab.lab.experiments.grid`), ``DIR/grid.json`` records the
 request, and the page (`poslab.lab.report.runs_page.write_report`) goes to ``DIR``.
+
+    poslab record DIR               the finished run folders below DIR, appended to DIR/data.jsonl
+    poslab report DIR/... --out DIR the page again, from the folders or the data file's records
+
+`poslab record` keeps a grid's runs as data (`poslab.lab.report.datafile`) so that its folders can
+be deleted; `poslab report` then reads the records of the runs whose folders are gone.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from poslab.lab.experiments.command import (
 from poslab.lab.experiments.grid import check_jobs, plan_grid, train_grid
 from poslab.lab.parsing import parse_seeds, split_top_level
 from poslab.lab.presets import DEMO_ENCODINGS, get_preset
+from poslab.lab.report.datafile import StudyData, finished_folders
 from poslab.lab.report.runs_page import load_runs, write_report
+from poslab.lab.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,27 @@ def _report_command(args: Any) -> str:
     return report["table"] + files_line("", args.out, report["files"])
 
 
+def _record_command(args: Any) -> str:
+    """``poslab record DIR``: append the finished run folders below DIR to its data file."""
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise ValueError(f"no such directory: {folder}")
+    if RunDir(folder).is_finished():
+        raise ValueError(
+            f"{folder} is a run folder; give the folder that holds it (its data file goes there)"
+        )
+    check_writable(folder)
+    data = StudyData(folder)
+    found = finished_folders(folder)
+    if not found:
+        raise ValueError(f"no finished run folders (config.json and results.json) below {folder}")
+    added = data.record_runs([folder])
+    return (
+        f"{len(added)} run(s) recorded in {data.path} ({len(found) - len(added)} of the {len(found)} "
+        f"finished folders were there already); their curves in {data.curves_path}\n"
+    )
+
+
 def _grid_args(default_jobs: int = 1) -> tuple[Arg, ...]:
     return (
         arg("--seeds", default="0", help="seeds: 0,1,2 or 0-2 (default 0)"),
@@ -164,6 +193,13 @@ COMMANDS = (
             NO_PLOTS,
         ),
         _report_command,
+    ),
+    Command(
+        "record",
+        "append the finished run folders below DIR to DIR/data.jsonl (the runs as data; "
+        "`report` reads them when the folders are gone)",
+        (arg("dir", help="a folder of runs, e.g. a compare grid's --out"),),
+        _record_command,
     ),
     Command(
         "demo",

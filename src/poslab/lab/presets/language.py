@@ -25,7 +25,7 @@ def _lm_task(train_len: int, **options: Any) -> TaskConfig:
 )
 def lm_stdlib_small() -> RunConfig:
     # Sized on 2 shared CPU cores, 1 thread: 600 steps of batch 16 at 128 tokens took 65 s (ALiBi)
-    # to 178 s (CoPE) per run, 25 minutes for 7 encodings x 2 seeds (docs/results/lm_extrapolation).
+    # to 178 s (CoPE) per run, 25 minutes for 7 encodings x 2 seeds (docs/results/history/lm_extrapolation).
     return RunConfig(
         model=ModelSpec(d_model=128, n_layers=2, n_heads=4, norm="pre", encoding="rope", max_len=128),
         task=_lm_task(128),

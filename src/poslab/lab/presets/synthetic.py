@@ -43,7 +43,7 @@ def flipflop_small() -> RunConfig:
     # drown the signal at this budget: CoPE at 600 steps had 33% read error against 15%.
     # 3000 steps, not the calibration's 1500: CoPE learns late (its zero-initialised position table
     # gives the gates no gradient at first) and at 1500 steps one seed in three had not finished
-    # (docs/results/flipflop).
+    # (docs/results/history/flipflop).
     return RunConfig(
         model=ModelSpec(**SMALL_DECODER, encoding="cope"),
         task=TaskConfig(name="flipflop", train_len=64),

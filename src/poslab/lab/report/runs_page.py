@@ -1,9 +1,10 @@
 """The results page of finished runs (train, eval, compare, report): mean ± std over seeds per
 encoding.
 
-`write_report` turns run directories (each with config.json and results.json, see `poslab.lab.rundir`)
-into ``table.md`` (Markdown), ``results.csv`` (one row per run), ``lengths.csv`` (per-length
-metrics, for tasks evaluated per length), ``results.json`` (runs and summary) and PNG plots:
+`write_report` turns run directories (each with config.json and results.json, see
+`poslab.lab.rundir`, or their records in a data file, `poslab.lab.report.datafile`) into
+``table.md`` (Markdown), ``results.csv`` (one row per run), ``lengths.csv`` (per-length metrics,
+for tasks evaluated per length), ``results.json`` (runs and summary) and PNG plots:
 ``<task>_splits.png`` (the headline metric per split as grouped bars) and ``<task>_lengths.png``
 (accuracy against length, one line per encoding). matplotlib is imported only to plot; without it
 (``pip install poslab[plot]``) the plots are skipped with a warning.
@@ -25,6 +26,7 @@ from poslab.lab import plotting
 from poslab.lab.checkpoint import write_text
 from poslab.lab.config import flatten
 from poslab.lab.report.common import csv_value, finite, mean_std, stats_cell, write_page
+from poslab.lab.report.datafile import recorded_below
 from poslab.lab.rundir import CONFIG, RESULTS, RunDir, check_results, find_finished_runs
 from poslab.lab.tasks import TASKS
 
@@ -52,18 +54,39 @@ class RunRecord:
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
-    """`RunRecord` of every finished run at or below ``paths``."""
+    """`RunRecord` of every finished run at or below ``paths``: run folders, and the runs the
+    nearest data file at or above each path records (`poslab.lab.report.datafile`), whose folders
+    may be gone; a folder that is there is read from the folder. Each path's runs in the order of
+    their folders' names."""
     records = []
-    for run_dir in find_finished_runs(paths):
-        results = RunDir(run_dir).load_results()
-        check_results(results, run_dir / RESULTS, required=("task", "encoding", "seed", "metrics"))
+    for run_dir in _finished_runs(paths):
+        results = run_dir.load_results()
+        where = getattr(run_dir, "where", "") or run_dir / RESULTS
+        check_results(results, where, required=("task", "encoding", "seed", "metrics"))
         if not results.get("metrics"):
-            raise ValueError(f"{run_dir / RESULTS} holds no evaluation")
-        config = _config_dict(RunDir(run_dir))
+            raise ValueError(f"{where} holds no evaluation")
+        config = _config_dict(run_dir)
         records.append(
-            RunRecord(run_dir, results["task"], results["encoding"], results["seed"], results, config)
+            RunRecord(run_dir.path, results["task"], results["encoding"], results["seed"], results, config)
         )
     return records
+
+
+def _finished_runs(paths: Sequence[str | Path]) -> list[RunDir]:
+    """The finished runs at or below ``paths``, from their folders or their data file's records."""
+    found: dict[Path, RunDir] = {}
+    for path in map(Path, paths):
+        recorded = dict(recorded_below(path))
+        folders: list[Path] = []
+        if path.exists() or not recorded:
+            try:
+                folders = find_finished_runs([path])
+            except ValueError:
+                if not recorded:
+                    raise
+        for run in sorted({*folders, *recorded}):
+            found.setdefault(run, RunDir(run) if run in folders else recorded[run])
+    return list(found.values())
 
 
 def _config_dict(run_dir: RunDir) -> dict[str, Any]:
@@ -73,6 +96,9 @@ def _config_dict(run_dir: RunDir) -> dict[str, Any]:
         return run_dir.load_config().to_dict()
     except (TypeError, ValueError):
         pass
+    record = getattr(run_dir, "record", None)
+    if record is not None:
+        return record["config"]
     try:
         raw = json.loads((run_dir / CONFIG).read_text())
     except ValueError:

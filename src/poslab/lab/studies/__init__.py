@@ -7,4 +7,7 @@
 - `poslab.lab.studies.page`: the page of either kind, README.md and results.csv;
 - `poslab.lab.studies.layout`: the folders, ``OUT/<part>/<encoding>/seed<k>``, and the migration
   of the old LM-study layout.
+
+A study's finished runs are recorded in its data file, ``OUT/data.jsonl``
+(`poslab.lab.report.datafile`), and its page is built from that file alone.
 """

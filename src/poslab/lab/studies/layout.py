@@ -1,9 +1,13 @@
 """The folders of a study, and the migration of the old LM-study layout.
 
 A study's output folder ``OUT`` holds its page (``README.md``, ``results.csv``, ``notes.md``, the
-reading written by hand, and ``plots/`` where the page draws some) and one folder per part:
+reading written by hand, and ``plots/`` where the page draws some), its data file and one folder per
+part:
 
-    OUT/<part>/<encoding>/seed<k>     one run (`poslab.lab.experiments.grid`'s layout)
+    OUT/data.jsonl, curves.jsonl.gz   every finished run (and LM part's scoring) recorded, from which
+                                      the page is built (`poslab.lab.report.datafile`)
+    OUT/<part>/<encoding>/seed<k>     one run (`poslab.lab.experiments.grid`'s layout); not needed
+                                      once recorded, but for its checkpoint
     OUT/<part>/results.json, ...      an LM-extrapolation part's own report (table.md, results.csv,
                                       results.json, ppl_*.png: `poslab.lab.experiments.extrapolation`)
 

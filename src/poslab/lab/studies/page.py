@@ -34,6 +34,8 @@ from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
+# An LM study's runs: part -> (encoding, seed) -> the run (a `RunDir`, or one a data file records).
+RunDirs = dict[str, dict[tuple[str, int], RunDir]]
 
 
 def write_page(
@@ -44,10 +46,12 @@ def write_page(
     grids: dict[str, list[GridRun]] | None = None,
     results: dict[str, dict[str, Any]] | None = None,
     plots: bool = True,
+    run_dirs: RunDirs | None = None,
 ) -> str:
     """Write ``out/README.md`` and ``out/results.csv`` of ``study`` and return the page: a task
     table's from its parts' ``grids`` (and, with ``plots``, its per-length figures in
-    ``out/plots``), an LM extrapolation study's from its parts' extrapolation ``results``."""
+    ``out/plots``), an LM extrapolation study's from its parts' extrapolation ``results`` and their
+    runs' ``run_dirs`` (`RunDirs`; default: the folders the results name)."""
     notes = read_notes(out)
     if study.kind == TASK_TABLE:
         figures = draw_length_plots(study, grids, out / "plots") if study.plot and plots else {}
@@ -55,7 +59,8 @@ def write_page(
         page, rows = table_page(study, grids, command=command, notes=notes, plots=figures, maps=maps)
         csv_text = table_csv(rows)
     else:
-        page, csv_text = lm_page(study, results, command=command, notes=notes), lm_csv(study, results)
+        page = lm_page(study, results, command=command, notes=notes, run_dirs=run_dirs)
+        csv_text = lm_csv(study, results)
     write_text(out / "README.md", page)
     write_text(out / "results.csv", csv_text)
     return page
@@ -551,12 +556,13 @@ def _cell(result: dict[str, Any], spec: str, length: int) -> str:
     return stats_cell(mean_std(list(values.values()))) if values else "n/a"
 
 
-def _about(result: dict[str, Any]) -> dict[str, Any]:
-    """Parameters, steps, learning rates, machines and wall times of a part's runs."""
+def _about(result: dict[str, Any], run_dirs: dict[tuple[str, int], RunDir] | None = None) -> dict[str, Any]:
+    """Parameters, steps, learning rates, machines and wall times of a part's runs (``run_dirs``:
+    each run by (encoding, seed); default: the folder the result names)."""
     machines: dict[str, int] = {}
     steps, params, lrs, train_s = set(), set(), set(), 0.0
     for run in result["runs"]:
-        run_dir = RunDir(run["run_dir"])
+        run_dir = RunDir(run["run_dir"]) if run_dirs is None else run_dirs[run["encoding"], run["seed"]]
         try:
             machine = run_dir.load_results().get("machine") or {}
         except ValueError:
@@ -579,9 +585,11 @@ def _about(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _part_section(study: Study, part: Part, result: dict[str, Any]) -> list[str]:
+def _part_section(
+    study: Study, part: Part, result: dict[str, Any], run_dirs: dict[tuple[str, int], RunDir] | None
+) -> list[str]:
     lengths = _part_lengths(result)
-    about = _about(result)
+    about = _about(result, run_dirs)
     top = lengths[-1]
     settings = result["settings"]
     lines = [
@@ -626,7 +634,7 @@ def _paired_gaps(result: dict[str, Any], new: str, base: str, length: int) -> di
     return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
 
 
-def _gap_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
+def _gap_lines(study: Study, results: dict[str, dict[str, Any]], run_dirs: RunDirs | None) -> list[str]:
     """Per part: the two rows at the longest length and their difference, paired by seed, and the
     difference at the training length beside it (a gap already there is not about extrapolation)."""
     new, base = study.gap
@@ -646,7 +654,7 @@ def _gap_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
         result = results[part.name]
         lengths = _part_lengths(result)
         top = lengths[-1]
-        about = _about(result)
+        about = _about(result, None if run_dirs is None else run_dirs[part.name])
         gaps = _paired_gaps(result, study.spec(new), study.spec(base), top)
         at_train = _paired_gaps(result, study.spec(new), study.spec(base), lengths[0])
         params = {run["n_params"] for run in result["runs"] if run["encoding"] == study.spec(base)}
@@ -696,10 +704,16 @@ def _paper_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def lm_page(
-    study: Study, results: dict[str, dict[str, Any]], *, command: str, notes: str | None = None
+    study: Study,
+    results: dict[str, dict[str, Any]],
+    *,
+    command: str,
+    notes: str | None = None,
+    run_dirs: RunDirs | None = None,
 ) -> str:
-    """The README of a study from its parts' extrapolation results (part name -> result), ending
-    with ``notes``, the reading written by hand."""
+    """The README of a study from its parts' extrapolation results (part name -> result) and their
+    runs (``run_dirs``, default: the folders the results name), ending with ``notes``, the reading
+    written by hand."""
     seeds = sorted({run["seed"] for result in results.values() for run in result["runs"]})
     missing = [part.name for part in study.parts if part.name not in results]
     lines = [
@@ -715,7 +729,9 @@ def lm_page(
         "perplexity too, results.csv, results.json, plots) is in its folder.",
         "",
     ]
-    abouts = [_about(result) for result in results.values()]
+    abouts = [
+        _about(result, None if run_dirs is None else run_dirs[name]) for name, result in results.items()
+    ]
     lines += [
         f"Compute: training {sum(a['train_s'] for a in abouts) / 3600:.2f} h and scoring "
         f"{sum(a['eval_s'] for a in abouts) / 3600:.2f} h, summed over runs (the machines are per part).",
@@ -724,12 +740,14 @@ def lm_page(
     if missing:
         lines += [f"**Incomplete**: no results yet for {', '.join(missing)}; rerun the command.", ""]
     if study.gap is not None:
-        lines += _gap_lines(study, results)
+        lines += _gap_lines(study, results, run_dirs)
     if study.paper_numbers:
         lines += _paper_lines(study, results)
     for part in study.parts:
         if part.name in results:
-            lines += _part_section(study, part, results[part.name])
+            lines += _part_section(
+                study, part, results[part.name], None if run_dirs is None else run_dirs[part.name]
+            )
     lines += ["## Reading", "", notes or "_Not written yet._", ""]
     return "\n".join(lines)
 

@@ -2,17 +2,24 @@
 
 Every part of the study (`poslab.lab.studies.declaration`) is a grid of its rows' encodings x seeds
 at ``OUT/<part>/<encoding>/seed<k>`` (`poslab.lab.studies.layout`; an old LM-study folder is moved
-to it first). Grids always resume: finished runs (their results.json) are kept and skipped, an
-interrupted run continues from its checkpoint, and a finished run made with another config stops
-the command before anything trains, so a study can be built over several sessions and machines
-from the small per-run files alone. All parts' runs train together, ``--jobs`` at a time.
+to it first). The study's data file ``OUT/data.jsonl`` (`poslab.lab.report.datafile`) records every
+finished run, and the page is built from it alone. Grids always resume: a run recorded there, or
+finished in its folder, is kept and skipped, an interrupted run continues from its checkpoint, and a
+finished run (recorded or in its folder) made with another config stops the command before
+anything trains, so a study can be built over several sessions and machines from the data file
+alone (a clean clone trains only the runs it does not record). All parts' runs train together,
+``--jobs`` at a time.
 
-A task table then reads each run's own evaluation. An LM extrapolation study scores each part's
-runs at L, 2L, ... up to its factor times L and writes the part's report in ``OUT/<part>``
-(`poslab.lab.experiments.extrapolation`); a part's scoring is reused when its results.json scored
-the same grid (encodings, seeds, overrides, lengths, windows) of finished runs: delete it to
-rescore. ``--page-only`` trains and scores nothing and rebuilds the page (`poslab.lab.studies.page`)
-from what there is. ``poslab reproduce`` and ``poslab lm-study`` are the command's older names.
+Building the page first appends every finished run folder of the study's parts that the data file
+does not hold yet (existing lines are never rewritten). A task table then reads each recorded run's
+evaluation. An LM extrapolation study scores each part's runs at L, 2L, ... up to its factor times L
+(which needs their checkpoints) and writes the part's report in ``OUT/<part>``
+(`poslab.lab.experiments.extrapolation`); the data file records each scoring too, and a part's
+scoring is reused when one (its folder's results.json, or one recorded) scored the same grid
+(encodings, seeds, overrides, lengths, windows) of finished runs: delete both to rescore. A part's
+report is written again from the recorded scoring the page uses when its folder lacks it.
+``--page-only`` trains and scores nothing and rebuilds the page (`poslab.lab.studies.page`) from
+what there is. ``poslab reproduce`` and ``poslab lm-study`` are the command's older names.
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from poslab.lab.checkpoint import check_writable
-from poslab.lab.config import RunConfig
+from poslab.lab.config import RunConfig, slug
 from poslab.lab.evaluate import eval_lengths
 from poslab.lab.experiments.command import NO_PLOTS, THREADS, Command, arg, progress
 from poslab.lab.experiments.extrapolation import doubling_lengths, score_grid
+from poslab.lab.experiments.extrapolation_page import write_extrapolation_report
 from poslab.lab.experiments.grid import GridRun, check_jobs, plan_grid, train_grid
 from poslab.lab.parsing import parse_seeds
 from poslab.lab.presets import get_preset
+from poslab.lab.report.datafile import StudyData, same_json
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies import layout
 from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study, get_study, split_at
@@ -61,10 +70,13 @@ def plan_study(
     scale: str = "cpu",
     overrides: list[str] = (),
     read_only: bool = False,
+    data: StudyData | None = None,
 ) -> dict[str, list[GridRun]]:
-    """Every part's grid, every run directory checked (a finished run whose config differs from the
-    study's, or a column at a length the runs do not evaluate, raises ValueError before anything
-    trains). ``read_only`` (a page only): runs another process is training count as unfinished."""
+    """Every part's grid, every run directory and every run recorded in ``data`` (default: the data
+    file in ``out``) checked: a finished or recorded run whose config differs from the study's, or a
+    column at a length the runs do not evaluate, raises ValueError before anything trains. Needs no
+    run folder. ``read_only`` (a page only): runs another process is training count as unfinished."""
+    data = StudyData(out) if data is None else data
     grids = {}
     for part in study.parts:
         config = part_config(part, scale, overrides)
@@ -75,6 +87,8 @@ def plan_study(
         grids[part.name] = plan_grid(
             config, study.specs, seeds, root, resume=True, overwrite=False, read_only=read_only
         )
+        for run in grids[part.name]:
+            data.check_reusable(run.path, run.config)
     return grids
 
 
@@ -149,8 +163,10 @@ def run_study(
 def _run_table(
     study: Study, out: Path, *, seeds, scale, overrides, jobs, threads, train, plots, progress, command
 ) -> dict[str, Any]:
-    """`run_study` of a task table: every part's grid trained, then the page from the runs."""
-    grids = plan_study(study, out, seeds, scale=scale, overrides=overrides, read_only=not train)
+    """`run_study` of a task table: every part's grid trained (but the runs the data file records),
+    the finished runs recorded, then the page from the data file."""
+    data = StudyData(out)
+    grids = plan_study(study, out, seeds, scale=scale, overrides=overrides, read_only=not train, data=data)
     out.mkdir(parents=True, exist_ok=True)
     trained = 0
     if train:
@@ -158,11 +174,18 @@ def _run_table(
         # Seed by seed, one grid each (a grid starts its slowest runs first, which across seeds would
         # train every seed of the slowest rows before the first seed of the others), so that a study
         # stopped part-way has the same seeds of every row.
-        todo = [run for grid in grids.values() for run in grid]
+        todo = [run for grid in grids.values() for run in grid if data.get(run.path) is None]
+        recorded = sum(len(grid) for grid in grids.values()) - len(todo)
+        if recorded:
+            log.info("%s: %d runs recorded in %s are finished", study.name, recorded, data.path)
         for seed in sorted({run.config.train.seed for run in todo}):
             batch = [run for run in todo if run.config.train.seed == seed]
             trained += len(train_grid(batch, resume=True, jobs=jobs, threads=threads, progress=progress))
         log.info("%s: %d runs trained in %.0f s", study.name, trained, time.monotonic() - started)
+    data.record_runs(layout.part_folder(out, part.name) for part in study.parts)
+    grids = {
+        name: [GridRun(run.config, data.run_dir(run.path)) for run in grid] for name, grid in grids.items()
+    }
     page = write_page(study, out, command=command, grids=grids, plots=plots)
     finished = sum(run.run_dir.is_finished() for grid in grids.values() for run in grid)
     planned = sum(len(grid) for grid in grids.values())
@@ -177,8 +200,10 @@ def _run_lm(
     seeds, overrides, max_windows, device, jobs, threads, train, plots, progress, command,
 ) -> dict[str, Any]:  # fmt: skip
     """`run_study` of an LM extrapolation study: the grids of the parts not scored yet trained
-    together, then each scored (its report in ``OUT/<part>``), then the page from the parts'
-    results; a part whose results.json scored the same grid is reused as it is."""
+    together, then each scored (its report in ``OUT/<part>``); the finished runs and the scorings
+    recorded, and the page from the data file. A part whose folder or data file holds a scoring of
+    the same grid is reused as it is."""
+    data = StudyData(out)
     results, todo, grid_settings = {}, {}, {}
     for part in study.parts:
         folder = layout.part_folder(out, part.name)
@@ -194,15 +219,19 @@ def _run_lm(
             "lengths": doubling_lengths(train_len, train_len * study.factor),
             "max_windows": max_windows,
         }
-        previous = _scored(folder, wanted)
+        scorings = _scorings(folder, data, part.name)
+        previous = _scored(out, part.name, scorings, wanted, data)
         if train and previous is None:
             todo[part.name] = plan_grid(
                 configs[part.name], study.specs, seeds, folder, resume=True, overwrite=False
             )
-        elif previous is None and (folder / "results.json").is_file():
-            previous = json.loads((folder / "results.json").read_text())
+            for run in todo[part.name]:
+                data.check_reusable(run.path, run.config)
+        elif previous is None and scorings:
+            previous = scorings[0]
         if previous is not None:
             results[part.name] = previous
+    _check_checkpoints(todo, data)
     started = time.monotonic()
     runs = [run for grid in todo.values() for run in grid]
     trained = train_grid(runs, resume=True, jobs=jobs, threads=threads, progress=progress) if runs else []
@@ -222,8 +251,21 @@ def _run_lm(
         raise ValueError(
             f"no part of study {study.name!r} has results in {out}; run it without --page-only first"
         )
-    results = {part.name: results[part.name] for part in study.parts if part.name in results}
-    page = write_page(study, out, command=command, results=results)
+    data.record_runs(layout.part_folder(out, part.name) for part in study.parts)
+    results = {
+        part.name: data.record_scoring(part.name, results[part.name])
+        for part in study.parts
+        if part.name in results
+    }
+    for name, result in results.items():
+        _write_part_report(layout.part_folder(out, name), result, plots=plots)
+    run_dirs = {
+        name: {
+            (run["encoding"], run["seed"]): data.run_dir(_run_path(out, name, run)) for run in result["runs"]
+        }
+        for name, result in results.items()
+    }
+    page = write_page(study, out, command=command, results=results, run_dirs=run_dirs)
     planned = len(study.parts) * len(study.rows) * len(seeds)
     finished = sum(len(result["runs"]) for result in results.values())
     return {
@@ -235,19 +277,63 @@ def _run_lm(
     }
 
 
-def _scored(folder: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
-    """The part's earlier result when it scored the very grid ``wanted`` describes and all its runs
-    are finished (finished runs never change, so their scores stand), else None."""
+def _run_path(out: Path, part: str, run: dict[str, Any]) -> Path:
+    """The folder of a scored run (``run``: an entry of a scoring's runs) in the study layout."""
+    return layout.part_folder(out, part) / slug(run["encoding"]) / f"seed{run['seed']}"
+
+
+def _scorings(folder: Path, data: StudyData, part: str) -> list[dict[str, Any]]:
+    """A part's scorings, the newest first: its folder's results.json (a scoring not recorded yet,
+    or the last one written), then those the data file records."""
+    report = _read_report(folder)
+    return ([] if report is None else [report]) + list(reversed(data.scorings.get(part, [])))
+
+
+def _read_report(folder: Path) -> dict[str, Any] | None:
+    """A part's results.json (its last scoring), None where there is none that reads."""
     try:
-        result = json.loads((folder / "results.json").read_text())
+        return json.loads((folder / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    settings = result.get("settings", {})
-    if any(settings.get(key) != value for key, value in wanted.items()):
-        return None
-    if not all(RunDir(run["run_dir"]).is_finished() for run in result.get("runs", [])):
-        return None
-    return result
+
+
+def _scored(
+    out: Path, part: str, scorings: list[dict[str, Any]], wanted: dict[str, Any], data: StudyData
+) -> dict[str, Any] | None:
+    """The newest of a part's ``scorings`` that scored the very grid ``wanted`` describes, all its
+    runs finished (recorded, or finished in their folders: finished runs never change, so their
+    scores stand); None when there is none."""
+    for result in scorings:
+        settings = result.get("settings", {})
+        if any(settings.get(key) != value for key, value in wanted.items()):
+            continue
+        runs = result.get("runs", [])
+        if all(
+            data.get(_run_path(out, part, run)) is not None or RunDir(run["run_dir"]).is_finished()
+            for run in runs
+        ):
+            return result
+    return None
+
+
+def _check_checkpoints(todo: dict[str, list[GridRun]], data: StudyData) -> None:
+    """ValueError, before anything trains, when a part to score has a recorded run whose checkpoint
+    is not here (a clean clone): scoring reads every run's model."""
+    for name, grid in todo.items():
+        missing = [run for run in grid if data.get(run.path) is not None and not run.run_dir.has_checkpoint()]
+        if missing:
+            raise ValueError(
+                f"part {name} must be scored, which needs the checkpoints of its {len(missing)} recorded "
+                f"run(s) ({missing[0].path}, ...) that are not here; score it where they are, or "
+                "delete their lines in the data file to train them again"
+            )
+
+
+def _write_part_report(folder: Path, result: dict[str, Any], *, plots: bool) -> None:
+    """A part's extrapolation report (table.md, results.csv, results.json, plots) from ``result``
+    where its folder does not hold that very scoring (a clean clone, or an earlier scoring used)."""
+    if not same_json(_read_report(folder), result):
+        write_extrapolation_report(result, folder, plots=plots)
 
 
 def _command(
