@@ -223,7 +223,7 @@ def _run_lm(
             f"no part of study {study.name!r} has results in {out}; run it without --page-only first"
         )
     results = {part.name: results[part.name] for part in study.parts if part.name in results}
-    page = write_page(study, out, command=command, results=results)
+    page = write_page(study, out, command=command, results=results, plots=plots)
     planned = len(study.parts) * len(study.rows) * len(seeds)
     finished = sum(len(result["runs"]) for result in results.values())
     return {
