@@ -30,6 +30,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -633,9 +634,10 @@ def _bar_lines(path: str | None) -> list[str]:
     return [
         "## Every column",
         "",
-        "One group per column, one colour per row: the bar (for perplexity, the bar's top line) is the "
-        "mean over the seeds, the dots are the seeds, and the black diamond is the paper's number where "
-        "it has one (for perplexity, on its own scale: the paper's corpus and model differ).",
+        "One group per column, one colour per row: the bar (for perplexity, a line) is the mean over the "
+        "seeds and the dots are the seeds; the diamonds are the paper's numbers (for perplexity in a "
+        "panel of their own: the paper's corpus and model differ, compare the pattern). A table with a "
+        "ratio has a last panel of each seed's ratio, the paper's beside it.",
         "",
         f"![every column]({path})",
         "",
@@ -643,56 +645,96 @@ def _bar_lines(path: str | None) -> list[str]:
 
 
 def draw_bars(study: Study, rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """The figure of every column of a task table (``study.bars``): one panel per part, one group per
-    split, one bar per row at its mean with every seed as a dot and the paper's number as a black
-    diamond; for perplexity (large values close together) a marker at the mean instead of a bar from
-    0, and the paper's numbers on a second axis. None without matplotlib."""
+    """The figure of every column of a task table (``study.bars``): per part a panel of ours, one
+    group per split and one bar per row at its mean with every seed as a dot and the paper's number
+    as a diamond; for perplexity (large values close together) a line at the mean instead of a bar
+    from 0, and the paper's numbers in a panel of their own; with a ``ratio``, a panel of each seed's
+    ratio beside the paper's. None without matplotlib."""
     if not plotting.can_plot("the column figure"):
         return None
     names = [row for row, _ in study.rows]
-    width = 0.8 / len(names)
-    fig = plotting.figure(figsize=(max(5.0, 2.4 * len(study.columns)), 4.2))
-    axes = fig.subplots(1, len(study.parts), squeeze=False)[0]
     ppl = study.metric == "ppl"
     check = study.numbers_check
     paper_label = "paper" if check is not None and check.verified else "paper (unverified)"
-    for ax, part in zip(axes, study.parts, strict=True):
-        first_paper = next(
-            ((g, i) for g, split in enumerate(part.splits) for i, row in enumerate(names)
-             if f"{part.name}/{split}" in study.numbers.get(row, {})),
-            None,
-        )  # fmt: skip
-        paper_ax = None
+    panels: list[tuple[str, Part | None]] = []
+    for part in study.parts:
+        panels.append(("ours", part))
+        has_paper = any(
+            f"{part.name}/{split}" in study.numbers.get(row, {}) for row in names for split in part.splits
+        )
+        if ppl and has_paper:
+            panels.append(("paper", part))
+    if study.ratio is not None:
+        panels.append(("ratio", None))
+    width = 0.8 / len(names)
+    size = max(3.5, 2.8 * len(study.columns)) + 1.8 * (len(panels) - 1) + 2.2  # the last: the legend
+    fig = plotting.figure(figsize=(size, 4.4))
+    *axes, key = fig.subplots(1, len(panels) + 1, squeeze=False, width_ratios=[3] * len(panels) + [2])[0]
+
+    def offset(group: int, i: int) -> float:
+        return group + (i - (len(names) - 1) / 2) * width
+
+    def seeds_and_mean(ax, kind: str, x: float, values: list[float], i: int, label: str | None) -> None:
+        colour = plotting.line_style(i)["color"]
+        if not values:  # no finished run: in the legend only
+            ax.plot([], [], color=colour, linewidth=2.5, label=label)
+            return
+        mean = sum(values) / len(values)
+        if ppl or kind == "ratio":
+            ax.hlines(mean, x - width / 2, x + width / 2, color=colour, linewidth=2.5, label=label)
+        else:
+            ax.bar(x, mean, width * 0.9, color=colour, alpha=0.55, label=label)
+        ax.plot([x] * len(values), values, "o", color=colour, markersize=3.5, markeredgecolor="black",
+                markeredgewidth=0.4)  # fmt: skip
+
+    labelled: set[str] = set()
+    for ax, (kind, part) in zip(axes, panels, strict=True):
+        if kind == "ratio":
+            for i, row in enumerate(names):
+                ratios = list(_ratios(study, rows, row).values())
+                seeds_and_mean(ax, kind, offset(0, i), ratios, i, None)
+                paper = study.numbers.get(row, {})
+                if all(column in paper for column in study.ratio):
+                    colour = plotting.line_style(i)["color"]
+                    ratio = paper[study.ratio[0]] / paper[study.ratio[1]]
+                    ax.plot(offset(0, i), ratio, "D", color=colour, markeredgecolor="black", markersize=5)
+            ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+            ax.set_xticks(
+                [0], [f"{study.ratio[0].split('/')[-1]} / {study.ratio[1].split('/')[-1]}"], fontsize=8
+            )
+            ax.set_title("ratio, each seed (paper: diamond)", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+            continue
         for g, split in enumerate(part.splits):
             column = f"{part.name}/{split}"
             for i, row in enumerate(names):
-                x = g + (i - (len(names) - 1) / 2) * width
-                style = plotting.line_style(i)
-                values = [v for v in _values(rows, row, column) if finite(v)]
-                if values:
-                    mean = sum(values) / len(values)
-                    label = row if g == 0 else None
-                    if ppl:
-                        ax.hlines(mean, x - width / 2, x + width / 2, color=style["color"], linewidth=2.5,
-                                  label=label)  # fmt: skip
-                    else:
-                        ax.bar(x, mean, width * 0.9, color=style["color"], alpha=0.55, label=label)
-                    ax.plot([x] * len(values), values, "o", color=style["color"], markersize=3.5,
-                            markeredgecolor="black", markeredgewidth=0.4)  # fmt: skip
                 paper = study.numbers.get(row, {}).get(column)
-                if paper is not None:
-                    if ppl and paper_ax is None:
-                        paper_ax = ax.twinx()
-                        paper_ax.set_ylabel("the paper's perplexity (diamonds)")
-                    target = paper_ax if ppl else ax
-                    label = None if ppl or (g, i) != first_paper else paper_label
-                    target.plot(x, paper, "D", color="black", markersize=4, label=label)
+                if kind == "ours":
+                    label = row if row not in labelled else None
+                    labelled.add(row)
+                    values = [v for v in _values(rows, row, column) if finite(v)]
+                    seeds_and_mean(ax, kind, offset(g, i), values, i, label)
+                if paper is not None and (kind == "paper" or not ppl):
+                    label = paper_label if paper_label not in labelled else None
+                    labelled.add(paper_label)
+                    colour = plotting.line_style(i)["color"] if ppl else "black"
+                    ax.plot(
+                        offset(g, i),
+                        paper,
+                        "D",
+                        color=colour,
+                        markeredgecolor="black",
+                        markersize=5,
+                        label=label,
+                    )
         ax.set_xticks(range(len(part.splits)), list(part.splits), fontsize=8)
-        ax.set_title(part.name, fontsize=9)
+        ax.set_title(part.name if kind == "ours" else f"{part.name}: the paper's", fontsize=9)
         ax.set_ylabel(UNITS.get(study.metric, study.metric))
         ax.grid(True, axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    axes[-1].legend(handles, labels, fontsize=7)
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    labels = [label for ax in axes for label in ax.get_legend_handles_labels()[1]]
+    key.axis("off")
+    key.legend(handles, [textwrap.fill(label, 22) for label in labels], fontsize=7, loc="center left")
     return plotting.save(fig, path, dpi=100)
 
 
