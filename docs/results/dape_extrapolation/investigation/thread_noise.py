@@ -43,7 +43,8 @@ def main() -> None:
         for length in sorted({n for _, _, n in two}):
             diffs = [two[spec, s, length] - one[twin, s, length] for s in (0, 1, 2)]
             relative = [100 * d / one[twin, s, length] for s, d in enumerate(diffs)]
-            worst[spec] = max(worst.get(spec, (0.0, 0.0)), max((abs(d), abs(r)) for d, r in zip(diffs, relative)))
+            largest = max((abs(d), abs(r)) for d, r in zip(diffs, relative, strict=True))
+            worst[spec] = max(worst.get(spec, (0.0, 0.0)), largest)
             cells = " | ".join(f"{d:+.4f}" for d in diffs)
             print(f"| {page}/{part} `{spec}` | {length} | {cells} |")
     print()
