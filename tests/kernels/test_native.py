@@ -57,6 +57,39 @@ def test_forward_and_backward_equal_the_reference(
     check(has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch, **shape)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_the_backward_is_the_same_to_the_bit_at_any_thread_count(kernel_size):
+    # Threads split the rows and sum their weight gradients in double before the cast to float, so
+    # a run's DAPE gradients do not depend on torch's thread count (the DAPE pages' thread noise
+    # comes from elsewhere: docs/results/dape_extrapolation/notes.md).
+    gen = torch.Generator().manual_seed(0)
+    n_batch, n_heads, t, width = 16, 4, 128, 32
+    taps = (3,) if kernel_size == 3 else ()
+    scores, bias = (
+        torch.randn(n_batch, n_heads, t, t, generator=gen),
+        torch.randn(n_heads, t, t, generator=gen),
+    )
+    w1, w2 = (
+        torch.randn(width, 2 * n_heads, *taps, generator=gen),
+        torch.randn(n_heads, width, *taps, generator=gen),
+    )
+    b1, row_len = torch.randn(width, generator=gen), torch.arange(1, t + 1)
+    grad = torch.randn(n_batch, n_heads, t, t, generator=gen)
+    assert scores.numel() >= native.MIN_PARALLEL_WORK  # the kernel does use the threads
+    outputs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            g, g_bias = grad.clone(), torch.zeros(n_heads, t, t)
+            weights = native.dape_mlp_backward_(scores, bias, w1, b1, w2, row_len, g, g_bias, slope=0.01)
+            outputs.append((*weights, g, g_bias))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outputs[0], other, strict=True))
+
+
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_v2_register_blocks_and_their_leftovers_equal_the_reference(dtype, level, monkeypatch):

@@ -19,7 +19,7 @@ from poslab.lab.report import (
     summarize,
     write_report,
 )
-from poslab.lab.report.common import stats_cell
+from poslab.lab.report.common import provenance_lines, stats_cell
 from poslab.lab.report.stats import difference_cell, interval, paired_difference, t975
 
 
@@ -241,3 +241,15 @@ def test_paired_difference_interval_and_wins():
     assert difference_cell(paired_difference({0: 1.0}, {1: 2.0})) == "–"
     one = interval([2.0])
     assert one["mean"] == 2.0 and math.isnan(one["low"])
+
+
+def test_provenance_groups_runs_by_machine_record_and_names_what_was_not_recorded():
+    new = {"cpu": "Intel Xeon", "isa": "x86-64-v4", "threads": 2, "torch": "2.13.0+cpu", "commit": "abc123"}
+    old = {"cpu": "AMD EPYC", "threads": 1, "torch": "2.13.0+cpu"}  # before commit and isa were recorded
+    runs = [("a", new), ("b", new), ("a", old), ("a", None)]
+    lines = provenance_lines(runs, ["a", "b"])
+    assert lines[0] == "| runs | parts | commit | CPU | instruction set | threads | torch |"
+    assert lines[2] == "| 2 | all | abc123 | Intel Xeon | x86-64-v4 | 2 | 2.13.0+cpu |"
+    assert lines[3] == "| 1 | a | not recorded | AMD EPYC | not recorded | 1 | 2.13.0+cpu |"
+    assert lines[4] == "| 1 | a | " + " | ".join(["not recorded"] * 5) + " |"  # no record at all
+    assert len(lines) == 5

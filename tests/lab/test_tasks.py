@@ -249,6 +249,33 @@ def test_chomsky_against_solver(name: str) -> None:
         check_chomsky(task, task.sample(12, length, generator=gen(seed)), length)
 
 
+def _answers_by_symbol_counts(task: ChomskyTask, lengths: range, n: int) -> dict[tuple, set[tuple]]:
+    """Sampled inputs grouped by their symbols in sorted order (the input up to its order): the set of
+    answers each group has."""
+    groups: dict[tuple, set[tuple]] = {}
+    for length in lengths:
+        batch = task.sample(n, length, generator=gen(length))
+        m = task.input_length(length)
+        for x, y, scored in zip(batch.inputs[:, :m], batch.targets, batch.mask, strict=True):
+            groups.setdefault((length, *sorted(x.tolist())), set()).add(tuple(y[scored].tolist()))
+    return groups
+
+
+@pytest.mark.parametrize("name", CHOMSKY)
+def test_permutation_invariant_chomsky_tasks_answer_the_same_for_any_order(name: str) -> None:
+    # The three tasks flagged permutation-invariant (the DAPE paper's marked ones) give one answer per
+    # input up to its order; reverse string and even pairs, where the order matters, do not.
+    task = build_task(name)
+    groups = _answers_by_symbol_counts(task, range(3, 8), 2000)
+    if task.permutation_invariant:
+        assert all(len(answers) == 1 for answers in groups.values())
+        assert sum(len(answers) == 1 for answers in groups.values()) > 20  # many inputs share a group
+    elif name in ("reverse_string", "even_pairs", "odds_first", "stack_manipulation"):
+        assert any(len(answers) > 1 for answers in groups.values())
+    flagged = {n for n in CHOMSKY if TASKS[n].permutation_invariant}
+    assert flagged == {"parity_check", "cycle_navigation", "bucket_sort"}
+
+
 @pytest.mark.parametrize("name", ["modular_arithmetic", "solve_equation", "binary_multiplication"])
 def test_chomsky_longest_eval_length(name: str) -> None:
     task = build_task(name)

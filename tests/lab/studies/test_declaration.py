@@ -8,6 +8,7 @@ from poslab.encodings import build_encoding
 from poslab.lab.presets import get_preset
 from poslab.lab.studies.declaration import (
     LM_EXTRAPOLATION,
+    NPOS_AT_PAPER_RATIO,
     STUDIES,
     TASK_TABLE,
     PaperNumber,
@@ -62,6 +63,7 @@ def tiny_lm_study(**changes) -> Study:
         factor=4,
         seeds=(0, 1),
         gap=("DAPE-Kerple", "Kerple"),
+        pairs=(("DAPE-Kerple", "Kerple"),),
         paper_numbers=(PaperNumber(setting="big", row="Kerple", train_len=128, length=512, value=31.5),),
     )
     return Study(**{**fields, **changes})
@@ -149,3 +151,30 @@ def test_the_quick_benchmark_is_a_subset_of_the_benchmark_run_as_it_is():
     for part in quick.parts:
         assert part == parts[part.name]
     assert set(quick.seeds) < set(full.seeds)
+
+
+def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified():
+    with pytest.raises(ValueError, match="each pair must name two different rows"):
+        tiny_lm_study(pairs=(("DAPE-Kerple", "ALiBi"),))
+    with pytest.raises(ValueError, match="each pair must name two different rows"):
+        tiny_lm_study(pairs=(("Kerple", "Kerple"),))
+    with pytest.raises(ValueError, match="bars belong to a task table"):
+        tiny_lm_study(bars=True)
+    for study in STUDIES.values():
+        if study.numbers or study.paper_numbers:
+            assert study.numbers_check is not None, study.name
+    # Only the counting table was read in a primary copy (the authors' repository).
+    verified = {
+        name for name, study in STUDIES.items() if study.numbers_check and study.numbers_check.verified
+    }
+    assert verified == {"cope_counting"}
+
+
+def test_cope_length_generalisation_has_cope_at_the_papers_npos_max_and_at_its_ratio():
+    study = get_study("cope_length_generalisation")
+    train_len = get_preset(study.parts[0].preset).task.train_len
+    assert NPOS_AT_PAPER_RATIO == 64 * train_len // 1024 == 8
+    specs = dict(study.rows)
+    assert specs["CoPE, npos_max 64 (the paper's)"] == "cope"
+    assert build_encoding(specs["CoPE, npos_max 8 (the paper's ratio)"], n_heads=4, head_dim=32).npos_max == 8
+    assert build_encoding("cope", n_heads=4, head_dim=32).npos_max == 64

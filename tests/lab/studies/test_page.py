@@ -5,11 +5,23 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from poslab.lab import plotting
+from poslab.lab.evaluate import eval_seed
+from poslab.lab.presets import get_preset
 from poslab.lab.report.stats import difference_cell, interval, paired_difference
-from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study
-from poslab.lab.studies.page import _intervals, _value, depth_maps
+from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, NumbersCheck, Part, Study
+from poslab.lab.studies.page import (
+    _intervals,
+    _pair_lines,
+    _value,
+    depth_maps,
+    draw_bars,
+    numbers_note,
+    paper_value,
+    position_blind_floor,
+)
 from poslab.lab.studies.runner import plan_study, run_study
 
 
@@ -103,3 +115,77 @@ def test_interval_and_difference_cells_from_known_values():
 def test_a_reference_must_be_one_of_the_rows():
     with pytest.raises(ValueError, match="reference 'T5' is not one of its rows"):
         _probe_study("T5")
+
+
+def test_the_position_blind_floor_is_the_better_of_two_answers_on_the_scored_sequences():
+    # Reverse string, scored at 41 and 46: recomputed here from the task's own evaluation sequences.
+    config = get_preset("chomsky_cpu").override(
+        ["task.name=reverse_string", "task.options.max_eval_len=46", "eval.batch_size=8", "eval.batches=2"]
+    )
+    task = config.task.build()
+    per_length = {"constant 0": [], "constant 1": [], "majority": []}
+    for length in (41, 46):
+        generator = torch.Generator().manual_seed(eval_seed(config.eval.seed, "ood", length))
+        scores = {key: [] for key in per_length}
+        for _ in range(2):
+            batch = task.sample(8, length, generator=generator, **task.splits()["ood"])
+            x = batch.inputs[:, :length]
+            majority = (x.sum(dim=1) * 2 > length).long()  # ties (none at odd 41) to '0'
+            for key, answer in (("constant 0", 0), ("constant 1", 1), ("majority", majority[:, None])):
+                correct = (batch.targets == answer) & batch.mask
+                scores[key].append(100 * correct.sum().item() / batch.mask.sum().item())
+        for key in per_length:
+            per_length[key].append(sum(scores[key]) / 2)
+    expected = {key: sum(vs) / 2 for key, vs in per_length.items()}
+    assert expected["majority"] > max(expected["constant 0"], expected["constant 1"]) > 45
+    assert position_blind_floor(config, "ood") == pytest.approx(expected["majority"])
+
+
+def test_paper_numbers_are_marked_unless_verified():
+    base = _probe_study(None).__dict__
+    verified = Study(**{**base, "numbers_check": NumbersCheck(verified=True, note="table 3 of v2")})
+    unverified = Study(**{**base, "numbers_check": NumbersCheck(verified=False, note="tried X")})
+    assert paper_value(verified, 1.2) == "1.2" and paper_value(unverified, 1.2) == "1.2*"
+    assert paper_value(Study(**base), 67.6) == "67.6*"  # not checked at all
+    assert numbers_note(verified) == "The paper's numbers: verified, table 3 of v2."
+    assert numbers_note(unverified) == "The paper's numbers (marked *): unverified, tried X."
+    with pytest.raises(ValueError, match="needs a note"):
+        NumbersCheck(verified=True, note=" ")
+
+
+def _two_column_rows(values: dict[str, dict[str, list[float]]]) -> list[dict]:
+    return [
+        {"row": row, "column": column, "seed": seed, "value": value}
+        for row, columns in values.items()
+        for column, vs in columns.items()
+        for seed, value in enumerate(vs)
+    ]
+
+
+def test_pairs_are_paired_differences_per_column_and_of_the_ratio(tmp_path):
+    study = Study(
+        kind=TASK_TABLE,
+        name="tiny_lm",
+        title="",
+        source="",
+        metric="ppl",
+        rows=(("A", "rope"), ("B", "alibi")),
+        parts=(Part(name="p", preset="lm_stdlib_small", splits=("validation@128", "validation@320")),),
+        numbers={"A": {"p/validation@128": 20.0}},
+        ratio=("p/validation@320", "p/validation@128"),
+        pairs=(("A", "B"),),
+    )
+    rows = _two_column_rows(
+        {
+            "A": {"p/validation@128": [10.0, 12.0, 11.0], "p/validation@320": [11.0, 12.0, 10.0]},
+            "B": {"p/validation@128": [11.0, 12.5, 12.0], "p/validation@320": [12.0, 13.0, 12.0]},
+        }
+    )
+    text = "\n".join(_pair_lines(study, rows))
+    at_128 = difference_cell(paired_difference({0: 10.0, 1: 12.0, 2: 11.0}, {0: 11.0, 1: 12.5, 2: 12.0}))
+    assert at_128 == "-0.83 [-1.55, -0.12], 3/3"
+    ratios = paired_difference({0: 1.1, 1: 1.0, 2: 10 / 11}, {0: 12 / 11, 1: 13 / 12.5, 2: 1.0})
+    assert f"| A minus B | {at_128} | " in text and text.endswith(f"| {difference_cell(ratios, 3)} |")
+    assert "ratio" in text.split("| A minus B |")[0]
+    if plotting.can_plot("the test"):
+        assert draw_bars(study, rows, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,14 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from poslab.lab import plotting
 from poslab.lab.cli import main
 from poslab.lab.evaluate import eval_seed
 from poslab.lab.experiments.grid import estimated_cost, makespan, start_order
 from poslab.lab.presets import DEMO_ENCODINGS, get_preset, list_presets
 from poslab.lab.report.datafile import DATA
+from poslab.lab.report.stats import difference_cell, interval, paired_difference
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import STUDIES, TASK_TABLE, Part, Study, get_study
-from poslab.lab.studies.page import length_curves
+from poslab.lab.studies.page import length_curves, position_blind_floor
 from poslab.lab.studies.runner import part_config, plan_study, run_study
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,6 +56,8 @@ def tiny_table(monkeypatch):
             ),
         ),
         numbers={"RoPE": {"short/id": 1.8, "shorter/id": 0.5}},
+        pairs=(("RoPE", "No PE"),),
+        bars=True,
         paper_setting="none",
         seeds=(0, 1),
     )
@@ -94,7 +98,26 @@ def test_reproduce_trains_every_part_and_the_page_holds_each_runs_numbers(tiny_t
     mean = sum(values) / 2
     std = abs(values[0] - values[1]) / 2**0.5
     line = next(ln for ln in page.splitlines() if ln.startswith("| RoPE | ") and "1.8" in ln)
-    assert line.split(" | ")[1:3] == [f"{mean:.2f} ± {std:.2f} (2)", "1.8"]
+    # ... marked: this table says nothing of where its numbers were read
+    assert line.split(" | ")[1:3] == [f"{mean:.2f} ± {std:.2f} (2)", "1.8*"]
+    assert "The paper's numbers (marked *): not checked against the paper." in page
+    # The pair the reading compares: RoPE minus No PE per column, paired by seed.
+    for column in ("short/id", "short/ood_dense", "shorter/id"):
+        rope, nope = (
+            {int(r["seed"]): float(r["value"]) for r in rows if r["row"] == name and r["column"] == column}
+            for name in ("RoPE", "No PE")
+        )
+        cell = difference_cell(paired_difference(rope, nope))
+        assert cell.endswith("/2") and cell in next(
+            ln for ln in page.splitlines() if ln.startswith("| RoPE minus No PE |")
+        )
+    # Provenance: the runs made here record their commit and instruction set.
+    machine = json.loads((Path(rows[0]["run_dir"]) / "results.json").read_text())["machine"]
+    provenance = page.split("## Provenance")[1].split("## ")[0]
+    assert f"| 8 | all | {machine['commit']} | {machine['cpu']} | {machine['isa']} | 1 |" in provenance
+    if plotting.can_plot("the test"):
+        assert (out / "plots" / "columns.png").read_bytes()[:4] == b"\x89PNG"
+        assert "![every column](plots/columns.png)" in page
     assert "8 of 8 runs finished" in page and "Incomplete" not in page
     assert "poslab study tiny --out" in page and "## Reading" in page and "Not written yet" in page
 
@@ -162,11 +185,17 @@ def test_cli_reproduce_prints_the_comparison(tiny_table, tmp_path, capsys):
 
 def test_length_generalisation_table_scores_validation_at_1x_and_2_5x(tmp_path):
     table = get_study("cope_length_generalisation")
-    assert [spec for _, spec in table.rows] == ["relative", "cope", "cope+relative", "dape[base=kerple_log]"]
+    assert [spec for _, spec in table.rows] == [
+        "relative", "cope", "cope[npos_max=8]", "cope+relative", "dape[base=kerple_log]",
+    ]  # fmt: skip
     assert table.columns == ["python_docs/validation@128", "python_docs/validation@320"]
     one, two_and_a_half = table.columns
     assert table.numbers["Relative"] == {one: 22.90, two_and_a_half: 24.2}
-    assert table.numbers["CoPE"] == {one: 22.55, two_and_a_half: 21.6}
+    # CoPE at the paper's npos_max and at its ratio to the context (64 x 128 / 1024), both against
+    # the paper's one CoPE row
+    assert table.numbers["CoPE, npos_max 64 (the paper's)"] == {one: 22.55, two_and_a_half: 21.6}
+    assert table.numbers["CoPE, npos_max 8 (the paper's ratio)"] == {one: 22.55, two_and_a_half: 21.6}
+    assert not table.numbers_check.verified
     assert table.ratio == ("python_docs/validation@320", "python_docs/validation@128")
     for scale in ("cpu", "paper"):
         config = part_config(table.parts[0], scale)
@@ -175,7 +204,7 @@ def test_length_generalisation_table_scores_validation_at_1x_and_2_5x(tmp_path):
         assert task.split_lengths("validation") == (128, 320) and task.split_lengths("id") is None
         assert task.corpus == "python_docs" and task.tokenizer == "bpe"
     grids = plan_study(table, tmp_path / "t", [0])  # the columns' lengths are the ones scored
-    assert len(grids["python_docs"]) == 4 and not (tmp_path / "t").exists()
+    assert len(grids["python_docs"]) == 5 and not (tmp_path / "t").exists()
 
 
 LENGTHS = ("validation@16", "validation@40")
@@ -268,9 +297,10 @@ def test_length_columns_end_to_end_are_full_context_perplexities(tmp_path, monke
     assert "| files/validation@16 ours | files/validation@16 paper | files/validation@40 ours" in page
     value = {(r["row"], r["seed"], r["column"]): float(r["value"]) for r in rows}
     ratios = [value[("RoPE", s, LENGTH_COLUMNS[1])] / value[("RoPE", s, LENGTH_COLUMNS[0])] for s in "01"]
-    mean, std = sum(ratios) / 2, abs(ratios[0] - ratios[1]) / 2**0.5
+    stats = interval(ratios)
     line = next(ln for ln in page.splitlines() if ln.startswith("| RoPE | "))
-    assert line.split(" | ")[-2:] == [f"{mean:.3f} ± {std:.3f} (2)", "1.250 |"]
+    ours = f"{stats['mean']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}] (2)"
+    assert line.split(" | ")[-2:] == [ours, "1.250* |"]
     nope = next(ln for ln in page.splitlines() if ln.startswith("| No PE | "))
     assert nope.endswith(" | – |")  # no paper numbers, no paper ratio
 
@@ -399,14 +429,21 @@ def test_the_best_page_shows_each_cells_best_seed_mean_level_chance_and_the_plot
     result = run_study("tiny_chomsky", out, train=False)
     assert (result["finished"], result["planned"]) == (3, 4)
     page = (out / "README.md").read_text()
-    assert "| level | task | chance | NoPE | DAPE-FIRE |" in page
-    line = next(ln for ln in page.splitlines() if ln.startswith("| regular | parity_check |"))
-    nope, dape = f"**80.00** / 70.00 ± {20 / 2**0.5:.2f} (2)", "**55.50** / 55.50 (1) / paper 52.5"
-    assert line == f"| regular | parity_check | 50 | {nope} | {dape} |"
+    assert "| level | task | chance (floor) | NoPE | DAPE-FIRE |" in page
+    # parity check is permutation-invariant (†); its chance (50) and, where above it, the floor of
+    # answering one class throughout on the scored sequences
+    floors = {split: position_blind_floor(grid[0].config, split) for split in ("ood", "id")}
+    chance = {s: "50" + (f" ({f:.1f})" if f > 50.5 else "") for s, f in floors.items()}
+    line = next(ln for ln in page.splitlines() if ln.startswith("| regular | parity_check † |"))
+    nope, dape = f"**80.00** / 70.00 ± {20 / 2**0.5:.2f} (2)", "**55.50** / 55.50 (1) / paper 52.5*"
+    assert line == f"| regular | parity_check † | {chance['ood']} | {nope} | {dape} |"
     # ... and a second table, the mean at the training lengths: did each model learn the task?
     learned = page.split("### At the training lengths (id)")[1]
-    line = next(ln for ln in learned.splitlines() if ln.startswith("| regular | parity_check |"))
-    assert line == f"| regular | parity_check | 50 | 96.50 ± {3 / 2**0.5:.2f} (2) | 51.25 (1) |"
+    line = next(ln for ln in learned.splitlines() if ln.startswith("| regular | parity_check † |"))
+    assert line == f"| regular | parity_check † | {chance['id']} | 96.50 ± {3 / 2**0.5:.2f} (2) | 51.25 (1) |"
+    # Every seed includes the training lengths' values.
+    seeds = page.split("## Every seed")[1]
+    assert "| NoPE | parity_check/id | 95.00 | 98.00 |" in seeds
     assert "parity_check/id" in (out / "results.csv").read_text()
     # Accuracy per length: the mean over the seeds that scored each length; the id split ends at 40.
     curves, boundary = length_curves(table, grid)
@@ -443,7 +480,7 @@ def test_a_tiny_chomsky_table_end_to_end_scores_pooled_per_token_accuracy(tmp_pa
     # Each cell: the best of the two seeds, then their mean ± std, as the CSV has them.
     page = (out / "README.md").read_text()
     values = [float(r["value"]) for r in rows if r["encoding"] == "nope"]
-    line = next(ln for ln in page.splitlines() if ln.startswith("| context-free | reverse_string | 50 |"))
+    line = next(ln for ln in page.splitlines() if ln.startswith("| context-free | reverse_string | 50 ("))
     assert line.split(" | ")[3].startswith(f"**{max(values):.2f}** / {sum(values) / 2:.2f} ± ")
     assert (out / "plots" / "reverse_string.png").is_file()
 

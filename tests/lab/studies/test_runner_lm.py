@@ -11,10 +11,11 @@ import pytest
 from test_declaration import tiny_lm_study
 
 from conftest import tiny_lm_overrides, write_corpus
+from poslab.lab import plotting
 from poslab.lab.cli import main
 from poslab.lab.presets import get_preset
-from poslab.lab.report.common import mean_std, stats_cell
 from poslab.lab.report.datafile import DATA
+from poslab.lab.report.stats import difference_cell, interval, paired_difference
 from poslab.lab.studies.declaration import STUDIES, Part
 from poslab.lab.studies.runner import run_study
 
@@ -35,22 +36,37 @@ def test_a_study_end_to_end_resumes_and_shows_the_gap_and_the_paper(tmp_path, mo
     for name in ("a", "b"):
         assert result["results"][name]["settings"]["lengths"] == [16, 32, 64]  # up to factor x 16
         assert (out / name / "results.json").is_file()
-    # The gap per part is DAPE-Kerple minus Kerple at 64, paired by seed.
+    # The gap per part is DAPE-Kerple minus Kerple at 64, paired by seed: mean [95% interval], wins.
     res = result["results"]["b"]
     at = {(r["encoding"], r["seed"]): r["results"]["64"]["ppl_last"] for r in res["runs"]}
     gaps = [at["dape[base=kerple_log]", s] - at["kerple_log", s] for s in (0, 1)]
     gap_row = next(line for line in page.splitlines() if line.startswith("| b | "))
     assert f"{gaps[0]:+.2f}, {gaps[1]:+.2f}" in gap_row and "| 64 |" in gap_row
+    gap = interval(gaps)
+    wins = sum(g < 0 for g in gaps)
+    assert f"| {gap['mean']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}], {wins}/2 |" in gap_row
     n_params = {r["n_params"] for r in res["runs"] if r["encoding"] == "kerple_log"}
     lr = get_preset("lm_stdlib_small").override(tiny_lm_overrides(corpus)).train.lr
     assert f"| b | {n_params.pop()} | 3 | {lr:g} | 64 |" in gap_row
     # ... and beside it the same gap at the training length (16), paired by seed.
     at16 = {(r["encoding"], r["seed"]): r["results"]["16"]["ppl_last"] for r in res["runs"]}
-    train_gap = mean_std([at16["dape[base=kerple_log]", s] - at16["kerple_log", s] for s in (0, 1)])
-    assert gap_row.endswith(f"| {stats_cell(train_gap)} |")
+    train_gap = paired_difference(
+        {s: at16["dape[base=kerple_log]", s] for s in (0, 1)}, {s: at16["kerple_log", s] for s in (0, 1)}
+    )
+    assert gap_row.endswith(f"| {difference_cell(train_gap)} |")
+    # The study's pair, at every length of each part, paired by seed.
+    section = page.split("## b")[1]
+    pair_row = next(line for line in section.splitlines() if line.startswith("| DAPE-Kerple minus Kerple |"))
+    assert pair_row.endswith(f"| {gap['mean']:+.2f} [{gap['low']:+.2f}, {gap['high']:+.2f}], {wins}/2 |")
+    assert pair_row.count("/2") == 3  # 16, 32 and 64
+    # Provenance: one line per machine record, with the commit the runs recorded (all one here).
+    machine = json.loads((out / "b" / "kerple_log" / "seed0" / "results.json").read_text())["machine"]
+    provenance = page.split("## Provenance")[1].split("## ")[0]
+    assert f"| 8 | all | {machine['commit']} | {machine['cpu']} | {machine['isa']} |" in provenance
     # The paper's 512 from 128 (4x) sits beside ours at 64 (4 x 16).
     paper_row = next(line for line in page.splitlines() if line.startswith("| big | Kerple |"))
-    assert "| 512 (4x) | 31.50 |" in paper_row and paper_row.count(" at 64") == 2
+    assert "| 512 (4x) | 31.50* |" in paper_row and paper_row.count(" at 64") == 2  # unchecked: marked
+    assert "The paper's numbers (marked *): not checked against the paper." in page
     # Every seed at the longest length, and the command.
     assert f"| Kerple | {at['kerple_log', 0]:.2f} | {at['kerple_log', 1]:.2f} |" in page
     assert "poslab study tiny --out" in page
@@ -72,6 +88,8 @@ def test_a_study_end_to_end_resumes_and_shows_the_gap_and_the_paper(tmp_path, mo
     run_study("tiny", out, overrides=tiny_lm_overrides(corpus), max_windows=2, plots=False)
     rebuilt = run_study("tiny", out, train=False, overrides=tiny_lm_overrides(corpus), max_windows=2)
     assert rebuilt["page"] == page
+    if plotting.can_plot("the test"):  # the page-only rebuild redraws each part's figures from its data
+        assert (out / "b" / "ppl_last.png").read_bytes()[:4] == b"\x89PNG"
     # The reading comes from notes.md, at the end of the page, and survives rebuilds.
     assert page.endswith("## Reading\n\n_Not written yet._\n")
     (out / "notes.md").write_text("\nKerple stays flat here.\n\n")

@@ -4,14 +4,17 @@ Usage: python budget_table.py TASK   (reverse_string, missing_duplicate or parit
 
 Reads ../results.csv (the page's runs) and TASK_steps4/results.csv (the `poslab compare` report of
 the same rows at 8000 steps) and prints one markdown row per encoding: the mean accuracy % at the
-training lengths (id) and past them (ood), mean ± sample std over seeds, each seed in brackets.
+training lengths (id) and past them (ood), mean ± sample std over seeds, each seed in brackets; then
+DAPE-Kerple minus each other row at both budgets, paired by seed, with its 95% interval and the
+seeds DAPE-Kerple wins (`poslab.lab.report.stats`).
 """
 
 import csv
 import sys
 from pathlib import Path
 
-from poslab.report.common import mean_std
+from poslab.lab.report.common import mean_std
+from poslab.lab.report.stats import difference_cell, paired_difference
 
 HERE = Path(__file__).resolve().parent
 ROWS = {
@@ -59,6 +62,18 @@ def main(task):
     for encoding, name in ROWS.items():
         if (encoding, "id") in after:
             cells = [cell(d[(encoding, s)]) for s in ("id", "ood") for d in (before, after)]
+            print(f"| {name} | {' | '.join(cells)} |")
+    print()
+    print("| DAPE-Kerple minus | id, 2000 steps | id, 8000 steps | ood, 2000 steps | ood, 8000 steps |")
+    print("|---|---|---|---|---|")
+    dape = "dape[base=kerple_log]"
+    for encoding, name in ROWS.items():
+        if encoding != dape and (encoding, "id") in after:
+            cells = [
+                difference_cell(paired_difference(d[(dape, s)], d[(encoding, s)], lower_is_better=False), 1)
+                for s in ("id", "ood")
+                for d in (before, after)
+            ]
             print(f"| {name} | {' | '.join(cells)} |")
 
 

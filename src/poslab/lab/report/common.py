@@ -71,3 +71,35 @@ def write_page(out_dir: str | Path, *, table: str, csv: str, data: dict[str, Any
     write_text(files[1], csv)
     write_json(files[2], data)
     return files
+
+
+NOT_RECORDED = "not recorded"
+# results.json's "machine" record (`poslab.lab.provenance.machine_record`): key, column title.
+PROVENANCE_FIELDS = (
+    ("commit", "commit"),
+    ("cpu", "CPU"),
+    ("isa", "instruction set"),
+    ("threads", "threads"),
+    ("torch", "torch"),
+)
+
+
+def provenance_lines(machines: list[tuple[str, dict[str, Any] | None]], parts: list[str]) -> list[str]:
+    """A Markdown table of where and with what code runs were made, from each run's (part, machine
+    record): one line per distinct record with its number of runs and parts ('all' when every part
+    of ``parts`` has it); a field a run did not record (older runs lack commit and isa) reads 'not
+    recorded'."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for part, machine in machines:
+        machine = machine or {}
+        key = tuple(str(machine.get(name, NOT_RECORDED)) for name, _ in PROVENANCE_FIELDS)
+        groups.setdefault(key, []).append(part)
+    lines = [
+        "| runs | parts | " + " | ".join(title for _, title in PROVENANCE_FIELDS) + " |",
+        "|---|---|" + "---|" * len(PROVENANCE_FIELDS),
+    ]
+    for key, members in groups.items():
+        seen = set(members)
+        where = "all" if seen == set(parts) else ", ".join(p for p in parts if p in seen)
+        lines.append(f"| {len(members)} | {where} | " + " | ".join(key) + " |")
+    return lines

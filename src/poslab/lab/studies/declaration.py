@@ -13,12 +13,15 @@ a paper-scale twin where there is one, and overrides), seeds, a source and the p
 `poslab study NAME` (`poslab.lab.studies.runner`) trains what is missing, the folders are
 `poslab.lab.studies.layout`'s and the page is `poslab.lab.studies.page`'s.
 
-The tables' rows beyond a paper exist because CoPE and DAPE were never compared on each other's
-tasks: DAPE-Kerple in the CoPE paper's tables, CoPE in the DAPE paper's. The numbers are the
-papers' own: CoPE, Golovneva et al. 2024 (arXiv 2405.18719), tables 1-3 (test error %, lower is
-better), tables 4-5 and the Wikitext-103 length generalisation (perplexity); the DAPE paper's
-(arXiv 2405.14722; V2: arXiv 2410.04798) language-model numbers as the reproduction issue quotes
-them. Its Chomsky-hierarchy table has none here yet: see `dape_chomsky`. The DAPE paper's models are
+The tables' rows beyond a paper put each method on the other paper's tasks: DAPE-Kerple in the
+CoPE paper's tables, CoPE in the DAPE paper's (a secondary description of the DAPE paper's latest
+version mentions an appendix table with CoPE on Books3, not read here; no CoPE number is quoted). The
+numbers are the papers' own as far as they could be checked, and each study says how far
+(`NumbersCheck`; docs/paper-numbers.md): CoPE, Golovneva et al. 2024 (arXiv 2405.18719), tables 1-3
+(test error %, lower is better; only table 3 verified), tables 4-5 and the Wikitext-103 length
+generalisation (perplexity); the DAPE paper's (arXiv 2405.14722; V2: arXiv 2410.04798)
+language-model numbers as the reproduction issue quotes them (unverified). Its Chomsky-hierarchy
+table has none here: see `dape_chomsky`. The DAPE paper's models are
 125M and 350M parameters trained on Arxiv and Books3; ours are 0.5M to 7M parameters trained on the
 Python standard library or the Python documentation. Compare the pattern, not the values.
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from poslab.lab.presets import DEMO_ENCODINGS
+from poslab.lab.presets import DEMO_ENCODINGS, get_preset
 from poslab.lab.tasks.chomsky import chomsky_tasks
 from poslab.registry import Registry
 
@@ -66,6 +69,20 @@ class PaperNumber:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NumbersCheck:
+    """Whether a study's published numbers were read in a primary copy of the paper: ``verified``
+    with ``note`` naming the source read (table, version, file), or not, with ``note`` saying what
+    was tried (docs/paper-numbers.md has the details). The page marks unverified numbers."""
+
+    verified: bool
+    note: str
+
+    def __post_init__(self) -> None:
+        if not self.note.strip():
+            raise ValueError("a numbers check needs a note: the source read, or what was tried")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Study:
     """A paper's experiment. Every kind: ``rows`` (the paper's row name, poslab encoding spec),
     ``parts``, ``seeds``, ``source`` and ``paper_setting``.
@@ -80,11 +97,19 @@ class Study:
     whose per-length metric the page draws, one figure per part with a line per row (the mean over
     seeds); ``learned``: for a table with best seeds, a split (``"id"``, the training lengths) whose
     mean over seeds the page shows in a second table of the same shape, to tell a model that never
-    learned a task from one that learned it but did not extrapolate.
+    learned a task from one that learned it but did not extrapolate; ``reference``: a row every other
+    row is compared with, paired by seed (in a table with best seeds, per task at both splits);
+    ``bars``: the page draws every column, one bar (for perplexity, one marker) per row at its mean
+    with each seed as a dot and the paper's value beside it.
 
     An LM extrapolation study (``kind=LM_EXTRAPOLATION``): scored at L, 2L, ... up to ``factor``
     times the training length; ``gap``: two rows (a DAPE variant, its base) whose difference at the
     longest length the page tabulates per part; ``paper_numbers``: the paper's, at its own lengths.
+
+    Both kinds: ``pairs``, the comparisons of two rows (A, B) the page's reading makes; the page
+    shows A minus B per column (a task table) or per length (an LM study), paired by seed, with its
+    95% interval and the seeds A wins. ``numbers_check``: whether the paper's numbers were verified
+    (every registered study with numbers has one; the page marks the unverified ones).
     """
 
     name: str
@@ -103,11 +128,15 @@ class Study:
     plot: tuple[str, ...] = ()
     learned: str | None = None
     reference: str | None = None
+    bars: bool = False
     reproduces: bool = True  # False: poslab's own benchmark, not a paper's experiment
     # an LM extrapolation study's
     factor: int = 64
     gap: tuple[str, str] | None = None
     paper_numbers: tuple[PaperNumber, ...] = ()
+    # both kinds'
+    pairs: tuple[tuple[str, str], ...] = ()
+    numbers_check: NumbersCheck | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -117,6 +146,9 @@ class Study:
             raise ValueError(f"study {self.name}: every row needs its own name and spec")
         if len({part.name for part in self.parts}) < len(self.parts):
             raise ValueError(f"study {self.name}: two parts share a name")
+        for pair in self.pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or set(pair) - set(names):
+                raise ValueError(f"study {self.name}: each pair must name two different rows, got {pair!r}")
         if self.kind == TASK_TABLE:
             self._check_table(names)
         else:
@@ -153,9 +185,9 @@ class Study:
             )
 
     def _check_lm(self, names: list[str]) -> None:
-        if self.numbers or self.ratio or self.best or self.plot or self.learned:
+        if self.numbers or self.ratio or self.best or self.plot or self.learned or self.bars:
             raise ValueError(
-                f"study {self.name}: numbers, ratio, best, plot and learned belong to a task table"
+                f"study {self.name}: numbers, ratio, best, plot, learned and bars belong to a task table"
             )
         if self.factor < 1 or self.factor & (self.factor - 1):
             raise ValueError(f"study {self.name}: factor must be a power of two, got {self.factor}")
@@ -204,6 +236,28 @@ def get_study(name: str) -> Study:
     return STUDIES.lookup(name)
 
 
+# What was checked of each paper's numbers (docs/paper-numbers.md has every number and every try).
+_NOT_FOUND = (
+    "not found in a primary copy of the paper: the arXiv HTML pages the search tools reach give only "
+    "the paper's opening, never a table (docs/paper-numbers.md lists the tries)"
+)
+COPE_UNVERIFIED = NumbersCheck(
+    verified=False,
+    note=f"{_NOT_FOUND}; the authors' repository (facebookresearch/RAM, projects/cope) shows table 3 only",
+)
+COPE_COUNTING = NumbersCheck(
+    verified=True,
+    note="table 3 as the authors' repository shows it (facebookresearch/RAM, "
+    "projects/cope/figures/counting_task.png, commit 5420e201 of 2024-09-17; which arXiv version it "
+    "was cut from is not stated); the paper's numbers are means over 3 seeds",
+)
+DAPE_UNVERIFIED = NumbersCheck(
+    verified=False,
+    note=f"as the reproduction issue quotes them; {_NOT_FOUND}. A secondary description of DAPE V2 "
+    "gives other values for the 125M Arxiv rows trained at 128 (Kerple 12.59 and DAPE-Kerple 4.97 at "
+    "8192, against 31.93 and 5.00 here): which version each comes from is open",
+)
+
 # -- the CoPE paper's tables and the DAPE paper's Chomsky hierarchy (task tables) -------------------
 
 _register(
@@ -227,6 +281,14 @@ _register(
             "RoPE": {"flipflop/id": 1.8, "flipflop/ood_sparse": 20.3},
             "CoPE": {"flipflop/id": 0.0, "flipflop/ood_sparse": 4.9},
         },
+        numbers_check=COPE_UNVERIFIED,
+        pairs=(
+            ("CoPE", "RoPE"),
+            ("CoPE", "Absolute"),
+            ("RoPE", "Absolute"),
+            ("DAPE-Kerple (not in the paper)", "CoPE"),
+        ),
+        bars=True,
         paper_setting="4 layers, d 256, 256 pairs, OOD = FFL(0.98); the paper has no dense split",
     )
 )
@@ -264,6 +326,15 @@ _register(
                 "selective_copy/ood_sparse": 0.0,
             },
         },
+        numbers_check=COPE_UNVERIFIED,
+        pairs=(
+            ("CoPE", "RoPE"),
+            ("CoPE", "Absolute"),
+            ("RoPE", "Absolute"),
+            ("DAPE-Kerple (not in the paper)", "CoPE"),
+            ("DAPE-Kerple (not in the paper)", "RoPE"),
+        ),
+        bars=True,
         paper_setting="4 layers, d 256, 128 content tokens; blanks ID : dense : sparse = 2 : 1 : 4",
     )
 )
@@ -293,6 +364,14 @@ _register(
             "Relative": {"1var/id": 1.1, "3vars/id": 17.8, "5vars/id": 22.4},
             "CoPE": {"1var/id": 0.0, "3vars/id": 1.2, "5vars/id": 7.4},
         },
+        numbers_check=COPE_COUNTING,
+        pairs=(
+            ("CoPE", "Absolute"),
+            ("CoPE", "Relative"),
+            ("Relative", "Absolute"),
+            ("DAPE-Kerple (not in the paper)", "CoPE"),
+        ),
+        bars=True,
         paper_setting="4 layers, d 256, 4 heads, post-LN, 10k training programs of up to 512 statements",
     )
 )
@@ -332,6 +411,15 @@ _register(
             "CoPE": {"stdlib/test": 3.9},
             "CoPE+RoPE": {"stdlib/test": 4.0},
         },
+        numbers_check=COPE_UNVERIFIED,
+        pairs=(
+            ("Absolute", "RoPE"),
+            ("CoPE", "RoPE"),
+            ("CoPE+RoPE", "RoPE"),
+            ("CoPE+RoPE", "CoPE"),
+            ("DAPE-Kerple (not in the paper)", "CoPE+RoPE"),
+        ),
+        bars=True,
         paper_setting="a 20M-parameter decoder on a code corpus at 1024 tokens (test perplexity); here the "
         "bytes of the running Python's standard library at 128 tokens",
     )
@@ -366,6 +454,15 @@ _register(
             "CoPE": {"python_docs/validation": 22.55, "python_docs/test": 23.46},
             "CoPE+Relative": {"python_docs/validation": 22.31, "python_docs/test": 23.23},
         },
+        numbers_check=COPE_UNVERIFIED,
+        pairs=(
+            ("Absolute", "Relative"),
+            ("CoPE", "Relative"),
+            ("CoPE+Relative", "Relative"),
+            ("CoPE+Relative", "CoPE"),
+            ("DAPE-Kerple (not in the paper)", "CoPE+Relative"),
+        ),
+        bars=True,
         paper_setting="GPT-2 small size on Wikitext-103 at 1024 tokens (val / test perplexity); here the "
         "Python documentation's reST sources (Debian python3.11-doc) in 4096 BPE tokens at 128 tokens",
     )
@@ -377,6 +474,17 @@ _register(
 # perplexity is over all its tokens, not the last 256 (the paper's plain perplexity), averaged over
 # the eval batches as in the tables above. Every run sees the same windows at a length; the two
 # lengths read different random windows of the held-out documents.
+#
+# CoPE clamps its positions at npos_max - 1. The paper's language models use npos_max 64 in a
+# context of 1024; at our 128 tokens the same 64 is a clamp that training windows almost never reach
+# (docs/results/cope_length_generalisation/notes.md). The table has CoPE both ways: the paper's value
+# as it is, and the paper's ratio of clamp to context scaled to our training length by one rule,
+# 64 x 128 / 1024 = 8, not tuned on the results.
+PAPER_NPOS_MAX, PAPER_LM_CONTEXT = 64, 1024
+_LM_TRAIN_LEN = get_preset("lm_stdlib_small").task.train_len
+NPOS_AT_PAPER_RATIO = PAPER_NPOS_MAX * _LM_TRAIN_LEN // PAPER_LM_CONTEXT
+_COPE_LITERAL = f"CoPE, npos_max {PAPER_NPOS_MAX} (the paper's)"
+_COPE_RATIO = f"CoPE, npos_max {NPOS_AT_PAPER_RATIO} (the paper's ratio)"
 _register(
     Study(
         kind=TASK_TABLE,
@@ -386,7 +494,8 @@ _register(
         metric="ppl",
         rows=(
             ("Relative", "relative"),
-            ("CoPE", "cope"),
+            (_COPE_LITERAL, "cope"),
+            (_COPE_RATIO, f"cope[npos_max={NPOS_AT_PAPER_RATIO}]"),
             ("CoPE+Relative", "cope+relative"),
             DAPE_KERPLE,
         ),
@@ -406,14 +515,32 @@ _register(
         ),
         numbers={
             "Relative": {"python_docs/validation@128": 22.90, "python_docs/validation@320": 24.2},
-            "CoPE": {"python_docs/validation@128": 22.55, "python_docs/validation@320": 21.6},
+            # the paper has one CoPE row (npos_max 64 at 1024 tokens): both of ours stand for it
+            _COPE_LITERAL: {"python_docs/validation@128": 22.55, "python_docs/validation@320": 21.6},
+            _COPE_RATIO: {"python_docs/validation@128": 22.55, "python_docs/validation@320": 21.6},
             "CoPE+Relative": {"python_docs/validation@128": 22.31},
         },
+        numbers_check=NumbersCheck(
+            verified=False,
+            note=f"{COPE_UNVERIFIED.note}; ~24.2 and ~21.6 are approximate readings of the paper's text "
+            "and figure, not table values",
+        ),
         ratio=("python_docs/validation@320", "python_docs/validation@128"),
+        pairs=(
+            (_COPE_LITERAL, "Relative"),
+            (_COPE_RATIO, "Relative"),
+            (_COPE_RATIO, _COPE_LITERAL),
+            ("CoPE+Relative", "Relative"),
+            ("DAPE-Kerple (not in the paper)", "Relative"),
+        ),
+        bars=True,
         paper_setting="GPT-2 small size on Wikitext-103 trained at 1024 tokens, validation perplexity at "
         "1024 (table 4) and at 2560 (2.5x; ~24.2 and ~21.6 are read from the paper's text and figure, "
-        "approximate); here the Python documentation's reST sources in 4096 BPE tokens, trained at 128 "
-        "and scored at 128 and 320 over all tokens of each window",
+        "approximate), CoPE with npos_max 64; here the Python documentation's reST sources in 4096 BPE "
+        "tokens, trained at 128 and scored at 128 and 320 over all tokens of each window, CoPE both with "
+        "the paper's npos_max and with the paper's ratio of npos_max to context, chosen by that rule "
+        f"alone: {PAPER_NPOS_MAX} x {_LM_TRAIN_LEN} / {PAPER_LM_CONTEXT} = {NPOS_AT_PAPER_RATIO} "
+        "(CoPE+Relative keeps 64)",
     )
 )
 
@@ -458,9 +585,14 @@ _register(
         best=True,
         plot=("id", "ood"),
         learned="id",
-        paper_setting="a 5-layer encoder, d 256, 8 heads (about 4M parameters), batch 128, lr 1e-4, trained "
-        "on lengths 1-40 and tested on every length 41-500 (`chomsky_paper`); here 2 layers, d 64, 4 heads "
-        "(about 0.1M parameters), 2000 steps of batch 32 (1% of the sequences of 50k steps of batch 128), "
+        reference="DAPE-Kerple",
+        pairs=(("DAPE-FIRE", "FIRE"),),
+        paper_setting="an encoder trained on lengths 1-40 and tested on every length 41-500 (as a secondary "
+        "source quotes the paper's appendix); its size and training budget are unverified (a secondary "
+        "description of the NeurIPS version says 200k steps; batch size and learning rate not found), "
+        "and `chomsky_paper` is poslab's guess at them: 5 layers, d 256, 8 heads (about 4M parameters), "
+        "50k steps of batch 128, lr 1e-4. Here 2 layers, d 64, 4 heads (about 0.1M parameters), 2000 "
+        "steps of batch 32 (1% of the sequences of `chomsky_paper`, 0.25% of 200k steps of batch 128), "
         "tested on every 6th length 41-100 (2.5 times the longest training length, not 12.5): "
         "`chomsky_cpu` has the sizing, about 100 CPU seconds a run",
     )
@@ -469,8 +601,8 @@ _register(
 # -- the DAPE paper's language-model studies (LM extrapolation) ------------------------------------
 
 # The paper's numbers as the reproduction issue quotes them (the DAPE paper's length-extrapolation
-# tables; the 350M corpus is not named there), not re-read from the paper here: check them against
-# the paper's tables before citing.
+# tables; the 350M corpus is not named there, a secondary source says Arxiv), not verified against
+# the paper (`DAPE_UNVERIFIED`, docs/paper-numbers.md): check them against its tables before citing.
 _SOURCE = "DAPE paper (arXiv 2405.14722) and DAPE V2 (arXiv 2410.04798)"
 _ARXIV_128 = "125M, Arxiv, trained at 128"
 _BOOKS_512 = "125M, Books3, trained at 512"
@@ -505,13 +637,21 @@ _register(
             ("DAPE-Kerple", "dape[base=kerple_log]"),
             ("DAPE-FIRE", "dape[base=fire]"),
             ("DAPE V2-Kerple", "dape[base=kerple_log,kernel_size=3]"),
-            ("CoPE (not in the paper)", "cope"),
+            ("CoPE (no paper number here)", "cope"),
         ),
         parts=(
             Part(name="stdlib", preset="lm_stdlib_small"),
             Part(name="python_docs", preset="lm_stdlib_small", overrides=_PROSE),
         ),
         gap=("DAPE-Kerple", "Kerple"),
+        pairs=(
+            ("DAPE-ALiBi", "ALiBi"),
+            ("DAPE-Kerple", "Kerple"),
+            ("DAPE V2-Kerple", "Kerple"),
+            ("DAPE-FIRE", "FIRE"),
+            ("DAPE V2-Kerple", "DAPE-ALiBi"),
+        ),
+        numbers_check=DAPE_UNVERIFIED,
         paper_numbers=(
             *_KERPLE_NUMBERS,
             PaperNumber(setting=_LARGE_512, row="ALiBi", train_len=512, length=8192, value=4.21),
@@ -539,9 +679,14 @@ _register(
             Part(name="x16_lr1e-3", preset="lm_stdlib_x16", overrides=("train.lr=0.001",)),
         ),
         gap=("DAPE-Kerple", "Kerple"),
+        pairs=(("DAPE-Kerple", "Kerple"),),
         paper_numbers=_KERPLE_NUMBERS,
+        numbers_check=DAPE_UNVERIFIED,
         paper_setting="in the paper Kerple degrades past the training length while DAPE-Kerple keeps "
-        f"improving, at 125M and 350M parameters; {_CPU_SETTING}. The parts widen it to d 256 "
+        f"improving, at 125M and 350M parameters; {_CPU_SETTING}. `x1` has the configuration of "
+        "`dape_extrapolation`'s stdlib Kerple and DAPE-Kerple rows but is its own runs, trained again "
+        "here with two threads instead of one (the same to 1e-4 for Kerple, within 0.2% for "
+        "DAPE-Kerple: the notes say why). The parts widen it to d 256 "
         "(`lm_stdlib_x4`, 1.7M parameters) and d 512 (`lm_stdlib_x16`, 6.6M) and train 4 times longer "
         "(2400 steps, about 0.4 epoch), the learning rate unchanged (3e-3); `x16_lr1e-3` retrains d 512 "
         "at 1e-3 for both rows, because at 3e-3 it trained worse than d 256",
@@ -568,6 +713,16 @@ _register(
             PaperNumber(setting=_ARXIV_128, row="DAPE-ALiBi D=4", train_len=128, length=128, value=8.25),
             PaperNumber(setting=_ARXIV_128, row="DAPE-ALiBi D=4", train_len=128, length=8192, value=5.67),
         ),
+        numbers_check=DAPE_UNVERIFIED,
+        pairs=(
+            ("DAPE-ALiBi D=4", "ALiBi"),
+            ("DAPE-ALiBi D=16", "ALiBi"),
+            ("DAPE-ALiBi D=32", "ALiBi"),
+            ("DAPE-ALiBi D=64", "ALiBi"),
+            ("DAPE-ALiBi D=16", "DAPE-ALiBi D=4"),
+            ("DAPE-ALiBi D=32", "DAPE-ALiBi D=16"),
+            ("DAPE-ALiBi D=64", "DAPE-ALiBi D=32"),
+        ),
         paper_setting=f"the paper sweeps D over 4 to 64 with a 125M model trained at 128; {_CPU_SETTING} "
         "(DAPE's default D is 32)",
     )
@@ -586,6 +741,13 @@ _register(
             ("A+B+f(A,B) (DAPE-Kerple)", "dape[base=kerple_log]"),
         ),
         parts=(Part(name="stdlib", preset="lm_stdlib_small"),),
+        pairs=(
+            ("A+B+f(A,B) (DAPE-Kerple)", "A+B (Kerple)"),
+            ("A+f(A,B)", "A+B (Kerple)"),
+            ("A+f(B)", "A+B (Kerple)"),
+            ("A+f(A,B)", "A+B+f(A,B) (DAPE-Kerple)"),
+            ("A+f(B)", "A+B+f(A,B) (DAPE-Kerple)"),
+        ),
         paper_setting="A: the attention logits, B: Kerple's bias, f: DAPE's MLP; the paper ablates them "
         f"with a 125M model; {_CPU_SETTING} (no numbers of the paper's ablation are recorded here yet)",
     )
@@ -618,6 +780,7 @@ _register(
             if row in _DEMO_ROWS.values()
         },
         seeds=(0,),
+        numbers_check=get_study("cope_flipflop").numbers_check,
         paper_setting=get_study("cope_flipflop").paper_setting,
     )
 )

@@ -1,34 +1,56 @@
 """A study's page: ``OUT/README.md`` and ``OUT/results.csv``, for either kind of study.
 
-Every page starts with the title, the command that made it and the setting, and ends with the
-reading written by hand in ``OUT/notes.md`` (kept across rebuilds, `report.common.read_notes`).
+Every page starts with the title, the command that made it, the setting and the provenance of its
+runs (commit, CPU, instruction set, threads and torch, from each run's results.json), and ends with
+the reading written by hand in ``OUT/notes.md`` (kept across rebuilds, `report.common.read_notes`).
+The paper's numbers are marked where they were not verified against a primary copy
+(``Study.numbers_check``). Every comparison of two rows the reading makes (``Study.pairs``, and
+``reference``) is shown as a paired difference over seeds with its 95% interval and seed wins
+(`poslab.lab.report.stats`).
 
-A task table's page (`table_page`): the machines and compute the runs recorded, ours (mean ± sample
-std over seeds, and the best seed where the study asks for it) beside the paper's numbers, every
-seed's value; its results.csv has one row per run and column. A study with ``plot`` splits also gets
-``OUT/plots/<part>.png``, its metric per evaluated length (with matplotlib installed).
+A task table's page (`table_page`): the compute the runs recorded, ours (mean ± sample std over
+seeds, and the best seed where the study asks for it) beside the paper's numbers, the paired
+differences, every seed's value; its results.csv has one row per run and column. A study with
+``plot`` splits also gets ``OUT/plots/<part>.png``, its metric per evaluated length, and one with
+``bars`` ``OUT/plots/columns.png``, every column's seeds and means beside the paper's (with
+matplotlib installed). A table with best seeds (the Chomsky hierarchy) gives each task's chance and
+the floor of a model blind to positions (`position_blind_floor`).
 
 An LM extrapolation study's page (`lm_page`), from its parts' extrapolation results
 (`poslab.lab.experiments.extrapolation`): wall time, seeds, the last-256-token perplexity per part
-and length (mean ± sample std and every seed at the longest length), each part's plot, the paper's
-numbers beside ours at the same multiple of the training length, and, where the study names two
-rows, their gap at the longest length per part, paired by seed; its results.csv has one row per
-part, run and length.
+and length (mean ± sample std and every seed at the longest length), the paired differences per
+length, each part's plot (redrawn), the paper's numbers beside ours at the same multiple of the
+training length, and, where the study names two rows, their gap at the longest length per part,
+paired by seed; its results.csv has one row per part, run and length.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
+import textwrap
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
 from poslab.lab import plotting
 from poslab.lab.checkpoint import write_text
-from poslab.lab.evaluate import eval_lengths
+from poslab.lab.evaluate import eval_lengths, evaluate
+from poslab.lab.experiments.extrapolation_page import plot_extrapolation
 from poslab.lab.experiments.grid import GridRun
-from poslab.lab.report.common import csv_value, finite, mean_std, read_notes, stats_cell
+from poslab.lab.report.common import (
+    csv_value,
+    finite,
+    mean_std,
+    provenance_lines,
+    read_notes,
+    stats_cell,
+)
 from poslab.lab.report.stats import difference_cell, interval, paired_difference
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
@@ -36,6 +58,8 @@ from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
 # An LM study's runs: part -> (encoding, seed) -> the run (a `RunDir`, or one a data file records).
 RunDirs = dict[str, dict[tuple[str, int], RunDir]]
+BARS = "plots/columns.png"  # a table's figure of every column (`draw_bars`), relative to the page
+UNVERIFIED = "*"  # the mark of a paper's number not verified against a primary copy
 
 
 def write_page(
@@ -49,18 +73,28 @@ def write_page(
     run_dirs: RunDirs | None = None,
 ) -> str:
     """Write ``out/README.md`` and ``out/results.csv`` of ``study`` and return the page: a task
-    table's from its parts' ``grids`` (and, with ``plots``, its per-length figures in
-    ``out/plots``), an LM extrapolation study's from its parts' extrapolation ``results`` and their
-    runs' ``run_dirs`` (`RunDirs`; default: the folders the results name)."""
+    table's from its parts' ``grids`` (and, with ``plots``, its figures in ``out/plots``), an LM
+    extrapolation study's from its parts' extrapolation ``results`` and their runs' ``run_dirs``
+    (`RunDirs`; default: the folders the results name), and, with ``plots``, each part's perplexity
+    figures in ``out/<part>``, redrawn from the results."""
     notes = read_notes(out)
     if study.kind == TASK_TABLE:
         figures = draw_length_plots(study, grids, out / "plots") if study.plot and plots else {}
         maps = draw_depth_maps(study, grids, out / "plots") if plots else {}
-        page, rows = table_page(study, grids, command=command, notes=notes, plots=figures, maps=maps)
+        bars = BARS if study.bars and plots and plotting.can_plot("the column figure") else None
+        page, rows = table_page(
+            study, grids, command=command, notes=notes, plots=figures, maps=maps, bars=bars
+        )
+        if bars is not None:
+            draw_bars(study, rows, out / bars)
         csv_text = table_csv(rows)
     else:
         page = lm_page(study, results, command=command, notes=notes, run_dirs=run_dirs)
         csv_text = lm_csv(study, results)
+        if plots:  # each part's figures, redrawn from its results (one line style per row)
+            for name, result in results.items():
+                for metric in ("ppl_last", "ppl_all"):
+                    plot_extrapolation(result, out / name / f"{metric}.png", metric=metric)
     write_text(out / "README.md", page)
     write_text(out / "results.csv", csv_text)
     return page
@@ -89,13 +123,14 @@ def table_page(
     notes: str | None,
     plots: dict[str, str] | None = None,
     maps: dict[str, str] | None = None,
+    bars: str | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
     """The page's Markdown and its per-run rows, from the finished runs of ``grids``; ``plots``:
-    each part's figure, ``maps``: each depth x length heat map (`draw_depth_maps`), as paths
-    relative to the page."""
+    each part's figure, ``maps``: each depth x length heat map (`draw_depth_maps`), ``bars``: the
+    figure of every column (`draw_bars`), as paths relative to the page."""
     rows: list[dict[str, Any]] = []  # one per finished run and column
     missing: list[str] = []
-    machines: dict[str, int] = {}
+    machines: list[tuple[str, dict[str, Any] | None]] = []  # (part, machine record) per finished run
     wall = 0.0
     for part in study.parts:
         for run in grids[part.name]:
@@ -104,9 +139,7 @@ def table_page(
                 continue
             results = run.run_dir.load_results()
             wall += float(results.get("wall_time") or 0.0)
-            machine = results.get("machine") or {}
-            key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
-            machines[key] = machines.get(key, 0) + 1
+            machines.append((part.name, results.get("machine")))
             for split in (*part.splits, *([study.learned] if study.learned else [])):
                 rows.append(
                     {
@@ -129,14 +162,16 @@ def table_page(
         f"- Seeds: {', '.join(map(str, seeds))}; {planned - len(missing)} of {planned} runs finished.",
         f"- Compute: {wall / 3600:.2f} h, the sum of the finished runs' training wall times "
         "(each run one process; grids run two at a time on 2 cores).",
-        "- Machines (from the runs' results.json): "
-        + "; ".join(f"{name} ({count} runs)" for name, count in machines.items()),
         "",
     ]
+    lines += _provenance_section(machines, [part.name for part in study.parts])
     if missing:
         lines += [f"**Incomplete**: {len(missing)} runs not finished; rerun the command to finish them.", ""]
-    comparison = _by_part(study, rows, grids) if study.best else _comparison(study, rows)
-    lines += comparison + [""] + _plot_lines(study, plots or {}) + _map_lines(maps or {})
+    if study.best:
+        comparison = _by_part(study, rows, grids)
+    else:
+        comparison = _comparison(study, rows) + _pair_lines(study, rows)
+    lines += comparison + [""] + _bar_lines(bars) + _plot_lines(study, plots or {}) + _map_lines(maps or {})
     lines += _per_seed(study, rows, seeds) + [""]
     lines += ["## Reading", "", notes or "_Not written yet._", ""]
     return "\n".join(lines), rows
@@ -183,6 +218,37 @@ def _lengths(config) -> str:
     return f"trained on lengths {train[0]}-{train[-1]}, scored at {'; '.join(scored)} ({per_length})"
 
 
+def _provenance_section(machines: list[tuple[str, dict[str, Any] | None]], parts: list[str]) -> list[str]:
+    """Where and with what code the runs were made: every distinct machine record of the runs."""
+    return [
+        "## Provenance",
+        "",
+        "From each run's results.json: the commit of the code that trained it, the CPU, the instruction "
+        "set its C++ kernels used, torch's thread count and version ('not recorded': the run predates "
+        "the field).",
+        "",
+        *provenance_lines(machines, parts),
+        "",
+    ]
+
+
+def paper_value(study: Study, value: float) -> str:
+    """A number of the paper as a page shows it: marked when it is not verified."""
+    check = study.numbers_check
+    return f"{value:g}" + ("" if check is not None and check.verified else UNVERIFIED)
+
+
+def numbers_note(study: Study) -> str:
+    """One line on the paper's numbers: the source they were verified in, or the mark and what was
+    tried."""
+    check = study.numbers_check
+    if check is None:
+        return f"The paper's numbers (marked {UNVERIFIED}): not checked against the paper."
+    if check.verified:
+        return f"The paper's numbers: verified, {check.note}."
+    return f"The paper's numbers (marked {UNVERIFIED}): unverified, {check.note}."
+
+
 def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     if not study.numbers:
         return _intervals(study, rows)
@@ -204,7 +270,7 @@ def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             stats = mean_std(values)
             ours = f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–"
             paper = study.numbers.get(row, {}).get(column)
-            cells += [ours, "–" if paper is None else f"{paper:g}"]
+            cells += [ours, "–" if paper is None else paper_value(study, paper)]
         if study.ratio is not None:
             cells += _ratio_cells(study, row, rows)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -212,8 +278,58 @@ def _comparison(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         lines += [
             "",
             f"ratio: {study.ratio[0]} / {study.ratio[1]}, below 1 where the {unit} is lower at "
-            f"{study.ratio[0]}; ours: each seed's ratio, then mean ± sample std (n).",
+            f"{study.ratio[0]}; ours: each seed's ratio, then their mean, its 95% interval (Student's "
+            "t) and n: an interval that holds 1 is no change with the length at this number of seeds.",
         ]
+    return [*lines, "", numbers_note(study)]
+
+
+def _by_seed(rows: list[dict[str, Any]], row: str, column: str) -> dict[int, float | None]:
+    """seed -> the value of one row and column of the page."""
+    return {r["seed"]: r["value"] for r in rows if r["row"] == row and r["column"] == column}
+
+
+def _ratios(study: Study, rows: list[dict[str, Any]], row: str) -> dict[int, float]:
+    """seed -> the row's ratio of the study's two ratio columns, for the seeds that have both."""
+    top, bottom = (_by_seed(rows, row, column) for column in study.ratio)
+    return {s: v / bottom[s] for s, v in top.items() if finite(v) and finite(bottom.get(s)) and bottom[s]}
+
+
+DIFFERENCES = (
+    "paired by seed: the mean difference, its 95% interval (Student's t) and the seeds on which the "
+    "first row is better; an interval that holds 0 is no difference at this number of seeds"
+)
+
+
+def _pair_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
+    """The comparisons the reading makes (``study.pairs``): A minus B per column, paired by seed,
+    and per seed's ratio where the table has one."""
+    if not study.pairs:
+        return []
+    unit = UNITS.get(study.metric, study.metric)
+    lower = study.metric != "accuracy"
+    heads = [*study.columns, *(["ratio"] if study.ratio is not None else [])]
+    ratio_note = " (in the ratio column, A's ratio minus B's)" if study.ratio is not None else ""
+    lines = [
+        "",
+        "### Paired differences",
+        "",
+        f"Row A minus row B in {unit}{ratio_note}, {DIFFERENCES}.",
+        "",
+        "| A minus B | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(heads),
+    ]
+    for a, b in study.pairs:
+        cells = [
+            difference_cell(
+                paired_difference(_by_seed(rows, a, c), _by_seed(rows, b, c), lower_is_better=lower)
+            )
+            for c in study.columns
+        ]
+        if study.ratio is not None:
+            diff = paired_difference(_ratios(study, rows, a), _ratios(study, rows, b), lower_is_better=lower)
+            cells.append(difference_cell(diff, 3))
+        lines.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -277,36 +393,112 @@ def _values(rows: list[dict[str, Any]], row: str, column: str) -> list[float | N
 def _task_table_head(study: Study) -> list[str]:
     """The head of a table of one line per task, one column per row of ``study``."""
     return [
-        "| level | task | chance | " + " | ".join(row for row, _ in study.rows) + " |",
+        "| level | task | chance (floor) | " + " | ".join(row for row, _ in study.rows) + " |",
         "|---|---|---|" + "---|" * len(study.rows),
     ]
 
 
+class _ConstantAnswer(nn.Module):
+    """Logits (B, T, n_outputs) that answer output ``symbol`` at every position."""
+
+    def __init__(self, n_outputs: int, symbol: int) -> None:
+        super().__init__()
+        self.n_outputs, self.symbol = n_outputs, symbol
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        logits = torch.zeros(*inputs.shape, self.n_outputs)
+        logits[..., self.symbol] = 1.0
+        return logits
+
+
+class _InputMajority(nn.Module):
+    """Logits (B, T, n_outputs) that answer, at every position of a sequence, the output symbol of
+    its most frequent input symbol among those that are also output symbols (ties: the lower id)."""
+
+    def __init__(self, to_output: Tensor, n_outputs: int) -> None:
+        super().__init__()
+        self.to_output, self.n_outputs = to_output, n_outputs  # (vocab,): output id, or -1
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        ids = self.to_output[inputs]  # (B, T)
+        counts = torch.zeros(inputs.shape[0], self.n_outputs)
+        counts.scatter_add_(1, ids.clamp(min=0), (ids >= 0).float())
+        answer = counts.argmax(dim=-1)  # (B,)
+        logits = F.one_hot(answer, self.n_outputs).float()  # (B, n_outputs)
+        return logits[:, None, :].expand(*inputs.shape, self.n_outputs)
+
+
+def position_blind_floor(config, split: str) -> float:
+    """The best score of two answers that need no position signal, on the very sequences a run of
+    ``config`` is scored on at ``split`` (`poslab.lab.evaluate.evaluate`): one output symbol
+    everywhere (the test's most frequent one), or each sequence's most frequent input symbol at all
+    its output positions. A bidirectional encoder without positions gives every placeholder the same
+    output and can do the second: on reverse string it scores 54.9, not the 50 of chance."""
+    task = config.task.build()
+    eval_config = dataclasses.replace(config.eval, splits=(split,))
+    metric = task.headline if task.headline == "accuracy" else "error"
+    outputs = {name: i for i, name in enumerate(task.output_tokens)}
+    to_output = torch.tensor([outputs.get(name, -1) for name in task.tokens])
+    answers = [_ConstantAnswer(task.n_outputs, i) for i in range(task.n_outputs)]
+    answers.append(_InputMajority(to_output, task.n_outputs))
+    scores = []
+    for answer in answers:
+        result = evaluate(answer, task, eval_config, train_len=config.task.train_len, device="cpu")
+        scores.append(result["splits"][split][metric])
+    return max(scores) if metric == "accuracy" else min(scores)
+
+
+def _task_info(study: Study, grids: dict[str, list[GridRun]], splits: list[str]) -> dict[str, dict[str, str]]:
+    """Per part: its task's level, its name as the page shows it (marked † when the task is
+    permutation-invariant) and, per split, the chance cell: chance, and in brackets the
+    position-blind floor (`position_blind_floor`) where it is more than half a point above."""
+    info = {}
+    for part in study.parts:
+        config = grids[part.name][0].config
+        task = config.task.build()
+        chance = getattr(task, "chance", None)
+        cells = {}
+        for split in splits:
+            if chance is None:
+                cells[split] = "–"
+                continue
+            floor = position_blind_floor(config, split) if study.metric == "accuracy" else None
+            above = floor is not None and floor > chance + 0.5
+            cells[split] = f"{chance:.0f}" + (f" ({floor:.1f})" if above else "")
+        mark = " †" if getattr(task, "permutation_invariant", False) else ""
+        info[part.name] = {
+            "level": str(getattr(task, "level", "–")).replace("_", "-"),
+            "name": f"{part.name}{mark}",
+            **cells,
+        }
+    return info
+
+
 def _by_part(study: Study, rows: list[dict[str, Any]], grids: dict[str, list[GridRun]]) -> list[str]:
     """One line per column (its task's level and chance where the task has them), one column per
-    row of the table; each cell the best seed, then mean ± sample std (n), then the paper's value."""
+    row of the table; each cell the best seed, then mean ± sample std (n), then the paper's value.
+    Then, at the training lengths (``study.learned``), the mean; and the rows against the
+    ``reference`` row and the ``pairs``, paired by seed, at both splits."""
     unit = UNITS.get(study.metric, study.metric)
     higher = study.metric == "accuracy"
-    levels = {}
-    for part in study.parts:
-        task = grids[part.name][0].config.task.build()
-        chance = getattr(task, "chance", None)
-        levels[part.name] = (
-            str(getattr(task, "level", "–")).replace("_", "-"),
-            "–" if chance is None else f"{chance:.0f}",
-        )
+    splits = sorted({split for part in study.parts for split in part.splits})
+    info = _task_info(study, grids, [*splits, *([study.learned] if study.learned else [])])
     lines = [
         "## Ours beside the paper's",
         "",
         f"{unit}, {'higher' if higher else 'lower'} is better. Each cell: the best seed, then the mean ± "
         "sample std over the seeds (n), then the paper's number where there is one; the "
         "Chomsky-hierarchy papers report the best run. Chance: guessing uniformly among the task's "
-        "output symbols.",
+        "output symbols; in brackets, where it is higher, the floor of a model blind to positions: the "
+        "better of answering the test's most frequent output symbol everywhere and answering each "
+        "sequence's most frequent input symbol at all its output positions, computed on the same test "
+        "sequences. † the answer does not depend on the order of the input (permutation-invariant; "
+        "the DAPE paper marks these tasks so).",
         "",
         *_task_table_head(study),
     ]
     for part in study.parts:
-        level, chance_cell = levels[part.name]
+        task = info[part.name]
         for split in part.splits:
             column = f"{part.name}/{split}"
             cells = []
@@ -319,29 +511,65 @@ def _by_part(study: Study, rows: list[dict[str, Any]], grids: dict[str, list[Gri
                     best = max(known) if higher else min(known)
                     cell = f"**{best:.2f}** / {stats_cell(stats)} ({stats['n']})"
                 paper = study.numbers.get(row, {}).get(column)
-                cells.append(cell if paper is None else f"{cell} / paper {paper:g}")
-            name = part.name if len(part.splits) == 1 else column
-            lines.append(f"| {level} | {name} | {chance_cell} | " + " | ".join(cells) + " |")
-    if study.learned is None:
-        return lines
-    lines += [
+                cells.append(cell if paper is None else f"{cell} / paper {paper_value(study, paper)}")
+            name = task["name"] if len(part.splits) == 1 else f"{task['name']} {split}"
+            lines.append(f"| {task['level']} | {name} | {task[split]} | " + " | ".join(cells) + " |")
+    if study.numbers:
+        lines += ["", numbers_note(study)]
+    if study.learned is not None:
+        lines += [
+            "",
+            f"### At the training lengths ({study.learned})",
+            "",
+            f"The same runs scored on split {study.learned}: {unit}, mean ± sample std over the seeds (n). "
+            "Near chance or the floor here, a model did not learn the task, and its score above says "
+            "nothing about extrapolation.",
+            "",
+            *_task_table_head(study),
+        ]
+        for part in study.parts:
+            task = info[part.name]
+            column = f"{part.name}/{study.learned}"
+            cells = []
+            for row, _ in study.rows:
+                stats = mean_std(_values(rows, row, column))
+                cells.append(f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–")
+            line = f"| {task['level']} | {task['name']} | {task[study.learned]} | "
+            lines.append(line + " | ".join(cells) + " |")
+    for split in [*splits, *([study.learned] if study.learned else [])]:
+        lines += _task_differences(study, rows, info, split)
+    return lines
+
+
+def _task_differences(
+    study: Study, rows: list[dict[str, Any]], info: dict[str, dict[str, str]], split: str
+) -> list[str]:
+    """At ``split`` of every part, one line per task: the reference row minus each other row (is the
+    reference best?) and each pair's A minus B, paired by seed."""
+    columns = [(f"{study.reference} minus {row}", study.reference, row) for row, _ in study.rows]
+    columns = [c for c in columns if c[1] != c[2]] if study.reference is not None else []
+    columns += [(f"{a} minus {b}", a, b) for a, b in study.pairs]
+    if not columns:
+        return []
+    unit = UNITS.get(study.metric, study.metric)
+    lower = study.metric != "accuracy"
+    lines = [
         "",
-        f"### At the training lengths ({study.learned})",
+        f"### Paired differences at split {split}",
         "",
-        f"The same runs scored on split {study.learned}: {unit}, mean ± sample std over the seeds (n). "
-        "Near chance here, a model did not learn the task, and its score above says nothing about "
-        "extrapolation.",
+        f"{unit}, {DIFFERENCES}.",
         "",
-        *_task_table_head(study),
+        "| task | " + " | ".join(title for title, _, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for part in study.parts:
-        level, chance_cell = levels[part.name]
-        column = f"{part.name}/{study.learned}"
-        cells = []
-        for row, _ in study.rows:
-            stats = mean_std(_values(rows, row, column))
-            cells.append(f"{stats_cell(stats)} ({stats['n']})" if stats["n"] else "–")
-        lines.append(f"| {level} | {part.name} | {chance_cell} | " + " | ".join(cells) + " |")
+        column = f"{part.name}/{split}"
+        cells = [
+            difference_cell(paired_difference(_by_seed(rows, a, column), _by_seed(rows, b, column),
+                                              lower_is_better=lower), 1)
+            for _, a, b in columns
+        ]  # fmt: skip
+        lines.append(f"| {info[part.name]['name']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -362,20 +590,22 @@ def _plot_lines(study: Study, plots: dict[str, str]) -> list[str]:
 
 
 def _ratio_cells(study: Study, row: str, rows: list[dict[str, Any]]) -> list[str]:
-    """Ours (each seed's ratio of the two columns, then mean ± std) and the paper's ratio."""
+    """Ours (each seed's ratio of the two columns: their mean, 95% interval and n) and the paper's."""
     top, bottom = study.ratio
-    by_seed = {column: {} for column in study.ratio}
-    for r in rows:
-        if r["row"] == row and r["column"] in by_seed and r["value"] is not None:
-            by_seed[r["column"]][r["seed"]] = r["value"]
-    stats = mean_std([v / by_seed[bottom][s] for s, v in by_seed[top].items() if by_seed[bottom].get(s)])
-    ours = f"{stats['mean']:.3f} ± {stats['std']:.3f} ({stats['n']})" if stats["n"] else "–"
+    stats = interval(list(_ratios(study, rows, row).values()))
+    if stats["n"] > 1:
+        ours = f"{stats['mean']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}] ({stats['n']})"
+    else:
+        ours = f"{stats['mean']:.3f} ({stats['n']})" if stats["n"] else "–"
     paper = study.numbers.get(row, {})
     both = top in paper and bottom in paper
-    return [ours, f"{paper[top] / paper[bottom]:.3f}" if both else "–"]
+    mark = "" if study.numbers_check is not None and study.numbers_check.verified else UNVERIFIED
+    return [ours, f"{paper[top] / paper[bottom]:.3f}{mark}" if both else "–"]
 
 
 def _per_seed(study: Study, rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    """Every seed's value of every row and column (and of the ``learned`` split, after them)."""
+    learned = [f"{part.name}/{study.learned}" for part in study.parts] if study.learned else []
     lines = [
         "## Every seed",
         "",
@@ -383,7 +613,7 @@ def _per_seed(study: Study, rows: list[dict[str, Any]], seeds: list[int]) -> lis
         "|---|---|" + "---|" * len(seeds),
     ]
     for row, _ in study.rows:
-        for column in study.columns:
+        for column in [*study.columns, *learned]:
             by_seed = {r["seed"]: r["value"] for r in rows if r["row"] == row and r["column"] == column}
             cells = ["–" if by_seed.get(s) is None else f"{by_seed[s]:.2f}" for s in seeds]
             lines.append(f"| {row} | {column} | " + " | ".join(cells) + " |")
@@ -401,6 +631,116 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 
 # -- a task table's plots --------------------------------------------------------------------------
+
+
+def _bar_lines(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    return [
+        "## Every column",
+        "",
+        "One group per column, one colour per row: the bar (for perplexity, a line) is the mean over the "
+        "seeds and the dots are the seeds; the diamonds are the paper's numbers (for perplexity in a "
+        "panel of their own: the paper's corpus and model differ, compare the pattern). A table with a "
+        "ratio has a last panel of each seed's ratio, the paper's beside it.",
+        "",
+        f"![every column]({path})",
+        "",
+    ]
+
+
+def draw_bars(study: Study, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """The figure of every column of a task table (``study.bars``): per part a panel of ours, one
+    group per split and one bar per row at its mean with every seed as a dot and the paper's number
+    as a diamond; for perplexity (large values close together) a line at the mean instead of a bar
+    from 0, and the paper's numbers in a panel of their own; with a ``ratio``, a panel of each seed's
+    ratio beside the paper's. None without matplotlib."""
+    if not plotting.can_plot("the column figure"):
+        return None
+    names = [row for row, _ in study.rows]
+    ppl = study.metric == "ppl"
+    check = study.numbers_check
+    paper_label = "paper" if check is not None and check.verified else "paper (unverified)"
+    panels: list[tuple[str, Part | None]] = []
+    for part in study.parts:
+        panels.append(("ours", part))
+        has_paper = any(
+            f"{part.name}/{split}" in study.numbers.get(row, {}) for row in names for split in part.splits
+        )
+        if ppl and has_paper:
+            panels.append(("paper", part))
+    if study.ratio is not None:
+        panels.append(("ratio", None))
+    width = 0.8 / len(names)
+    size = max(3.5, 2.8 * len(study.columns)) + 1.8 * (len(panels) - 1) + 2.2  # the last: the legend
+    fig = plotting.figure(figsize=(size, 4.4))
+    *axes, key = fig.subplots(1, len(panels) + 1, squeeze=False, width_ratios=[3] * len(panels) + [2])[0]
+
+    def offset(group: int, i: int) -> float:
+        return group + (i - (len(names) - 1) / 2) * width
+
+    def seeds_and_mean(ax, kind: str, x: float, values: list[float], i: int, label: str | None) -> None:
+        colour = plotting.line_style(i)["color"]
+        if not values:  # no finished run: in the legend only
+            ax.plot([], [], color=colour, linewidth=2.5, label=label)
+            return
+        mean = sum(values) / len(values)
+        if ppl or kind == "ratio":
+            ax.hlines(mean, x - width / 2, x + width / 2, color=colour, linewidth=2.5, label=label)
+        else:
+            ax.bar(x, mean, width * 0.9, color=colour, alpha=0.55, label=label)
+        ax.plot([x] * len(values), values, "o", color=colour, markersize=3.5, markeredgecolor="black",
+                markeredgewidth=0.4)  # fmt: skip
+
+    labelled: set[str] = set()
+    for ax, (kind, part) in zip(axes, panels, strict=True):
+        if kind == "ratio":
+            for i, row in enumerate(names):
+                ratios = list(_ratios(study, rows, row).values())
+                seeds_and_mean(ax, kind, offset(0, i), ratios, i, None)
+                paper = study.numbers.get(row, {})
+                if all(column in paper for column in study.ratio):
+                    colour = plotting.line_style(i)["color"]
+                    ratio = paper[study.ratio[0]] / paper[study.ratio[1]]
+                    ax.plot(offset(0, i), ratio, "D", color=colour, markeredgecolor="black", markersize=5)
+            ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+            ax.set_xticks(
+                [0], [f"{study.ratio[0].split('/')[-1]} / {study.ratio[1].split('/')[-1]}"], fontsize=8
+            )
+            ax.set_title("ratio, each seed (paper: diamond)", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+            continue
+        for g, split in enumerate(part.splits):
+            column = f"{part.name}/{split}"
+            for i, row in enumerate(names):
+                paper = study.numbers.get(row, {}).get(column)
+                if kind == "ours":
+                    label = row if row not in labelled else None
+                    labelled.add(row)
+                    values = [v for v in _values(rows, row, column) if finite(v)]
+                    seeds_and_mean(ax, kind, offset(g, i), values, i, label)
+                if paper is not None and (kind == "paper" or not ppl):
+                    label = paper_label if paper_label not in labelled else None
+                    labelled.add(paper_label)
+                    colour = plotting.line_style(i)["color"] if ppl else "black"
+                    ax.plot(
+                        offset(g, i),
+                        paper,
+                        "D",
+                        color=colour,
+                        markeredgecolor="black",
+                        markersize=5,
+                        label=label,
+                    )
+        ax.set_xticks(range(len(part.splits)), list(part.splits), fontsize=8)
+        ax.set_title(part.name if kind == "ours" else f"{part.name}: the paper's", fontsize=9)
+        ax.set_ylabel(UNITS.get(study.metric, study.metric))
+        ax.grid(True, axis="y", alpha=0.3)
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    labels = [label for ax in axes for label in ax.get_legend_handles_labels()[1]]
+    key.axis("off")
+    key.legend(handles, [textwrap.fill(label, 22) for label in labels], fontsize=7, loc="center left")
+    return plotting.save(fig, path, dpi=100)
 
 
 def length_curves(study: Study, grid: list[GridRun]) -> tuple[dict[str, dict[int, float]], int | None]:
@@ -557,20 +897,19 @@ def _cell(result: dict[str, Any], spec: str, length: int) -> str:
 
 
 def _about(result: dict[str, Any], run_dirs: dict[tuple[str, int], RunDir] | None = None) -> dict[str, Any]:
-    """Parameters, steps, learning rates, machines and wall times of a part's runs (``run_dirs``:
-    each run by (encoding, seed); default: the folder the result names)."""
-    machines: dict[str, int] = {}
+    """Parameters, steps, learning rates, machine records and wall times of a part's runs
+    (``run_dirs``: each run by (encoding, seed); default: the folder the result names)."""
+    machines: list[dict[str, Any] | None] = []
     steps, params, lrs, train_s = set(), set(), set(), 0.0
     for run in result["runs"]:
         run_dir = RunDir(run["run_dir"]) if run_dirs is None else run_dirs[run["encoding"], run["seed"]]
         try:
-            machine = run_dir.load_results().get("machine") or {}
+            machine = run_dir.load_results().get("machine")
         except ValueError:
-            machine = {}
+            machine = None
         with contextlib.suppress(ValueError):  # a run without its config shows '?'
             lrs.add(run_dir.load_config().train.lr)
-        key = f"{machine.get('cpu', 'not recorded')}, {machine.get('threads', '?')} thread(s)"
-        machines[key] = machines.get(key, 0) + 1
+        machines.append(machine)
         steps.add(run["step"])
         params.add(run["n_params"])
         train_s += run["train_wall_time"] or 0.0
@@ -599,9 +938,7 @@ def _part_section(
         + f": {settings['corpus']}, {settings['tokenizer']} tokens, "
         f"{'/'.join(map(str, sorted(about['params'])))} parameters, "
         f"{'/'.join(map(str, sorted(about['steps'])))} steps. Training {about['train_s'] / 3600:.2f} h "
-        f"(summed over runs), scoring {about['eval_s'] / 3600:.2f} h; machines: "
-        + "; ".join(f"{key} ({count} runs)" for key, count in about["machines"].items())
-        + ".",
+        f"(summed over runs), scoring {about['eval_s'] / 3600:.2f} h.",
         "",
         f"Perplexity on the last {settings['last']} tokens of each window, mean ± sample std over seeds "
         f"(windows per length: {', '.join(f'{n}: {w}' for n, w in settings['windows'].items())}):",
@@ -624,6 +961,21 @@ def _part_section(
         values = _seed_values(result, spec, top)
         cells = [f"{values[s]:.2f}" if s in values and finite(values[s]) else "–" for s in seeds]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if study.pairs:
+        lines += [
+            "",
+            f"Row A minus row B at every length, last-256 perplexity, {DIFFERENCES}:",
+            "",
+            "| A minus B | " + " | ".join(map(str, lengths)) + " |",
+            "|---|" + "---|" * len(lengths),
+        ]
+        for a, b in study.pairs:
+            cells = [
+                difference_cell(paired_difference(_seed_values(result, study.spec(a), n),
+                                                  _seed_values(result, study.spec(b), n)))
+                for n in lengths
+            ]  # fmt: skip
+            lines.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
     lines += ["", f"![perplexity against length]({part.name}/ppl_last.png)", ""]
     return lines
 
@@ -634,6 +986,13 @@ def _paired_gaps(result: dict[str, Any], new: str, base: str, length: int) -> di
     return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
 
 
+def _gap_cell(result: dict[str, Any], new: str, base: str, length: int) -> str:
+    """``new`` minus ``base`` at ``length``, paired by seed: mean [95% interval], seeds ``new`` wins."""
+    return difference_cell(
+        paired_difference(_seed_values(result, new, length), _seed_values(result, base, length))
+    )
+
+
 def _gap_lines(study: Study, results: dict[str, dict[str, Any]], run_dirs: RunDirs | None) -> list[str]:
     """Per part: the two rows at the longest length and their difference, paired by seed, and the
     difference at the training length beside it (a gap already there is not about extrapolation)."""
@@ -641,8 +1000,8 @@ def _gap_lines(study: Study, results: dict[str, dict[str, Any]], run_dirs: RunDi
     lines = [
         f"## The gap at the longest length: {new} minus {base}",
         "",
-        "Negative: DAPE is better. The gap's mean ± sample std is over the seeds both rows have; the "
-        "last column is the same gap at the training length, where no extrapolation is involved.",
+        f"Negative: DAPE is better. The gap is {DIFFERENCES}; then each seed's gap, and the same gap "
+        "at the training length, where no extrapolation is involved.",
         "",
         f"| part | parameters ({base}) | steps | lr | length | {base} | {new} | gap | per seed "
         "| gap at the training length |",
@@ -656,7 +1015,6 @@ def _gap_lines(study: Study, results: dict[str, dict[str, Any]], run_dirs: RunDi
         top = lengths[-1]
         about = _about(result, None if run_dirs is None else run_dirs[part.name])
         gaps = _paired_gaps(result, study.spec(new), study.spec(base), top)
-        at_train = _paired_gaps(result, study.spec(new), study.spec(base), lengths[0])
         params = {run["n_params"] for run in result["runs"] if run["encoding"] == study.spec(base)}
         cells = [
             part.name,
@@ -666,9 +1024,9 @@ def _gap_lines(study: Study, results: dict[str, dict[str, Any]], run_dirs: RunDi
             str(top),
             _cell(result, study.spec(base), top),
             _cell(result, study.spec(new), top),
-            stats_cell(mean_std(list(gaps.values()))),
+            _gap_cell(result, study.spec(new), study.spec(base), top),
             ", ".join(f"{g:+.2f}" for g in gaps.values()) or "–",
-            stats_cell(mean_std(list(at_train.values()))),
+            _gap_cell(result, study.spec(new), study.spec(base), lengths[0]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -681,8 +1039,7 @@ def _paper_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
         "## The paper's numbers beside ours",
         "",
         "The paper's models, corpora and training lengths differ from ours (see the setting above): "
-        "ours are at the same multiple of our training length. Compare the pattern, not the values. "
-        "The paper's values are as the reproduction issue quotes them.",
+        "ours are at the same multiple of our training length. Compare the pattern, not the values.",
         "",
         "| paper's setting | row | at | paper | " + " | ".join(f"ours ({p})" for p in parts) + " |",
         "|---|---|---|---|" + "---|" * len(parts),
@@ -695,12 +1052,13 @@ def _paper_lines(study: Study, results: dict[str, dict[str, Any]]) -> list[str]:
             length = int(result["settings"]["train_lens"][0] * ratio)
             known = length in _part_lengths(result)
             cells.append(f"{_cell(result, study.spec(number.row), length)} at {length}" if known else "–")
+        mark = "" if study.numbers_check is not None and study.numbers_check.verified else UNVERIFIED
         lines.append(
-            f"| {number.setting} | {number.row} | {number.length} ({ratio:g}x) | {number.value:.2f} | "
+            f"| {number.setting} | {number.row} | {number.length} ({ratio:g}x) | {number.value:.2f}{mark} | "
             + " | ".join(cells)
             + " |"
         )
-    return [*lines, ""]
+    return [*lines, "", numbers_note(study), ""]
 
 
 def lm_page(
@@ -734,9 +1092,11 @@ def lm_page(
     ]
     lines += [
         f"Compute: training {sum(a['train_s'] for a in abouts) / 3600:.2f} h and scoring "
-        f"{sum(a['eval_s'] for a in abouts) / 3600:.2f} h, summed over runs (the machines are per part).",
+        f"{sum(a['eval_s'] for a in abouts) / 3600:.2f} h, summed over runs.",
         "",
     ]
+    machines = [(name, m) for name, a in zip(results, abouts, strict=True) for m in a["machines"]]
+    lines += _provenance_section(machines, list(results))
     if missing:
         lines += [f"**Incomplete**: no results yet for {', '.join(missing)}; rerun the command.", ""]
     if study.gap is not None:

@@ -265,7 +265,7 @@ def _run_lm(
         }
         for name, result in results.items()
     }
-    page = write_page(study, out, command=command, results=results, run_dirs=run_dirs)
+    page = write_page(study, out, command=command, results=results, plots=plots, run_dirs=run_dirs)
     planned = len(study.parts) * len(study.rows) * len(seeds)
     finished = sum(len(result["runs"]) for result in results.values())
     return {

@@ -34,6 +34,9 @@ class ChomskyTask(Task):
         level: "regular", "context_free" or "context_sensitive".
         input_alphabet / output_alphabet: token names of the input and output symbols.
         min_length: lengths below it are raised to it (where the task is undefined for them).
+        permutation_invariant: the answer does not depend on the order of the input (parity check,
+            cycle navigation, bucket sort: the tasks the DAPE paper's task table marks so, as a
+            secondary source quotes it); a model needs no position signal for them.
     """
 
     causal = False
@@ -42,6 +45,7 @@ class ChomskyTask(Task):
     input_alphabet: ClassVar[tuple[str, ...]]
     output_alphabet: ClassVar[tuple[str, ...]]
     min_length: ClassVar[int] = 1
+    permutation_invariant: ClassVar[bool] = False
 
     def __init__(self, *, max_train_len: int = 40, max_eval_len: int = 500) -> None:
         check_int("max_train_len", max_train_len, minimum=1)

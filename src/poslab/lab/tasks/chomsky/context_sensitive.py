@@ -169,6 +169,7 @@ class BucketSort(ChomskyTask):
     """String over the 5 symbols ``0``..``4`` -> the same symbols sorted (output length n)."""
 
     level = "context_sensitive"
+    permutation_invariant = True
     input_alphabet = ("0", "1", "2", "3", "4")
     output_alphabet = ("0", "1", "2", "3", "4")
 

@@ -64,6 +64,7 @@ class ParityCheck(ChomskyTask):
     """Binary string -> parity of the number of 1s (``even``=0 / ``odd``=1)."""
 
     level = "regular"
+    permutation_invariant = True
     input_alphabet = ("0", "1")
     output_alphabet = ("even", "odd")
 
@@ -77,6 +78,7 @@ class CycleNavigation(ChomskyTask):
     """Moves ``-1``, ``0``, ``+1`` (ids 0, 1, 2) from position 0 on a 5-cycle -> final position."""
 
     level = "regular"
+    permutation_invariant = True
     input_alphabet = ("-1", "0", "+1")
     output_alphabet = DIGITS
 
