@@ -164,8 +164,9 @@ def dape_block_backward(
     grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, SLOPE, True)
     del hidden
     grad_weight = torch.mm(feats.view(n_rows, -1).t(), grad_pre).t()  # (D, C): [dW1 | db1]
-    grad_b1 = grad_weight[:, -1].clone()  # an op's outputs may not share memory
-    grad_w1 = grad_weight[:, :-1].clone()
+    # Copies: an op's outputs neither share memory nor differ in layout from its fake's.
+    grad_b1 = grad_weight[:, -1].clone(memory_format=torch.contiguous_format)
+    grad_w1 = grad_weight[:, :-1].clone(memory_format=torch.contiguous_format)
     if bias is None:  # W1's B columns saw only zeros
         grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
     grad_bias = q.new_empty(0)
@@ -177,7 +178,7 @@ def dape_block_backward(
         grad_bias = grad_feats[..., n_heads:].sum(0).permute(2, 0, 1)
         if add_base:
             grad_bias = grad_bias + grad_logits.sum(0)
-        grad_bias = grad_bias.sum_to_size(bias.shape).clone()
+        grad_bias = grad_bias.sum_to_size(bias.shape).contiguous()
         grad_from_mlp = grad_feats[..., :n_heads]
     else:
         w_scores = weight[:, :n_heads].t().contiguous().t()
