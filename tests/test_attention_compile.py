@@ -1,5 +1,5 @@
 """``poslab.attend`` under ``torch.compile(fullgraph=True)``: one graph, no break, and the same outputs
-and gradients as eager mode, for every encoding the brief of docs/attention-paths.md lists.
+and gradients as eager mode (docs/attention-paths.md, torch.compile).
 
 The backend is ``aot_eager`` (AOTAutograd's forward and backward graphs, run by eager kernels): it
 traces exactly what inductor would, without compiling C++, so a test takes a second or two.
@@ -92,10 +92,10 @@ def qkv(n_queries: int = 12, n_keys: int = 12):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", ["nope", "rope", *BIASES, *LOGITS])
+@pytest.mark.parametrize("name", ["nope", "rope", *BIASES, *LOGITS, "selective"])
 def test_a_full_forward_compiles_and_equals_eager(name, monkeypatch):
     """SDPA (with the bias as a mask) for nope, rope and the biases; CoPE and DAPE through their
-    block ops in two query blocks of 6."""
+    block ops in two query blocks of 6; selective (its own queries as extra keys) on the eager path."""
     monkeypatch.setenv("POSLAB_NATIVE", "1")
     ops = check_compiled_equals_eager(encoding64(name), *qkv(), block_size=6)
     assert ops == expected_ops(name, native_on=True)

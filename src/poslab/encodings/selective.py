@@ -33,7 +33,9 @@ def selection_penalty(queries: Tensor, keys: Tensor, q_pos: Tensor, k_pos: Tenso
         q_pos: (T,) the positions whose penalty is wanted.
         scale: the attention's logit scale (1/sqrt(D)).
     """
-    n_hist = int(q_pos.max())  # F_i reads the queries t < i only
+    # F_i reads the queries t < i only; a torch.compile trace cannot read max(q_pos) and takes all n
+    # rows instead (the rows past it are computed, never read).
+    n_hist = queries.shape[1] if torch.compiler.is_compiling() else int(q_pos.max())
     t_pos = torch.arange(n_hist, device=k_pos.device)
     keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)  # (n, S): 0 < j < t
     selection = F.relu(queries[:, :n_hist] @ keys.transpose(-1, -2) * scale).masked_fill(~keep, 0.0)
