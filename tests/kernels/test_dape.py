@@ -30,23 +30,27 @@ def op_inputs(dtype, *, op: str, with_bias: bool, taps: int = 1, grad: bool = Tr
     return q, k, v, bias, keep, *weights
 
 
+# (op, kernel size, bias, the form adds the bias to the logits)
 CASES = [
-    ("dape_block", 1, True),
-    ("dape_block", 1, False),
-    ("dape_mlp_block", 1, True),
-    ("dape_mlp_block", 1, False),
-    ("dape_mlp_block", 3, True),  # V2
+    ("dape_block", 1, True, True),
+    ("dape_block", 1, True, False),  # A + f(A, B): the bias gradient from the MLP alone
+    ("dape_block", 1, False, False),
+    ("dape_mlp_block", 1, True, True),
+    ("dape_mlp_block", 1, True, False),
+    ("dape_mlp_block", 1, False, False),
+    ("dape_mlp_block", 3, True, True),  # V2
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("save", [False, True])
-@pytest.mark.parametrize(("op", "taps", "with_bias"), CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_the_block_ops_pass_opcheck(op, taps, with_bias, save, dtype):
+@pytest.mark.parametrize(
+    ("op", "taps", "with_bias", "add_base"), CASES, ids=["-".join(map(str, c)) for c in CASES]
+)
+def test_the_block_ops_pass_opcheck(op, taps, with_bias, add_base, save, dtype):
     """Each forward op in training and in inference, and its backward op."""
     args = op_inputs(dtype, op=op, with_bias=with_bias, taps=taps)
     forward, backward = getattr(dape, op), getattr(dape, f"{op}_backward")
-    add_base = with_bias
     torch.library.opcheck(forward, (*args, add_base, save, True))
     plain = [None if x is None else x.detach() for x in args]
     inference = (*plain[:4], None, *plain[5:])  # all keys visible
