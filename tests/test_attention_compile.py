@@ -133,3 +133,19 @@ def test_explicit_positions_compile_through_the_general_path(name, monkeypatch):
     positions = torch.tensor([3, 4, 7, 8, 11])
     ops = check_compiled_equals_eager(encoding64(name), *qkv(5, 12), positions=positions, block_size=3)
     assert ops == expected_ops(name, native_on=True)
+
+
+@pytest.mark.parametrize("name", ["alibi", "cope", "dape"])
+def test_other_lengths_compile_with_dynamic_shapes(name, monkeypatch):
+    """A new length recompiles with symbolic sizes (dynamo's automatic dynamic shapes); the block
+    sizes, masks and the ops' fake implementations must all hold for any length."""
+    monkeypatch.setenv("POSLAB_NATIVE", "1")
+    enc = encoding64(name)
+    compiled = torch.compile(lambda q, k, v: poslab.attend(q, k, v, enc), fullgraph=True, backend="aot_eager")
+    for length in (12, 20, 33):
+        q, k, v = qkv(length, length)
+        got, got_grads = outputs_and_grads(compiled, enc, q, k, v)
+        want, want_grads = outputs_and_grads(lambda q, k, v: poslab.attend(q, k, v, enc), enc, q, k, v)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
