@@ -301,7 +301,11 @@ SDPA_BIAS_ELEMENTS = 2**24
 def auto_block_size(batch: int, channels: int, n_queries: int, n_keys: int) -> int:
     """The largest power of two t (at least 16) with batch * channels * t * n_keys <= BLOCK_ELEMENTS."""
     t = max(1, BLOCK_ELEMENTS // max(1, batch * channels * n_keys))
-    return min(n_queries, max(16, 1 << (t.bit_length() - 1)))
+    # Comparisons, not t.bit_length(): torch.compile then guards on ranges of the sizes, not values.
+    block = 16
+    while block < n_queries and 2 * block <= t:
+        block *= 2
+    return min(n_queries, block)
 
 
 def blockwise_attention(
