@@ -146,9 +146,10 @@ def test_save_budget_is_split_between_blocks(monkeypatch, dape_impl):
     from poslab.kernels import dape as dape_kernel
 
     decisions = []
-    fn = dape_kernel.NativeDAPEAttentionFn if dape_impl == "native" else dape_kernel.DAPEAttentionFn
-    original = fn.apply
-    monkeypatch.setattr(fn, "apply", lambda *a: decisions.append(a[-1]) or original(*a))
+    name = "native_block" if dape_impl == "native" else "torch_block"
+    original = getattr(dape_kernel, name)
+    # a[-2:] = (save, train): record the save decision of the blocks that train
+    monkeypatch.setattr(dape_kernel, name, lambda *a: (a[-1] and decisions.append(a[-2])) or original(*a))
     enc = poslab.build_encoding("dape", n_heads=2, head_dim=8, width=4)
     q, k, v = (torch.randn(1, 2, 8, 8, requires_grad=True) for _ in range(3))
     # Bytes kept per (query, key): the scores and probabilities, 2H floats, natively; the features,
@@ -161,7 +162,7 @@ def test_save_budget_is_split_between_blocks(monkeypatch, dape_impl):
     decisions.clear()
     with torch.no_grad():
         poslab.attend(q, k, v, enc, block_size=4)
-    assert decisions == []  # inference takes no autograd function at all
+    assert decisions == []  # inference keeps nothing for a backward
 
 
 @pytest.mark.parametrize(
@@ -176,7 +177,7 @@ def test_save_budget_is_split_between_blocks(monkeypatch, dape_impl):
     ],
 )
 def test_inference_path_of_fused_kernels_equals_the_eager_reference(name):
-    """Without gradients the kernels skip autograd.Function; the output must not change."""
+    """Without gradients the kernels keep nothing for a backward; the output must not change."""
     enc = encoding64(name)
     q, k, v = (torch.randn(2, 2, 11, 8, dtype=torch.float64) for _ in range(3))
     ref, _ = run(enc, q, k, v, impl="eager")
@@ -202,9 +203,9 @@ def test_native_mode_takes_the_native_kernel(name, dape_impl):
     wide = encoding64("dape[kernel_size=5]")
     assert not wide.runs_natively(q)
     calls = []
-    original = dape_kernel.NativeDAPEAttentionFn.apply
+    original = dape_kernel.native_block
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dape_kernel.NativeDAPEAttentionFn, "apply", lambda *a: calls.append(1) or original(*a))
+        mp.setattr(dape_kernel, "native_block", lambda *a: calls.append(1) or original(*a))
         k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64) for _ in range(2))
         poslab.attend(q.requires_grad_(), k, v, enc, block_size=2).sum().backward()
         poslab.attend(q, k, v, wide, block_size=2).sum().backward()

@@ -131,23 +131,29 @@ def attend(
             block_size=block_size,
             extra_keys=extra_keys,
         )
+    # first: the position of the first query when the positions are the default consecutive ones, so
+    # that what they imply is read from the shapes (no device sync, and torch.compile can trace it).
+    first = None
     if positions is None:
         if n_queries > n_keys:
             raise ValueError(f"attend: more queries ({n_queries}) than keys ({n_keys}) needs positions")
-        positions = default_positions(n_queries, n_keys, q.device)
+        positions, first = default_positions(n_queries, n_keys, q.device), n_keys - n_queries
     elif positions.shape != (n_queries,):
         raise ValueError(f"positions must have shape ({n_queries},), got {tuple(positions.shape)}")
     q_pos, k_pos = positions.to(q.device), torch.arange(n_keys, device=q.device)
+    if first == 0:  # a full forward: one tensor, so encodings see at once that q_pos equals k_pos
+        k_pos = q_pos
 
     if encoding is not None:
         encoding.check_mode(causal)
-        encoding.check_length(max(int(q_pos.max()), n_keys - 1))
+        span = query_span(q_pos, first)  # None while torch.compile traces explicit positions
+        encoding.check_length(n_keys - 1 if span is None else max(span[1], n_keys - 1))
         from_queries = "input_keys" in encoding.hooks and encoding.queries_as_extra_keys
         if "rotate" in encoding.hooks and not rotated:
             if from_queries and extra_keys is not None:  # earlier queries, rotated as queries
                 extra_keys, _ = encoding.rotate(extra_keys, k, k_pos, k_pos)
             q, k = encoding.rotate(q, k, q_pos, k_pos)
-        if from_queries and extra_keys is None and n_queries == n_keys and bool((q_pos == k_pos).all()):
+        if from_queries and extra_keys is None and same_positions(q_pos, k_pos, first):
             extra_keys = q  # a full forward: the queries of every key position are q itself
         if "input_keys" not in encoding.hooks:
             extra_keys = None
@@ -179,12 +185,34 @@ def attend(
         return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
-        return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal)
+        return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal, first=first)
     channels = encoding.block_channels(q)
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
     return blockwise_attention(
-        q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block, extra_keys=extra_keys
+        q, k, v, encoding, q_pos, k_pos, causal=causal, block_size=block, extra_keys=extra_keys, first=first
     )
+
+
+def query_span(q_pos: Tensor, first: int | None) -> tuple[int, int] | None:
+    """The lowest and highest query position: from the shape when the queries are known to sit at
+    first, first + 1, ... (the default positions), else read from ``q_pos`` (a device sync); None
+    while torch.compile traces explicit positions, whose values a trace cannot branch on."""
+    if first is not None:
+        return first, first + q_pos.shape[0] - 1
+    if torch.compiler.is_compiling():
+        return None
+    low, high = torch.aminmax(q_pos)
+    return int(low), int(high)
+
+
+def same_positions(q_pos: Tensor, k_pos: Tensor, first: int | None) -> bool:
+    """Whether the queries are the keys (positions 0..S-1), i.e. a full forward; False while
+    torch.compile traces explicit positions (the caller then takes its general path)."""
+    if q_pos.shape != k_pos.shape:
+        return False
+    if first is not None:
+        return first == 0
+    return not torch.compiler.is_compiling() and bool((q_pos == k_pos).all())
 
 
 def document_segments(document_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -273,7 +301,11 @@ SDPA_BIAS_ELEMENTS = 2**24
 def auto_block_size(batch: int, channels: int, n_queries: int, n_keys: int) -> int:
     """The largest power of two t (at least 16) with batch * channels * t * n_keys <= BLOCK_ELEMENTS."""
     t = max(1, BLOCK_ELEMENTS // max(1, batch * channels * n_keys))
-    return min(n_queries, max(16, 1 << (t.bit_length() - 1)))
+    # Comparisons, not t.bit_length(): torch.compile then guards on ranges of the sizes, not values.
+    block = 16
+    while block < n_queries and 2 * block <= t:
+        block *= 2
+    return min(n_queries, block)
 
 
 def blockwise_attention(
@@ -287,12 +319,14 @@ def blockwise_attention(
     causal: bool,
     block_size: int,
     extra_keys: Tensor | None = None,
+    first: int | None = None,
 ) -> Tensor:
     """Attention query block by query block (q and k already rotated); exact, O(block x S) memory.
 
     Each block uses, in order of preference: the encoding's fused kernel (``attention_block``),
     SDPA with the block's bias (bias-only encodings), or the eager path, checkpointed when gradients
     are needed so that backward recomputes the block instead of keeping its (t, S) tensors.
+    ``first``: the first query's position when the queries are consecutive (see `query_span`).
     """
     has_bias = encoding is not None and "bias" in encoding.hooks
     rewrites = encoding is not None and (encoding.uses_logits or encoding.replaces_softmax)
@@ -302,27 +336,31 @@ def blockwise_attention(
     q_blocks, pos_blocks = q.split(block_size, dim=2), q_pos.split(block_size)
     n_keys = k.shape[2]
     ahead = encoding.key_lookahead if encoding is not None else 0
-    visible = [min(int(pb.max()) + 1 + ahead, n_keys) if causal else n_keys for pb in pos_blocks]
+    starts = [None if first is None else first + i * block_size for i in range(len(q_blocks))]
+    spans = [query_span(pb, start) for pb, start in zip(pos_blocks, starts, strict=True)]
+    # Keys a block needs; all of them while torch.compile traces explicit positions (span None).
+    visible = [n_keys if span is None or not causal else min(span[1] + 1 + ahead, n_keys) for span in spans]
     save_bytes = SAVE_BYTES // len(q_blocks) if torch.is_grad_enabled() else 0
     k_blocks, v_blocks = _prefixes(k, visible), _prefixes(v, visible)
     e_blocks = [None] * len(visible) if extra_keys is None else _prefixes(extra_keys, visible)
     contexts = [None] * len(visible)
-    if rewrites:
-        starts = [int(pb.min()) for pb in pos_blocks]
-        made = encoding.block_context(q, k, extra_keys, starts, k_pos, causal=causal)
+    if rewrites and all(span is not None for span in spans):
+        made = encoding.block_context(q, k, extra_keys, spans, k_pos, causal=causal)
         contexts = contexts if made is None else made
     outputs = []
-    blocks = zip(q_blocks, pos_blocks, k_blocks, v_blocks, e_blocks, visible, contexts, strict=True)
-    for qb, pb, kb, vb, eb, n_visible, cb in blocks:
+    blocks = zip(
+        q_blocks, pos_blocks, k_blocks, v_blocks, e_blocks, visible, spans, starts, contexts, strict=True
+    )
+    for qb, pb, kb, vb, eb, n_visible, span, start, cb in blocks:
         kpb = k_pos[:n_visible]
         bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
         if bias is not None:
             bias = bias.to(q.dtype)
         if not rewrites:
-            outputs.append(fused_attention(qb, kb, vb, bias, pb, kpb, causal=causal))
+            outputs.append(fused_attention(qb, kb, vb, bias, pb, kpb, causal=causal, first=start))
             continue
         # keep: the causal visibility, None when every query of the block sees every key.
-        keep = causal_mask(pb, kpb) if causal and int(pb.min()) < n_visible - 1 else None
+        keep = causal_mask(pb, kpb) if causal and (span is None or span[0] < n_visible - 1) else None
         extra = {} if eb is None else {"extra_keys": eb}  # only encodings with an input_keys hook
         out = encoding.attention_block(
             qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes, **extra
@@ -430,12 +468,15 @@ def fused_attention(
     k_pos: Tensor,
     *,
     causal: bool,
+    first: int | None = None,
 ) -> Tensor:
-    """``F.scaled_dot_product_attention`` with the bias (and the causal mask) as one float mask."""
+    """``F.scaled_dot_product_attention`` with the bias (and the causal mask) as one float mask.
+    ``first``: the first query's position when the queries are consecutive (see `query_span`)."""
     n_queries, n_keys = q.shape[2], k.shape[2]
-    # Every query sees every key, e.g. one decoding step: nothing to mask.
-    sees_all = causal and int(q_pos.min()) >= int(k_pos.max())
-    plain_causal = causal and n_queries == n_keys and bool((q_pos == k_pos).all())
+    span = query_span(q_pos, first) if causal else None
+    # Every query sees every key, e.g. one decoding step: nothing to mask (keys are 0..S-1).
+    sees_all = span is not None and span[0] >= n_keys - 1
+    plain_causal = causal and same_positions(q_pos, k_pos, first)
     if bias is None and (plain_causal or not causal or sees_all):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
     mask = torch.zeros(n_queries, n_keys, dtype=q.dtype, device=q.device) if bias is None else bias

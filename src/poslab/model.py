@@ -270,7 +270,9 @@ class SelfAttention(nn.Module):
             v,
             encoding if encoding.hooks - {"embed"} else None,  # embed-only: applied to the input
             causal=self.causal,
-            positions=positions,
+            # positions are attend's default, the last T of the S keys (a cache holds the S - T
+            # before them): None lets attend read them from the shapes (torch.compile can trace that)
+            positions=None,
             impl=self.impl,
             rotated=rotated,
             extra_keys=extra,

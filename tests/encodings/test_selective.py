@@ -31,7 +31,7 @@ def test_the_penalty_from_a_prefix_equals_the_penalty_from_zero():
     prefixes = selection_prefixes(queries, keys, starts, k_pos, scale)
     for start, end, prefix in zip(starts, [*starts[1:], 13], prefixes, strict=True):
         rows = torch.arange(start, end)
-        penalty = selection_penalty(queries, keys, rows, k_pos, scale, prefix)
+        penalty = selection_penalty(queries, keys, rows, k_pos, scale, (prefix, (start, end - 1)))
         torch.testing.assert_close(penalty, whole[:, rows])
 
 
@@ -61,3 +61,20 @@ def test_blocks_out_of_order_fall_back_to_summing_from_zero():
     positions = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 0])
     blocked = attend(q, k, v, enc, positions=positions, block_size=2, extra_keys=q)
     torch.testing.assert_close(blocked, attend(q, k, v, enc, positions=positions, impl="eager", extra_keys=q))
+
+
+def test_blocks_carrying_the_penalty_compile_with_fullgraph():
+    torch.manual_seed(3)
+    enc = build_encoding("selective", n_heads=2, head_dim=4).double()
+    q, k, v = (torch.randn(1, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def run(q, k, v):
+        return attend(q, k, v, enc, block_size=4, extra_keys=q)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    want, got = attend(q, k, v, enc, impl="eager", extra_keys=q), compiled(q, k, v)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.sum(), (q, k, v)) for out in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -311,3 +311,44 @@ def test_a_nan_in_a_query_gives_a_nan_row_as_other_encodings_do(monkeypatch, pat
     out = poslab.attend(q, k, v, enc, impl="eager" if path == "eager" else "auto")
     alibi = poslab.attend(q, k, v, poslab.build_encoding("alibi", n_heads=2, head_dim=8))
     assert torch.equal(out.isnan(), alibi.isnan()) and out[0, 0, 3].isnan().all()
+
+
+def op_inputs(dtype, *, with_bias: bool, grad: bool):
+    """Small inputs of the block ops (q, k, v, table, bias, keep, npos_max), leaves with gradients
+    when ``grad``; the bias (H, t, S), contiguous, as the native op takes it."""
+    args, _ = random_case(dtype, t=5, s=9, npos_max=6, with_bias=with_bias)
+    q, k, v, table, bias, keep, npos_max = args
+    q, k, v, table, bias = (
+        None if x is None else x.detach().requires_grad_(grad) for x in (q, k, v, table, bias)
+    )
+    return q, k, v, table, bias, keep, npos_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("op", ["cope_block", "cope_rows_block"])
+def test_the_block_ops_pass_opcheck(op, with_bias, save, dtype):
+    """Schema (no input mutated, no output aliased), fake (meta) implementation, autograd
+    registration and AOT dispatch (dynamic shapes included) of each forward op, in training and in
+    inference, and of its backward op, as torch.compile uses them."""
+    q, k, v, table, bias, keep, npos_max = op_inputs(dtype, with_bias=with_bias, grad=True)
+    extra = (npos_max,) if op == "cope_block" else ()
+    forward, backward = getattr(cope, op), getattr(cope, f"{op}_backward")
+    torch.library.opcheck(forward, (q, k, v, table, bias, keep, *extra, save, True))
+    plain = [None if x is None else x.detach() for x in (q, k, v, table, bias)]
+    torch.library.opcheck(forward, (*plain, None, *extra, save, False))  # inference, all keys visible
+    out, saved = forward(*plain, keep, *extra, save, True)
+    assert len(saved) == ((2 if op == "cope_rows_block" else 6) if save else 1)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(backward, (grad, *plain, keep, out, saved, *extra, with_bias))
+
+
+def test_the_native_op_refuses_keys_that_are_not_a_prefix():
+    """Under torch.compile ``cope_attention`` cannot look at ``keep`` before taking the native op:
+    the op itself raises for a pattern the kernel would compute wrongly."""
+    q, k, v, table, bias, keep, _ = op_inputs(torch.float32, with_bias=False, grad=False)
+    scattered = keep.clone()
+    scattered[:, 0] = False
+    with pytest.raises(ValueError, match="visible keys must be a prefix"):
+        cope.cope_rows_block(q, k, v, table, bias, scattered, False, False)

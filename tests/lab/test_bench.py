@@ -170,6 +170,54 @@ def test_cli_bench_quick_section_writes_json(tmp_path, capsys):
     assert main(["bench", "--sections", "speed", "--out", str(out)]) == 2
 
 
+def test_compile_table_times_compiled_against_eager_side_by_side():
+    """Each encoding's attention and training step, eager and compiled, with the ratio of the two and
+    the first (compiling) call apart; aot_eager here, as inductor would build C++ for minutes."""
+    table = bench.bench_compile(
+        batch=1, heads=2, length=16, head_dim=8, d_model=16, layers=1, repeats=1,
+        encodings=["alibi", "cope"], backend="aot_eager",
+    )  # fmt: skip
+    assert [(r["encoding"], r["what"]) for r in table.rows] == [
+        ("alibi", "attention fwd+bwd"),
+        ("alibi", "train step"),
+        ("cope", "attention fwd+bwd"),
+        ("cope", "train step"),
+    ]
+    for row in table.rows:
+        assert row["first call s"] > 0 and row["eager ms"] > 0, row
+        assert row["compiled / eager"] == pytest.approx(row["compiled ms"] / row["eager ms"])
+    assert table.settings["backend"] == "aot_eager" and "aot_eager" in table.title
+    assert bench.DEFAULT_SECTIONS == ("attention", "step", "decode", "memory")
+
+
+def test_a_compile_failure_is_a_row_not_an_error(monkeypatch):
+    def refuse(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no compiler\nmore")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    table = bench.bench_compile(
+        batch=1, heads=2, length=8, head_dim=8, d_model=16, layers=1, repeats=1, encodings=["rope"]
+    )
+    assert [r["compiled ms"] for r in table.rows] == ["failed: RuntimeError: no compiler"] * 2
+
+
+def test_cli_compile_flag_adds_the_compile_section(tmp_path, capsys, monkeypatch):
+    from poslab.lab.cli import main
+
+    asked = []
+    for section in ("decode", "compile"):
+        table = bench.Table(section, ["a"], [{"a": 1}])
+        monkeypatch.setattr(bench, f"bench_{section}", lambda table=table, **kw: asked.append(kw) or table)
+    out = tmp_path / "b.json"
+    assert main(["bench", "--sections", "decode", "--compile", "--quick", "--out", str(out)]) == 0
+    assert [t["title"] for t in json.loads(out.read_text())] == ["decode", "compile"]
+    assert asked[1] == {"device": "cpu", "length": 128, "repeats": 3}  # --quick: small shapes
+    assert "section 2/2, compile" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("sections", [",", " , ,", ""])
 def test_bench_with_no_section_keeps_the_old_file(capsys, tmp_path, sections):
     """``--sections ,`` used to measure nothing and write ``[]`` over the last bench.json."""

@@ -156,16 +156,16 @@ class PositionEncoding(nn.Module):
         q: Tensor,
         k: Tensor,
         extra_keys: Tensor | None,
-        block_starts: list[int],
+        spans: list[tuple[int, int]],
         k_pos: Tensor,
         *,
         causal: bool,
-    ) -> list[Tensor] | None:
-        """Optional per-call state for query-block attention: one tensor per query block, handed to
+    ) -> list[object] | None:
+        """Optional per-call state for query-block attention: one object per query block, handed to
         ``logits`` as the keyword ``context`` for that block, or None (the default: blocks need
         nothing from each other). For encodings whose logits at a query read earlier queries (the
         selective penalty sums over them), so that each block does not recompute all of them.
-        ``block_starts`` are the first query positions of the blocks, ascending; q, k and
+        ``spans`` are the (lowest, highest) query positions of the blocks, in block order; q, k and
         ``extra_keys`` are the whole call's (B, H, ., .).
         """
         return None

@@ -279,7 +279,9 @@ class RoPE(PositionEncoding):
             inv_freq, mscale = self.frequencies(seq_len)
             return self._angles(positions, inv_freq.to(self.inv_freq), mscale)
         freq = self.inv_freq_long if long else self.inv_freq
-        if positions.is_floating_point() or positions.numel() == 0:
+        # The table's size depends on the positions' values, which a torch.compile trace cannot branch
+        # on: compiled, the angles are computed directly (the same products, cos and sin).
+        if positions.is_floating_point() or positions.numel() == 0 or torch.compiler.is_compiling():
             return self._angles(positions, freq, self.mscale)
         low, high = (int(p) for p in torch.aminmax(positions))
         if low < 0:

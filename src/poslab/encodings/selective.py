@@ -38,7 +38,7 @@ def selection_penalty(
     q_pos: Tensor,
     k_pos: Tensor,
     scale: float,
-    prefix: Tensor | None = None,
+    prefix: tuple[Tensor, tuple[int, int]] | None = None,
 ) -> Tensor:
     """F (B, T, S) for the queries at ``q_pos`` from the selecting head's queries and keys.
 
@@ -47,15 +47,22 @@ def selection_penalty(
         keys: (B, S, D) its keys at ``k_pos`` (0..S-1).
         q_pos: (T,) the positions whose penalty is wanted.
         scale: the attention's logit scale (1/sqrt(D)).
-        prefix: (B, S') the penalty's sum over the queries t < min(q_pos) (`selection_prefixes`),
-            S' >= S, so that only the queries from min(q_pos) on are summed here; None: from 0.
+        prefix: ``(P, (first, last))``, the positions ``q_pos`` span and P (B, S'), S' >= S, the
+            penalty's sum over the queries t < first (`selection_prefixes`), so that only the queries
+            first..last-1 are summed here; None: from 0.
     """
-    start = 0 if prefix is None else int(q_pos.min())
-    t_pos = torch.arange(start, int(q_pos.max()), device=k_pos.device)  # F_i reads the queries t < i
-    accumulated = F.pad(_selection(queries, keys, t_pos, k_pos, scale).cumsum(-2), (0, 0, 1, 0))
-    if prefix is not None:  # row i: the prefix plus sum_{start <= t < i} S_t
+    if prefix is not None:  # the block's rows: the prefix plus sum_{first <= t < i} S_t
+        prefix, (first, last) = prefix
+        t_pos = torch.arange(first, last, device=k_pos.device)
+        accumulated = F.pad(_selection(queries, keys, t_pos, k_pos, scale).cumsum(-2), (0, 0, 1, 0))
         accumulated = accumulated + prefix[:, None, : keys.shape[1]].to(accumulated.dtype)
-    return accumulated[:, q_pos - start]
+        return accumulated[:, q_pos - first]
+    # F_i reads the queries t < i only; a torch.compile trace cannot read max(q_pos) and takes all n
+    # rows instead (the rows past it are computed, never read).
+    n_hist = queries.shape[1] if torch.compiler.is_compiling() else int(q_pos.max())
+    t_pos = torch.arange(n_hist, device=k_pos.device)
+    accumulated = F.pad(_selection(queries, keys, t_pos, k_pos, scale).cumsum(-2), (0, 0, 1, 0))
+    return accumulated[:, q_pos]  # row i: sum_{t<i} S_t; row 0 is 0
 
 
 def selection_prefixes(
@@ -118,7 +125,7 @@ class Selective(PositionEncoding):
         *,
         causal: bool,
         extra_keys: Tensor | None = None,
-        context: Tensor | None = None,
+        context: tuple[Tensor, tuple[int, int]] | None = None,
     ) -> Tensor:
         self.check_mode(causal)
         if extra_keys is None:
@@ -134,17 +141,19 @@ class Selective(PositionEncoding):
         q: Tensor,
         k: Tensor,
         extra_keys: Tensor | None,
-        block_starts: list[int],
+        spans: list[tuple[int, int]],
         k_pos: Tensor,
         *,
         causal: bool,
-    ) -> list[Tensor] | None:
+    ) -> list[tuple[Tensor, tuple[int, int]]] | None:
         """Each query block's penalty sum over the queries before it, made in one pass."""
-        if extra_keys is None or len(block_starts) < 2 or block_starts != sorted(block_starts):
+        starts = [first for first, _ in spans]
+        if extra_keys is None or len(spans) < 2 or starts != sorted(starts):
             return None  # one block, or positions out of order: each block sums from 0 itself
         scale = 1 / math.sqrt(q.shape[-1])
         h = self.head
-        return selection_prefixes(extra_keys[:, h].to(k.dtype), k[:, h], block_starts, k_pos, scale)
+        prefixes = selection_prefixes(extra_keys[:, h].to(k.dtype), k[:, h], starts, k_pos, scale)
+        return list(zip(prefixes, spans, strict=True))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, head={self.head}"

@@ -16,7 +16,7 @@ Gradients (per row i; p the clamped positions, w = p - floor p, d = z[ceil p] - 
     dg_it = sum_{j <= t} dp_ij (p is a reverse cumulative sum of the gates)
     ds = dlogits + dg * g * (1 - g)
 
-On CPU the per-row elementwise work runs in C++ instead where it can (``NativeCoPEAttentionFn``,
+On CPU the per-row elementwise work runs in C++ instead where it can (``cope_rows_block``,
 ``kernels/cope_rows.cpp`` built by ``poslab.kernels.native``): the matrix products stay in PyTorch
 (q k^T, q e^T, dO v^T and the gradients' products), and the kernel goes once over each row for
 gates, positions (the same running sum from the row's last key, accumulated in double), the
@@ -78,52 +78,116 @@ def _forward_block(q, k, v, table, bias, keep, npos_max, *, saved: bool = False)
     return logits, gates, weight, delta, idx_floor, idx_ceil
 
 
-class CoPEAttentionFn(torch.autograd.Function):
-    """softmax(CoPE logits + bias, causal) @ v for one query block; see the module docstring."""
+# The block kernels are torch custom ops (``torch.library.custom_op``): opaque to torch.compile, which
+# cannot trace their scratch buffers, in-place arithmetic or ctypes calls, and the same ops in eager
+# mode. Each forward returns the output and what its backward needs ("saved": the intermediates when
+# the block may keep them, else the row lse; nothing for inference, ``train`` False); the backward
+# is an op of its own, wired in with ``register_autograd``.
 
-    @staticmethod
-    def forward(ctx, q, k, v, table, bias, keep, npos_max, save):  # noqa: D102
-        logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max, saved=save)
-        probs, lse = row_softmax_(logits, need_lse=not save)
-        # Either the block's intermediates (backward skips the recomputation) or the row lse.
-        saved = (probs, *rest) if save else (lse,)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, table, bias, keep, out, *saved)
-        ctx.npos_max = npos_max
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        kept = len(saved) > 1  # saved tensors must stay intact (a second backward may read them)
-        if kept:
-            probs, gates, weight, delta, idx_floor, idx_ceil = saved
-        else:
-            logits, gates, weight, delta, idx_floor, idx_ceil = _forward_block(
-                q, k, v, table, bias, keep, ctx.npos_max
-            )
-            probs = logits.sub_(saved[0]).exp_()  # (B, H, t, S)
-        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[4]:
-            grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)
+def _cope_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    npos_max: int,
+    save: bool,
+    train: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """softmax(CoPE logits + bias, masked by keep) @ v for one query block (the PyTorch path; see the
+    module docstring) and the tensors its backward reads."""
+    if not train:  # inference (e.g. each step of cached decoding): one fused softmax, nothing kept
+        logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
+        return torch.matmul(row_softmax_(logits, need_lse=False)[0], v), []
+    logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max, saved=save)
+    probs, lse = row_softmax_(logits, need_lse=not save)
+    # Either the block's intermediates (backward skips the recomputation) or the row lse.
+    return torch.matmul(probs, v), [probs, *rest] if save else [lse]
 
-        grad_z = torch.zeros(*q.shape[:-1], table.shape[0], dtype=q.dtype, device=q.device)
-        # Unless kept, probs' buffer is free now (and delta's once read).
-        upper = torch.mul(grad_logits, weight, out=scratch("cope_upper", probs.shape, q) if kept else probs)
-        grad_z.scatter_add_(-1, idx_ceil, upper)
-        grad_z.scatter_add_(-1, idx_floor, torch.sub(grad_logits, upper, out=upper))
-        # dg_it = sum_{j<=t} dp_ij, then * g (1 - g) = x g - (x g) g; g = 0 in the future
-        grad_gates = torch.mul(delta, grad_logits, out=upper if kept else delta).cumsum_(-1)
-        grad_gates.mul_(gates)
-        grad_gates.addcmul_(grad_gates, gates, value=-1.0)
-        grad_scores = grad_logits.add_(grad_gates).mul_(scale)  # dA, scaled for the q.k product
 
-        grad_q = torch.matmul(grad_scores, k).add_(torch.matmul(grad_z, table), alpha=scale)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
-        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None, None
+cope_block = torch.library.custom_op("poslab::cope_block", _cope_block, mutates_args=())
+
+
+@cope_block.register_fake
+def _(q, k, v, table, bias, keep, npos_max, save, train):
+    shape = (*q.shape[:-1], k.shape[2])
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if not train:
+        return out, []
+    if not save:
+        return out, [q.new_empty(*q.shape[:-1], 1)]
+    floats = [q.new_empty(shape) for _ in range(4)]  # probs, gates, weight, delta
+    return out, [*floats, *(q.new_empty(shape, dtype=torch.int64) for _ in range(2))]
+
+
+@torch.library.custom_op("poslab::cope_block_backward", mutates_args=())
+def cope_block_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    out: Tensor,
+    saved: list[Tensor],
+    npos_max: int,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/d(q, k, v, table, bias) of ``cope_block``; the bias gradient is empty unless ``bias_grad``."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    kept = len(saved) > 1  # saved tensors must stay intact (a second backward may read them)
+    if kept:
+        probs, gates, weight, delta, idx_floor, idx_ceil = saved
+    else:
+        logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max)
+        gates, weight, delta, idx_floor, idx_ceil = rest
+        probs = logits.sub_(saved[0]).exp_()  # (B, H, t, S)
+    grad_v, grad_logits = attention_backward(probs, v, out, grad_out)
+    grad_bias = q.new_empty(0)
+    if bias is not None and bias_grad:
+        grad_bias = grad_logits.sum(0).sum_to_size(bias.shape)
+
+    grad_z = torch.zeros(*q.shape[:-1], table.shape[0], dtype=q.dtype, device=q.device)
+    # Unless kept, probs' buffer is free now (and delta's once read).
+    upper = torch.mul(grad_logits, weight, out=scratch("cope_upper", probs.shape, q) if kept else probs)
+    grad_z.scatter_add_(-1, idx_ceil, upper)
+    grad_z.scatter_add_(-1, idx_floor, torch.sub(grad_logits, upper, out=upper))
+    # dg_it = sum_{j<=t} dp_ij, then * g (1 - g) = x g - (x g) g; g = 0 in the future
+    grad_gates = torch.mul(delta, grad_logits, out=upper if kept else delta).cumsum_(-1)
+    grad_gates.mul_(gates)
+    grad_gates.addcmul_(grad_gates, gates, value=-1.0)
+    grad_scores = grad_logits.add_(grad_gates).mul_(scale)  # dA, scaled for the q.k product
+
+    grad_q = torch.matmul(grad_scores, k).add_(torch.matmul(grad_z, table), alpha=scale)
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+    grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
+    return grad_q, grad_k, grad_v, grad_table, grad_bias
+
+
+@cope_block_backward.register_fake
+def _(grad_out, q, k, v, table, bias, keep, out, saved, npos_max, bias_grad):
+    grad_bias = torch.empty_like(bias) if bias is not None and bias_grad else q.new_empty(0)
+    return (*(torch.empty_like(x) for x in (q, k, v, table)), grad_bias)
+
+
+def _save_context(ctx, inputs, output) -> None:
+    """setup_context of the block ops: q, k, v, table, bias, keep, the output and the saved list."""
+    ctx.save_for_backward(*inputs[:6], output[0], *output[1])
+    ctx.mark_non_differentiable(*output[1])
+    ctx.args = inputs[6:]  # the non-tensor arguments after keep
+
+
+def _cope_backward(ctx, grad_out, _grad_saved):
+    q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[4]
+    grads = cope_block_backward(grad_out, q, k, v, table, bias, keep, out, saved, ctx.args[0], bias_grad)
+    return *grads[:4], grads[4] if bias_grad else None, None, None, None, None
+
+
+cope_block.register_autograd(_cope_backward, setup_context=_save_context)
 
 
 def _native_probs(q, k, table, bias, row_len, *, keep: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -148,55 +212,114 @@ def _scaled_products(q: Tensor, k: Tensor | None, table: Tensor, scores: Tensor 
     return torch.matmul(q, table.t(), out=scratch("cope_z", (*q.shape[:-1], table.shape[0]), q))
 
 
-class NativeCoPEAttentionFn(torch.autograd.Function):
-    """The same function as ``CoPEAttentionFn``, its per-row work in ``cope_rows.cpp``
-    (``poslab.kernels.native``); the visible keys of each row are a prefix of length row_len (t,).
+def _cope_rows_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    save: bool,
+    train: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """``cope_block`` with the per-row work in ``cope_rows.cpp`` (``poslab.kernels.native``); each
+    row's visible keys (``keep``) must be a prefix, and the table exactly npos_max rows.
 
     Saving for backward costs two floats per entry, the probabilities and the gates: the backward
     then only sums the positions again from the gates. Without the budget it recomputes the scores A
     with one matrix product and the kernel recomputes gates, positions and probabilities from A, z and
     the row lse."""
+    row_len = _row_lengths(keep, q.shape[2], k.shape[2])
+    if not train:
+        probs, _, _ = _native_probs(q, k, table, bias, row_len)
+        return torch.matmul(probs, v), []
+    probs, lse, gates = _native_probs(q, k, table, bias, row_len, keep=save)
+    return torch.matmul(probs, v), [probs, gates] if save else [lse]
 
-    @staticmethod
-    def forward(ctx, q, k, v, table, bias, row_len, save):  # noqa: D102
-        probs, lse, gates = _native_probs(q, k, table, bias, row_len, keep=save)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, table, bias, row_len, out, *((probs, gates) if save else (lse,)))
-        ctx.save = save
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, table, bias, row_len, out, *saved = ctx.saved_tensors
-        shape = (*q.shape[:-1], k.shape[2])
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        grad_out = grad_out.contiguous()
-        grad = torch.matmul(grad_out, v.transpose(-1, -2), out=scratch("grad_logits", shape, q))  # dP
-        rowdot = (grad_out * out).sum(-1)
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[4]:
-            grad_bias = torch.zeros_like(bias)
-        if ctx.save:  # the kept probabilities and gates are only read: a second backward may need them
-            probs, gates = saved
-            z = _scaled_products(q, None, table, None)
-            grad_z = torch.empty_like(z)
-            native.cope_rows_backward_saved_(
-                probs, gates, z, row_len, rowdot, scale=scale, grad=grad, grad_z=grad_z, grad_bias=grad_bias
-            )
-        else:
-            (lse,) = saved
-            scores = probs = scratch("cope_scores", shape, q)
-            z = _scaled_products(q, k, table, scores)
-            grad_z = torch.empty_like(z)
-            native.cope_rows_backward_(
-                scores, z, bias, row_len, lse, rowdot, scale=scale, probs=probs, grad=grad, grad_z=grad_z,
-                grad_bias=grad_bias,
-            )  # fmt: skip
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_q = torch.matmul(grad, k).add_(torch.matmul(grad_z, table), alpha=scale)
-        grad_k = torch.matmul(grad.transpose(-1, -2), q)
-        grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
-        return grad_q, grad_k, grad_v, grad_table, grad_bias, None, None
+cope_rows_block = torch.library.custom_op("poslab::cope_rows_block", _cope_rows_block, mutates_args=())
+
+
+@cope_rows_block.register_fake
+def _(q, k, v, table, bias, keep, save, train):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if not train:
+        return out, []
+    if save:
+        return out, [q.new_empty(*q.shape[:-1], k.shape[2]) for _ in range(2)]
+    return out, [q.new_empty(q.shape[:-1])]
+
+
+@torch.library.custom_op("poslab::cope_rows_block_backward", mutates_args=())
+def cope_rows_block_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    out: Tensor,
+    saved: list[Tensor],
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/d(q, k, v, table, bias) of ``cope_rows_block``; the bias gradient is empty unless ``bias_grad``."""
+    row_len = _row_lengths(keep, q.shape[2], k.shape[2])
+    shape = (*q.shape[:-1], k.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    grad_out = grad_out.contiguous()
+    grad = torch.matmul(grad_out, v.transpose(-1, -2), out=scratch("grad_logits", shape, q))  # dP
+    rowdot = (grad_out * out).sum(-1)
+    grad_bias = torch.zeros_like(bias) if bias is not None and bias_grad else None
+    if len(saved) == 2:  # the kept probabilities and gates are only read: a second backward may need them
+        probs, gates = saved
+        z = _scaled_products(q, None, table, None)
+        grad_z = torch.empty_like(z)
+        native.cope_rows_backward_saved_(
+            probs, gates, z, row_len, rowdot, scale=scale, grad=grad, grad_z=grad_z, grad_bias=grad_bias
+        )
+    else:
+        (lse,) = saved
+        scores = probs = scratch("cope_scores", shape, q)
+        z = _scaled_products(q, k, table, scores)
+        grad_z = torch.empty_like(z)
+        native.cope_rows_backward_(
+            scores, z, bias, row_len, lse, rowdot, scale=scale, probs=probs, grad=grad, grad_z=grad_z,
+            grad_bias=grad_bias,
+        )  # fmt: skip
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+    grad_q = torch.matmul(grad, k).add_(torch.matmul(grad_z, table), alpha=scale)
+    grad_k = torch.matmul(grad.transpose(-1, -2), q)
+    grad_table = torch.einsum("bhtp,bhtd->pd", grad_z, q).mul_(scale)
+    return grad_q, grad_k, grad_v, grad_table, q.new_empty(0) if grad_bias is None else grad_bias
+
+
+@cope_rows_block_backward.register_fake
+def _(grad_out, q, k, v, table, bias, keep, out, saved, bias_grad):
+    grad_bias = torch.empty_like(bias) if bias is not None and bias_grad else q.new_empty(0)
+    return (*(torch.empty_like(x) for x in (q, k, v, table)), grad_bias)
+
+
+def _cope_rows_backward(ctx, grad_out, _grad_saved):
+    q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[4]
+    grads = cope_rows_block_backward(grad_out, q, k, v, table, bias, keep, out, saved, bias_grad)
+    return *grads[:4], grads[4] if bias_grad else None, None, None, None
+
+
+cope_rows_block.register_autograd(_cope_rows_backward, setup_context=_save_context)
+
+
+def _row_lengths(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
+    """``prefix_lengths``, which the native kernel needs: a ValueError for any other pattern (in
+    eager mode ``cope_attention`` sends those to the PyTorch path; a torch.compile trace cannot look)."""
+    row_len = prefix_lengths(keep, t, n_keys)
+    if row_len is None:
+        raise ValueError(
+            "native CoPE: every row's visible keys must be a prefix of the keys (causal attention over "
+            "keys 0..S-1); run other patterns with POSLAB_NATIVE=0"
+        )
+    return row_len
 
 
 def prefix_lengths(keep: Tensor | None, t: int, n_keys: int) -> Tensor | None:
@@ -215,11 +338,15 @@ def uses_native(q: Tensor, *others: Tensor | None) -> bool:
     PyTorch path on this machine by the guard's cached timing (per head size and dtype)."""
     if not native.cope_supports(q, *others):
         return False
-    if native.mode() == "on":
-        return True
-    head_dim = q.shape[-1]
-    key = f"cope-d{head_dim}-{str(q.dtype).removeprefix('torch.')}"
-    return native.decision(key, None, lambda: time_both_paths(head_dim, q.dtype))
+    return native.mode() == "on" or _native_wins(q.shape[-1], q.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _native_wins(head_dim: int, dtype: torch.dtype) -> bool:
+    """The guard's verdict for this head size and dtype; torch.compile takes it as a constant when it
+    traces (it cannot trace the timing or the file the verdict is cached in)."""
+    key = f"cope-d{head_dim}-{str(dtype).removeprefix('torch.')}"
+    return native.decision(key, None, lambda: time_both_paths(head_dim, dtype))
 
 
 def time_both_paths(head_dim: int, dtype: torch.dtype, *, rounds: int = 3) -> dict[str, float]:
@@ -237,11 +364,10 @@ def time_both_paths(head_dim: int, dtype: torch.dtype, *, rounds: int = 3) -> di
         q, k, v = (rand(n_batch, n_heads, n, head_dim) for n in (t, s, s))
         table = rand(npos, head_dim)
         keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-        row_len = prefix_lengths(keep, t, s)
         grad = torch.randn(n_batch, n_heads, t, head_dim, generator=gen, dtype=dtype)
         runs = {
-            "native": lambda: NativeCoPEAttentionFn.apply(q, k, v, table, None, row_len, True),
-            "torch": lambda: CoPEAttentionFn.apply(q, k, v, table, None, keep, npos, True),
+            "native": lambda: cope_rows_block(q, k, v, table, None, keep, True, True)[0],
+            "torch": lambda: cope_block(q, k, v, table, None, keep, npos, True, True)[0],
         }
         return native.best_times(runs, grad, rounds)
 
@@ -266,26 +392,41 @@ def cope_attention(
     None, keep (t, S) boolean visibility (None: all visible). Returns (B, H, t, Dh).
     ``save_bytes``: how much the forward may keep for backward instead of recomputing the block."""
     table = table.to(q.dtype)
-    if table.shape[0] == npos_max and uses_native(q, k, v, table, bias):  # CPU only: no GPU sync below
-        row_len = prefix_lengths(keep, q.shape[2], k.shape[2])
-        if row_len is not None:
-            return _native_attention(q, k, v, table, bias, row_len, save_bytes)
-    if needs_autograd(q, k, v, table, bias):
-        save = q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
-        return CoPEAttentionFn.apply(q, k, v, table, bias, keep, npos_max, save)
-    # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
-    logits, *_ = _forward_block(q, k, v, table, bias, keep, npos_max)
-    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
+    # CPU only: no GPU sync in prefix_lengths. A torch.compile trace cannot check that keep shows
+    # prefixes; attend's causal masks always do, and the native op raises for any other pattern.
+    if (
+        table.shape[0] == npos_max
+        and uses_native(q, k, v, table, bias)
+        and (torch.compiler.is_compiling() or prefix_lengths(keep, q.shape[2], k.shape[2]) is not None)
+    ):
+        return _native_attention(q, k, v, table, bias, keep, save_bytes)
+    train = needs_autograd(q, k, v, table, bias)
+    save = train and q.shape[:-1].numel() * k.shape[2] * saved_bytes_per_entry(q.element_size()) <= save_bytes
+    return torch_block(q, k, v, table, bias, keep, npos_max, save, train)
 
 
-def _native_attention(q, k, v, table, bias, row_len, save_bytes: int) -> Tensor:
+def torch_block(q, k, v, table, bias, keep, npos_max: int, save: bool, train: bool) -> Tensor:
+    """One block through the PyTorch-path op (``cope_block``); its output alone."""
+    if train or torch.compiler.is_compiling():
+        return cope_block(q, k, v, table, bias, keep, npos_max, save, train)[0]
+    # Eager inference (e.g. a decoding step): the op's function, without the dispatcher's ~30 us.
+    return _cope_block(q, k, v, table, bias, keep, npos_max, save, train)[0]
+
+
+def native_block(q, k, v, table, bias, keep, save: bool, train: bool) -> Tensor:
+    """One block through the native op (``cope_rows_block``); its output alone."""
+    if train or torch.compiler.is_compiling():
+        return cope_rows_block(q, k, v, table, bias, keep, save, train)[0]
+    # Eager inference (e.g. a decoding step): the op's function, without the dispatcher's ~30 us.
+    return _cope_rows_block(q, k, v, table, bias, keep, save, train)[0]
+
+
+def _native_attention(q, k, v, table, bias, keep, save_bytes: int) -> Tensor:
     n_batch, n_heads, t, _ = q.shape
     n_keys = k.shape[2]
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
     table = table.contiguous()
-    if needs_autograd(q, k, v, table, bias):
-        save = q.shape[:-1].numel() * n_keys * 2 * q.element_size() <= save_bytes
-        return NativeCoPEAttentionFn.apply(q, k, v, table, bias, row_len, save)
-    probs, _, _ = _native_probs(q, k, table, bias, row_len)
-    return torch.matmul(probs, v)
+    train = needs_autograd(q, k, v, table, bias)
+    save = train and q.shape[:-1].numel() * n_keys * 2 * q.element_size() <= save_bytes
+    return native_block(q, k, v, table, bias, keep, save, train)

@@ -13,7 +13,7 @@ attention hands each block a share of a per-call budget (``poslab.attention.SAVE
 stays bounded at any length. The hidden map is D/H times the size of the scores, so blocks should
 be smaller than for plain attention (the caller sizes them).
 
-On CPU the MLP runs in C++ instead where it can (``NativeDAPEAttentionFn``, ``poslab.kernels.native``):
+On CPU the MLP runs in C++ instead where it can (``dape_mlp_block``, ``poslab.kernels.native``):
 the same function with the hidden map kept in registers, so only the scores and the probabilities
 (2H floats per entry) are worth saving, and keys a causal row cannot see are skipped. The same
 function runs DAPE V2 (arXiv 2410.04798) with kernel_size 3, both convolutions along the keys in C++.
@@ -81,64 +81,157 @@ def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, keep: Tenso
     return torch.cat((w1, b1[:, None]), dim=1), logit_bias
 
 
-class DAPEAttentionFn(torch.autograd.Function):
-    """softmax(A + [B] + f([A; B]), causal) @ v for one query block; see the module docstring."""
+# The block kernels are torch custom ops, as CoPE's (``poslab.kernels.cope``): opaque to
+# torch.compile, the same ops in eager mode; each forward returns the output and what its backward
+# reads ("saved"), and the backward is an op of its own.
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, keep, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        weight, logit_bias = _folded(w1, b1, b2, bias, keep, add_base)
+
+def _dape_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    add_base: bool,
+    save: bool,
+    train: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """softmax(A + [B] + f([A; B]), masked by keep) @ v for one query block (the PyTorch path; see
+    the module docstring) and the tensors its backward reads."""
+    weight, logit_bias = _folded(w1, b1, b2, bias, keep, add_base)
+    if not train:  # inference (e.g. each step of cached decoding): one fused softmax, nothing kept
+        _, _, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
+        return torch.matmul(row_softmax_(logits, need_lse=False)[0], v), []
+    feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
+    probs, lse = row_softmax_(logits, need_lse=not save)
+    # Either the block's intermediates (backward skips the recomputation) or the row lse.
+    return torch.matmul(probs, v), [feats, hidden, probs] if save else [lse]
+
+
+dape_block = torch.library.custom_op("poslab::dape_block", _dape_block, mutates_args=())
+
+
+@dape_block.register_fake
+def _(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if not train:
+        return out, []
+    if not save:
+        return out, [q.new_empty(*q.shape[:-1], 1)]
+    n_batch, n_heads, t, _ = q.shape
+    s = k.shape[2]
+    n_feats = n_heads + 1 if bias is None else 2 * n_heads + 1
+    feats = q.new_empty(n_batch, t, s, n_feats)
+    return out, [feats, q.new_empty(n_batch * t * s, w1.shape[0]), q.new_empty(n_batch, n_heads, t, s)]
+
+
+@torch.library.custom_op("poslab::dape_block_backward", mutates_args=())
+def dape_block_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    out: Tensor,
+    saved: list[Tensor],
+    add_base: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/d(q, k, v, bias, w1, b1, w2, b2) of ``dape_block``; the bias gradient is empty unless
+    ``bias_grad``."""
+    n_batch, n_heads, t, _ = q.shape
+    weight, logit_bias = _folded(w1, b1, b2, bias, keep, add_base)
+    if len(saved) == 3:
+        feats, hidden, probs = saved
+    else:
         feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
-        probs, lse = row_softmax_(logits, need_lse=not save)
-        # Either the block's intermediates (backward skips the recomputation) or the row lse.
-        saved = (feats, hidden, probs) if save else (lse,)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, bias, keep, w1, b1, w2, b2, out, *saved)
-        ctx.add_base = add_base
-        return out
+        probs = logits.sub_(saved[0]).exp_()
+    s = probs.shape[-1]
+    n_rows = n_batch * t * s
+    grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
+    grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_rows, n_heads)
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    # Reductions over the rows as (few, N) @ (N, D): BLAS is far slower as (D, N) @ (N, few).
+    grad_w2 = torch.mm(grad_last.t(), hidden)  # (H, D)
+    grad_b2 = grad_last.sum(0)
+    grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, SLOPE, True)
+    del hidden
+    grad_weight = torch.mm(feats.view(n_rows, -1).t(), grad_pre).t()  # (D, C): [dW1 | db1]
+    # Copies: an op's outputs neither share memory nor differ in layout from its fake's.
+    grad_b1 = grad_weight[:, -1].clone(memory_format=torch.contiguous_format)
+    grad_w1 = grad_weight[:, :-1].clone(memory_format=torch.contiguous_format)
+    if bias is None:  # W1's B columns saw only zeros
+        grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
+    grad_bias = q.new_empty(0)
+    # Right operands as transposes of contiguous (few, D) matrices: BLAS takes twice as long
+    # with a column slice of W1 as (N, D) @ (D, few).
+    if bias is not None and bias_grad:
+        w_feats = weight[:, :-1].t().contiguous().t()
+        grad_feats = torch.mm(grad_pre, w_feats).view(n_batch, t, s, 2 * n_heads)
+        grad_bias = grad_feats[..., n_heads:].sum(0).permute(2, 0, 1)
+        if add_base:
+            grad_bias = grad_bias + grad_logits.sum(0)
+        grad_bias = grad_bias.sum_to_size(bias.shape)
+        if grad_bias.shape != (n_heads, t, s):  # a broadcast bias: contiguous, as the fake says
+            grad_bias = grad_bias.contiguous()
+        grad_from_mlp = grad_feats[..., :n_heads]
+    else:
+        w_scores = weight[:, :n_heads].t().contiguous().t()
+        grad_from_mlp = torch.mm(grad_pre, w_scores).view(n_batch, t, s, n_heads)
+    grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(1.0 / math.sqrt(q.shape[-1]))
+    grad_q = torch.matmul(grad_scores, k)
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+    return grad_q, grad_k, grad_v, grad_bias, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _fake_backward(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, add_base, bias_grad):
+    grad_bias = torch.empty_like(bias) if bias is not None and bias_grad else q.new_empty(0)
+    grads = [torch.empty_like(x) for x in (q, k, v, w1, b1, w2, b2)]
+    return *grads[:3], grad_bias, *grads[3:]
+
+
+@dape_block_backward.register_fake
+def _(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, add_base, bias_grad):
+    grads = _fake_backward(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, add_base, bias_grad)
+    n_batch, n_heads, t, _ = q.shape
+    if bias is None or not bias_grad or bias.shape != (n_heads, t, k.shape[2]):
+        return grads
+    # The bias gradient comes out of the channels-last MLP: (H, t, S) over a (t, S, H) buffer, kept
+    # so (a copy would change how the bias encoding's backward sums it, i.e. its rounding).
+    grad_bias = q.new_empty(t, k.shape[2], n_heads).permute(2, 0, 1)
+    return *grads[:3], grad_bias, *grads[4:]
+
+
+def _save_context(ctx, inputs, output) -> None:
+    """setup_context of the block ops: the tensors q .. b2, the output and the saved list."""
+    ctx.save_for_backward(*inputs[:9], output[0], *output[1])
+    ctx.mark_non_differentiable(*output[1])
+    ctx.add_base = inputs[9]
+
+
+def _backward(op):
+    """The autograd formula of a block op whose backward op is ``op``."""
+
+    def backward(ctx, grad_out, _grad_saved):
         q, k, v, bias, keep, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
-        n_batch, n_heads, t, _ = q.shape
-        weight, logit_bias = _folded(w1, b1, b2, bias, keep, ctx.add_base)
-        if len(saved) == 3:
-            feats, hidden, probs = saved
-        else:
-            feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
-            probs = logits.sub_(saved[0]).exp_()
-        s = probs.shape[-1]
-        n_rows = n_batch * t * s
-        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
-        grad_last = grad_logits.permute(0, 2, 3, 1).reshape(n_rows, n_heads)
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        grads = op(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, ctx.add_base, bias_grad)
+        grad_bias = grads[3] if bias_grad else None
+        return *grads[:3], grad_bias, None, *grads[4:], None, None, None
 
-        # Reductions over the rows as (few, N) @ (N, D): BLAS is far slower as (D, N) @ (N, few).
-        grad_w2 = torch.mm(grad_last.t(), hidden)  # (H, D)
-        grad_b2 = grad_last.sum(0)
-        grad_pre = torch.ops.aten.leaky_relu_backward(torch.mm(grad_last, w2), hidden, SLOPE, True)
-        del hidden
-        grad_weight = torch.mm(feats.view(n_rows, -1).t(), grad_pre).t()  # (D, C): [dW1 | db1]
-        grad_b1 = grad_weight[:, -1]
-        grad_w1 = grad_weight[:, :-1]
-        if bias is None:  # W1's B columns saw only zeros
-            grad_w1 = torch.cat((grad_w1, torch.zeros_like(grad_w1)), dim=1)
-        grad_bias = None
-        # Right operands as transposes of contiguous (few, D) matrices: BLAS takes twice as long
-        # with a column slice of W1 as (N, D) @ (D, few).
-        if bias is not None and ctx.needs_input_grad[3]:
-            w_feats = weight[:, :-1].t().contiguous().t()
-            grad_feats = torch.mm(grad_pre, w_feats).view(n_batch, t, s, 2 * n_heads)
-            grad_bias = grad_feats[..., n_heads:].sum(0).permute(2, 0, 1)
-            if ctx.add_base:
-                grad_bias = grad_bias + grad_logits.sum(0)
-            grad_bias = grad_bias.sum_to_size(bias.shape)
-            grad_from_mlp = grad_feats[..., :n_heads]
-        else:
-            w_scores = weight[:, :n_heads].t().contiguous().t()
-            grad_from_mlp = torch.mm(grad_pre, w_scores).view(n_batch, t, s, n_heads)
-        grad_scores = grad_logits.add_(grad_from_mlp.permute(0, 3, 1, 2)).mul_(1.0 / math.sqrt(q.shape[-1]))
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+    return backward
+
+
+dape_block.register_autograd(_backward(dape_block_backward), setup_context=_save_context)
 
 
 def _row_len(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
@@ -169,46 +262,109 @@ def _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base: bool, saved: b
     return scores, logits
 
 
-class NativeDAPEAttentionFn(torch.autograd.Function):
-    """The same function as ``DAPEAttentionFn``, its MLP in ``dape_mlp.cpp`` (``poslab.kernels.native``).
+def _dape_mlp_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    add_base: bool,
+    save: bool,
+    train: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """``dape_block`` with the MLP in ``dape_mlp.cpp`` (``poslab.kernels.native``); the contiguous
+    weights as the kernel takes them (V2: w1 (D, C, 3), w2 (H, D, 3)); keep causal or None.
 
     The hidden map never exists, so saving for backward costs 2H floats per entry (the scores and
     the probabilities), not 3H + 1 + D; without the budget the backward recomputes both.
     """
+    row_len = _row_len(keep, q.shape[2], k.shape[2])
+    scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base, saved=train and save)
+    probs, lse = row_softmax_(logits, need_lse=train and not save)
+    out = torch.matmul(probs, v)
+    if not train:
+        return out, []
+    return out, [scores, probs] if save else [lse]
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save):  # noqa: D102
-        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base, saved=save)
-        probs, lse = row_softmax_(logits, need_lse=not save)
-        out = torch.matmul(probs, v)
-        saved = (scores, probs) if save else (lse,)
-        ctx.save_for_backward(q, k, v, bias, row_len, w1, b1, w2, b2, out, *saved)
-        ctx.add_base = add_base
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, bias, row_len, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if len(saved) == 2:
-            scores, probs = saved
-        else:
-            scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, ctx.add_base)
-            probs = logits.sub_(saved[0]).exp_()
-        grad_out = grad_out.contiguous()
-        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
-        grad_b2 = grad_logits.sum((0, 2, 3))
-        grad_bias = None
-        if bias is not None and ctx.needs_input_grad[3]:
-            grad_bias = grad_logits.sum(0) if ctx.add_base else torch.zeros_like(bias)
-        # In place: grad_logits becomes dL/dscores.
-        grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
-            scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
-        )
-        grad_scores = grad_logits.mul_(scale)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q, grad_k, grad_v, grad_bias, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+dape_mlp_block = torch.library.custom_op("poslab::dape_mlp_block", _dape_mlp_block, mutates_args=())
+
+
+@dape_mlp_block.register_fake
+def _(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if not train:
+        return out, []
+    if save:
+        return out, [q.new_empty(*q.shape[:-1], k.shape[2]) for _ in range(2)]
+    return out, [q.new_empty(*q.shape[:-1], 1)]
+
+
+@torch.library.custom_op("poslab::dape_mlp_block_backward", mutates_args=())
+def dape_mlp_block_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    keep: Tensor | None,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    out: Tensor,
+    saved: list[Tensor],
+    add_base: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dL/d(q, k, v, bias, w1, b1, w2, b2) of ``dape_mlp_block``; the bias gradient is empty unless
+    ``bias_grad``."""
+    row_len = _row_len(keep, q.shape[2], k.shape[2])
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if len(saved) == 2:
+        scores, probs = saved
+    else:
+        scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
+        probs = logits.sub_(saved[0]).exp_()
+    grad_out = grad_out.contiguous()
+    grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
+    grad_b2 = grad_logits.sum((0, 2, 3))
+    grad_bias = None
+    if bias is not None and bias_grad:
+        grad_bias = grad_logits.sum(0) if add_base else torch.zeros_like(bias)
+    # In place: grad_logits becomes dL/dscores.
+    grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+        scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
+    )
+    grad_scores = grad_logits.mul_(scale)
+    grad_q = torch.matmul(grad_scores, k)
+    grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+    grad_bias = q.new_empty(0) if grad_bias is None else grad_bias
+    return grad_q, grad_k, grad_v, grad_bias, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+dape_mlp_block_backward.register_fake(_fake_backward)
+dape_mlp_block.register_autograd(_backward(dape_mlp_block_backward), setup_context=_save_context)
+
+
+def torch_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base: bool, save: bool, train: bool) -> Tensor:
+    """One block through the PyTorch-path op (``dape_block``); its output alone."""
+    if train or torch.compiler.is_compiling():
+        return dape_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train)[0]
+    # Eager inference (e.g. a decoding step): the op's function, without the dispatcher's ~30 us.
+    return _dape_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train)[0]
+
+
+def native_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base: bool, save: bool, train: bool) -> Tensor:
+    """One block through the native op (``dape_mlp_block``); its output alone."""
+    if train or torch.compiler.is_compiling():
+        return dape_mlp_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train)[0]
+    # Eager inference (e.g. a decoding step): the op's function, without the dispatcher's ~30 us.
+    return _dape_mlp_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train)[0]
 
 
 def v2_eager_block(q, k, v, bias, keep, w1, b1, w2, b2) -> Tensor:
@@ -250,16 +406,11 @@ def dape_attention(
     if lin1.weight.dim() != 2:
         raise ValueError("dape_attention: V2's convolutions run only in the native kernel (CPU, C++)")
     args = (q, k, v, bias, keep, *params)
-    if needs_autograd(*args):
-        n_batch, n_heads, t, _ = q.shape
-        entries = n_batch * t * k.shape[2]
-        per_entry = saved_floats_per_entry(n_heads, lin1.weight.shape[0], bias is not None)
-        save = entries * per_entry * q.element_size() <= save_bytes
-        return DAPEAttentionFn.apply(*args, add_base, save)
-    # Inference (e.g. each step of cached decoding): the same forward, without autograd's bookkeeping.
-    weight, logit_bias = _folded(lin1.weight, lin1.bias, lin2.bias, bias, keep, add_base)
-    _, _, logits = _forward_block(q, k, bias, weight, lin2.weight, logit_bias)
-    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
+    train = needs_autograd(*args)
+    n_batch, n_heads, t, _ = q.shape
+    per_entry = saved_floats_per_entry(n_heads, lin1.weight.shape[0], bias is not None)
+    save = train and n_batch * t * k.shape[2] * per_entry * q.element_size() <= save_bytes
+    return torch_block(*args, add_base, save, train)
 
 
 def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
@@ -269,11 +420,16 @@ def uses_native(q: Tensor, mlp: torch.nn.Sequential) -> bool:
     n_heads = q.shape[1]
     if not native.supports(q, *mlp.parameters(), n_heads=n_heads):
         return False
-    if native.mode() == "on":
-        return True
     width, taps = mlp[0].weight.shape[0], mlp[0].weight.shape[-1] if mlp[0].weight.dim() == 4 else 1
-    key = f"dape-k{taps}-h{n_heads}-d{width}-{str(q.dtype).removeprefix('torch.')}"
-    return native.decision(key, n_heads, lambda: time_both_paths(n_heads, width, q.dtype, taps=taps))
+    return native.mode() == "on" or _native_wins(n_heads, width, taps, q.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _native_wins(n_heads: int, width: int, taps: int, dtype: torch.dtype) -> bool:
+    """The guard's verdict for this MLP and dtype; torch.compile takes it as a constant when it
+    traces (it cannot trace the timing or the file the verdict is cached in)."""
+    key = f"dape-k{taps}-h{n_heads}-d{width}-{str(dtype).removeprefix('torch.')}"
+    return native.decision(key, n_heads, lambda: time_both_paths(n_heads, width, dtype, taps=taps))
 
 
 def time_both_paths(
@@ -301,11 +457,10 @@ def _time_both_paths(
     conv = (taps,) if taps > 1 else ()
     params = (rand(width, 2 * n_heads, *conv), rand(width), rand(n_heads, width, *conv), rand(n_heads))
     keep = torch.ones(t, s, dtype=torch.bool).tril(s - t)
-    row_len = _row_len(keep, t, s)
     grad = torch.randn(n_batch, n_heads, t, head_dim, generator=gen, dtype=dtype)
     runs = {
-        "native": lambda: NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, *params, True, True),
-        "torch": lambda: DAPEAttentionFn.apply(q, k, v, bias, keep, *params, True, True),
+        "native": lambda: native_block(q, k, v, bias, keep, *params, True, True, True),
+        "torch": lambda: torch_block(q, k, v, bias, keep, *params, True, True, True),
     }
     if taps > 1:
         runs["torch"] = lambda: v2_eager_block(q, k, v, bias, keep, *params)
@@ -315,15 +470,12 @@ def _time_both_paths(
 def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes: int) -> Tensor:
     n_batch, n_heads, t, _ = q.shape
     n_keys = k.shape[2]
-    row_len = _row_len(keep, t, n_keys)
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     w1, b1, w2, b2 = (p.squeeze(2).contiguous() if p.dim() == 4 else p.contiguous() for p in params)
     if bias is None:  # B = 0: W1's B columns see only zeros (autograd gives them a zero gradient)
         w1 = w1[:, :n_heads].contiguous()
-    if needs_autograd(q, k, v, bias, *params):
-        save = n_batch * t * n_keys * 2 * n_heads * q.element_size() <= save_bytes
-        return NativeDAPEAttentionFn.apply(q, k, v, bias, row_len, w1, b1, w2, b2, add_base, save)
-    _, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
-    return torch.matmul(row_softmax_(logits, need_lse=False)[0], v)
+    train = needs_autograd(q, k, v, bias, *params)
+    save = train and n_batch * t * n_keys * 2 * n_heads * q.element_size() <= save_bytes
+    return native_block(q, k, v, bias, keep, w1, b1, w2, b2, add_base, save, train)

@@ -340,7 +340,21 @@ def library(n_heads: int) -> ctypes.CDLL | None:
 
 def available(n_heads: int = 4) -> bool:
     """Whether the native kernels are switched on and built for ``n_heads`` (builds on the first call)."""
-    return enabled() and library(n_heads) is not None
+    return enabled() and built(n_heads)
+
+
+# torch.compile cannot trace the build or the ctypes load, so it takes whether a library is built
+# as a constant (at worst a kernel is built while a function is compiled).
+@torch.compiler.assume_constant_result
+def built(n_heads: int) -> bool:
+    """Whether the DAPE library for ``n_heads`` is built (building it on the first call)."""
+    return library(n_heads) is not None
+
+
+@torch.compiler.assume_constant_result
+def cope_built() -> bool:
+    """Whether the CoPE row library is built (building it on the first call)."""
+    return cope_library() is not None
 
 
 def build_info(n_heads: int = 4) -> str:
@@ -435,7 +449,7 @@ def supports(*tensors: Tensor | None, n_heads: int) -> bool:
 
 def cope_supports(*tensors: Tensor | None) -> bool:
     """Whether the CoPE row kernel can take these tensors (as ``supports``): switched on and built."""
-    return _cpu_floats(tensors) and enabled() and cope_library() is not None
+    return _cpu_floats(tensors) and enabled() and cope_built()
 
 
 def _cpu_floats(tensors: tuple[Tensor | None, ...]) -> bool:

@@ -61,6 +61,8 @@ STEP_ENCODINGS = [
     *NEWER,
 ]
 DECODE_ENCODINGS = ["nope", "rope", "alibi", "cope", "dape", "dape[kernel_size=3]", *NEWER]
+# torch.compile against eager: the SDPA paths, a bias, and the two custom-op kernels.
+COMPILE_ENCODINGS = ["rope", "alibi", "kerple_log", "cope", "dape"]
 MEMORY_ENCODINGS = [
     "nope", "learned", "sinusoidal", "rope", "alibi", "t5", "kerple_log", "kerple_power", "fire", "sandwich",
     "relative", "cope", "cope+rope", "dape", "dape[base=kerple_log]", "dape[kernel_size=3]", *NEWER,
@@ -434,6 +436,86 @@ def lean_nope_generate(model: torch.nn.Module, prompt: torch.Tensor, n_new: int)
     return out.clone()
 
 
+def bench_compile(
+    *, batch: int = 8, heads: int = 4, length: int = 512, head_dim: int = 32, d_model: int = 128,
+    layers: int = 2, vocab: int = 256, repeats: int = 7, encodings: list[str] | None = None,
+    device: str = "cpu", backend: str = "inductor",
+) -> Table:  # fmt: skip
+    """Eager against ``torch.compile(fullgraph=True)`` (inductor, default mode), side by side per
+    encoding: causal attention forward+backward (the attention section's shapes) and a training step
+    of the step section's model, whose loss (forward) is compiled and whose backward runs the
+    compiled backward graph; the AdamW update stays eager in both.
+
+    The first call of a compiled function traces and compiles it (inductor writes and builds C++ on
+    CPU): its seconds are the 'first call s' column, not in the medians. A failed compilation is a
+    row saying why, not an error. Dynamo's caches are cleared between encodings. ``backend``: another
+    torch.compile backend (the tests take 'aot_eager', which compiles no C++)."""
+    dev = torch.device(device)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device=dev, requires_grad=True) for _ in range(3))
+    grad = torch.randn(batch, heads, length, head_dim, device=dev)
+    tokens = torch.randint(0, vocab, (batch, length + 1), device=dev)
+    table = Table(
+        f"torch.compile ({backend}, default mode, fullgraph) against eager, side by side",
+        ["encoding", "what", "path", "eager ms", "compiled ms", "compiled / eager", "first call s"],
+        settings=dict(
+            batch=batch, heads=heads, length=length, head_dim=head_dim, d_model=d_model, layers=layers,
+            repeats=repeats, device=device, backend=backend, torch=torch.__version__,
+            **machine_settings(heads),
+        ),
+    )  # fmt: skip
+    for name in encodings or COMPILE_ENCODINGS:
+        enc = _perturbed(poslab.build_encoding(name, n_heads=heads, head_dim=head_dim, causal=True)).to(dev)
+
+        def attention(q, k, v, enc=enc):
+            return poslab.attend(q, k, v, enc)
+
+        def attention_run(fn):
+            def run():
+                fn(q, k, v).backward(grad)
+                _sync(dev)
+
+            return run
+
+        cfg = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, encoding=name)
+        model = build_model(cfg).to(dev)
+        _perturbed_model(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def loss(x, model=model):
+            return masked_cross_entropy(model(x[:, :-1]), x[:, 1:])
+
+        def step_run(fn, opt=opt):
+            def run():
+                opt.zero_grad(set_to_none=True)
+                fn(tokens).backward()
+                opt.step()
+                _sync(dev)
+
+            return run
+
+        probe = torch.empty(1, heads, 1, head_dim, device=dev)
+        for what, fn, runner in (
+            ("attention fwd+bwd", attention, attention_run),
+            ("train step", loss, step_run),
+        ):
+            row = {"encoding": name, "what": what, "path": attention_path(enc, probe)}
+            table.rows.append(row)
+            eager = runner(fn)
+            compiled = runner(torch.compile(fn, fullgraph=True, backend=backend))
+            start = time.perf_counter()
+            try:
+                compiled()  # traces and compiles the forward and, at its backward, the backward
+            except Exception as error:  # a row saying why, then the next encoding
+                row["compiled ms"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+                continue
+            row["first call s"] = time.perf_counter() - start
+            medians = interleaved_medians({"eager": eager, "compiled": compiled}, repeats=repeats)
+            row["eager ms"], row["compiled ms"] = medians["eager"] * 1e3, medians["compiled"] * 1e3
+            row["compiled / eager"] = medians["compiled"] / medians["eager"]
+        torch._dynamo.reset()
+    return table
+
+
 def _peak_memory_child(name: str, length: int, layers: int, d_model: int, heads: int, device: str) -> dict:
     """Run in a fresh process: one forward at ``length``; report the memory it added at its peak."""
     dev = torch.device(device)
@@ -494,12 +576,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-SECTIONS = ("attention", "step", "decode", "memory")
+SECTIONS = ("attention", "step", "decode", "memory", "compile")
+DEFAULT_SECTIONS = SECTIONS[:4]  # compile (minutes of inductor compilation) only when asked
 
 
 def run_bench(
-    sections: list[str] | tuple[str, ...] = SECTIONS, *, out: str | Path | None = None, quick: bool = False,
-    device: str = "cpu", progress: Callable[[str], None] = print,
+    sections: list[str] | tuple[str, ...] = DEFAULT_SECTIONS, *, out: str | Path | None = None,
+    quick: bool = False, device: str = "cpu", progress: Callable[[str], None] = print,
 ) -> list[Table]:  # fmt: skip
     """Run the chosen sections, print each table as it finishes, and write them all as JSON to ``out``."""
     if not sections:  # e.g. --sections , : an empty bench.json would replace the last one
@@ -516,6 +599,8 @@ def run_bench(
             table = bench_attention(device=device, **small)
         elif section == "step":
             table = bench_train_step(device=device, **small)
+        elif section == "compile":
+            table = bench_compile(device=device, **small)
         elif section == "decode":
             table = bench_decode(
                 device=device, **({"n_new": 32, "cases": ((1, 16),), "repeats": 1} if quick else {})

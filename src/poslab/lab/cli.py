@@ -198,6 +198,8 @@ def cmd_bench(args: Any) -> str:
     from poslab.lab.bench import run_bench  # loads the native kernels' build machinery: only when asked
 
     sections = split_list(args.sections)
+    if args.compile and "compile" not in sections:
+        sections.append("compile")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} but CUDA is not available here")
     check_writable(Path(args.out).parent)  # before minutes of measuring
@@ -266,7 +268,12 @@ TOOL_COMMANDS = (
             arg(
                 "--sections",
                 default="attention,step,decode,memory",
-                help="comma-separated: attention, step, decode, memory (default all)",
+                help="comma-separated: attention, step, decode, memory, compile (default all but compile)",
+            ),
+            arg(
+                "--compile",
+                action="store_true",
+                help="add the compile section: eager against torch.compile (inductor), side by side",
             ),
             arg("--out", default="runs/bench.json", help="JSON output (default runs/bench.json)"),
             arg("--quick", action="store_true", help="small sizes, for a first look"),
