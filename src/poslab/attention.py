@@ -409,10 +409,14 @@ def eager_probabilities(logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal:
     return torch.softmax(logits, dim=-1)
 
 
-def position_bias(encoding: PositionEncoding, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
+def position_bias(
+    encoding: PositionEncoding, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None
+) -> Tensor | None:
     """The encoding's bias (H, T, S) for the fast paths: its ``fast_bias`` (the eager path calls
-    ``bias``), told where consecutive queries start (`consecutive_start`)."""
-    return encoding.fast_bias(q_pos, k_pos, causal=causal, first=consecutive_start(q_pos))
+    ``bias``), told where consecutive queries start: ``first`` when the caller knows it, else read
+    from q_pos (`consecutive_start`)."""
+    first = consecutive_start(q_pos) if first is None else first
+    return encoding.fast_bias(q_pos, k_pos, causal=causal, first=first)
 
 
 def consecutive_start(q_pos: Tensor) -> int | None:

@@ -30,8 +30,9 @@ from torch import Tensor
 
 from poslab.kernels.common import attention_backward, needs_autograd, scratch
 
-# A backward block's (B, H, t, S) temporaries hold about this many elements (4 MiB in float32): the
-# fastest of 2**18 .. 2**22 on one core of an AMD EPYC (B 8, H 4, T 512, Dh 32).
+# A backward block's (B, H, t, S) temporaries hold about this many elements (4 MiB in float32): with
+# 2**19 the fastest of 2**18 .. 2**22 on one core of an AMD EPYC (B 8, H 4, T 512, Dh 32; 2**22 took
+# 1.3x as long).
 BACKWARD_ELEMENTS = 2**20
 
 
