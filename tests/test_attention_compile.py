@@ -28,9 +28,11 @@ TORCH_OPS = {
 
 
 def expected_ops(name: str, *, native_on: bool) -> set[str]:
-    """The poslab ops a compiled attend with ``name`` must call (none for the SDPA and eager paths)."""
+    """The poslab ops a compiled attend with ``name`` must call (none for plain SDPA and the eager
+    path): the logits encodings' block op, and the biases' SDPA with a bias gradient
+    (`poslab.kernels.bias`; the tests take gradients, so it is always on)."""
     table = NATIVE_OPS if native_on and native._compiler() is not None else TORCH_OPS
-    return {table[name]} if name in table else set()
+    return ({table[name]} if name in table else set()) | ({"bias_attention"} if name in BIASES else set())
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """poslab: position encodings for transformers (CoPE, DAPE and every baseline they build on)."""
 
+from poslab.allocator import tune_allocator
 from poslab.attention import attend
 from poslab.encodings import (
     PositionEncoding,
@@ -24,4 +25,5 @@ __all__ = [
     "list_encodings",
     "parse_spec",
     "register",
+    "tune_allocator",
 ]

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, causal_mask
+from poslab.kernels.bias import bias_attention
 
 Impl = Literal["auto", "fused", "eager", "triton"]
 IMPLS = ("auto", "fused", "eager", "triton")
@@ -184,7 +185,7 @@ def attend(
         bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
         return eager_attention(q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys)
     if not rewrites and (not has_bias or q.shape[1] * n_queries * n_keys <= SDPA_BIAS_ELEMENTS):
-        bias = encoding.bias(q_pos, k_pos, causal=causal) if has_bias else None
+        bias = position_bias(encoding, q_pos, k_pos, causal=causal, first=first) if has_bias else None
         return fused_attention(q, k, v, bias, q_pos, k_pos, causal=causal, first=first)
     channels = encoding.block_channels(q)
     block = block_size or auto_block_size(q.shape[0], channels, n_queries, n_keys)
@@ -353,7 +354,7 @@ def blockwise_attention(
     )
     for qb, pb, kb, vb, eb, n_visible, span, start, cb in blocks:
         kpb = k_pos[:n_visible]
-        bias = encoding.bias(pb, kpb, causal=causal) if has_bias else None
+        bias = position_bias(encoding, pb, kpb, causal=causal, first=start) if has_bias else None
         if bias is not None:
             bias = bias.to(q.dtype)
         if not rewrites:
@@ -459,6 +460,26 @@ def eager_probabilities(logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal:
     return torch.softmax(logits, dim=-1)
 
 
+def position_bias(
+    encoding: PositionEncoding, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None
+) -> Tensor | None:
+    """The encoding's bias (H, T, S) for the fast paths: its ``fast_bias`` (the eager path calls
+    ``bias``), told where consecutive queries start: ``first`` when the caller knows it, else read
+    from q_pos (`consecutive_start`)."""
+    first = consecutive_start(q_pos) if first is None else first
+    return encoding.fast_bias(q_pos, k_pos, causal=causal, first=first)
+
+
+def consecutive_start(q_pos: Tensor) -> int | None:
+    """q_pos[0] when the query positions are consecutive (q_pos[0], q_pos[0] + 1, ...), else None;
+    None as well while torch.compile traces, which cannot read the positions."""
+    if torch.compiler.is_compiling():
+        return None
+    first = int(q_pos[0])
+    expected = torch.arange(first, first + q_pos.shape[0], device=q_pos.device)
+    return first if torch.equal(q_pos, expected) else None
+
+
 def fused_attention(
     q: Tensor,
     k: Tensor,
@@ -470,8 +491,10 @@ def fused_attention(
     causal: bool,
     first: int | None = None,
 ) -> Tensor:
-    """``F.scaled_dot_product_attention`` with the bias (and the causal mask) as one float mask.
-    ``first``: the first query's position when the queries are consecutive (see `query_span`)."""
+    """``F.scaled_dot_product_attention`` with the causal mask, or the bias and the causal mask as one
+    float mask (`poslab.kernels.bias.bias_attention`: SDPA's fast kernel, and a backward that skips
+    the hidden keys and gives the bias its gradient). ``first``: the first query's position when the
+    queries are consecutive (see `query_span`)."""
     n_queries, n_keys = q.shape[2], k.shape[2]
     span = query_span(q_pos, first) if causal else None
     # Every query sees every key, e.g. one decoding step: nothing to mask (keys are 0..S-1).
@@ -479,8 +502,9 @@ def fused_attention(
     plain_causal = causal and same_positions(q_pos, k_pos, first)
     if bias is None and (plain_causal or not causal or sees_all):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
-    mask = torch.zeros(n_queries, n_keys, dtype=q.dtype, device=q.device) if bias is None else bias
-    mask = mask.to(q.dtype)
-    if causal and not sees_all:
-        mask = mask.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    keep = causal_mask(q_pos, k_pos) if causal and not sees_all else None
+    if bias is None:
+        mask = torch.zeros(n_queries, n_keys, dtype=q.dtype, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(~keep, float("-inf")))
+    start = None if keep is None else first if first is not None else consecutive_start(q_pos)
+    return bias_attention(q, k, v, bias, keep, causal_start=start)

@@ -60,10 +60,13 @@ class ALiBi(PositionEncoding):
         return torch.exp2(self.exponents)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        return self.relative_bias(q_pos[:, None] - k_pos[None, :], causal=causal)  # (H, T, S)
+
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor:
         slopes = self.slopes
-        n = q_pos[:, None] - k_pos[None, :]  # (T, S), > 0 for keys on the left
+        n = offsets  # > 0 for keys on the left
         if causal:  # future entries clamped to 0: they are masked later
             distance = as_float(n.clamp(min=0), slopes)
         else:
             distance = as_float(n.abs(), slopes) - 0.5 * as_float(n > 0, slopes)
-        return -slopes[:, None, None] * distance  # (H, T, S)
+        return -slopes.view(-1, *(1,) * n.dim()) * distance  # (H, *offsets.shape)

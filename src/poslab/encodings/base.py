@@ -95,6 +95,28 @@ class PositionEncoding(nn.Module):
         """Additive bias (H, T, S) that depends on positions only, or None."""
         return None
 
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor | None:
+        """The bias as a function of the relative position n = i - j alone: (H, *offsets.shape) at
+        the integer ``offsets``, for the encodings whose ``bias`` is that function of
+        ``q_pos[:, None] - k_pos[None, :]`` (ALiBi, Kerple, T5, Sandwich); None (the default) for the
+        others. Lets `fast_bias` compute T + S - 1 values instead of T * S."""
+        return None
+
+    def fast_bias(
+        self, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None
+    ) -> Tensor | None:
+        """``bias(q_pos, k_pos)`` as the attention's fast paths compute it (the eager path calls
+        ``bias``, the reference; tests hold the two equal, gradients included).
+
+        Keys are 0..S-1; ``first``: the first query's position when the queries are consecutive
+        (first, first + 1, ...), else None. Then a relative bias is computed once per distance and
+        laid out as a Toeplitz matrix (`toeplitz`), whose backward sums the (H, T, S) gradient along
+        its diagonals into the T + S - 1 distances. Encodings with a costlier bias override this
+        (FIRE).
+        """
+        laid_out = toeplitz_bias(self, q_pos, k_pos, causal=causal, first=first)
+        return self.bias(q_pos, k_pos, causal=causal) if laid_out is None else laid_out
+
     def logits(
         self,
         scores: Tensor,
@@ -221,6 +243,29 @@ def relative_distance(q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
     """
     n = q_pos[:, None] - k_pos[None, :]
     return n.clamp(min=0) if causal else n.abs()
+
+
+def toeplitz_bias(
+    encoding: PositionEncoding, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None
+) -> Tensor | None:
+    """The encoding's ``relative_bias`` at the T + S - 1 distances of consecutive queries at first,
+    first + 1, ... and keys 0..S-1, laid out (H, T, S) by `toeplitz`; None when the queries are not
+    known to be consecutive (first None) or the bias is not relative."""
+    if first is None:
+        return None
+    n_queries, n_keys = q_pos.shape[0], k_pos.shape[0]
+    offsets = torch.arange(first - n_keys + 1, first + n_queries, device=q_pos.device)
+    table = encoding.relative_bias(offsets, causal=causal)  # (H, T + S - 1)
+    return None if table is None else toeplitz(table, n_queries, n_keys)
+
+
+def toeplitz(table: Tensor, n_queries: int, n_keys: int) -> Tensor:
+    """(H, T, S) with entry (h, i, j) = table[h, S - 1 + i - j]: a relative bias at the distances
+    n = i - j + first, tabulated from n = first - S + 1 (table (H, T + S - 1)).
+
+    Every row is a window of the reversed table (one view, one copy); autograd sums the gradient
+    along the diagonals, as fast on CPU as a hand-written diagonal sum."""
+    return table.flip(-1).unfold(-1, n_keys, 1).flip(1)  # (H, T, S)
 
 
 def takes_mode(cls: type[PositionEncoding]) -> bool:

@@ -12,6 +12,7 @@ from poslab.encodings.base import (
     encoding_class,
     encoding_options,
     register_composition,
+    toeplitz_bias,
 )
 
 
@@ -87,6 +88,29 @@ class Composite(PositionEncoding):
         total = None
         for part in self.parts:
             b = part.bias(q_pos, k_pos, causal=causal)
+            if b is not None:
+                total = b if total is None else total + b
+        return total
+
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor | None:
+        total = None
+        for part in self.parts:
+            if "bias" in part.hooks:
+                table = part.relative_bias(offsets, causal=causal)
+                if table is None:  # a part's bias depends on more than i - j
+                    return None
+                total = table if total is None else total + table
+        return total
+
+    def fast_bias(
+        self, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None
+    ) -> Tensor | None:
+        laid_out = toeplitz_bias(self, q_pos, k_pos, causal=causal, first=first)  # one table, summed
+        if laid_out is not None:
+            return laid_out
+        total = None
+        for part in self.parts:
+            b = part.fast_bias(q_pos, k_pos, causal=causal, first=first)
             if b is not None:
                 total = b if total is None else total + b
         return total

@@ -143,6 +143,14 @@ class DAPE(PositionEncoding):
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor | None:
         return None if self.base is None else self.base.bias(q_pos, k_pos, causal=causal)
 
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor | None:
+        return None if self.base is None else self.base.relative_bias(offsets, causal=causal)
+
+    def fast_bias(
+        self, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None
+    ) -> Tensor | None:
+        return None if self.base is None else self.base.fast_bias(q_pos, k_pos, causal=causal, first=first)
+
     def check_length(self, max_position: int) -> None:
         if self.base is not None:
             self.base.check_length(max_position)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -9,6 +11,50 @@ from poslab.encodings.base import PositionEncoding, as_float, check_positive, re
 
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU}  # LeakyReLU: PyTorch's slope, 0.01
 DEFAULT_THRESHOLD = 256.0  # the official FIRE class's default (init_L = 512, halved)
+
+
+def piecewise_linear(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    """``mlp(x[..., None])`` as (H, *x.shape), for mlp = Linear(1, D) -> ReLU or LeakyReLU -> Linear(D, H).
+
+    With a scalar input, unit k is on (its pre-activation w1_k x + b1_k > 0) on one side of its kink
+    -b1_k / w1_k, so f is linear between the sorted kinks: f(x) = A_p x + C_p in piece p, with
+    A_p = W2 (s_p * w1), C_p = W2 (s_p * b1) + b2 and s_pk = 1 for a unit on, the negative slope (0
+    for ReLU) for one off. A, C ((D + 1)^2, H) come from the parameters by ordinary autograd; the
+    pieces are found by binary search among the kinks. Per x this costs H multiply-adds and a
+    lookup, forward and backward, against 2D(H + 1) and a (.., D) hidden layer for the MLP itself.
+
+    Ties behave as the MLP's: a unit whose pre-activation is 0 is off (value 0, derivative the
+    negative slope), for both signs of w1, so x on a kink (x = 0 on the diagonal with b1_k = 0) gets
+    the MLP's gradient. x within rounding of a kink may land on the other side of it, which changes
+    the value by rounding only and the derivative to the other one-sided one.
+    """
+    lin1, act, lin2 = mlp
+    w1, b1, w2, b2 = lin1.weight[:, 0], lin1.bias, lin2.weight, lin2.bias
+    width = w1.shape[0]
+    slope = act.negative_slope if isinstance(act, nn.LeakyReLU) else 0.0
+    with torch.no_grad():
+        # A unit with w1 = 0 is always on (b1 > 0: its kink at -inf) or always off (at +inf); it
+        # counts as rising (on for x above its kink).
+        rising = w1 >= 0
+        kinks = torch.where(w1 != 0, -b1 / w1, torch.where(b1 > 0, -math.inf, math.inf))
+        sorted_kinks, order = kinks.sort()
+        rank = order.argsort()  # unit k is the rank[k]-th lowest kink
+        pieces = torch.arange(width + 1, device=x.device)
+        # Piece (p, q): p kinks lie below x and q at or below it (q > p only when x is on a kink).
+        # A rising unit is on iff its kink is below x, a falling one iff its kink is above x.
+        below = rank < pieces[:, None, None]  # (D + 1, 1, D) indexed by p
+        above = rank >= pieces[None, :, None]  # (1, D + 1, D) indexed by q
+        on = torch.where(rising, below, above).reshape((width + 1) ** 2, width)
+        flat = x.detach().contiguous()
+        piece = torch.searchsorted(sorted_kinks, flat) * (width + 1) + torch.searchsorted(
+            sorted_kinks, flat, right=True
+        )
+    scales = torch.where(on, w1.new_ones(()), w1.new_full((), slope))  # ((D + 1)^2, D)
+    slopes = (scales @ (w2 * w1).t()).t()  # (H, (D + 1)^2)
+    intercepts = (scales @ (w2 * b1).t() + b2).t()
+    index = piece.flatten()
+    out = torch.addcmul(intercepts.index_select(1, index), slopes.index_select(1, index), x.reshape(1, -1))
+    return out.view(-1, *x.shape)  # (H, *x.shape)
 
 
 @register("fire")
@@ -68,17 +114,25 @@ class FIRE(PositionEncoding):
         return (self.threshold_scale * self.init_threshold).abs()
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        x = self._inputs(q_pos, k_pos, causal)
+        return self.mlp(x[..., None]).permute(2, 0, 1)  # (T, S, H) -> (H, T, S)
+
+    def fast_bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None = None) -> Tensor:
+        """``bias`` with f evaluated as the piecewise linear function it is (`piecewise_linear`):
+        H numbers per (query, key) instead of the width-D hidden layer, forward and backward."""
+        return piecewise_linear(self.mlp, self._inputs(q_pos, k_pos, causal))
+
+    def _inputs(self, q_pos: Tensor, k_pos: Tensor, causal: bool) -> Tensor:
+        """The MLP's input x (T, S)."""
         c = self.c.abs()
         n = q_pos[:, None] - k_pos[None, :]  # (T, S), > 0 for keys on the left
         left_far = as_float(q_pos, c)[:, None]  # (T, 1): the farthest key on the left is key 0
         if causal:  # future entries clamped to 0: they are masked later
-            x = self._normalised(n.clamp(min=0), left_far, c)
-        else:
-            right_far = as_float(k_pos.numel() - 1 - q_pos, c)[:, None]  # (T, 1): key S - 1
-            right = n < 0
-            x = self._normalised(n.abs(), torch.where(right, right_far, left_far), c)
-            x = torch.where(right, -x, x)
-        return self.mlp(x[..., None]).permute(2, 0, 1)  # (T, S, H) -> (H, T, S)
+            return self._normalised(n.clamp(min=0), left_far, c)
+        right_far = as_float(k_pos.numel() - 1 - q_pos, c)[:, None]  # (T, 1): key S - 1
+        right = n < 0
+        x = self._normalised(n.abs(), torch.where(right, right_far, left_far), c)
+        return torch.where(right, -x, x)
 
     def _normalised(self, distance: Tensor, far: Tensor, c: Tensor) -> Tensor:
         """psi(distance) / (psi(max(far, L)) + eps)."""

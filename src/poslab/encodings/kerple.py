@@ -39,11 +39,12 @@ def _init(values: Tensor, causal: bool | None) -> nn.Parameter:
 
 
 def _per_direction(param: Tensor, n: Tensor, *, causal: bool) -> Tensor:
-    """``param`` as (H, 1, 1) (causal: row 0 of a (2, H) one, or a decoder's own (H, 1, 1)) or as
-    (H, T, S), picked by the sign of n = i - j."""
+    """``param`` as (H, 1, ..., 1) (causal: row 0 of a (2, H) one, or a decoder's own (H, 1, 1)) or
+    as (H, *n.shape), picked by the sign of n = i - j."""
+    shape = (-1,) + (1,) * n.dim()
     if param.dim() == 3:  # built for decoders
-        return param
-    before, after = param[0][:, None, None], param[1][:, None, None]
+        return param.reshape(shape)
+    before, after = param[0].reshape(shape), param[1].reshape(shape)
     return before if causal else torch.where(n < 0, after, before)
 
 
@@ -57,6 +58,9 @@ class _Kerple(PositionEncoding):
 
     hooks = frozenset({"bias"})
     _params: tuple[str, str] = ("", "")
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        return self.relative_bias(q_pos[:, None] - k_pos[None, :], causal=causal)  # (H, T, S)
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         both = (2, self.n_heads)
@@ -82,15 +86,15 @@ class KerpleLog(_Kerple):
         self.r1 = _init(torch.rand(2, n_heads) * 2, causal)
         self.r2 = _init(torch.rand(2, n_heads), causal)
 
-    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor:
         self.check_mode(causal)
         # The projection; through .data, so autograd neither records it nor sees a version change.
         self.r1.data.clamp_(min=_MIN)
         self.r2.data.clamp_(min=_MIN)
-        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        n = offsets  # i - j
         r1 = _per_direction(self.r1, n, causal=causal)
         r2 = _per_direction(self.r2, n, causal=causal)
-        return -r1 * torch.log1p(r2 * _distance(n, self.r1, causal=causal))  # (H, T, S)
+        return -r1 * torch.log1p(r2 * _distance(n, self.r1, causal=causal))  # (H, *offsets.shape)
 
 
 @register("kerple_power")
@@ -106,14 +110,14 @@ class KerplePower(_Kerple):
         self.a = _init(torch.rand(2, n_heads), causal)
         self.p = _init(torch.rand(2, n_heads) * 2, causal)
 
-    def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor:
         self.check_mode(causal)
         self.a.data.clamp_(min=_MIN)
         self.p.data.clamp_(min=_MIN, max=2.0)
-        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        n = offsets  # i - j
         a = _per_direction(self.a, n, causal=causal)
         p = _per_direction(self.p, n, causal=causal)
         d = _distance(n, self.a, causal=causal)
         # d(d^p)/dp = d^p log d is nan at d = 0; evaluate at d = 1 there (gradient 0), then zero it.
         powered = torch.where(d > 0, d.clamp(min=1) ** p, torch.zeros_like(d))
-        return -a * powered  # (H, T, S)
+        return -a * powered  # (H, *offsets.shape)

@@ -45,13 +45,23 @@ class Sandwich(PositionEncoding):
         return 10000.0 ** (-2.0 * self.channel / self.dim)[None, :] / ratios[:, None]
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = q_pos[:, None] - k_pos[None, :]  # (T, S), > 0 for keys on the left
-        # Twice the distance d, an integer: 2(i - j) causal (future entries, masked later, at 0),
-        # 2|i - j| - 1 for keys on the left of an encoder's query.
-        twice = 2 * n.clamp(min=0) if causal else 2 * n.abs() - (n > 0).long()
+        twice = self._twice_distance(q_pos[:, None] - k_pos[None, :], causal)  # (T, S)
         # The bias depends on d alone: tabulate it once per distinct half-step, then index.
-        freqs = self.freqs
-        distances = torch.arange(int(twice.max()) + 1, device=n.device, dtype=freqs.dtype) / 2
-        angles = distances[None, :, None] * freqs[:, None, :]  # (H, N, d'/2)
-        table = angles.cos().sum(-1) - self.dim / 2  # (H, N)
+        table = self._at_twice(torch.arange(int(twice.max()) + 1, device=twice.device))  # (H, N)
         return table[:, twice]  # (H, T, S)
+
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor:
+        return self._at_twice(self._twice_distance(offsets, causal))  # (H, *offsets.shape)
+
+    @staticmethod
+    def _twice_distance(n: Tensor, causal: bool) -> Tensor:
+        """Twice the distance d, an integer, from n = i - j (> 0 for keys on the left): 2n causal
+        (future entries, masked later, at 0), 2|n| - 1 for keys on the left of an encoder's query."""
+        return 2 * n.clamp(min=0) if causal else 2 * n.abs() - (n > 0).long()
+
+    def _at_twice(self, twice: Tensor) -> Tensor:
+        """The bias (H, *twice.shape) at the distances twice / 2."""
+        freqs = self.freqs
+        distances = twice.to(freqs.dtype) / 2
+        angles = distances[None, ..., None] * freqs.view(freqs.shape[0], *(1,) * twice.dim(), -1)
+        return angles.cos().sum(-1) - self.dim / 2

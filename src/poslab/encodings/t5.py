@@ -63,8 +63,10 @@ class T5Bias(PositionEncoding):
         self.table = nn.Parameter(torch.randn(n_buckets, n_heads) * 0.02)
 
     def bias(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        n = q_pos[:, None] - k_pos[None, :]  # (T, S)
+        return self.relative_bias(q_pos[:, None] - k_pos[None, :], causal=causal)  # (H, T, S)
+
+    def relative_bias(self, offsets: Tensor, *, causal: bool) -> Tensor:
         buckets = t5_bucket(
-            n, n_buckets=self.n_buckets, max_distance=self.max_distance, bidirectional=not causal
+            offsets, n_buckets=self.n_buckets, max_distance=self.max_distance, bidirectional=not causal
         )
-        return self.table[buckets].permute(2, 0, 1)  # (T, S, H) -> (H, T, S)
+        return self.table[buckets].movedim(-1, 0)  # (*offsets.shape, H) -> (H, *offsets.shape)

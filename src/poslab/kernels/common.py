@@ -16,7 +16,7 @@ def scratch(name: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype 
     reused across blocks and calls: one per name, dtype and device, per thread, grown as needed.
 
     On CPU a fresh (B, H, t, S) tensor per block costs page faults unless the process has tuned
-    glibc's allocator (``poslab.lab.runtime.tune_allocator``, which only the command line applies); with
+    glibc's allocator (``poslab.tune_allocator``, which the command line applies); with
     reused buffers a library user's process is as fast as the CLI. Never for a tensor that is
     returned or saved for backward. CUDA has a caching allocator: there this is ``torch.empty``.
     """

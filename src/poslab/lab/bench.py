@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 import poslab
+from poslab import allocator
 from poslab.encodings.cope import CoPE
 from poslab.encodings.dape import DAPE
 from poslab.kernels import cope as cope_kernel
 from poslab.kernels import native
-from poslab.lab import runtime
 from poslab.lab.checkpoint import write_text
 from poslab.model import ModelConfig, build_model, masked_cross_entropy
 
@@ -322,7 +322,7 @@ def machine_settings(heads: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "native_kernel": native.build_info(heads) if native.available(heads) else "off",
         "native_mode": native.mode(),
-        "allocator_tuned": runtime.allocator_tuned(),
+        "allocator_tuned": allocator.allocator_tuned(),
     }
 
 

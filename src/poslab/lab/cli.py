@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from poslab.allocator import tune_allocator
 from poslab.encodings import encoding_class, encoding_options, list_encodings
 from poslab.lab.checkpoint import check_writable, output_error, write_json
 from poslab.lab.config import RunConfig, format_value, slug
@@ -49,7 +50,6 @@ from poslab.lab.presets import DESCRIPTIONS, get_preset, list_presets
 from poslab.lab.progress import setup_logging
 from poslab.lab.report.runs_page import RunRecord, markdown_table, summarize
 from poslab.lab.rundir import CONFIG, RunDir, RunDirError, load_model, results_record, resumable_change
-from poslab.lab.runtime import tune_allocator
 from poslab.lab.studies.runner import COMMANDS as STUDY_COMMANDS
 from poslab.lab.tasks import TASKS, list_tasks
 from poslab.lab.train import NonFiniteLossError, resolve_device, train

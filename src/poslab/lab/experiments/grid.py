@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from poslab.allocator import tune_allocator
 from poslab.lab.config import RunConfig, encoding_label, slug
 from poslab.lab.progress import setup_logging
 from poslab.lab.rundir import RunDir
-from poslab.lab.runtime import tune_allocator
 from poslab.lab.train import train
 
 log = logging.getLogger("poslab")

@@ -1,0 +1,111 @@
+"""``poslab.kernels.bias``: SDPA with a float mask that may need a gradient, against a naive float64
+reference; its custom ops' fake implementations; its trace under torch.compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from poslab.kernels.bias import (
+    backward_block_size,
+    bias_attention,
+    bias_attention_backward,
+    bias_attention_forward,
+)
+
+
+def reference(q, k, v, bias, keep):
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return torch.softmax(logits, -1) @ v
+
+
+def grads(fn, q, k, v, bias, keep, **kwargs):
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v, bias)]
+    out = fn(*inputs, keep, **kwargs)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    probe = probe.to(out.dtype)  # the same numbers in every dtype
+    return out, torch.autograd.grad((out * probe).sum(), inputs)
+
+
+# bias shapes: per head, shared by the heads, per head and key only
+@pytest.mark.parametrize("bias_shape", ["HTS", "1TS", "H1S"])
+@pytest.mark.parametrize(
+    ("n_queries", "n_keys", "start"),
+    [(37, 37, 0), (37, 37, None), (9, 40, 31), (1, 12, 11), (23, 23, "bidirectional")],
+)
+def test_bias_attention_equals_the_reference(bias_shape, n_queries, n_keys, start):
+    """Outputs and the gradients of q, k, v and the bias; ``causal_start`` only skips hidden keys."""
+    heads = 3
+    q = torch.randn(2, heads, n_queries, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, heads, n_keys, 8, dtype=torch.float64) for _ in range(2))
+    dims = {"HTS": (heads, n_queries, n_keys), "1TS": (1, n_queries, n_keys), "H1S": (heads, 1, n_keys)}
+    bias = torch.randn(dims[bias_shape], dtype=torch.float64) * 3
+    keep = None
+    if start != "bidirectional":
+        positions = torch.arange(n_keys - n_queries, n_keys)
+        keep = torch.arange(n_keys)[None, :] <= positions[:, None]
+    causal_start = start if isinstance(start, int) else None
+    out, got = grads(bias_attention, q, k, v, bias, keep, causal_start=causal_start)
+    ref_out, want = grads(reference, q, k, v, bias, keep)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_backward_blocks_cover_every_query(monkeypatch):
+    """Blocks of 16 over 37 queries (a short last block) give the one-block result."""
+    q, k, v = (torch.randn(1, 2, 37, 4, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, 37, 37, dtype=torch.float64)
+    keep = torch.ones(37, 37, dtype=torch.bool).tril()
+    whole = grads(bias_attention, q, k, v, bias, keep, causal_start=0)
+    monkeypatch.setattr("poslab.kernels.bias.BACKWARD_ELEMENTS", 16 * 2 * 37)
+    assert backward_block_size(1, 2, 37, 37) == 16
+    blocked = grads(bias_attention, q, k, v, bias, keep, causal_start=0)
+    for a, b in zip([whole[0], *whole[1]], [blocked[0], *blocked[1]], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+
+
+def test_probabilities_that_underflow_stay_negligible():
+    """Most logits far below the row's maximum (a steep bias): their exp is floored just above the
+    smallest normal float (torch's exp is 30-100x slower below it), which must not show."""
+    q, k, v = (torch.randn(1, 2, 64, 8) for _ in range(3))
+    steps = torch.arange(64.0)
+    bias = -50.0 * (steps[:, None] - steps[None, :]).abs().expand(2, 64, 64)
+    out, got = grads(bias_attention, q, k, v, bias, None)
+    ref_out, want = grads(reference, *(t.double() for t in (q, k, v, bias)), None)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-4)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-3)
+
+
+def test_custom_ops_fake_implementations():
+    q, k, v = (torch.randn(2, 2, 7, 4, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 2, 7, 7).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    mask.requires_grad_()
+    torch.library.opcheck(bias_attention_forward, (q, k, v, mask, 0))
+    out, lse = bias_attention_forward(q, k, v, mask, 0)
+    # the backward op has no backward of its own: inputs without gradients
+    args = tuple(t.detach() for t in (torch.randn_like(out), q, k, v, mask, out, lse))
+    for start, mask_grad in ((0, True), (None, False)):
+        torch.library.opcheck(bias_attention_backward, (*args, start, mask_grad))
+
+
+def test_traces_whole_under_torch_compile():
+    """fullgraph: the ops are opaque to the trace and their autograd is registered."""
+    q, k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 9, 9, requires_grad=True)
+    keep = torch.ones(9, 9, dtype=torch.bool).tril()
+
+    def attention(q, k, v, bias):
+        return bias_attention(q, k, v, bias, keep, causal_start=0)
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, bias)
+    got = torch.autograd.grad(out.sum(), (q, k, v, bias))
+    want = torch.autograd.grad(attention(q, k, v, bias).sum(), (q, k, v, bias))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r)
