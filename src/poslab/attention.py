@@ -363,6 +363,8 @@ def blockwise_attention(
         # keep: the causal visibility, None when every query of the block sees every key.
         keep = causal_mask(pb, kpb) if causal and (span is None or span[0] < n_visible - 1) else None
         extra = {} if eb is None else {"extra_keys": eb}  # only encodings with an input_keys hook
+        if cb is not None:  # only encodings with a block_context
+            extra["context"] = cb
         out = encoding.attention_block(
             qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes, **extra
         )
