@@ -46,8 +46,10 @@ def _weights_and_gates(q: Tensor, k: Tensor, visible: Tensor) -> tuple[Tensor, T
     least: the operations of `stick_breaking_weights`, in place where autograd does not need them."""
     dtype = torch.promote_types(q.dtype, torch.float32)
     z = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)).to(dtype)  # the scale on the (t, Dh) side
-    hidden = ~visible
-    log_rest = F.logsigmoid(-z).masked_fill_(hidden, 0.0)  # log(1 - sigmoid(z_il)), 0 where unseen
+    # z = -inf where unseen masks everything at once: log(1 - sigmoid(z)) = 0 there (nothing taken from
+    # the stick), log(sigmoid(z)) = -inf (weight 0), and the gate sigmoid(z) = 0 (no gradient).
+    z = z.masked_fill_(~visible, float("-inf"))
+    log_rest = F.logsigmoid(-z)  # log(1 - sigmoid(z_il))
     inclusive = log_rest.flip(-1).cumsum_(-1).flip(-1)  # sum_{l >= j}
     log_weights = F.logsigmoid(z)
     log_weights[..., :-1] += inclusive[..., 1:]  # + sum_{l > j}: one cumulative sum, no subtraction
@@ -55,7 +57,7 @@ def _weights_and_gates(q: Tensor, k: Tensor, visible: Tensor) -> tuple[Tensor, T
     # FPU would give): exp computes subnormal results some 20x slower on x86, and long sticks are
     # full of them (a few hundred keys of log(1 - sigmoid(z)) ~ -0.7).
     tiny = math.log(torch.finfo(dtype).tiny)
-    weights = log_weights.masked_fill_(hidden | (log_weights < tiny), float("-inf")).exp_()
+    weights = log_weights.masked_fill_(log_weights < tiny, float("-inf")).exp_()
     return weights, z.sigmoid_()
 
 
@@ -83,7 +85,7 @@ class _StickBreakingBlock(torch.autograd.Function):
         weights, gates = kept if kept else _weights_and_gates(q, k, visible)
         grad_v = weights.to(v.dtype).transpose(-1, -2) @ grad_out
         p = (grad_out @ v.transpose(-1, -2)).to(weights.dtype).mul_(weights)
-        grad_z = p.sub_(p.cumsum(-1).mul_(gates)).masked_fill_(~visible, 0.0).to(q.dtype)
+        grad_z = p.sub_(p.cumsum(-1).mul_(gates)).to(q.dtype)  # 0 where unseen: there w = 0 and s = 0
         scale = 1 / math.sqrt(q.shape[-1])  # on the (t, Dh) and (S, Dh) sides
         return (grad_z @ k) * scale, grad_z.transpose(-1, -2) @ (q * scale), grad_v, None, None
 
