@@ -252,3 +252,27 @@ def test_triton_impl_refusals(monkeypatch):
     with pytest.raises(ValueError, match="needs triton"):
         poslab.attend(q, k, v, encoding, impl="triton")
     poslab.attend(q, k, v, encoding, impl="auto")
+
+
+@pytest.mark.parametrize("n_queries", [13, 4])  # a full forward, and queries after cached keys
+@pytest.mark.parametrize("name", ["pope", "nope"])
+def test_values_narrower_than_queries_take_sdpa_and_equal_the_eager_reference(name, n_queries, monkeypatch):
+    """PoPE doubles q and k, not v: the fused path widens v with zeros for SDPA's CPU flash kernel,
+    which must give the eager path's outputs and gradients."""
+    enc = encoding64(name)
+    q, k = torch.randn(2, 2, n_queries, 8, dtype=torch.float64), torch.randn(2, 2, 13, 8, dtype=torch.float64)
+    v = torch.randn(2, 2, 13, 3, dtype=torch.float64)
+    widths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: widths.append(v.shape[-1]) or sdpa(q, k, v, **kw),
+    )
+    ref_out, ref_grads = run(enc, q, k, v, impl="eager")
+    out, grads = run(enc, q, k, v)
+    assert widths and all(w == (16 if name == "pope" else 8) for w in widths)
+    torch.testing.assert_close(out, ref_out)
+    assert len(grads) == (4 if name == "pope" else 3)  # q, k, v, and PoPE's phase bias
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)

@@ -363,6 +363,8 @@ def blockwise_attention(
         # keep: the causal visibility, None when every query of the block sees every key.
         keep = causal_mask(pb, kpb) if causal and (span is None or span[0] < n_visible - 1) else None
         extra = {} if eb is None else {"extra_keys": eb}  # only encodings with an input_keys hook
+        if cb is not None:  # only encodings with a block_context
+            extra["context"] = cb
         out = encoding.attention_block(
             qb, kb, vb, bias, pb, kpb, keep, causal=causal, save_bytes=save_bytes, **extra
         )
@@ -496,6 +498,12 @@ def fused_attention(
     the hidden keys and gives the bias its gradient). ``first``: the first query's position when the
     queries are consecutive (see `query_span`)."""
     n_queries, n_keys = q.shape[2], k.shape[2]
+    if q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
+        # SDPA's CPU flash kernel wants v as wide as q (else it runs the materialising math path,
+        # 1.6x slower in PoPE's training step, which doubles q and k): zero channels, cut off after.
+        v_wide = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+        out = fused_attention(q, k, v_wide, bias, q_pos, k_pos, causal=causal, first=first)
+        return out[..., : v.shape[-1]]
     span = query_span(q_pos, first) if causal else None
     # Every query sees every key, e.g. one decoding step: nothing to mask (keys are 0..S-1).
     sees_all = span is not None and span[0] >= n_keys - 1

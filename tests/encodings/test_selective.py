@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from poslab.attention import attend
-from poslab.encodings import build_encoding
+from poslab.encodings import build_encoding, selective
 from poslab.encodings.selective import selection_penalty, selection_prefixes
 
 
@@ -77,4 +77,31 @@ def test_blocks_carrying_the_penalty_compile_with_fullgraph():
     torch.testing.assert_close(got, want)
     grads = [torch.autograd.grad(out.sum(), (q, k, v)) for out in (got, want)]
     for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["selective", "selective+alibi"])  # alone, and with a bias in the mask
+@pytest.mark.parametrize("n_queries", [23, 5])
+def test_the_flash_block_kernel_is_taken_and_equals_the_eager_path(name, n_queries, monkeypatch):
+    """The blocks run as SDPA with -penalty as the mask (`_MaskedAttention`), whose backward gives q,
+    k, v, the queries read as extra keys and the bias's parameters their float64 gradients."""
+    torch.manual_seed(4)
+    enc = build_encoding(name, n_heads=3, head_dim=8).double()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    q = torch.randn(2, 3, n_queries, 8, dtype=torch.float64, requires_grad=True)
+    k, v, extra = (torch.randn(2, 3, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    calls = []
+    kernel = selective._MaskedAttention.apply
+    monkeypatch.setattr(selective._MaskedAttention, "apply", lambda *a: calls.append(1) or kernel(*a))
+    inputs = (q, k, v, extra, *enc.parameters())
+    outs, grads = [], []
+    for impl in ("eager", "auto"):
+        out = attend(q, k, v, enc, impl=impl, block_size=4, extra_keys=extra)
+        grads.append(torch.autograd.grad((out * out.detach().sin()).sum(), inputs))
+        outs.append(out)
+    assert len(calls) == -(-n_queries // 4), "every query block should run the flash kernel"
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b)

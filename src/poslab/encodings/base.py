@@ -169,7 +169,8 @@ class PositionEncoding(nn.Module):
         visibility (None when bidirectional). It must equal the eager path exactly (up to rounding).
         ``save_bytes`` is how much memory the block may keep for backward instead of recomputing.
         ``extra_keys`` (B, H, S, Dk): the block's keys from ``input_keys``, given only to encodings
-        with that hook.
+        with that hook; ``context``: the block's ``block_context``, given only to encodings that make
+        one (as to ``logits``).
         """
         return None
 

@@ -72,12 +72,17 @@ class PoPE(PositionEncoding):
         """omega_c = theta^(-c / dim), (dim,), in the module's dtype."""
         return self.theta ** -self.exponents.to(self.phase_bias.dtype)
 
-    def polar(self, x: Tensor, phase: Tensor) -> Tensor:
-        """softplus(x[..., :dim]) at angles ``phase``, as interleaved (cos, sin) channels, then the rest."""
+    def polar(self, x: Tensor, phase: Tensor, scale: float = 1.0) -> Tensor:
+        """softplus(x[..., :dim]) at angles ``phase``, as interleaved (cos, sin) channels, then the rest,
+        all times ``scale``."""
         dtype = torch.promote_types(x.dtype, torch.float32)  # the reference runs this in float32
         rot, rest = x[..., : self.dim].to(dtype), x[..., self.dim :]
         magnitude, phase = F.softplus(rot), phase.to(dtype)
+        if scale != 1.0:
+            magnitude, rest = magnitude * scale, rest * scale
         pairs = torch.stack((magnitude * phase.cos(), magnitude * phase.sin()), dim=-1).flatten(-2)
+        if rest.shape[-1] == 0:  # every channel rotated: no concatenation (a copy)
+            return pairs.to(x.dtype)
         return torch.cat((pairs.to(x.dtype), rest), dim=-1)
 
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +90,8 @@ class PoPE(PositionEncoding):
         delta = self.phase_bias.clamp(-2 * math.pi, 0.0)[:, None, :]  # (H, 1, dim)
         q_angles = as_float(q_pos, omega)[:, None] * omega  # (T, dim)
         k_angles = as_float(k_pos, omega)[:, None] * omega + delta  # (H, S, dim)
-        q_out, k_out = self.polar(q, q_angles), self.polar(k, k_angles)
-        return q_out * math.sqrt(q_out.shape[-1] / self.head_dim), k_out
+        channels = 2 * self.dim + (self.head_dim - self.dim)
+        return self.polar(q, q_angles, math.sqrt(channels / self.head_dim)), self.polar(k, k_angles)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dim={self.dim}, theta={self.theta}"

@@ -89,6 +89,40 @@ def _summed(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scale: 
     return _selection(queries, keys, t_pos, k_pos, scale).sum(-2)
 
 
+class _MaskedAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(Dh) + mask) @ v through SDPA's CPU flash kernel, with the mask's
+    gradient: ``mask`` (B or 1, H or 1, t, S) holds -penalty (and any bias) and -inf where a key is
+    hidden. Backward recomputes the block's probabilities from the kept row log-sum-exps, so nothing
+    of size (t, S) per head is kept:
+
+        dL/ds = P * (dP - rowsum(dO * O)),   dP = dO v^T,   dL/dmask = dL/ds summed to mask's shape.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # noqa: D102
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = (x.contiguous() for x in flash(q, k, v, 0.0, False, attn_mask=mask))
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        scale = 1 / math.sqrt(q.shape[-1])
+        logits = (q * scale) @ k.transpose(-1, -2)
+        # exp takes a slow path for results below the smallest normal number (hidden keys, far
+        # penalised ones): clamped just above, such a key gets a probability of 3e-38 (float32),
+        # 6e-308 (float64) instead of 0 or less.
+        floor = math.log(torch.finfo(logits.dtype).tiny) + 1.0
+        probs = logits.add_(mask).sub_(lse[..., None]).clamp_min_(floor).exp_()
+        grad_v = probs.transpose(-1, -2) @ grad_out
+        rows = (grad_out * out).sum(-1, keepdim=True)
+        grad_s = probs.mul_((grad_out @ v.transpose(-1, -2)).sub_(rows))
+        summed = [d for d in range(4) if mask.shape[d] == 1 and grad_s.shape[d] != 1]
+        grad_mask = grad_s.sum(summed, keepdim=True) if summed else grad_s  # sum([]) would sum all
+        return (grad_s @ k) * scale, grad_s.transpose(-1, -2) @ (q * scale), grad_v, grad_mask
+
+
 @register("selective")
 class Selective(PositionEncoding):
     """logit_ij = A_ij - sum_{j<t<i} relu(A^(head)_tj) for keys 0 < j, no parameters (``logits`` hook).
@@ -135,6 +169,33 @@ class Selective(PositionEncoding):
         penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
         out = scores - penalty[:, None].to(scores.dtype)
         return out if bias is None else out + bias
+
+    def attention_block(
+        self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None, context=None
+    ):
+        """The block as one SDPA flash call with -penalty (plus any bias) as its float mask
+        (`_MaskedAttention`); None (the eager path, checkpointed) on other devices, while torch.compile
+        traces, or when what backward keeps (the penalty's (B, t, S) intermediates and the mask) does
+        not fit in ``save_bytes``."""
+        self.check_mode(causal)
+        if extra_keys is None or q.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        # Kept for backward: about 4 (B, t, S) tensors of the penalty, and the mask, per head with a bias.
+        planes = 4 + (0 if bias is None else q.shape[1])
+        if (
+            torch.is_grad_enabled()
+            and planes * q.shape[0] * q.shape[2] * k.shape[2] * q.element_size() > save_bytes
+        ):
+            return None
+        scale = 1 / math.sqrt(q.shape[-1])
+        h = self.head
+        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
+        mask = -penalty[:, None].to(q.dtype)
+        if bias is not None:
+            mask = mask + bias.to(q.dtype)
+        if keep is not None:
+            mask = mask.masked_fill(~keep, float("-inf"))
+        return _MaskedAttention.apply(q, k, v, mask)
 
     def block_context(
         self,

@@ -17,6 +17,8 @@ attends to nothing and its attention output is 0).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,55 @@ def stick_breaking_weights(logits: Tensor, visible: Tensor) -> Tensor:
     later = F.pad(inclusive[..., 1:], (0, 1))  # sum_{l > j}: one cumulative sum, no subtraction
     log_weights = (F.logsigmoid(z) + later).masked_fill(~visible, float("-inf"))
     return log_weights.exp().to(logits.dtype)
+
+
+def _weights_and_gates(q: Tensor, k: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
+    """The block's weights w and gates sigmoid(z) (B, H, t, S), z = q.k / sqrt(Dh), in float32 at
+    least: the operations of `stick_breaking_weights`, in place where autograd does not need them."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    z = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)).to(dtype)  # the scale on the (t, Dh) side
+    # z = -inf where unseen masks everything at once: log(1 - sigmoid(z)) = 0 there (nothing taken from
+    # the stick), log(sigmoid(z)) = -inf (weight 0), and the gate sigmoid(z) = 0 (no gradient).
+    z = z.masked_fill_(~visible, float("-inf"))
+    log_rest = F.logsigmoid(-z)  # log(1 - sigmoid(z_il))
+    inclusive = log_rest.flip(-1).cumsum_(-1).flip(-1)  # sum_{l >= j}
+    log_weights = F.logsigmoid(z)
+    log_weights[..., :-1] += inclusive[..., 1:]  # + sum_{l > j}: one cumulative sum, no subtraction
+    # A weight below the dtype's smallest normal number is 0, not subnormal (as a flush-to-zero
+    # FPU would give): exp computes subnormal results some 20x slower on x86, and long sticks are
+    # full of them (a few hundred keys of log(1 - sigmoid(z)) ~ -0.7).
+    tiny = math.log(torch.finfo(dtype).tiny)
+    weights = log_weights.masked_fill_(log_weights < tiny, float("-inf")).exp_()
+    return weights, z.sigmoid_()
+
+
+class _StickBreakingBlock(torch.autograd.Function):
+    """w(q k^T / sqrt(Dh)) @ v for one query block, with the backward in closed form: for
+    P = dw * w (rows of w and of dL/dw) and s = sigmoid(z),
+
+        dL/dz_ij = P_ij - s_ij * sum_{l <= j} P_il   (visible keys; 0 elsewhere),
+
+    since log w_ij = logsigmoid(z_ij) + sum_{l > j} logsigmoid(-z_il): z_ij enters its own weight
+    (d/dz logsigmoid(z) = 1 - s) and, through logsigmoid(-z_ij) (derivative -s), every weight of a
+    key l < j. One cumulative sum in each direction, no autograd graph through the block's
+    (t, S) intermediates; w and s are kept for backward when ``save`` allows, else recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, visible, save):  # noqa: D102
+        weights, gates = _weights_and_gates(q, k, visible)
+        ctx.save_for_backward(q, k, v, visible, *((weights, gates) if save else ()))
+        return weights.to(v.dtype) @ v
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        q, k, v, visible, *kept = ctx.saved_tensors
+        weights, gates = kept if kept else _weights_and_gates(q, k, visible)
+        grad_v = weights.to(v.dtype).transpose(-1, -2) @ grad_out
+        p = (grad_out @ v.transpose(-1, -2)).to(weights.dtype).mul_(weights)
+        grad_z = p.sub_(p.cumsum(-1).mul_(gates)).to(q.dtype)  # 0 where unseen: there w = 0 and s = 0
+        scale = 1 / math.sqrt(q.shape[-1])  # on the (t, Dh) and (S, Dh) sides
+        return (grad_z @ k) * scale, grad_z.transpose(-1, -2) @ (q * scale), grad_v, None, None
 
 
 @register("stickbreaking")
@@ -64,6 +115,22 @@ class StickBreaking(PositionEncoding):
         self.check_mode(causal)
         visible = k_pos[None, :] - q_pos[:, None] < int(self.attend_current)  # j < i, or j <= i
         return stick_breaking_weights(logits, visible.to(logits.device))
+
+    def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None):
+        """The block's attention in one autograd node (`_StickBreakingBlock`); None (the eager path)
+        when a composed bias adds to the logits."""
+        if bias is not None:
+            return None
+        self.check_mode(causal)
+        visible = (k_pos[None, :] - q_pos[:, None] < int(self.attend_current)).to(q.device)
+        kept = 2 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * max(q.element_size(), 4)
+        return _StickBreakingBlock.apply(q, k, v, visible, kept <= save_bytes)
+
+    def block_channels(self, q: Tensor) -> int:
+        """2 H: a block holds a few (t, S) tensors at once (logits, their cumulative sums, weights,
+        gates), and the smaller blocks skip more of the causally hidden keys (measured: a training
+        step at B 8, T 512 some 8% faster than with H)."""
+        return 2 * self.n_heads
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, attend_current={self.attend_current}"
