@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from poslab.lab.config import (
 )
 from poslab.lab.evaluate import eval_seed, evaluate
 from poslab.lab.presets import get_preset, list_presets
-from poslab.lab.progress import Progress, ProgressLogHandler
+from poslab.lab.progress import Progress, ProgressLogHandler, setup_logging
 from poslab.lab.provenance import machine_record
 from poslab.lab.rundir import RunDir, RunDirError
 from poslab.lab.train import NonFiniteLossError, lr_at, train
@@ -355,3 +356,16 @@ def test_a_schedule_trains_and_its_checkpoint_loads(tmp_path):
     loaded = RunDir(tmp_path / "run").load_model()
     assert [loaded.model.encoding(i).name for i in range(4)] == ["rope", "rope", "rope", "nope"]
     assert loaded.config == config
+
+
+def test_the_log_follows_stderr_when_it_is_replaced(monkeypatch):
+    # A handler set up once (the CLI's) must not keep a stderr that was replaced and closed since,
+    # e.g. by an earlier test's capture: the record goes to the stderr of the moment.
+    gone = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", gone)
+    setup_logging(False)
+    gone.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    logging.getLogger("poslab").info("still shown")
+    assert now.getvalue() == "still shown\n"

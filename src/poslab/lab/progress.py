@@ -108,7 +108,22 @@ class Progress:
 
 
 class ProgressLogHandler(logging.StreamHandler):
-    """A stream handler that clears any active bar before a record and redraws it after."""
+    """A stream handler that clears any active bar before a record and redraws it after. Without a
+    stream it writes to whatever ``sys.stderr`` is when a record comes (not the stream of the moment
+    it was made), so a handler set up once keeps working when stderr is replaced, e.g. by a test's
+    capture."""
+
+    def __init__(self, stream=None) -> None:
+        super().__init__(stream)
+        self._fixed = stream  # StreamHandler put sys.stderr of this moment there
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr if self._fixed is None else self._fixed
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it (None: stderr, read anew)
+        self._fixed = value
 
     def emit(self, record: logging.LogRecord) -> None:
         for bar in _active:
@@ -134,7 +149,7 @@ def setup_logging(quiet: bool) -> None:
     """Send the ``poslab`` log to stderr through a `ProgressLogHandler` (INFO, or WARNING when
     ``quiet``); the command line and each grid worker process call it once."""
     log = logging.getLogger("poslab")
-    handler = ProgressLogHandler(sys.stderr)
+    handler = ProgressLogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     log.handlers = [h for h in log.handlers if not isinstance(h, ProgressLogHandler)]
     # The handler's own level too: a run's train.log lowers the logger's level to INFO while it

@@ -168,6 +168,7 @@ def test_a_corrupt_line_is_an_error_naming_the_file_and_line(grid, line, reason,
         read_records(grid / DATA)
     # the command line: one line, exit 2, and nothing written
     before = (grid / DATA).read_bytes()
+    capsys.readouterr()  # what recording printed (the log, when an earlier test set it up)
     assert main(["report", str(grid / "part"), "--out", str(grid / "page")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("poslab: error: ") and f"{DATA}:2" in err and err.count("\n") == 1
