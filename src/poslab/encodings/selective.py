@@ -175,10 +175,13 @@ class Selective(PositionEncoding):
     ):
         """The block as one SDPA flash call with -penalty (plus any bias) as its float mask
         (`_MaskedAttention`); None (the eager path, checkpointed) on other devices, while torch.compile
-        traces, or when what backward keeps (the penalty's (B, t, S) intermediates and the mask) does
+        traces, when v is narrower than q (composed with PoPE: SDPA's flash kernel needs one head
+        size), or when what backward keeps (the penalty's (B, t, S) intermediates and the mask) does
         not fit in ``save_bytes``."""
         self.check_mode(causal)
         if extra_keys is None or q.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if v.shape[-1] != q.shape[-1]:
             return None
         # Kept for backward: about 4 (B, t, S) tensors of the penalty, and the mask, per head with a bias.
         planes = 4 + (0 if bias is None else q.shape[1])
