@@ -1,0 +1,27 @@
+#!/bin/bash
+# Issue 29: before (the commit in /work/wt/before) or after (main) on this CPU, both builds, one
+# thread, the grid paused for the duration (SIGSTOP/SIGCONT), each a fresh process. Usage: run.sh before|after
+set -u
+which=$1
+tuning=${2:-tuned}
+envx=""; [ $tuning = untuned ] && envx="POSLAB_NO_MALLOC_TUNING=1"
+out=/work/runs/bench29
+pids=""
+for p in $(pgrep -f "poslab (study|train)"); do pids="$pids $p $(pgrep -P $p | tr '\n' ' ')"; done
+trap 'kill -CONT $pids 2>/dev/null' EXIT
+kill -STOP $pids 2>/dev/null
+sleep 3
+lscpu | grep -E "Model name|Flags" | cut -c1-200 > $out/cpu.txt
+src=/work/main/src; [ $which = before ] && src=/work/wt/before/src
+for arch in native x86-64-v3; do
+  echo "== $which $arch $(date +%T)"
+  ( cd /tmp && env $envx OMP_NUM_THREADS=1 POSLAB_NATIVE_ARCH=$arch PYTHONPATH=$src /usr/bin/time -v \
+    /work/main/.venv/bin/python -m poslab bench --sections attention,step --out $out/$which-$arch-$tuning.json ) \
+    > $out/$which-$arch-$tuning.md 2> $out/$which-$arch-$tuning.time
+  grep -E "Elapsed|System time|User time|Maximum resident|page faults" $out/$which-$arch-$tuning.time
+done
+if [ $which = after ] && [ $tuning = tuned ] && [ ! -s $out/compile.json ]; then
+  echo "== compile $(date +%T)"
+  ( cd /tmp && OMP_NUM_THREADS=1 PYTHONPATH=$src /work/main/.venv/bin/python -m poslab bench --sections compile --out $out/compile.json ) > $out/compile.md 2>&1
+fi
+echo "done $(date +%T)"
