@@ -167,27 +167,36 @@ def cope_block_backward(
     return grad_q, grad_k, grad_v, grad_table, grad_bias
 
 
-@cope_block_backward.register_fake
-def _(grad_out, q, k, v, table, bias, keep, out, saved, npos_max, bias_grad):
-    grad_bias = torch.empty_like(bias) if bias is not None and bias_grad else q.new_empty(0)
+def _fake_backward(grad_out, q, k, v, table, bias, keep, out, saved, *args):
+    """The fake of both backward ops: args are the op's options, ``bias_grad`` last."""
+    grad_bias = torch.empty_like(bias) if bias is not None and args[-1] else q.new_empty(0)
     return (*(torch.empty_like(x) for x in (q, k, v, table)), grad_bias)
+
+
+cope_block_backward.register_fake(_fake_backward)
 
 
 def _save_context(ctx, inputs, output) -> None:
     """setup_context of the block ops: q, k, v, table, bias, keep, the output and the saved list."""
     ctx.save_for_backward(*inputs[:6], output[0], *output[1])
     ctx.mark_non_differentiable(*output[1])
-    ctx.args = inputs[6:]  # the non-tensor arguments after keep
+    ctx.args = inputs[6:]  # the non-tensor arguments after keep, save and train last
 
 
-def _cope_backward(ctx, grad_out, _grad_saved):
-    q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[4]
-    grads = cope_block_backward(grad_out, q, k, v, table, bias, keep, out, saved, ctx.args[0], bias_grad)
-    return *grads[:4], grads[4] if bias_grad else None, None, None, None, None
+def _backward(op):
+    """The autograd formula of a block op whose backward op is ``op`` (which takes the block op's
+    options before save and train, e.g. npos_max, then ``bias_grad``)."""
+
+    def backward(ctx, grad_out, _grad_saved):
+        q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
+        grads = op(grad_out, q, k, v, table, bias, keep, out, saved, *ctx.args[:-2], bias_grad)
+        return *grads[:4], grads[4] if bias_grad else None, None, *(None for _ in ctx.args)
+
+    return backward
 
 
-cope_block.register_autograd(_cope_backward, setup_context=_save_context)
+cope_block.register_autograd(_backward(cope_block_backward), setup_context=_save_context)
 
 
 def _native_probs(q, k, table, bias, row_len, *, keep: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -294,20 +303,8 @@ def cope_rows_block_backward(
     return grad_q, grad_k, grad_v, grad_table, q.new_empty(0) if grad_bias is None else grad_bias
 
 
-@cope_rows_block_backward.register_fake
-def _(grad_out, q, k, v, table, bias, keep, out, saved, bias_grad):
-    grad_bias = torch.empty_like(bias) if bias is not None and bias_grad else q.new_empty(0)
-    return (*(torch.empty_like(x) for x in (q, k, v, table)), grad_bias)
-
-
-def _cope_rows_backward(ctx, grad_out, _grad_saved):
-    q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[4]
-    grads = cope_rows_block_backward(grad_out, q, k, v, table, bias, keep, out, saved, bias_grad)
-    return *grads[:4], grads[4] if bias_grad else None, None, None, None
-
-
-cope_rows_block.register_autograd(_cope_rows_backward, setup_context=_save_context)
+cope_rows_block_backward.register_fake(_fake_backward)
+cope_rows_block.register_autograd(_backward(cope_rows_block_backward), setup_context=_save_context)
 
 
 def _row_lengths(keep: Tensor | None, t: int, n_keys: int) -> Tensor:
