@@ -164,11 +164,13 @@ class Selective(PositionEncoding):
         self.check_mode(causal)
         if extra_keys is None:
             raise ValueError("selective needs the queries of every key position as extra_keys")
-        scale = 1 / math.sqrt(q.shape[-1])
-        h = self.head
-        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
-        out = scores - penalty[:, None].to(scores.dtype)
+        out = scores - self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(scores.dtype)
         return out if bias is None else out + bias
+
+    def _penalty(self, q, k, extra_keys, q_pos, k_pos, context) -> Tensor:
+        """F (B, t, S) of the selecting head for the queries at ``q_pos`` (`selection_penalty`)."""
+        h, scale = self.head, 1 / math.sqrt(q.shape[-1])
+        return selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
 
     def attention_block(
         self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None, context=None
@@ -190,10 +192,7 @@ class Selective(PositionEncoding):
             and planes * q.shape[0] * q.shape[2] * k.shape[2] * q.element_size() > save_bytes
         ):
             return None
-        scale = 1 / math.sqrt(q.shape[-1])
-        h = self.head
-        penalty = selection_penalty(extra_keys[:, h].to(k.dtype), k[:, h], q_pos, k_pos, scale, context)
-        mask = -penalty[:, None].to(q.dtype)
+        mask = -self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(q.dtype)
         if bias is not None:
             mask = mask + bias.to(q.dtype)
         if keep is not None:
