@@ -338,14 +338,14 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     with a ``reference`` row, every row's paired difference from it."""
     unit = UNITS.get(study.metric, study.metric)
     higher = study.metric == "accuracy"
+    head = ["| encoding | " + " | ".join(study.columns) + " |", "|---|" + "---|" * len(study.columns)]
     lines = [
         "## Results",
         "",
         f"{unit}, {'higher' if higher else 'lower'} is better; each cell: the mean over the seeds, its "
         "95% interval (Student's t; none for one seed) and the number of seeds.",
         "",
-        "| encoding | " + " | ".join(study.columns) + " |",
-        "|---|" + "---|" * len(study.columns),
+        *head,
     ]
     for row, _ in study.rows:
         cells = []
@@ -368,8 +368,7 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         f"interval, and the seeds on which the row is better than {study.reference} (an interval "
         "that holds 0 is no difference at this number of seeds).",
         "",
-        "| encoding | " + " | ".join(study.columns) + " |",
-        "|---|" + "---|" * len(study.columns),
+        *head,
     ]
     for row, _ in study.rows:
         if row == study.reference:
