@@ -135,7 +135,7 @@ def test_eval_reproduces_the_final_metrics(capsys, tmp_path):
     evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert evaluated == json.loads((out_dir / "results.json").read_text())["metrics"]
     code, _, err = run(capsys, "eval", str(out_dir), "train.steps=3")
-    assert code == 2 and "only eval.* and train.device" in err
+    assert code == 2 and "only eval.*, train.device options" in err
 
 
 def test_diverging_run_exits_1_with_one_line(capsys, tmp_path):
@@ -262,3 +262,44 @@ def test_the_command_line_offers_every_declared_command():
     # each command's name and then its aliases (study: reproduce, lm-study)
     assert list(sub.choices) == [name for c in cli.COMMANDS for name in (c.name, *c.aliases)]
     assert {"reproduce", "lm-study"} <= set(sub.choices)
+
+
+def test_eval_scores_a_byte_lm_on_a_probe_with_the_same_tokens(capsys, tmp_path):
+    from dataclasses import replace
+
+    from poslab.lab.evaluate import evaluate
+    from poslab.lab.rundir import load_model
+    from poslab.lab.tasks import build_task
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # enough documents for every split of the hash
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * 12)
+    source = [f"task.options.corpus_options.path={corpus}"]
+    out_dir = tmp_path / "lm"
+    argv = ["train", "--preset", "lm_stdlib_small", "task.options.corpus=files", *source, "model.d_model=16"]
+    argv += ["model.n_layers=1", "model.n_heads=2", "train.batch_size=2", "eval.batches=1", *FAST]
+    assert run(capsys, *argv, "--out", str(out_dir))[0] == 0
+
+    probe = ["task.options.corpus=files", *source, "task.options.eval_lengths=16,32"]
+    code, out, _ = run(capsys, "eval", str(out_dir), "--task", "repeated_text", *probe,
+                       "--json", str(tmp_path / "probe.json"))  # fmt: skip
+    assert code == 0 and "**repeated_text**" in out and "chance 0.39% accuracy" in out
+    scored = json.loads((tmp_path / "probe.json").read_text())
+    assert scored["task"] == "repeated_text" and scored["trained_on"] == "lm"
+    assert sorted(scored["metrics"]["lengths"]["by_length"]) == ["16", "32"]
+    # The same weights on the same probe, built by hand: the command changed nothing but the task.
+    loaded = load_model(out_dir)
+    task = build_task(
+        "repeated_text", corpus="files", corpus_options={"path": str(corpus)}, eval_lengths="16,32"
+    )
+    direct = evaluate(loaded.model, task, replace(loaded.config.eval, splits=None), train_len=128)
+    for split, values in direct["splits"].items():
+        assert scored["metrics"]["splits"][split] == pytest.approx(values), split
+
+    code, _, err = run(capsys, "eval", str(out_dir), "task.options.gap=0.1")
+    assert code == 2 and "only eval.*, train.device options" in err
+    flipflop = tmp_path / "flipflop"
+    assert run(capsys, "train", "--preset", "smoke", *FAST, "--out", str(flipflop))[0] == 0
+    code, _, err = run(capsys, "eval", str(flipflop), "--task", "repeated_text")
+    assert code == 2 and err.count("\n") == 1 and "tokens differ" in err

@@ -128,18 +128,48 @@ def cmd_train(args: Any) -> str:
     return _runs_table(record) + f"run: {out}  ({result.results['wall_time']:.0f} s)\n"
 
 
+def _probe_config(
+    config: RunConfig, trained_task: Any, name: str, options: list[str], eval_options: list[str]
+) -> tuple[RunConfig, Any]:
+    """``config`` with its task replaced by ``name`` (options from dotted ``task.options.*``
+    assignments, the training length kept; every split of the probe unless ``eval_options`` name
+    some) and that task, which must read and write the trained
+    task's tokens: same names, same ids, same causality (a byte LM scored on a byte probe)."""
+    data = config.to_dict()
+    data["task"] = {**data["task"], "name": name, "options": {}, "train_pool": 0}
+    if not any(o.strip().startswith("eval.splits") for o in eval_options):
+        data["eval"]["splits"] = None  # the trained task's split names mean nothing to the probe
+    probe_config = RunConfig.from_dict(data).override(options)
+    task = probe_config.task.build()
+    for what in ("tokens", "output_tokens", "causal"):
+        if getattr(task, what) != getattr(trained_task, what):
+            raise ValueError(
+                f"--task {name}: its {what.replace('_', ' ')} differ from those of the task the "
+                f"checkpoint was trained on ({config.task.name}), so the model cannot be scored on it"
+            )
+    return probe_config, task
+
+
 def cmd_eval(args: Any) -> str:
-    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS)]
+    keys = EVAL_KEYS + (("task.options.",) if args.task else ())
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(keys)]
     if bad:
-        raise ValueError(f"eval takes only eval.* and train.device options, got {', '.join(bad)}")
+        allowed = "eval.*, train.device" + (" and task.options.*" if args.task else "")
+        raise ValueError(f"eval takes only {allowed} options, got {', '.join(bad)}")
+    probe_options = [o for o in args.overrides if o.strip().startswith("task.options.")]
+    eval_options = [o for o in args.overrides if o not in probe_options]
     if args.json:
         if Path(args.json).is_dir():
             raise ValueError(
                 f"--json {args.json} is a directory; give a file, e.g. {Path(args.json) / 'eval.json'}"
             )
         check_writable(Path(args.json).parent)
-    loaded = load_model(args.checkpoint, overrides=args.overrides)
+    loaded = load_model(args.checkpoint, overrides=eval_options)
     config, task = loaded.config, loaded.task
+    about: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
+    if args.task:
+        about["trained_on"] = config.task.name
+        config, task = _probe_config(config, task, args.task, probe_options, eval_options)
     device = resolve_device(config.train.device)
     lengths = planned_lengths(task, config.eval, config.task.train_len)
     check_fits(config, task, device, eval_lengths=lengths, training=False)
@@ -156,7 +186,7 @@ def cmd_eval(args: Any) -> str:
         task,
         step=loaded.step,
         metrics=metrics,
-        about={"checkpoint": str(args.checkpoint)},
+        about=about,
         timing={"eval_time": time.monotonic() - started},
     )
     if args.json:
@@ -233,6 +263,11 @@ RUN_COMMANDS = (
         (
             arg("checkpoint", help="checkpoint.pt or a run directory"),
             arg("--json", help="also write the results to this JSON file"),
+            arg(
+                "--task",
+                help="score on this task instead of the training one (same tokens, e.g. a byte LM on "
+                "repeated_text); its options as task.options.KEY=VALUE",
+            ),
             OVERRIDES,
         ),
         cmd_eval,

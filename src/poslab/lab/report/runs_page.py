@@ -221,7 +221,8 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         chance = first.get("chance")
         chance_note = f", chance {100 - chance:.0f}% error" if headline == "error" and chance else ""
         if headline == "accuracy" and chance:
-            chance_note = f", chance {chance:.0f}% accuracy"
+            shown = f"{chance:.0f}" if chance >= 1 else f"{chance:.2g}"  # 1/257 is not 0%
+            chance_note = f", chance {shown}% accuracy"
         per_length = " (mean over the evaluated lengths)" if first["lengths"] else ""
         lines = [
             f"**{task}**: {headline} % per split{per_length}, mean ± sample std over n seeds; "
