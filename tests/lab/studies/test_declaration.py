@@ -125,12 +125,21 @@ def test_a_study_is_one_kind_and_holds_only_that_kinds_fields():
     with pytest.raises(ValueError, match="belong to a task table"):
         tiny_lm_study(numbers={"Kerple": {"a/id": 1.0}})
     flipflop = get_study("cope_flipflop")
-    with pytest.raises(ValueError, match="belong to an LM extrapolation study"):
+    with pytest.raises(ValueError, match="belong to an LM"):
         Study(**{**flipflop.__dict__, "gap": ("RoPE", "CoPE")})
     kinds = {name: study.kind for name, study in STUDIES.items()}
     assert {name for name, kind in kinds.items() if kind == LM_EXTRAPOLATION} == {
-        "dape_ablation", "dape_extrapolation", "dape_scale", "dape_width",
+        "dape_ablation", "dape_deep", "dape_extrapolation", "dape_scale", "dape_width",
     }  # fmt: skip
+    with pytest.raises(ValueError, match="lengths and aligned belong to an LM"):
+        Study(**{**flipflop.__dict__, "aligned": True})
+    for bad in ((), (2, 1), (0.5, 1), (1, 1)):
+        with pytest.raises(ValueError, match="lengths must be increasing multiples >= 1"):
+            tiny_lm_study(lengths=bad)
+    assert tiny_lm_study(lengths=(1, 2.5)).scored_lengths(128) == [128, 320]
+    assert tiny_lm_study().scored_lengths(128) == [128, 256, 512]  # factor 4
+    deep = get_study("dape_deep")
+    assert deep.aligned and deep.scored_lengths(128) == [128, 512, 2048, 8192]
     assert {"cope_flipflop", "cope_counting", "dape_chomsky", "demo"} <= set(kinds)
 
 
@@ -163,11 +172,16 @@ def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified
     for study in STUDIES.values():
         if study.numbers or study.paper_numbers:
             assert study.numbers_check is not None, study.name
-    # Only the counting table was read in a primary copy (the authors' repository).
+    # Only the counting table was read in a primary copy (the authors' repository); the long-program
+    # counting study sets its one-variable column beside ours.
     verified = {
         name for name, study in STUDIES.items() if study.numbers_check and study.numbers_check.verified
     }
-    assert verified == {"cope_counting"}
+    assert verified == {"cope_counting", "cope_counting_long"}
+    counting, long = get_study("cope_counting"), get_study("cope_counting_long")
+    assert {row: values["1var_256/id"] for row, values in long.numbers.items()} == {
+        row: values["1var/id"] for row, values in counting.numbers.items()
+    }
 
 
 def test_cope_length_generalisation_has_cope_at_the_papers_npos_max_and_at_its_ratio():

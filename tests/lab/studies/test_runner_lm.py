@@ -148,3 +148,23 @@ def test_an_lm_study_rebuilds_and_resumes_from_its_data_file_alone(tmp_path, mon
     ):
         run_study("tiny", out, **{**same, "max_windows": 1})
     assert (out / DATA).read_bytes() == data and not list((out / "a").glob("*/seed*"))
+
+
+def test_a_study_scores_at_its_own_multiples_on_aligned_windows_and_reuses_that_scoring(
+    tmp_path, monkeypatch
+):
+    corpus = write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(STUDIES, "tiny", tiny_lm_study(lengths=(1, 2.5), aligned=True))
+    out, same = tmp_path / "out", {"overrides": tiny_lm_overrides(corpus), "max_windows": 2, "plots": False}
+    result = run_study("tiny", out, **same)
+    settings = result["results"]["a"]["settings"]
+    assert settings["lengths"] == [16, 40] and settings["aligned"] is True  # 2.5 x 16
+    runs = result["results"]["a"]["runs"]
+    assert all(set(run["results"]) == {"16", "40"} for run in runs)
+    assert "| 40 |" in result["page"] or " 40 " in result["page"]
+    scored = (out / "a" / "results.json").stat().st_mtime_ns
+    again = run_study("tiny", out, **same)  # the aligned scoring of the same grid is reused
+    assert (out / "a" / "results.json").stat().st_mtime_ns == scored and again["page"] == result["page"]
+    monkeypatch.setitem(STUDIES, "tiny", tiny_lm_study(lengths=(1, 2.5)))  # not aligned: scored again
+    other = run_study("tiny", out, **same)
+    assert other["results"]["a"]["settings"]["aligned"] is False

@@ -34,7 +34,7 @@ from poslab.lab.checkpoint import check_writable
 from poslab.lab.config import RunConfig, slug
 from poslab.lab.evaluate import eval_lengths
 from poslab.lab.experiments.command import NO_PLOTS, THREADS, Command, arg, progress
-from poslab.lab.experiments.extrapolation import doubling_lengths, score_grid
+from poslab.lab.experiments.extrapolation import score_grid
 from poslab.lab.experiments.extrapolation_page import write_extrapolation_report
 from poslab.lab.experiments.grid import GridRun, check_jobs, plan_grid, train_grid
 from poslab.lab.parsing import parse_seeds
@@ -216,8 +216,9 @@ def _run_lm(
         }
         wanted = {
             **grid_settings[part.name],
-            "lengths": doubling_lengths(train_len, train_len * study.factor),
+            "lengths": study.scored_lengths(train_len),
             "max_windows": max_windows,
+            "aligned": study.aligned,
         }
         scorings = _scorings(folder, data, part.name)
         previous = _scored(out, part.name, scorings, wanted, data)
@@ -242,8 +243,9 @@ def _run_lm(
             layout.part_folder(out, name),
             settings={**grid_settings[name], "train_wall_time_this_call": train_wall},
             started=started,
-            max_len=configs[name].task.train_len * study.factor,
+            lengths=study.scored_lengths(configs[name].task.train_len),
             max_windows=max_windows,
+            aligned=study.aligned,
             plots=plots,
             device=device,
         )
@@ -305,7 +307,10 @@ def _scored(
     scores stand); None when there is none."""
     for result in scorings:
         settings = result.get("settings", {})
-        if any(settings.get(key) != value for key, value in wanted.items()):
+        # (scorings made before windows could be aligned have no "aligned": they were not)
+        if any(
+            settings.get(key, False if key == "aligned" else None) != value for key, value in wanted.items()
+        ):
             continue
         runs = result.get("runs", [])
         if all(
