@@ -129,7 +129,8 @@ def test_a_study_is_one_kind_and_holds_only_that_kinds_fields():
         Study(**{**flipflop.__dict__, "gap": ("RoPE", "CoPE")})
     kinds = {name: study.kind for name, study in STUDIES.items()}
     assert {name for name, kind in kinds.items() if kind == LM_EXTRAPOLATION} == {
-        "dape_ablation", "dape_deep", "dape_extrapolation", "dape_scale", "dape_width",
+        "cope_length_generalisation_512", "dape_ablation", "dape_deep", "dape_extrapolation", "dape_scale",
+        "dape_width",
     }  # fmt: skip
     with pytest.raises(ValueError, match="lengths and aligned belong to an LM"):
         Study(**{**flipflop.__dict__, "aligned": True})
@@ -192,3 +193,15 @@ def test_cope_length_generalisation_has_cope_at_the_papers_npos_max_and_at_its_r
     assert specs["CoPE, npos_max 64 (the paper's)"] == "cope"
     assert build_encoding(specs["CoPE, npos_max 8 (the paper's ratio)"], n_heads=4, head_dim=32).npos_max == 8
     assert build_encoding("cope", n_heads=4, head_dim=32).npos_max == 64
+
+
+def test_cope_at_512_keeps_the_papers_ratio_of_clamp_to_context():
+    study = get_study("cope_length_generalisation_512")
+    config = get_preset(study.parts[0].preset).override(list(study.parts[0].overrides))
+    train_len = config.task.train_len
+    assert train_len == 512 and study.aligned and study.scored_lengths(train_len) == [512, 1280]
+    (_, relative), (_, cope) = study.rows
+    assert (
+        relative == "relative" and cope == f"cope[npos_max={64 * train_len // 1024}]" == "cope[npos_max=32]"
+    )
+    assert config.task.options["corpus"] == "python_docs"
