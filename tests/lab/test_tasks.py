@@ -487,6 +487,35 @@ def test_repeated_text_metrics_report_the_copy_loss() -> None:
     assert result["accuracy"] == pytest.approx(100 - result["error"])
 
 
+def test_repeated_text_scores_the_same_bytes_read_the_first_time() -> None:
+    task = build_task("repeated_text", gap=0.5)
+    batch = task.sample(6, 95, generator=gen(2))
+    distances = batch.mask.int().argmax(dim=1).tolist()
+    # A copier: right wherever the byte seen one distance back repeats (the second copy), and a
+    # fixed wrong guess elsewhere; the first reading of the copied bytes is at p - d, naively.
+    logits = torch.zeros(6, 95, task.n_outputs)
+    logits[..., 256] = 1.0  # <eos> never occurs inside a chunk
+    first_right = first_total = 0
+    for b, d in enumerate(distances):
+        for p in range(95):
+            if batch.mask[b, p]:
+                logits[b, p, batch.targets[b, p]] = 2.0
+                assert batch.targets[b, p - d] == batch.targets[b, p]  # the same byte, read before
+                first_total += 1
+                if p - d in (3, 7):  # the model knows two bytes of the chunk without copying
+                    logits[b, p - d, batch.targets[b, p - d]] = 2.0
+                    first_right += 1
+    result = task.metrics(logits, batch)
+    assert result["accuracy"] == 100.0
+    assert result["first_accuracy"] == pytest.approx(100.0 * first_right / first_total)
+    assert result["copy_gain"] == pytest.approx(100.0 - result["first_accuracy"])
+    first = torch.zeros_like(batch.mask)
+    for b, d in enumerate(distances):
+        first[b, : 95 - d] = True
+    expected = F.cross_entropy(logits[first], batch.targets[first]).item()
+    assert result["first_loss"] == pytest.approx(expected) and result["first_loss"] > result["loss"]
+
+
 def test_probe_results_hold_every_length_and_depth() -> None:
     from poslab.lab.config import EvalConfig
     from poslab.lab.evaluate import evaluate

@@ -44,7 +44,8 @@ class RepeatedText(Task):
     attends a fixed offset back would copy as well, and learn nothing about longer ones. A batch is
     (B, ``length``). Scored: every byte of the second copy but its first (which nothing announces),
     c2 - 1 targets a sequence; ``accuracy`` (% right, pooled) and ``loss`` (mean cross-entropy in
-    nats of the scored bytes, the copy's surprise) besides error and seq_error.
+    nats of the scored bytes, the copy's surprise) besides error and seq_error; ``first_accuracy``,
+    ``first_loss`` and ``copy_gain`` compare them with the same bytes in the chunk (`metrics`).
 
     Tokens: bytes 0..255 and ``<eos>`` = 256 (257 ids, as the ``lm`` task with ``bytes``). Chance is
     1/257. Splits: ``id`` (training documents, at the training length) and, with ``eval_lengths``,
@@ -125,14 +126,26 @@ class RepeatedText(Task):
 
     def metrics(self, logits: Tensor, batch: Batch) -> dict[str, float]:
         """error and seq_error (Task.metrics), accuracy (% of scored bytes right, pooled) and loss
-        (mean cross-entropy in nats over the scored bytes)."""
+        (mean cross-entropy in nats over the scored bytes); and the same bytes read the first time,
+        in the chunk, where nothing announces them: ``first_accuracy`` and ``first_loss``, the
+        level of a model that does not copy (it predicts text from the bytes nearby), and
+        ``copy_gain`` = accuracy - first_accuracy, what copying adds."""
         result = super().metrics(logits, batch)
         result["accuracy"] = 100.0 - result["error"]
-        mask = batch.mask.to(logits.device)
-        scored = logits.detach()[mask].float()
-        result["loss"] = (
-            F.cross_entropy(scored, batch.targets.to(logits.device)[mask]).item() if mask.any() else math.nan
-        )
+        targets, mask = batch.targets.to(logits.device), batch.mask.to(logits.device)
+        # A row's first scored target is at the copy distance d (`sample`), and its target there is
+        # the chunk's byte 1, as the target at 0 is: scored byte p repeats the target at p - d.
+        length = mask.shape[1]
+        distance = mask.int().argmax(dim=1, keepdim=True)
+        first = mask.any(dim=1, keepdim=True) & (torch.arange(length, device=mask.device) < length - distance)
+        for prefix, where in (("", mask), ("first_", first)):
+            scored = logits.detach()[where].float()
+            result[prefix + "loss"] = (
+                F.cross_entropy(scored, targets[where]).item() if where.any() else math.nan
+            )
+        right = logits.detach().argmax(dim=-1) == targets
+        result["first_accuracy"] = 100.0 * right[first].float().mean().item() if first.any() else math.nan
+        result["copy_gain"] = result["accuracy"] - result["first_accuracy"]
         return result
 
 
