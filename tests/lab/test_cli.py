@@ -297,6 +297,15 @@ def test_eval_scores_a_byte_lm_on_a_probe_with_the_same_tokens(capsys, tmp_path)
     for split, values in direct["splits"].items():
         assert scored["metrics"]["splits"][split] == pytest.approx(values), split
 
+    code, _, _ = run(capsys, "eval", str(out_dir), "--task", "repeated_text", *probe, "eval.splits=by_length",
+                     "--json", str(tmp_path / "one.json"))  # fmt: skip
+    assert code == 0 and list(json.loads((tmp_path / "one.json").read_text())["metrics"]["splits"]) == [
+        "by_length"
+    ]
+    code, _, err = run(
+        capsys, "eval", str(out_dir), "--task", "repeated_text", *probe, "eval.splits=validation"
+    )
+    assert code == 2 and "validation" in err and err.count("\n") == 1  # the LM's split, not the probe's
     code, _, err = run(capsys, "eval", str(out_dir), "task.options.gap=0.1")
     assert code == 2 and "only eval.*, train.device options" in err
     flipflop = tmp_path / "flipflop"

@@ -129,16 +129,15 @@ def cmd_train(args: Any) -> str:
 
 
 def _probe_config(
-    config: RunConfig, trained_task: Any, name: str, options: list[str], eval_options: list[str]
+    config: RunConfig, trained_task: Any, name: str, options: list[str]
 ) -> tuple[RunConfig, Any]:
-    """``config`` with its task replaced by ``name`` (options from dotted ``task.options.*``
-    assignments, the training length kept; every split of the probe unless ``eval_options`` name
-    some) and that task, which must read and write the trained
-    task's tokens: same names, same ids, same causality (a byte LM scored on a byte probe)."""
+    """``config`` with its task replaced by ``name`` (the training length kept, every split of the
+    probe) and ``options`` (dotted ``task.options.*`` and ``eval.splits`` assignments) applied, and
+    that task, which must read and write the trained task's tokens: same names, same ids, same
+    causality (a byte LM scored on a byte probe)."""
     data = config.to_dict()
     data["task"] = {**data["task"], "name": name, "options": {}, "train_pool": 0}
-    if not any(o.strip().startswith("eval.splits") for o in eval_options):
-        data["eval"]["splits"] = None  # the trained task's split names mean nothing to the probe
+    data["eval"]["splits"] = None  # the trained task's split names mean nothing to the probe
     probe_config = RunConfig.from_dict(data).override(options)
     task = probe_config.task.build()
     for what in ("tokens", "output_tokens", "causal"):
@@ -156,7 +155,9 @@ def cmd_eval(args: Any) -> str:
     if bad:
         allowed = "eval.*, train.device" + (" and task.options.*" if args.task else "")
         raise ValueError(f"eval takes only {allowed} options, got {', '.join(bad)}")
-    probe_options = [o for o in args.overrides if o.strip().startswith("task.options.")]
+    # With --task, the probe's options and splits apply once the task is the probe's.
+    probe_keys = ("task.options.", "eval.splits") if args.task else ()
+    probe_options = [o for o in args.overrides if o.strip().startswith(probe_keys)] if args.task else []
     eval_options = [o for o in args.overrides if o not in probe_options]
     if args.json:
         if Path(args.json).is_dir():
@@ -169,7 +170,7 @@ def cmd_eval(args: Any) -> str:
     about: dict[str, Any] = {"checkpoint": str(args.checkpoint)}
     if args.task:
         about["trained_on"] = config.task.name
-        config, task = _probe_config(config, task, args.task, probe_options, eval_options)
+        config, task = _probe_config(config, task, args.task, probe_options)
     device = resolve_device(config.train.device)
     lengths = planned_lengths(task, config.eval, config.task.train_len)
     check_fits(config, task, device, eval_lengths=lengths, training=False)
