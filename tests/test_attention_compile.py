@@ -27,12 +27,17 @@ TORCH_OPS = {
 }
 
 
+# PoPE's v is narrower than its doubled q and k (`poslab.kernels.bias.causal_attention`).
+OTHER_OPS = {"pope": {"bias_attention"}}
+
+
 def expected_ops(name: str, *, native_on: bool) -> set[str]:
     """The poslab ops a compiled attend with ``name`` must call (none for plain SDPA and the eager
     path): the logits encodings' block op, and the biases' SDPA with a bias gradient
     (`poslab.kernels.bias`; the tests take gradients, so it is always on)."""
     table = NATIVE_OPS if native_on and native._compiler() is not None else TORCH_OPS
-    return ({table[name]} if name in table else set()) | ({"bias_attention"} if name in BIASES else set())
+    ops = ({table[name]} if name in table else set()) | ({"bias_attention"} if name in BIASES else set())
+    return ops | OTHER_OPS.get(name, set())
 
 
 @pytest.fixture(autouse=True)
@@ -94,10 +99,11 @@ def qkv(n_queries: int = 12, n_keys: int = 12):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", ["nope", "rope", *BIASES, *LOGITS, "selective"])
+@pytest.mark.parametrize("name", ["nope", "rope", "pope", *BIASES, *LOGITS, "selective"])
 def test_a_full_forward_compiles_and_equals_eager(name, monkeypatch):
-    """SDPA (with the bias as a mask) for nope, rope and the biases; CoPE and DAPE through their
-    block ops in two query blocks of 6; selective (its own queries as extra keys) on the eager path."""
+    """SDPA (with the bias as a mask) for nope, rope and the biases; PoPE through the causal op
+    (its v narrower than q); CoPE and DAPE through their block ops in two query blocks of 6;
+    selective (its own queries as extra keys) on the eager path."""
     monkeypatch.setenv("POSLAB_NATIVE", "1")
     ops = check_compiled_equals_eager(encoding64(name), *qkv(), block_size=6)
     assert ops == expected_ops(name, native_on=True)
@@ -137,7 +143,7 @@ def test_explicit_positions_compile_through_the_general_path(name, monkeypatch):
     assert ops == expected_ops(name, native_on=True)
 
 
-@pytest.mark.parametrize("name", ["alibi", "cope", "dape"])
+@pytest.mark.parametrize("name", ["alibi", "pope", "cope", "dape"])
 def test_other_lengths_compile_with_dynamic_shapes(name, monkeypatch):
     """A new length recompiles with symbolic sizes (dynamo's automatic dynamic shapes); the block
     sizes, masks and the ops' fake implementations must hold for them."""

@@ -13,6 +13,7 @@ from poslab.kernels.bias import (
     bias_attention,
     bias_attention_backward,
     bias_attention_forward,
+    causal_attention,
 )
 
 
@@ -109,3 +110,47 @@ def test_traces_whole_under_torch_compile():
     want = torch.autograd.grad(attention(q, k, v, bias).sum(), (q, k, v, bias))
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("width", [8, 3])  # v as wide as q, and narrower (PoPE doubles q and k)
+def test_causal_attention_equals_the_reference(width, monkeypatch):
+    """No mask: causal from key 0, the backward hiding later keys itself (in blocks of 16 rows),
+    v kept narrow."""
+    monkeypatch.setattr("poslab.kernels.bias.BACKWARD_ELEMENTS", 16 * 2 * 3 * 37)
+    q, k = (torch.randn(2, 3, 37, 8, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 37, width, dtype=torch.float64)
+    keep = torch.ones(37, 37, dtype=torch.bool).tril()
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = causal_attention(*inputs)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad((out * probe).sum(), inputs)
+    ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = reference(*ref_inputs, 0.0, keep)
+    want = torch.autograd.grad((ref_out * probe).sum(), ref_inputs)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_a_mask_per_sequence_gets_its_own_gradient():
+    """A (B, H, T, S) bias: the gradient is not summed over the batch; v narrower than q."""
+    q, k = (torch.randn(2, 3, 21, 8, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 21, 5, dtype=torch.float64)
+    bias = torch.randn(2, 3, 21, 21, dtype=torch.float64)
+    keep = torch.ones(21, 21, dtype=torch.bool).tril()
+    out, got = grads(bias_attention, q, k, v, bias, keep, causal_start=0)
+    ref_out, want = grads(reference, q, k, v, bias, keep)
+    torch.testing.assert_close(out, ref_out, atol=1e-12, rtol=1e-10)
+    assert got[3].shape == bias.shape
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-10)
+
+
+def test_causal_ops_fake_implementations():
+    q, k, v = (torch.randn(2, 2, 7, 4) for _ in range(3))
+    narrow = v[..., :2]
+    torch.library.opcheck(bias_attention_forward, (q, k, narrow, None, 0))
+    out, lse = bias_attention_forward(q, k, narrow, None, 0)
+    torch.library.opcheck(
+        bias_attention_backward, (torch.randn_like(out), q, k, narrow, None, out, lse, 0, False)
+    )
