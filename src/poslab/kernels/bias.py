@@ -18,10 +18,11 @@ the hidden half as SDPA's causal kernel does; its temporaries live in reused ``c
 buffers. On one thread this backward is faster than the flash kernel's own (B 8, H 4, T 512, Dh 32;
 docs/attention-paths.md), so it also runs when only q, k and v need gradients (ALiBi, Sandwich).
 
-``causal_attention`` shares that backward without a mask: the causal flash kernel, for PoPE, whose
-v is narrower than its doubled q and k; only the forward widens v with zero channels, as the flash
-kernel needs. The ops are torch custom ops: opaque to torch.compile, the same functions in eager
-mode.
+Two more entries share that backward: ``causal_attention`` (no mask: the causal flash kernel, for
+PoPE, whose v is narrower than its doubled q and k; only the forward widens v with zero channels, as
+the flash kernel needs) and ``table_bias_attention`` (relative PE: the bias read from a small
+per-query table, M[t, s] = table[t, index[t, s]], recomputed in backward instead of kept). The ops
+are torch custom ops: opaque to torch.compile, the same functions in eager mode.
 """
 
 from __future__ import annotations
@@ -188,6 +189,168 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("poslab::bias_attention", _backward, setup_context=_setup_context)
+
+
+def _with_hidden_column(table: Tensor) -> Tensor:
+    """``table`` (B, H, T, R) and a last column of -inf, the value of index R (a hidden key)."""
+    return torch.cat((table, table.new_full((*table.shape[:-1], 1), float("-inf"))), dim=-1)
+
+
+def _gathered(table: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
+    """table[b, h, t, index[t, s]], (B, H, T, S); table with its -inf column (`_with_hidden_column`)."""
+    return torch.gather(table, -1, index.expand(*table.shape[:2], *index.shape), out=out)
+
+
+def _capped_distances(table: Tensor, first: int, n_keys: int, buffer: str | None = None) -> Tensor:
+    """table[b, h, t, min(first + t - s, R - 1)] for keys s <= first + t, -inf after: (B, H, t, S).
+
+    The causal Toeplitz layout of a bias capped at distance R - 1, without a gather: the capped
+    entry fills each row, then the R - 1 nearer distances are written along their diagonals through
+    one strided view. Rows are R - 1 entries wider on the left, so that the diagonals of the first
+    rows (distances before key 0) land in that margin instead of another row. ``buffer``: a
+    `scratch` name (the result is a view of it), else a new tensor.
+    """
+    n_batch, n_heads, n_rows, width = table.shape
+    cap = width - 1
+    shape = (n_batch, n_heads, n_rows, n_keys + cap)
+    padded = table.new_empty(shape) if buffer is None else scratch(buffer, shape, table)
+    padded.copy_(table[..., cap:].expand(shape))
+    if cap:
+        row = shape[-1]
+        # entry (t, d') of the view is row t, key first + t - (cap - 1 - d'), i.e. distance cap - 1 - d'
+        strides = (n_heads * n_rows * row, n_rows * row, row + 1, 1)
+        near = padded.as_strided(
+            (n_batch, n_heads, n_rows, cap), strides, padded.storage_offset() + first + 1
+        )
+        near.copy_(table[..., :cap].flip(-1))
+    bias = padded[..., cap:]
+    _hide_future(bias, first, n_keys)
+    return bias
+
+
+def _table_bias(table: Tensor, index: Tensor | None, first: int | None, n_keys: int, buffer=None) -> Tensor:
+    if index is None:
+        return _capped_distances(table, first, n_keys, buffer)
+    out = None if buffer is None else scratch(buffer, (*table.shape[:3], index.shape[-1]), table)
+    return _gathered(_with_hidden_column(table), index, out=out)
+
+
+def _check_table_index(index: Tensor | None, causal_start: int | None, n_queries: int, n_keys: int) -> None:
+    if index is None and (causal_start is None or causal_start + n_queries > n_keys):
+        raise ValueError(
+            f"table_bias_attention: without an index the queries sit at causal_start, causal_start + 1, "
+            f"... among the keys, got causal_start {causal_start} for {n_queries} queries and {n_keys} keys"
+        )
+
+
+@torch.library.custom_op("poslab::table_bias_attention", mutates_args=())
+def table_bias_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor | None, causal_start: int | None
+) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(Dh) + M) @ v and the rows' log-sum-exp, through SDPA's CPU flash kernel:
+    M[b, h, t, s] = table[b, h, t, index[t, s]], -inf where index[t, s] is R (table's width: a
+    hidden key); without an index, the causal capped distance (`_capped_distances`) of queries at
+    causal_start, causal_start + 1, ..."""
+    _check_table_index(index, causal_start, q.shape[2], k.shape[2])
+    return _flash(q, k, v, _table_bias(table, index, causal_start, k.shape[2], "table_bias"))
+
+
+@table_bias_attention_forward.register_fake
+def _(q, k, v, table, index, causal_start):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1])
+
+
+@torch.library.custom_op("poslab::table_bias_attention_backward", mutates_args=())
+def table_bias_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    index: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    causal_start: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dL/d(q, k, v, table) of ``table_bias_attention_forward``: M recomputed block by block from the
+    table (no (B, H, T, S) tensor kept), its gradient summed into the table's entries."""
+    _check_table_index(index, causal_start, q.shape[2], k.shape[2])
+    if index is None:
+        grad_table = torch.empty_like(table, memory_format=torch.contiguous_format)
+        source, cap = table, table.shape[-1] - 1
+    else:
+        source = _with_hidden_column(table)
+        grad_table = torch.zeros_like(source)
+
+    def add_bias(logits, r0, r1, end):
+        if index is None:
+            logits.add_(_capped_distances(source[:, :, r0:r1], causal_start + r0, end, "table_bias"))
+        else:
+            logits.add_(
+                _gathered(
+                    source[:, :, r0:r1], index[r0:r1, :end], out=scratch("table_bias", logits.shape, logits)
+                )
+            )
+
+    def take_grad(grad_logits, r0, r1, end):
+        if index is not None:
+            where = index[r0:r1, :end].expand(*grad_logits.shape)
+            grad_table[:, :, r0:r1].scatter_add_(-1, where, grad_logits)
+            return
+        # distance d < cap: the one key first + t - d (none before key 0); the cap: every other
+        # key, i.e. the row's sum less the near ones (hidden keys have no gradient to speak of)
+        keys = torch.arange(causal_start + r0, causal_start + r1, device=q.device)[:, None]
+        keys = keys - torch.arange(cap, device=q.device)
+        near = torch.gather(grad_logits, -1, keys.clamp(min=0).expand(*grad_logits.shape[:2], *keys.shape))
+        near.mul_(keys >= 0)
+        grad_table[:, :, r0:r1, :cap] = near
+        grad_table[:, :, r0:r1, cap] = grad_logits.sum(-1) - near.sum(-1)
+
+    grads = _blocks_backward(grad_out, q, k, v, out, lse, causal_start, add_bias, take_grad)
+    return *grads, grad_table if index is None else grad_table[..., :-1].contiguous()
+
+
+@table_bias_attention_backward.register_fake
+def _(grad_out, q, k, v, table, index, out, lse, causal_start):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v, table))
+
+
+def _table_setup_context(ctx, inputs, output) -> None:
+    q, k, v, table, index, causal_start = inputs
+    ctx.save_for_backward(q, k, v, table, index, *output)
+    ctx.causal_start = causal_start
+
+
+def _table_backward(ctx, grad_out, grad_lse):
+    q, k, v, table, index, out, lse = ctx.saved_tensors
+    grads = table_bias_attention_backward(grad_out, q, k, v, table, index, out, lse, ctx.causal_start)
+    return *grads, None, None
+
+
+torch.library.register_autograd(
+    "poslab::table_bias_attention", _table_backward, setup_context=_table_setup_context
+)
+
+
+def table_bias_attention(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor, index: Tensor | None, *, causal_start: int | None = None
+) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) + M) @ v, the bias M read from a small per-query table.
+
+    q (B, H, T, Dh), k (B, H, S, Dh), v (B, H, S, Dv) with Dv <= Dh, table (B, H, T, R) (may require
+    a gradient). M[b, h, t, s] = table[b, h, t, index[t, s]], index (T, S) integers in 0..R, R
+    marking a hidden key; or, with index None, causal attention of queries at positions
+    causal_start, causal_start + 1, ... (keys 0..S-1) with M = table[..., min(i - j, R - 1)]. The
+    (B, H, T, S) bias is never kept for backward, only the table (Shaw-style relative position
+    embeddings: q_t . r_n for R distances n). ``causal_start`` with an index: see
+    `bias_attention_backward`.
+    """
+    table = table.to(q.dtype)
+    _check_table_index(index, causal_start, q.shape[2], k.shape[2])
+    fits = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+    if not (fits and needs_autograd(q, k, v, table)):
+        return bias_attention(q, k, v, _table_bias(table, index, causal_start, k.shape[2]), None)
+    return table_bias_attention_forward(q, k, v, table, index, causal_start)[0]
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
