@@ -257,13 +257,10 @@ def test_triton_impl_refusals(monkeypatch):
 
 @pytest.mark.parametrize("n_queries", [13, 4])  # a full forward, and queries after cached keys
 @pytest.mark.parametrize("name", ["pope", "nope"])
-def test_values_narrower_than_queries_take_the_flash_kernel_and_equal_the_eager_reference(
-    name, n_queries, monkeypatch
-):
-    """PoPE doubles q and k, not v (and here v is narrower for NoPE too): a full forward runs SDPA's
-    CPU flash kernel through `causal_attention` with v as it is (widened with zeros inside its
-    forward only); queries after cached keys widen v for SDPA. Both must give the eager path's
-    outputs and gradients."""
+def test_values_narrower_than_queries_stay_narrow_and_equal_the_eager_reference(name, n_queries, monkeypatch):
+    """PoPE doubles q and k, not v (and here v is narrower for NoPE too): a full forward runs
+    `causal_attention` with v as it is; queries after cached keys widen v for SDPA's flash kernel.
+    Both must give the eager path's outputs and gradients."""
     enc = encoding64(name)
     q, k = torch.randn(2, 2, n_queries, 8, dtype=torch.float64), torch.randn(2, 2, 13, 8, dtype=torch.float64)
     v = torch.randn(2, 2, 13, 3, dtype=torch.float64)

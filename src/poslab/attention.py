@@ -505,8 +505,8 @@ def fused_attention(
     narrow = q.device.type == "cpu" and v.shape[-1] < q.shape[-1]
     if narrow and bias is None and plain_causal:
         # PoPE's q and k are twice as wide as v: SDPA's CPU flash kernel wants v as wide as q (else
-        # it runs the materialising math path, 1.6x slower in PoPE's training step), and its
-        # backward would then also run on the zero channels; this op widens v in forward only.
+        # it runs the materialising math path, 1.6x slower in PoPE's training step), and would then
+        # compute on zero channels in forward and backward; this op keeps v as it is.
         return causal_attention(q, k, v)
     if narrow and bias is None:
         v_wide = F.pad(v, (0, q.shape[-1] - v.shape[-1]))  # zero channels, cut off after
