@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from poslab.encodings.base import PositionEncoding, causal_mask
+from poslab.encodings.base import PositionEncoding, causal_mask, consecutive_start
 from poslab.kernels.bias import bias_attention, causal_attention
 
 Impl = Literal["auto", "fused", "eager", "triton"]
@@ -470,16 +470,6 @@ def position_bias(
     from q_pos (`consecutive_start`)."""
     first = consecutive_start(q_pos) if first is None else first
     return encoding.fast_bias(q_pos, k_pos, causal=causal, first=first)
-
-
-def consecutive_start(q_pos: Tensor) -> int | None:
-    """q_pos[0] when the query positions are consecutive (q_pos[0], q_pos[0] + 1, ...), else None;
-    None as well while torch.compile traces, which cannot read the positions."""
-    if torch.compiler.is_compiling():
-        return None
-    first = int(q_pos[0])
-    expected = torch.arange(first, first + q_pos.shape[0], device=q_pos.device)
-    return first if torch.equal(q_pos, expected) else None
 
 
 def fused_attention(

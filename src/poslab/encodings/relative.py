@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from poslab.encodings.base import (
     PositionEncoding,
     check_positive,
+    consecutive_start,
     load_causal_half,
     register,
     relative_distance,
@@ -116,8 +117,6 @@ class RelativePE(PositionEncoding):
         kept for backward. None (the eager path) off CPU, under a summed bias, or in half precision."""
         if bias is not None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
             return None
-        from poslab.attention import consecutive_start  # the attention imports the encodings
-
         self.check_mode(causal)
         table = self._table(causal)
         z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, t, rows)
