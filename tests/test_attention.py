@@ -7,6 +7,7 @@ import torch
 
 import poslab
 from conftest import ALL_ENCODINGS
+from poslab.kernels import bias as bias_kernels
 
 
 def encoding64(name: str, n_heads: int = 2, head_dim: int = 8) -> poslab.PositionEncoding:
@@ -256,22 +257,29 @@ def test_triton_impl_refusals(monkeypatch):
 
 @pytest.mark.parametrize("n_queries", [13, 4])  # a full forward, and queries after cached keys
 @pytest.mark.parametrize("name", ["pope", "nope"])
-def test_values_narrower_than_queries_take_sdpa_and_equal_the_eager_reference(name, n_queries, monkeypatch):
-    """PoPE doubles q and k, not v: the fused path widens v with zeros for SDPA's CPU flash kernel,
-    which must give the eager path's outputs and gradients."""
+def test_values_narrower_than_queries_stay_narrow_and_equal_the_eager_reference(name, n_queries, monkeypatch):
+    """PoPE doubles q and k, not v (and here v is narrower for NoPE too): a full forward runs
+    `causal_attention` with v as it is; queries after cached keys widen v for SDPA's flash kernel.
+    Both must give the eager path's outputs and gradients."""
     enc = encoding64(name)
     q, k = torch.randn(2, 2, n_queries, 8, dtype=torch.float64), torch.randn(2, 2, 13, 8, dtype=torch.float64)
     v = torch.randn(2, 2, 13, 3, dtype=torch.float64)
-    widths = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    widths, op_widths = [], []
+    sdpa, flash = torch.nn.functional.scaled_dot_product_attention, bias_kernels._flash
     monkeypatch.setattr(
         torch.nn.functional,
         "scaled_dot_product_attention",
         lambda q, k, v, **kw: widths.append(v.shape[-1]) or sdpa(q, k, v, **kw),
     )
+    monkeypatch.setattr(
+        bias_kernels, "_flash", lambda q, k, v, mask: op_widths.append(v.shape[-1]) or flash(q, k, v, mask)
+    )
     ref_out, ref_grads = run(enc, q, k, v, impl="eager")
     out, grads = run(enc, q, k, v)
-    assert widths and all(w == (16 if name == "pope" else 8) for w in widths)
+    if n_queries == 13:
+        assert op_widths == [3] and not widths
+    else:
+        assert widths and all(w == (16 if name == "pope" else 8) for w in widths) and not op_widths
     torch.testing.assert_close(out, ref_out)
     assert len(grads) == (4 if name == "pope" else 3)  # q, k, v, and PoPE's phase bias
     for got, want in zip(grads, ref_grads, strict=True):

@@ -27,12 +27,18 @@ TORCH_OPS = {
 }
 
 
+# PoPE's v is narrower than its doubled q and k (`poslab.kernels.bias.causal_attention`); relative
+# PE's bias is read from its (B, H, T, rows) table q r^T.
+OTHER_OPS = {"pope": {"bias_attention"}, "relative": {"table_bias_attention"}}
+
+
 def expected_ops(name: str, *, native_on: bool) -> set[str]:
     """The poslab ops a compiled attend with ``name`` must call (none for plain SDPA and the eager
     path): the logits encodings' block op, and the biases' SDPA with a bias gradient
     (`poslab.kernels.bias`; the tests take gradients, so it is always on)."""
     table = NATIVE_OPS if native_on and native._compiler() is not None else TORCH_OPS
-    return ({table[name]} if name in table else set()) | ({"bias_attention"} if name in BIASES else set())
+    ops = ({table[name]} if name in table else set()) | ({"bias_attention"} if name in BIASES else set())
+    return ops | OTHER_OPS.get(name, set())
 
 
 @pytest.fixture(autouse=True)
@@ -94,10 +100,11 @@ def qkv(n_queries: int = 12, n_keys: int = 12):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", ["nope", "rope", *BIASES, *LOGITS, "selective"])
+@pytest.mark.parametrize("name", ["nope", "rope", "pope", *BIASES, "relative", *LOGITS, "selective"])
 def test_a_full_forward_compiles_and_equals_eager(name, monkeypatch):
-    """SDPA (with the bias as a mask) for nope, rope and the biases; CoPE and DAPE through their
-    block ops in two query blocks of 6; selective (its own queries as extra keys) on the eager path."""
+    """SDPA (with the bias as a mask) for nope, rope and the biases; PoPE through the causal op
+    (its v narrower than q); relative PE, CoPE and DAPE through their block ops in two query blocks
+    of 6; selective (its own queries as extra keys) on the eager path."""
     monkeypatch.setenv("POSLAB_NATIVE", "1")
     ops = check_compiled_equals_eager(encoding64(name), *qkv(), block_size=6)
     assert ops == expected_ops(name, native_on=True)
@@ -119,7 +126,7 @@ def test_the_pytorch_paths_of_the_block_kernels_compile(name, monkeypatch):
     assert ops == expected_ops(name, native_on=False)
 
 
-@pytest.mark.parametrize("name", ["rope", "alibi", "cope", "dape"])
+@pytest.mark.parametrize("name", ["rope", "alibi", "relative", "cope", "dape"])
 def test_queries_after_cached_keys_compile(name, monkeypatch):
     """Default positions with fewer queries than keys (a cached continuation): the last 5 of 12."""
     monkeypatch.setenv("POSLAB_NATIVE", "1")
@@ -127,7 +134,7 @@ def test_queries_after_cached_keys_compile(name, monkeypatch):
     assert ops == expected_ops(name, native_on=True)
 
 
-@pytest.mark.parametrize("name", ["alibi", "cope"])
+@pytest.mark.parametrize("name", ["alibi", "relative", "cope"])
 def test_explicit_positions_compile_through_the_general_path(name, monkeypatch):
     """Explicit positions are tensor values a trace cannot branch on: the compiled function masks
     every key by position instead of deriving anything from them, with the same result."""
@@ -137,7 +144,7 @@ def test_explicit_positions_compile_through_the_general_path(name, monkeypatch):
     assert ops == expected_ops(name, native_on=True)
 
 
-@pytest.mark.parametrize("name", ["alibi", "cope", "dape"])
+@pytest.mark.parametrize("name", ["alibi", "pope", "relative", "cope", "dape"])
 def test_other_lengths_compile_with_dynamic_shapes(name, monkeypatch):
     """A new length recompiles with symbolic sizes (dynamo's automatic dynamic shapes); the block
     sizes, masks and the ops' fake implementations must hold for them."""

@@ -16,7 +16,7 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("encoding", ["rope", "alibi", "cope", "dape"])
+@pytest.mark.parametrize("encoding", ["rope", "pope", "alibi", "relative", "cope", "dape"])
 def test_a_compiled_decoder_gives_the_eager_loss_and_gradients(encoding, monkeypatch):
     monkeypatch.setenv("POSLAB_NATIVE", "1")
     torch.manual_seed(0)

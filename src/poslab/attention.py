@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from poslab.encodings.base import PositionEncoding, causal_mask
-from poslab.kernels.bias import bias_attention
+from poslab.encodings.base import PositionEncoding, causal_mask, consecutive_start
+from poslab.kernels.bias import bias_attention, causal_attention
 
 Impl = Literal["auto", "fused", "eager", "triton"]
 IMPLS = ("auto", "fused", "eager", "triton")
@@ -472,16 +472,6 @@ def position_bias(
     return encoding.fast_bias(q_pos, k_pos, causal=causal, first=first)
 
 
-def consecutive_start(q_pos: Tensor) -> int | None:
-    """q_pos[0] when the query positions are consecutive (q_pos[0], q_pos[0] + 1, ...), else None;
-    None as well while torch.compile traces, which cannot read the positions."""
-    if torch.compiler.is_compiling():
-        return None
-    first = int(q_pos[0])
-    expected = torch.arange(first, first + q_pos.shape[0], device=q_pos.device)
-    return first if torch.equal(q_pos, expected) else None
-
-
 def fused_attention(
     q: Tensor,
     k: Tensor,
@@ -498,16 +488,20 @@ def fused_attention(
     the hidden keys and gives the bias its gradient). ``first``: the first query's position when the
     queries are consecutive (see `query_span`)."""
     n_queries, n_keys = q.shape[2], k.shape[2]
-    if q.device.type == "cpu" and v.shape[-1] < q.shape[-1]:
-        # SDPA's CPU flash kernel wants v as wide as q (else it runs the materialising math path,
-        # 1.6x slower in PoPE's training step, which doubles q and k): zero channels, cut off after.
-        v_wide = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
-        out = fused_attention(q, k, v_wide, bias, q_pos, k_pos, causal=causal, first=first)
-        return out[..., : v.shape[-1]]
     span = query_span(q_pos, first) if causal else None
     # Every query sees every key, e.g. one decoding step: nothing to mask (keys are 0..S-1).
     sees_all = span is not None and span[0] >= n_keys - 1
     plain_causal = causal and same_positions(q_pos, k_pos, first)
+    narrow = q.device.type == "cpu" and v.shape[-1] < q.shape[-1]
+    if narrow and bias is None and plain_causal:
+        # PoPE's q and k are twice as wide as v: SDPA's CPU flash kernel wants v as wide as q (else
+        # it runs the materialising math path, 1.6x slower in PoPE's training step), and would then
+        # compute on zero channels in forward and backward; this op keeps v as it is.
+        return causal_attention(q, k, v)
+    if narrow and bias is None:
+        v_wide = F.pad(v, (0, q.shape[-1] - v.shape[-1]))  # zero channels, cut off after
+        out = fused_attention(q, k, v_wide, bias, q_pos, k_pos, causal=causal, first=first)
+        return out[..., : v.shape[-1]]
     if bias is None and (plain_causal or not causal or sees_all):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
     keep = causal_mask(q_pos, k_pos) if causal and not sees_all else None

@@ -246,6 +246,16 @@ def relative_distance(q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
     return n.clamp(min=0) if causal else n.abs()
 
 
+def consecutive_start(q_pos: Tensor) -> int | None:
+    """q_pos[0] when the query positions are consecutive (q_pos[0], q_pos[0] + 1, ...), else None;
+    None as well while torch.compile traces, which cannot read the positions."""
+    if torch.compiler.is_compiling():
+        return None
+    first = int(q_pos[0])
+    expected = torch.arange(first, first + q_pos.shape[0], device=q_pos.device)
+    return first if torch.equal(q_pos, expected) else None
+
+
 def toeplitz_bias(
     encoding: PositionEncoding, q_pos: Tensor, k_pos: Tensor, *, causal: bool, first: int | None
 ) -> Tensor | None:

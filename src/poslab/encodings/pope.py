@@ -27,11 +27,12 @@ from poslab.encodings.base import PositionEncoding, as_float, check_positive, re
 class PoPE(PositionEncoding):
     """Rotate hook: q -> softplus(q) e^{i p omega}, k -> softplus(k) e^{i (p omega + delta)}, as real pairs.
 
-    The rotated q and k have 2 * dim + (Dh - dim) channels (each rotated channel becomes its cosine and
-    sine parts, interleaved as the reference; channels past ``dim`` pass unchanged, the reference's
-    partial rotation). The attention scales logits by 1/sqrt(channels of q), so the rotated q is
-    multiplied by sqrt(channels / Dh): the logits are scaled by 1/sqrt(Dh), as the reference's
-    ``softmax_scale`` default (the head dim before doubling). The KV cache keeps the rotated keys.
+    The rotated q and k have 2 * dim + (Dh - dim) channels: the rotated channels' cosine parts, their
+    sine parts (the reference interleaves the two; the dot products are the same), then the channels
+    past ``dim`` unchanged (the reference's partial rotation). The attention scales logits by
+    1/sqrt(channels of q), so the rotated q is multiplied by sqrt(channels / Dh): the logits are
+    scaled by 1/sqrt(Dh), as the reference's ``softmax_scale`` default (the head dim before
+    doubling). The KV cache keeps the rotated keys.
 
     Options:
         dim: rotated channels per head (default: all of them).
@@ -73,17 +74,18 @@ class PoPE(PositionEncoding):
         return self.theta ** -self.exponents.to(self.phase_bias.dtype)
 
     def polar(self, x: Tensor, phase: Tensor, scale: float = 1.0) -> Tensor:
-        """softplus(x[..., :dim]) at angles ``phase``, as interleaved (cos, sin) channels, then the rest,
-        all times ``scale``."""
+        """softplus(x[..., :dim]) at angles ``phase``, as its cosine parts, then its sine parts, then
+        the rest, all times ``scale``."""
         dtype = torch.promote_types(x.dtype, torch.float32)  # the reference runs this in float32
         rot, rest = x[..., : self.dim].to(dtype), x[..., self.dim :]
         magnitude, phase = F.softplus(rot), phase.to(dtype)
+        cos, sin = phase.cos(), phase.sin()  # (T or S, dim) or (H, S, dim): scaled there, not per batch
         if scale != 1.0:
-            magnitude, rest = magnitude * scale, rest * scale
-        pairs = torch.stack((magnitude * phase.cos(), magnitude * phase.sin()), dim=-1).flatten(-2)
-        if rest.shape[-1] == 0:  # every channel rotated: no concatenation (a copy)
-            return pairs.to(x.dtype)
-        return torch.cat((pairs.to(x.dtype), rest), dim=-1)
+            cos, sin, rest = cos * scale, sin * scale, rest * scale
+        parts = [(magnitude * cos).to(x.dtype), (magnitude * sin).to(x.dtype)]
+        # One concatenation, not the reference's interleaving (a stack): the same dot products, and
+        # writing whole runs of channels is about 4x faster on CPU.
+        return torch.cat(parts + [rest] if rest.shape[-1] else parts, dim=-1)
 
     def rotate(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
         omega = self.inv_freqs()

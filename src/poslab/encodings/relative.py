@@ -17,10 +17,12 @@ from torch import Tensor, nn
 from poslab.encodings.base import (
     PositionEncoding,
     check_positive,
+    consecutive_start,
     load_causal_half,
     register,
     relative_distance,
 )
+from poslab.kernels.bias import table_bias_attention
 
 
 def gather_positions(z: Tensor, index: Tensor) -> Tensor:
@@ -83,13 +85,45 @@ class RelativePE(PositionEncoding):
         causal: bool,
     ) -> Tensor:
         self.check_mode(causal)
-        n = relative_distance(q_pos, k_pos, causal=causal).clamp(max=self.max_dist)  # (T, S)
-        table = self.pos_emb
-        if causal:
-            table = table[: self.max_dist + 1]
-        else:
-            after = k_pos[None, :] > q_pos[:, None]
-            n = torch.where(after, n + self.max_dist + 1, n)
-        z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, rows)
-        out = scores + gather_positions(z, n)
+        z = q @ self._table(causal).to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, T, rows)
+        out = scores + gather_positions(z, self._rows(q_pos, k_pos, causal=causal))
         return out if bias is None else out + bias
+
+    def _table(self, causal: bool) -> Tensor:
+        return self.pos_emb[: self.max_dist + 1] if causal else self.pos_emb
+
+    def _rows(self, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        """The table row each (query, key) reads, (T, S)."""
+        n = relative_distance(q_pos, k_pos, causal=causal).clamp(max=self.max_dist)
+        if causal:
+            return n
+        return torch.where(k_pos[None, :] > q_pos[:, None], n + self.max_dist + 1, n)
+
+    def attention_block(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        q_pos: Tensor,
+        k_pos: Tensor,
+        keep: Tensor | None,
+        *,
+        causal: bool,
+        save_bytes: int = 0,
+    ) -> Tensor | None:
+        """The logits' q_i . r_n term as a bias read from the (B, H, t, rows) table q r^T, through
+        SDPA's CPU flash kernel (`poslab.kernels.bias.table_bias_attention`): no (B, H, t, S) logits
+        kept for backward. None (the eager path) off CPU, under a summed bias, or in half precision."""
+        if bias is not None or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+            return None
+        self.check_mode(causal)
+        table = self._table(causal)
+        z = q @ table.to(q.dtype).t() / math.sqrt(self.head_dim)  # (B, H, t, rows)
+        if keep is None:
+            return table_bias_attention(q, k, v, z, self._rows(q_pos, k_pos, causal=causal))
+        start = consecutive_start(q_pos)
+        if start is not None and start + q.shape[2] <= k.shape[2]:  # the capped Toeplitz layout
+            return table_bias_attention(q, k, v, z, None, causal_start=start)
+        rows = self._rows(q_pos, k_pos, causal=causal).masked_fill(~keep, table.shape[0])  # R: hidden
+        return table_bias_attention(q, k, v, z, rows, causal_start=start)
