@@ -83,8 +83,8 @@ def test_blocks_carrying_the_penalty_compile_with_fullgraph():
 @pytest.mark.parametrize("name", ["selective", "selective+alibi"])  # alone, and with a bias in the mask
 @pytest.mark.parametrize("n_queries", [23, 5])
 def test_the_flash_block_kernel_is_taken_and_equals_the_eager_path(name, n_queries, monkeypatch):
-    """The blocks run as SDPA with -penalty as the mask (`_MaskedAttention`), whose backward gives q,
-    k, v, the queries read as extra keys and the bias's parameters their float64 gradients."""
+    """The blocks run as SDPA with -penalty as a per-sequence mask (`bias_attention`), whose backward
+    gives q, k, v, the queries read as extra keys and the bias's parameters their float64 gradients."""
     torch.manual_seed(4)
     enc = build_encoding(name, n_heads=3, head_dim=8).double()
     with torch.no_grad():
@@ -93,8 +93,8 @@ def test_the_flash_block_kernel_is_taken_and_equals_the_eager_path(name, n_queri
     q = torch.randn(2, 3, n_queries, 8, dtype=torch.float64, requires_grad=True)
     k, v, extra = (torch.randn(2, 3, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     calls = []
-    kernel = selective._MaskedAttention.apply
-    monkeypatch.setattr(selective._MaskedAttention, "apply", lambda *a: calls.append(1) or kernel(*a))
+    kernel = selective.bias_attention
+    monkeypatch.setattr(selective, "bias_attention", lambda *a, **o: calls.append(1) or kernel(*a, **o))
     inputs = (q, k, v, extra, *enc.parameters())
     outs, grads = [], []
     for impl in ("eager", "auto"):

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from poslab.encodings.base import PositionEncoding, register
+from poslab.encodings.base import PositionEncoding, consecutive_start, register
+from poslab.kernels.bias import bias_attention
 
 
 def _selection(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scale: float) -> Tensor:
@@ -89,40 +90,6 @@ def _summed(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scale: 
     return _selection(queries, keys, t_pos, k_pos, scale).sum(-2)
 
 
-class _MaskedAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(Dh) + mask) @ v through SDPA's CPU flash kernel, with the mask's
-    gradient: ``mask`` (B or 1, H or 1, t, S) holds -penalty (and any bias) and -inf where a key is
-    hidden. Backward recomputes the block's probabilities from the kept row log-sum-exps, so nothing
-    of size (t, S) per head is kept:
-
-        dL/ds = P * (dP - rowsum(dO * O)),   dP = dO v^T,   dL/dmask = dL/ds summed to mask's shape.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask):  # noqa: D102
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out, lse = (x.contiguous() for x in flash(q, k, v, 0.0, False, attn_mask=mask))
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        scale = 1 / math.sqrt(q.shape[-1])
-        logits = (q * scale) @ k.transpose(-1, -2)
-        # exp takes a slow path for results below the smallest normal number (hidden keys, far
-        # penalised ones): clamped just above, such a key gets a probability of 3e-38 (float32),
-        # 6e-308 (float64) instead of 0 or less.
-        floor = math.log(torch.finfo(logits.dtype).tiny) + 1.0
-        probs = logits.add_(mask).sub_(lse[..., None]).clamp_min_(floor).exp_()
-        grad_v = probs.transpose(-1, -2) @ grad_out
-        rows = (grad_out * out).sum(-1, keepdim=True)
-        grad_s = probs.mul_((grad_out @ v.transpose(-1, -2)).sub_(rows))
-        summed = [d for d in range(4) if mask.shape[d] == 1 and grad_s.shape[d] != 1]
-        grad_mask = grad_s.sum(summed, keepdim=True) if summed else grad_s  # sum([]) would sum all
-        return (grad_s @ k) * scale, grad_s.transpose(-1, -2) @ (q * scale), grad_v, grad_mask
-
-
 @register("selective")
 class Selective(PositionEncoding):
     """logit_ij = A_ij - sum_{j<t<i} relu(A^(head)_tj) for keys 0 < j, no parameters (``logits`` hook).
@@ -175,15 +142,13 @@ class Selective(PositionEncoding):
     def attention_block(
         self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None, context=None
     ):
-        """The block as one SDPA flash call with -penalty (plus any bias) as its float mask
-        (`_MaskedAttention`); None (the eager path, checkpointed) on other devices, while torch.compile
-        traces, when v is narrower than q (composed with PoPE: SDPA's flash kernel needs one head
-        size), or when what backward keeps (the penalty's (B, t, S) intermediates and the mask) does
-        not fit in ``save_bytes``."""
+        """The block as one SDPA flash call with -penalty (plus any bias) as its float mask, one per
+        sequence (`poslab.kernels.bias.bias_attention`, whose backward gives the mask its gradient);
+        None (the eager path, checkpointed) on other devices, while torch.compile traces, or when
+        what backward keeps (the penalty's (B, t, S) intermediates and the mask) does not fit in
+        ``save_bytes``."""
         self.check_mode(causal)
         if extra_keys is None or q.device.type != "cpu" or torch.compiler.is_compiling():
-            return None
-        if v.shape[-1] != q.shape[-1]:
             return None
         # Kept for backward: about 4 (B, t, S) tensors of the penalty, and the mask, per head with a bias.
         planes = 4 + (0 if bias is None else q.shape[1])
@@ -195,9 +160,10 @@ class Selective(PositionEncoding):
         mask = -self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(q.dtype)
         if bias is not None:
             mask = mask + bias.to(q.dtype)
-        if keep is not None:
-            mask = mask.masked_fill(~keep, float("-inf"))
-        return _MaskedAttention.apply(q, k, v, mask)
+        start = consecutive_start(q_pos)  # a hint: backward's blocks stop at the causal edge
+        if start is not None and start + q.shape[2] > k.shape[2]:
+            start = None
+        return bias_attention(q, k, v, mask, keep, causal_start=start)
 
     def block_context(
         self,
