@@ -3,19 +3,17 @@
 // For every (batch b, query i, key s) the MLP reads the feature column f = [A[b, :, i, s]; B[:, i, s]]
 // (C = 2H channels, or H without a base bias), computes hidden = leaky(W1 f + b1) (D channels) and
 // adds W2 hidden + b2 to the logits. The hidden map never touches memory: each thread takes one
-// SIMD vector of consecutive keys at a time, every feature channel one register, so the work is
-// arithmetic, not the eight to ten passes over a (B, t, S, D) tensor that the PyTorch path makes.
-// Keys past a row's causal limit (row_len[i]) are skipped: the forward writes -inf there, the
-// backward adds nothing.
+// query row, a tile of up to eight SIMD vectors of its keys at a time, and computes the hidden map
+// vector by vector in registers, so the work is arithmetic, not the eight to ten passes over a
+// (B, t, S, D) tensor that the PyTorch path makes; only per-tile buffers of D vectors per key vector
+// (a few to a few tens of KiB per thread) are written. Keys past a row's causal limit (row_len[i])
+// are skipped: the forward writes -inf there, the backward adds nothing.
 //
 // Built once per instruction set and head count (poslab/kernels/native.py passes -march=x86-64-v3,
 // x86-64-v4, ... and -DPOSLAB_HEADS=H): the vector is one machine register (8 floats with AVX2, 16
-// with AVX-512), and H is a compile-time constant, so that the channel loops unroll and the C + H
-// vectors of a key chunk stay in registers (16 on AVX2) for the common head counts. Every weight is
-// broadcast once per call into a full vector, read as a memory operand of the multiply-adds. The
-// backward runs two passes over D per chunk (the first keeps f and dL/dlogits in registers and
-// stores dL/dpre for D vectors; the second sums it into dL/dA and dL/dB), so neither pass needs
-// more than about 16 live vectors.
+// with AVX-512), and H is a compile-time constant, so that the channel loops unroll. Every weight is
+// broadcast once per call into a full vector, read as a memory operand of the multiply-adds (the
+// loops read one hidden channel's weights at a time, so these stay in L1 even with AVX-512).
 //
 // Plain C ABI (loaded with ctypes), templated over float and double so that tests can compare it
 // with the float64 reference. Work is split over query rows (row i to thread i mod n), so threads
@@ -113,50 +111,93 @@ inline Vec<T> leaky(const Vec<T>& x, const Vec<T>& y, T slope) {  // y where x >
 }
 
 // One instance per (precision, bias or not) for this library's head count.
+//
+// Work goes by tiles of up to TILE_VECS vectors of one query row's keys. The base bias B[:, i, s] is the
+// same for every batch element, so its share of the first layer, W1[:, H:] B + b1, is computed once
+// per tile (PB, D x tile) and read by every batch element, which then adds only W1[:, :H] A. In the
+// backward, the batch elements' dL/dpre is also summed over the batch per tile (GPS) and the bias
+// channels' gradients (dW1[:, H:], db1, dL/dB) are taken from that sum once per tile: of the MLP's
+// multiply-adds per (batch, query, key), the bias channels' half of the first layer's three products
+// is done once per query and key. The backward's first pass loops over hidden channels outside and
+// the tile's keys inside, so that a hidden channel's weight-gradient sums stay in registers across
+// the tile (flushed once per tile, not read and written back per key vector).
 template <typename T, int H, bool BIAS>
 struct Kernel {
   static constexpr int C = BIAS ? 2 * H : H;
+  static constexpr int W = LANES<T>;
+  static constexpr int TILE_VECS = 8;  // key vectors per tile
 
-  // W1 f + b1 for hidden channel d, in two chains of multiply-adds (half the latency of one).
-  static inline Vec<T> pre(const Vec<T>* f, const Vec<T>* w, const Vec<T>& b) {
-    Vec<T> even = b + f[0] * w[0], odd = Vec<T>{};
-    for (int c = 1; c < C; ++c) {
-      if (c % 2) odd += f[c] * w[c];
-      else even += f[c] * w[c];
+  // A tile's H channel rows (stride t * S from row) from key k0, nv vectors, zeros past len.
+  static inline void load_tile(Vec<T> (*dst)[TILE_VECS], const T* row, int64_t stride, int64_t k0,
+                               int64_t len, int nv) {
+    for (int h = 0; h < H; ++h)
+      for (int v = 0; v < nv; ++v) {
+        const int64_t s = k0 + v * W;
+        dst[h][v] = load(row + h * stride + s, static_cast<int>(std::min<int64_t>(W, len - s)));
+      }
+  }
+
+  // PB[d][v] = b1[d] + W1[d, H:] B[:, v] for the tile (B's rows in FB; b1 alone without a bias).
+  static inline void bias_share(const Broadcast<T>& w, int64_t D, const Vec<T> (*FB)[TILE_VECS], int nv,
+                                Vec<T>* PB) {
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C];
+      for (int v = 0; v < nv; ++v) {
+        Vec<T> x = w.b1[d];
+        if (BIAS)
+          for (int h = 0; h < H; ++h) x += FB[h][v] * w1[H + h];
+        PB[d * TILE_VECS + v] = x;
+      }
     }
-    return even + odd;
   }
 
   // logits[b, h, i, s] = A + [B if add_base] + b2 + W2 leaky(W1 f + b1); -inf past row_len[i].
   static void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
-    const int64_t t = p.rows, S = p.keys, D = p.width;
+    const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
     const Broadcast<T> w(p);
     parallel_rows(t, threads, [&](int tid, int n_threads) {
-      Vec<T> f[C], acc[H];
+      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS];
+      std::vector<Vec<T>> pb(D * TILE_VECS);
+      Vec<T>* PB = pb.data();
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
-        for (int64_t b = 0; b < p.batch; ++b) {
-          const T* a_row = p.scores + ((b * H) * t + i) * S;
-          const T* b_row = BIAS ? p.bias + i * S : nullptr;
-          T* out_row = logits + ((b * H) * t + i) * S;
-          for (int64_t s0 = 0; s0 < len; s0 += LANES<T>) {
-            const int n = static_cast<int>(std::min<int64_t>(LANES<T>, len - s0));
-            for (int h = 0; h < H; ++h) f[h] = load(a_row + h * t * S + s0, n);
-            if (BIAS)
-              for (int h = 0; h < H; ++h) f[H + h] = load(b_row + h * t * S + s0, n);
-            for (int h = 0; h < H; ++h) acc[h] = f[h] + p.b2[h];
-            if (BIAS && add_base)
-              for (int h = 0; h < H; ++h) acc[h] += f[H + h];
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> x = pre(f, &w.w1[d * C], w.b1[d]);
-              const Vec<T> hid = leaky(x, x, p.slope);
-              const Vec<T>* w2 = &w.w2[d * H];
-              for (int h = 0; h < H; ++h) acc[h] += hid * w2[h];
+        for (int64_t k0 = 0; k0 < len; k0 += TILE_VECS * W) {
+          const int nv = static_cast<int>(std::min<int64_t>(TILE_VECS, (len - k0 + W - 1) / W));
+          if (BIAS) load_tile(FB, p.bias + i * S, stride, k0, len, nv);
+          bias_share(w, D, FB, nv, PB);
+          for (int64_t b = 0; b < p.batch; ++b) {
+            const T* a_row = p.scores + ((b * H) * t + i) * S;
+            T* out_row = logits + ((b * H) * t + i) * S;
+            load_tile(FA, a_row, stride, k0, len, nv);
+            for (int v = 0; v < nv; ++v) {
+              Vec<T> f[H], acc[H];
+              for (int h = 0; h < H; ++h) {
+                f[h] = FA[h][v];
+                acc[h] = f[h] + p.b2[h];
+                if (BIAS && add_base) acc[h] += FB[h][v];
+              }
+              for (int64_t d = 0; d < D; ++d) {
+                const Vec<T>* w1 = &w.w1[d * C];
+                Vec<T> even = PB[d * TILE_VECS + v] + f[0] * w1[0], odd = Vec<T>{};
+                for (int h = 1; h < H; ++h) {
+                  if (h % 2) odd += f[h] * w1[h];
+                  else even += f[h] * w1[h];
+                }
+                const Vec<T> x = even + odd;
+                const Vec<T> hid = leaky(x, x, p.slope);
+                const Vec<T>* w2 = &w.w2[d * H];
+                for (int h = 0; h < H; ++h) acc[h] += hid * w2[h];
+              }
+              const int64_t s = k0 + v * W;
+              const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+              for (int h = 0; h < H; ++h) store(out_row + h * stride + s, acc[h], n);
             }
-            for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
           }
+        }
+        for (int64_t b = 0; b < p.batch; ++b) {
+          T* out_row = logits + ((b * H) * t + i) * S;
           for (int h = 0; h < H; ++h)
-            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, NEG_INF<T>);
+            std::fill(out_row + h * stride + len, out_row + h * stride + S, NEG_INF<T>);
         }
       }
     });
@@ -167,17 +208,23 @@ struct Kernel {
   // grad_w1 (D, C), grad_b1 (D,), grad_w2 (H, D) are overwritten.
   static void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1, T* grad_w2,
                        int threads) {
-    const int64_t t = p.rows, S = p.keys, D = p.width;
+    const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
     const int n_threads_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t)));
     const Broadcast<T> w(p);
     // Per thread: dW1 (D*C, d-major as W1), db1 (D), dW2 (D*H, d-major) in double.
     const int64_t n_params = D * C + D + D * H;
     std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
     const bool want_bias = BIAS && grad_bias != nullptr;
+    const T slope = p.slope;
     parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
-      Vec<T> f[C], g[H], ga[H], gb[H];
+      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS], G[H][TILE_VECS];
       std::vector<Vec<T>> lane_acc(n_params);  // per-lane partial sums of the weight gradients
-      std::vector<Vec<T>> grad_pre(D);         // dL/d(W1 f + b1) of the current chunk
+      // Per tile: PB (W1[:, H:] B + b1), dL/dpre of the current batch element (GP) and its sum over
+      // the batch (GPS), D x TILE_VECS each.
+      std::vector<Vec<T>> tiles(3 * D * TILE_VECS);
+      Vec<T>* PB = tiles.data();
+      Vec<T>* GP = PB + D * TILE_VECS;
+      Vec<T>* GPS = GP + D * TILE_VECS;
       Vec<T>* acc_w1 = lane_acc.data();
       Vec<T>* acc_b1 = acc_w1 + D * C;
       Vec<T>* acc_w2 = acc_b1 + D;
@@ -186,54 +233,93 @@ struct Kernel {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
         if (len == 0) continue;
         std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
-        for (int64_t b = 0; b < p.batch; ++b) {
-          const T* a_row = p.scores + ((b * H) * t + i) * S;
-          const T* b_row = BIAS ? p.bias + i * S : nullptr;
-          T* g_row = grad + ((b * H) * t + i) * S;
-          for (int64_t s0 = 0; s0 < len; s0 += LANES<T>) {
-            const int n = static_cast<int>(std::min<int64_t>(LANES<T>, len - s0));
-            for (int h = 0; h < H; ++h) f[h] = load(a_row + h * t * S + s0, n);
-            if (BIAS)
-              for (int h = 0; h < H; ++h) f[H + h] = load(b_row + h * t * S + s0, n);
-            for (int h = 0; h < H; ++h) g[h] = load(g_row + h * t * S + s0, n);
-            // Pass 1: the hidden channel's pre-activation and gradient; W1, b1, W2 gradients.
+        for (int64_t k0 = 0; k0 < len; k0 += TILE_VECS * W) {
+          const int nv = static_cast<int>(std::min<int64_t>(TILE_VECS, (len - k0 + W - 1) / W));
+          if (BIAS) load_tile(FB, p.bias + i * S, stride, k0, len, nv);
+          bias_share(w, D, FB, nv, PB);
+          if (BIAS) std::fill(GPS, GPS + D * TILE_VECS, Vec<T>{});
+          for (int64_t b = 0; b < p.batch; ++b) {
+            const T* a_row = p.scores + ((b * H) * t + i) * S;
+            T* g_row = grad + ((b * H) * t + i) * S;
+            load_tile(FA, a_row, stride, k0, len, nv);
+            load_tile(G, g_row, stride, k0, len, nv);
+            // Pass 1, per hidden channel over the tile: dL/dpre, and the gradients of W1's score
+            // columns, W2 and (without a bias) b1, summed in registers.
             for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> x = pre(f, &w.w1[d * C], w.b1[d]);
-              const Vec<T> hid = leaky(x, x, p.slope);
-              const Vec<T>* w2 = &w.w2[d * H];
-              Vec<T> gh = g[0] * w2[0];
-              for (int h = 0; h < H; ++h) {
-                if (h > 0) gh += g[h] * w2[h];
-                acc_w2[d * H + h] += g[h] * hid;
-              }
-              const Vec<T> gp = leaky(x, gh, p.slope);
-              grad_pre[d] = gp;
-              acc_b1[d] += gp;
-              for (int c = 0; c < C; ++c) acc_w1[d * C + c] += gp * f[c];
-            }
-            // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp, dL/dB = W1[:, H:]^T gp.
-            for (int h = 0; h < H; ++h) {
-              ga[h] = g[h];
-              gb[h] = Vec<T>{};
-            }
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> gp = grad_pre[d];
               const Vec<T>* w1 = &w.w1[d * C];
-              for (int h = 0; h < H; ++h) ga[h] += gp * w1[h];
-              if (want_bias)
-                for (int h = 0; h < H; ++h) gb[h] += gp * w1[H + h];
-            }
-            for (int h = 0; h < H; ++h) store(g_row + h * t * S + s0, ga[h], n);
-            if (want_bias)
-              for (int h = 0; h < H; ++h) {
-                T* dst = grad_bias + (h * t + i) * S + s0;
-                store(dst, load(dst, n) + gb[h], n);
+              const Vec<T>* w2 = &w.w2[d * H];
+              Vec<T> aw1[H], aw2[H], ab1 = Vec<T>{};
+              for (int h = 0; h < H; ++h) aw1[h] = aw2[h] = Vec<T>{};
+              for (int v = 0; v < nv; ++v) {
+                Vec<T> even = PB[d * TILE_VECS + v] + FA[0][v] * w1[0], odd = Vec<T>{};
+                for (int h = 1; h < H; ++h) {
+                  if (h % 2) odd += FA[h][v] * w1[h];
+                  else even += FA[h][v] * w1[h];
+                }
+                const Vec<T> x = even + odd;
+                const Vec<T> hid = leaky(x, x, slope);
+                Vec<T> gh = G[0][v] * w2[0];
+                for (int h = 1; h < H; ++h) gh += G[h][v] * w2[h];
+                for (int h = 0; h < H; ++h) aw2[h] += G[h][v] * hid;
+                const Vec<T> gp = leaky(x, gh, slope);
+                for (int h = 0; h < H; ++h) aw1[h] += gp * FA[h][v];
+                GP[d * TILE_VECS + v] = gp;
+                if (BIAS) GPS[d * TILE_VECS + v] += gp;
+                else ab1 += gp;
               }
+              for (int h = 0; h < H; ++h) {
+                acc_w1[d * C + h] += aw1[h];
+                acc_w2[d * H + h] += aw2[h];
+              }
+              if (!BIAS) acc_b1[d] += ab1;
+            }
+            // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp.
+            for (int v = 0; v < nv; ++v) {
+              Vec<T> ga[H];
+              for (int h = 0; h < H; ++h) ga[h] = G[h][v];
+              for (int64_t d = 0; d < D; ++d) {
+                const Vec<T> gp = GP[d * TILE_VECS + v];
+                const Vec<T>* w1 = &w.w1[d * C];
+                for (int h = 0; h < H; ++h) ga[h] += gp * w1[h];
+              }
+              const int64_t s = k0 + v * W;
+              const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+              for (int h = 0; h < H; ++h) store(g_row + h * stride + s, ga[h], n);
+            }
+          }
+          if (!BIAS) continue;
+          // The bias channels, from dL/dpre summed over the batch: dW1[:, H:], db1 and dL/dB.
+          for (int64_t d = 0; d < D; ++d) {
+            Vec<T> aw1[H], ab1 = Vec<T>{};
+            for (int h = 0; h < H; ++h) aw1[h] = Vec<T>{};
+            for (int v = 0; v < nv; ++v) {
+              const Vec<T> gp = GPS[d * TILE_VECS + v];
+              ab1 += gp;
+              for (int h = 0; h < H; ++h) aw1[h] += gp * FB[h][v];
+            }
+            for (int h = 0; h < H; ++h) acc_w1[d * C + H + h] += aw1[h];
+            acc_b1[d] += ab1;
+          }
+          if (!want_bias) continue;
+          for (int v = 0; v < nv; ++v) {
+            Vec<T> gb[H];
+            for (int h = 0; h < H; ++h) gb[h] = Vec<T>{};
+            for (int64_t d = 0; d < D; ++d) {
+              const Vec<T> gp = GPS[d * TILE_VECS + v];
+              const Vec<T>* w1 = &w.w1[d * C];
+              for (int h = 0; h < H; ++h) gb[h] += gp * w1[H + h];
+            }
+            const int64_t s = k0 + v * W;
+            const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+            for (int h = 0; h < H; ++h) {
+              T* dst = grad_bias + (h * t + i) * S + s;
+              store(dst, load(dst, n) + gb[h], n);
+            }
           }
         }
         for (int64_t j = 0; j < n_params; ++j) {
           double sum = 0.0;
-          for (int l = 0; l < LANES<T>; ++l) sum += lane_acc[j][l];
+          for (int l = 0; l < W; ++l) sum += lane_acc[j][l];
           total[j] += sum;
         }
       }
