@@ -126,6 +126,9 @@ struct Kernel {
   static constexpr int C = BIAS ? 2 * H : H;
   static constexpr int W = LANES<T>;
   static constexpr int TILE_VECS = 8;  // key vectors per tile
+  // Key vectors per step of the forward and of the backward's second pass: two where there are 32
+  // vector registers (AVX-512) and the head count leaves room for their sums, else one.
+  static constexpr int VB = VECTOR_BYTES == 64 && H <= 6 ? 2 : 1;
 
   // A tile's H channel rows (stride t * S from row) from key k0, nv vectors, zeros past len.
   static inline void load_tile(Vec<T> (*dst)[TILE_VECS], const T* row, int64_t stride, int64_t k0,
@@ -151,6 +154,41 @@ struct Kernel {
     }
   }
 
+  // The forward's logits for key vectors v .. v + V of a tile (V = VB when the registers allow: every
+  // weight read then serves V vectors).
+  template <int V>
+  static inline void forward_vectors(const Problem<T>& p, const Broadcast<T>& w,
+                                     const Vec<T> (*FA)[TILE_VECS], const Vec<T> (*FB)[TILE_VECS],
+                                     const Vec<T>* PB, bool add_base, T* out_row, int64_t k0, int v,
+                                     int64_t len) {
+    const int64_t D = p.width, stride = p.rows * p.keys;
+    Vec<T> acc[V][H];
+    for (int u = 0; u < V; ++u)
+      for (int h = 0; h < H; ++h) {
+        acc[u][h] = FA[h][v + u] + p.b2[h];
+        if (BIAS && add_base) acc[u][h] += FB[h][v + u];
+      }
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C];
+      const Vec<T>* w2 = &w.w2[d * H];
+      for (int u = 0; u < V; ++u) {
+        Vec<T> even = PB[d * TILE_VECS + v + u] + FA[0][v + u] * w1[0], odd = Vec<T>{};
+        for (int h = 1; h < H; ++h) {
+          if (h % 2) odd += FA[h][v + u] * w1[h];
+          else even += FA[h][v + u] * w1[h];
+        }
+        const Vec<T> x = even + odd;
+        const Vec<T> hid = leaky(x, x, p.slope);
+        for (int h = 0; h < H; ++h) acc[u][h] += hid * w2[h];
+      }
+    }
+    for (int u = 0; u < V; ++u) {
+      const int64_t s = k0 + (v + u) * W;
+      const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+      for (int h = 0; h < H; ++h) store(out_row + h * stride + s, acc[u][h], n);
+    }
+  }
+
   // logits[b, h, i, s] = A + [B if add_base] + b2 + W2 leaky(W1 f + b1); -inf past row_len[i].
   static void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
     const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
@@ -169,29 +207,10 @@ struct Kernel {
             const T* a_row = p.scores + ((b * H) * t + i) * S;
             T* out_row = logits + ((b * H) * t + i) * S;
             load_tile(FA, a_row, stride, k0, len, nv);
-            for (int v = 0; v < nv; ++v) {
-              Vec<T> f[H], acc[H];
-              for (int h = 0; h < H; ++h) {
-                f[h] = FA[h][v];
-                acc[h] = f[h] + p.b2[h];
-                if (BIAS && add_base) acc[h] += FB[h][v];
-              }
-              for (int64_t d = 0; d < D; ++d) {
-                const Vec<T>* w1 = &w.w1[d * C];
-                Vec<T> even = PB[d * TILE_VECS + v] + f[0] * w1[0], odd = Vec<T>{};
-                for (int h = 1; h < H; ++h) {
-                  if (h % 2) odd += f[h] * w1[h];
-                  else even += f[h] * w1[h];
-                }
-                const Vec<T> x = even + odd;
-                const Vec<T> hid = leaky(x, x, p.slope);
-                const Vec<T>* w2 = &w.w2[d * H];
-                for (int h = 0; h < H; ++h) acc[h] += hid * w2[h];
-              }
-              const int64_t s = k0 + v * W;
-              const int n = static_cast<int>(std::min<int64_t>(W, len - s));
-              for (int h = 0; h < H; ++h) store(out_row + h * stride + s, acc[h], n);
-            }
+            int v = 0;
+            for (; v + VB <= nv; v += VB)
+              forward_vectors<VB>(p, w, FA, FB, PB, add_base, out_row, k0, v, len);
+            for (; v < nv; ++v) forward_vectors<1>(p, w, FA, FB, PB, add_base, out_row, k0, v, len);
           }
         }
         for (int64_t b = 0; b < p.batch; ++b) {
@@ -201,6 +220,32 @@ struct Kernel {
         }
       }
     });
+  }
+
+  // out[h] (row h at out + h * stride) for key vectors v .. v + V of a tile: start[h] (zero without
+  // start) + sum over d of gp[d] W1[d, c0 + h], stored, or added to what out holds (add).
+  template <int V>
+  static inline void transpose_product(const Broadcast<T>& w, int64_t D, const Vec<T>* gp,
+                                       const Vec<T> (*start)[TILE_VECS], int c0, T* out, int64_t stride,
+                                       int64_t k0, int v, int64_t len, bool add) {
+    Vec<T> acc[V][H];
+    for (int u = 0; u < V; ++u)
+      for (int h = 0; h < H; ++h) acc[u][h] = start != nullptr ? start[h][v + u] : Vec<T>{};
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C + c0];
+      for (int u = 0; u < V; ++u) {
+        const Vec<T> g = gp[d * TILE_VECS + v + u];
+        for (int h = 0; h < H; ++h) acc[u][h] += g * w1[h];
+      }
+    }
+    for (int u = 0; u < V; ++u) {
+      const int64_t s = k0 + (v + u) * W;
+      const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+      for (int h = 0; h < H; ++h) {
+        T* dst = out + h * stride + s;
+        store(dst, add ? load(dst, n) + acc[u][h] : acc[u][h], n);
+      }
+    }
   }
 
   // grad (B, H, t, S) holds dL/dlogits on entry and dL/dA (before the 1/sqrt(Dh) scale) on return.
@@ -215,7 +260,7 @@ struct Kernel {
     const int64_t n_params = D * C + D + D * H;
     std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
     const bool want_bias = BIAS && grad_bias != nullptr;
-    const T slope = p.slope;
+    const Vec<T> one = splat(T(1)), slope_v = splat(p.slope);
     parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
       Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS], G[H][TILE_VECS];
       std::vector<Vec<T>> lane_acc(n_params);  // per-lane partial sums of the weight gradients
@@ -246,8 +291,12 @@ struct Kernel {
             // Pass 1, per hidden channel over the tile: dL/dpre, and the gradients of W1's score
             // columns, W2 and (without a bias) b1, summed in registers.
             for (int64_t d = 0; d < D; ++d) {
-              const Vec<T>* w1 = &w.w1[d * C];
-              const Vec<T>* w2 = &w.w2[d * H];
+              // This channel's weights as locals: registers (the stores below could alias w's).
+              Vec<T> w1[H], w2[H];
+              for (int h = 0; h < H; ++h) {
+                w1[h] = w.w1[d * C + h];
+                w2[h] = w.w2[d * H + h];
+              }
               Vec<T> aw1[H], aw2[H], ab1 = Vec<T>{};
               for (int h = 0; h < H; ++h) aw1[h] = aw2[h] = Vec<T>{};
               for (int v = 0; v < nv; ++v) {
@@ -257,11 +306,12 @@ struct Kernel {
                   else even += FA[h][v] * w1[h];
                 }
                 const Vec<T> x = even + odd;
-                const Vec<T> hid = leaky(x, x, slope);
+                const Vec<T> gate = x > T(0) ? one : slope_v;  // leaky = gate * x, leaky' = gate
+                const Vec<T> hid = gate * x;
                 Vec<T> gh = G[0][v] * w2[0];
                 for (int h = 1; h < H; ++h) gh += G[h][v] * w2[h];
                 for (int h = 0; h < H; ++h) aw2[h] += G[h][v] * hid;
-                const Vec<T> gp = leaky(x, gh, slope);
+                const Vec<T> gp = gate * gh;
                 for (int h = 0; h < H; ++h) aw1[h] += gp * FA[h][v];
                 GP[d * TILE_VECS + v] = gp;
                 if (BIAS) GPS[d * TILE_VECS + v] += gp;
@@ -274,18 +324,10 @@ struct Kernel {
               if (!BIAS) acc_b1[d] += ab1;
             }
             // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp.
-            for (int v = 0; v < nv; ++v) {
-              Vec<T> ga[H];
-              for (int h = 0; h < H; ++h) ga[h] = G[h][v];
-              for (int64_t d = 0; d < D; ++d) {
-                const Vec<T> gp = GP[d * TILE_VECS + v];
-                const Vec<T>* w1 = &w.w1[d * C];
-                for (int h = 0; h < H; ++h) ga[h] += gp * w1[h];
-              }
-              const int64_t s = k0 + v * W;
-              const int n = static_cast<int>(std::min<int64_t>(W, len - s));
-              for (int h = 0; h < H; ++h) store(g_row + h * stride + s, ga[h], n);
-            }
+            int v = 0;
+            for (; v + VB <= nv; v += VB)
+              transpose_product<VB>(w, D, GP, G, 0, g_row, stride, k0, v, len, false);
+            for (; v < nv; ++v) transpose_product<1>(w, D, GP, G, 0, g_row, stride, k0, v, len, false);
           }
           if (!BIAS) continue;
           // The bias channels, from dL/dpre summed over the batch: dW1[:, H:], db1 and dL/dB.
@@ -301,21 +343,11 @@ struct Kernel {
             acc_b1[d] += ab1;
           }
           if (!want_bias) continue;
-          for (int v = 0; v < nv; ++v) {
-            Vec<T> gb[H];
-            for (int h = 0; h < H; ++h) gb[h] = Vec<T>{};
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> gp = GPS[d * TILE_VECS + v];
-              const Vec<T>* w1 = &w.w1[d * C];
-              for (int h = 0; h < H; ++h) gb[h] += gp * w1[H + h];
-            }
-            const int64_t s = k0 + v * W;
-            const int n = static_cast<int>(std::min<int64_t>(W, len - s));
-            for (int h = 0; h < H; ++h) {
-              T* dst = grad_bias + (h * t + i) * S + s;
-              store(dst, load(dst, n) + gb[h], n);
-            }
-          }
+          int v = 0;
+          for (; v + VB <= nv; v += VB)
+            transpose_product<VB>(w, D, GPS, nullptr, H, grad_bias + i * S, t * S, k0, v, len, true);
+          for (; v < nv; ++v)
+            transpose_product<1>(w, D, GPS, nullptr, H, grad_bias + i * S, t * S, k0, v, len, true);
         }
         for (int64_t j = 0; j < n_params; ++j) {
           double sum = 0.0;
