@@ -56,6 +56,21 @@ struct Problem {
   T slope;
 };
 
+// What the kernel_size-1 backward may do besides the MLP's own gradient (all off: grad holds dL/dlogits):
+// with probs, grad holds grad_out v^T on entry and the kernel forms the softmax's backward
+// dL/dlogits = probs * (grad - row[b, h, i]) as it reads it (row (B, H, t): rowsum(grad_out * out));
+// scale multiplies dL/dA as it is stored (the scores' 1/sqrt(Dh)); base_grad adds dL/dlogits summed
+// over the batch to grad_bias (the base's own term, for A + B + f); grad_b2 (H,), when given, gets
+// dL/db2, the sum of dL/dlogits.
+template <typename T>
+struct Extras {
+  const T* probs = nullptr;
+  const T* row = nullptr;
+  T scale = T(1);
+  bool base_grad = false;
+  T* grad_b2 = nullptr;
+};
+
 // The MLP's weights as full vectors, d-major: w1[d * C + c], b1[d], w2[d * H + h] (W2 transposed).
 template <typename T>
 struct Broadcast {
@@ -223,11 +238,11 @@ struct Kernel {
   }
 
   // out[h] (row h at out + h * stride) for key vectors v .. v + V of a tile: start[h] (zero without
-  // start) + sum over d of gp[d] W1[d, c0 + h], stored, or added to what out holds (add).
+  // start) + sum over d of gp[d] W1[d, c0 + h], times scale, stored, or added to what out holds (add).
   template <int V>
   static inline void transpose_product(const Broadcast<T>& w, int64_t D, const Vec<T>* gp,
                                        const Vec<T> (*start)[TILE_VECS], int c0, T* out, int64_t stride,
-                                       int64_t k0, int v, int64_t len, bool add) {
+                                       int64_t k0, int v, int64_t len, bool add, T scale = T(1)) {
     Vec<T> acc[V][H];
     for (int u = 0; u < V; ++u)
       for (int h = 0; h < H; ++h) acc[u][h] = start != nullptr ? start[h][v + u] : Vec<T>{};
@@ -243,26 +258,27 @@ struct Kernel {
       const int n = static_cast<int>(std::min<int64_t>(W, len - s));
       for (int h = 0; h < H; ++h) {
         T* dst = out + h * stride + s;
-        store(dst, add ? load(dst, n) + acc[u][h] : acc[u][h], n);
+        store(dst, add ? load(dst, n) + acc[u][h] : acc[u][h] * scale, n);
       }
     }
   }
 
-  // grad (B, H, t, S) holds dL/dlogits on entry and dL/dA (before the 1/sqrt(Dh) scale) on return.
-  // grad_bias (H, t, S), when given, gets the MLP's dL/dB added (the caller adds the base's own term).
-  // grad_w1 (D, C), grad_b1 (D,), grad_w2 (H, D) are overwritten.
+  // grad (B, H, t, S) holds dL/dlogits on entry (see Extras) and dL/dA times ex.scale on return (zero
+  // past each row's length when ex.probs is given; untouched there otherwise).
+  // grad_bias (H, t, S), when given, gets the MLP's dL/dB added (and the base's own term with
+  // ex.base_grad). grad_w1 (D, C), grad_b1 (D,), grad_w2 (H, D) and ex.grad_b2 are overwritten.
   static void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1, T* grad_w2,
-                       int threads) {
+                       int threads, const Extras<T>& ex = Extras<T>{}) {
     const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
     const int n_threads_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t)));
     const Broadcast<T> w(p);
-    // Per thread: dW1 (D*C, d-major as W1), db1 (D), dW2 (D*H, d-major) in double.
-    const int64_t n_params = D * C + D + D * H;
+    // Per thread: dW1 (D*C, d-major as W1), db1 (D), dW2 (D*H, d-major), db2 (H) in double.
+    const int64_t n_params = D * C + D + D * H + H;
     std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
     const bool want_bias = BIAS && grad_bias != nullptr;
     const Vec<T> one = splat(T(1)), slope_v = splat(p.slope);
     parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
-      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS], G[H][TILE_VECS];
+      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS], G[H][TILE_VECS], P[H][TILE_VECS], GS[H][TILE_VECS];
       std::vector<Vec<T>> lane_acc(n_params);  // per-lane partial sums of the weight gradients
       // Per tile: PB (W1[:, H:] B + b1), dL/dpre of the current batch element (GP) and its sum over
       // the batch (GPS), D x TILE_VECS each.
@@ -273,9 +289,16 @@ struct Kernel {
       Vec<T>* acc_w1 = lane_acc.data();
       Vec<T>* acc_b1 = acc_w1 + D * C;
       Vec<T>* acc_w2 = acc_b1 + D;
+      Vec<T>* acc_b2 = acc_w2 + D * H;
       double* total = totals.data() + tid * n_params;
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
+        if (ex.probs != nullptr)  // dL/dlogits is zero past the row's keys
+          for (int64_t b = 0; b < p.batch; ++b)
+            for (int h = 0; h < H; ++h) {
+              T* g = grad + ((b * H + h) * t + i) * S;
+              std::fill(g + len, g + S, T(0));
+            }
         if (len == 0) continue;
         std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
         for (int64_t k0 = 0; k0 < len; k0 += TILE_VECS * W) {
@@ -283,11 +306,27 @@ struct Kernel {
           if (BIAS) load_tile(FB, p.bias + i * S, stride, k0, len, nv);
           bias_share(w, D, FB, nv, PB);
           if (BIAS) std::fill(GPS, GPS + D * TILE_VECS, Vec<T>{});
+          const bool sum_g = want_bias && ex.base_grad;  // GS: dL/dlogits summed over the batch
           for (int64_t b = 0; b < p.batch; ++b) {
             const T* a_row = p.scores + ((b * H) * t + i) * S;
             T* g_row = grad + ((b * H) * t + i) * S;
             load_tile(FA, a_row, stride, k0, len, nv);
             load_tile(G, g_row, stride, k0, len, nv);
+            if (ex.probs != nullptr) {  // the softmax's backward
+              load_tile(P, ex.probs + ((b * H) * t + i) * S, stride, k0, len, nv);
+              for (int h = 0; h < H; ++h) {
+                const Vec<T> r = splat(ex.row[(b * H + h) * t + i]);
+                for (int v = 0; v < nv; ++v) G[h][v] = (G[h][v] - r) * P[h][v];
+              }
+            }
+            for (int h = 0; h < H; ++h) {
+              Vec<T> sum = Vec<T>{};
+              for (int v = 0; v < nv; ++v) {
+                sum += G[h][v];
+                if (sum_g) GS[h][v] = b == 0 ? G[h][v] : GS[h][v] + G[h][v];
+              }
+              acc_b2[h] += sum;
+            }
             // Pass 1, per hidden channel over the tile: dL/dpre, and the gradients of W1's score
             // columns, W2 and (without a bias) b1, summed in registers.
             for (int64_t d = 0; d < D; ++d) {
@@ -326,8 +365,9 @@ struct Kernel {
             // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp.
             int v = 0;
             for (; v + VB <= nv; v += VB)
-              transpose_product<VB>(w, D, GP, G, 0, g_row, stride, k0, v, len, false);
-            for (; v < nv; ++v) transpose_product<1>(w, D, GP, G, 0, g_row, stride, k0, v, len, false);
+              transpose_product<VB>(w, D, GP, G, 0, g_row, stride, k0, v, len, false, ex.scale);
+            for (; v < nv; ++v)
+              transpose_product<1>(w, D, GP, G, 0, g_row, stride, k0, v, len, false, ex.scale);
           }
           if (!BIAS) continue;
           // The bias channels, from dL/dpre summed over the batch: dW1[:, H:], db1 and dL/dB.
@@ -343,11 +383,12 @@ struct Kernel {
             acc_b1[d] += ab1;
           }
           if (!want_bias) continue;
+          const Vec<T>(*base)[TILE_VECS] = sum_g ? GS : nullptr;
+          T* gb_row = grad_bias + i * S;
           int v = 0;
           for (; v + VB <= nv; v += VB)
-            transpose_product<VB>(w, D, GPS, nullptr, H, grad_bias + i * S, t * S, k0, v, len, true);
-          for (; v < nv; ++v)
-            transpose_product<1>(w, D, GPS, nullptr, H, grad_bias + i * S, t * S, k0, v, len, true);
+            transpose_product<VB>(w, D, GPS, base, H, gb_row, t * S, k0, v, len, true);
+          for (; v < nv; ++v) transpose_product<1>(w, D, GPS, base, H, gb_row, t * S, k0, v, len, true);
         }
         for (int64_t j = 0; j < n_params; ++j) {
           double sum = 0.0;
@@ -366,6 +407,12 @@ struct Kernel {
       grad_b1[d] = sum(D * C + d);
       for (int h = 0; h < H; ++h) grad_w2[h * D + d] = sum(D * C + D + d * H + h);
     }
+    if (ex.grad_b2 != nullptr)
+      for (int h = 0; h < H; ++h) {
+        double s = 0.0;
+        for (int tid = 0; tid < n_threads_used; ++tid) s += totals[tid * n_params + D * C + D + D * H + h];
+        ex.grad_b2[h] = static_cast<T>(s);
+      }
   }
 };
 
@@ -742,11 +789,17 @@ extern "C" int dape_mlp_heads() { return POSLAB_HEADS; }
                                              const T* w2, const int64_t* row_len, int64_t batch,         \
                                              int64_t heads, int64_t rows, int64_t keys, int64_t width,     \
                                              double slope, T* grad, T* grad_bias, T* grad_w1,            \
-                                             T* grad_b1, T* grad_w2, int threads, int kernel_size) {     \
+                                             T* grad_b1, T* grad_w2, int threads, int kernel_size,       \
+                                             const T* probs, const T* row, double scale, int base_grad,   \
+                                             T* grad_b2) {                                               \
     const auto p = problem(scores, bias, w1, b1, w2, static_cast<const T*>(nullptr), row_len, batch,      \
                            heads, rows, keys, width, slope);                                             \
-    auto run = [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); };      \
-    kernel_size == 3 ? dispatch<T, Conv3>(p, run) : dispatch<T, Kernel>(p, run);                         \
+    const Extras<T> ex{probs, row, static_cast<T>(scale), base_grad != 0, grad_b2};                      \
+    if (kernel_size == 3) /* V2 takes none of the extras (native.py refuses them) */                    \
+      return dispatch<T, Conv3>(                                                                         \
+          p, [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); });      \
+    dispatch<T, Kernel>(                                                                                 \
+        p, [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads, ex); });    \
   }
 
 POSLAB_DAPE_ENTRY_POINTS(float, f32)
