@@ -187,12 +187,8 @@ struct Kernel {
       const Vec<T>* w1 = &w.w1[d * C];
       const Vec<T>* w2 = &w.w2[d * H];
       for (int u = 0; u < V; ++u) {
-        Vec<T> even = PB[d * TILE_VECS + v + u] + FA[0][v + u] * w1[0], odd = Vec<T>{};
-        for (int h = 1; h < H; ++h) {
-          if (h % 2) odd += FA[h][v + u] * w1[h];
-          else even += FA[h][v + u] * w1[h];
-        }
-        const Vec<T> x = even + odd;
+        Vec<T> x = PB[d * TILE_VECS + v + u];  // one chain: the V vectors and the d's overlap
+        for (int h = 0; h < H; ++h) x += FA[h][v + u] * w1[h];
         const Vec<T> hid = leaky(x, x, p.slope);
         for (int h = 0; h < H; ++h) acc[u][h] += hid * w2[h];
       }
@@ -339,12 +335,8 @@ struct Kernel {
               Vec<T> aw1[H], aw2[H], ab1 = Vec<T>{};
               for (int h = 0; h < H; ++h) aw1[h] = aw2[h] = Vec<T>{};
               for (int v = 0; v < nv; ++v) {
-                Vec<T> even = PB[d * TILE_VECS + v] + FA[0][v] * w1[0], odd = Vec<T>{};
-                for (int h = 1; h < H; ++h) {
-                  if (h % 2) odd += FA[h][v] * w1[h];
-                  else even += FA[h][v] * w1[h];
-                }
-                const Vec<T> x = even + odd;
+                Vec<T> x = PB[d * TILE_VECS + v];  // one chain: the key vectors overlap
+                for (int h = 0; h < H; ++h) x += FA[h][v] * w1[h];
                 const Vec<T> gate = x > T(0) ? one : slope_v;  // leaky = gate * x, leaky' = gate
                 const Vec<T> hid = gate * x;
                 Vec<T> gh = G[0][v] * w2[0];
