@@ -487,7 +487,8 @@ def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes
     n_keys = k.shape[2]
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # q, k and v stay views (a query block, key prefixes): the products read them as they are, and
+    # copying them cost more than the products lose.
     w1, b1, w2, b2 = (p.squeeze(2).contiguous() if p.dim() == 4 else p.contiguous() for p in params)
     if bias is None:  # B = 0: W1's B columns see only zeros (autograd gives them a zero gradient)
         w1 = w1[:, :n_heads].contiguous()
