@@ -57,6 +57,17 @@ def test_forward_and_backward_equal_the_reference(
     check(has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch, **shape)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("has_bias,add_base", [(True, True), (False, False)])
+def test_rows_of_several_key_tiles_equal_the_reference(has_bias, add_base, dtype, level, monkeypatch):
+    """The pointwise kernel works through a row in tiles of 16 vectors (64 to 256 keys): rows that
+    end before, at and after a tile's edge, and rows of several tiles."""
+    row_len = torch.tensor([1, 129, 256, 257, 300])
+    shape = dict(n_batch=2, s=300, width=8, row_len=row_len)
+    check(has_bias, add_base, dtype, 1, 4, 1, level, monkeypatch, **shape)
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_the_backward_is_the_same_to_the_bit_at_any_thread_count(kernel_size):
     # Threads split the rows and sum their weight gradients in double before the cast to float, so
@@ -179,8 +190,8 @@ def test_the_attention_backward_done_in_the_kernel_equals_the_reference(
     monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     gen = torch.Generator().manual_seed(0)
-    n_batch, n_heads, s, width, scale = 2, 4, 37, 8, 0.25
-    row_len = torch.tensor([1, 16, 17, 36, 37])
+    n_batch, n_heads, s, width, scale = 2, 4, 300, 8, 0.25
+    row_len = torch.tensor([1, 17, 256, 257, 300])  # within a vector, at and past a tile's edge
     t = row_len.shape[0]
 
     def rand(*shape):

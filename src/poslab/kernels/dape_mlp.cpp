@@ -3,7 +3,7 @@
 // For every (batch b, query i, key s) the MLP reads the feature column f = [A[b, :, i, s]; B[:, i, s]]
 // (C = 2H channels, or H without a base bias), computes hidden = leaky(W1 f + b1) (D channels) and
 // adds W2 hidden + b2 to the logits. The hidden map never touches memory: each thread takes one
-// query row, a tile of up to eight SIMD vectors of its keys at a time, and computes the hidden map
+// query row, a tile of up to 16 SIMD vectors of its keys at a time, and computes the hidden map
 // vector by vector in registers, so the work is arithmetic, not the eight to ten passes over a
 // (B, t, S, D) tensor that the PyTorch path makes; only per-tile buffers of D vectors per key vector
 // (a few to a few tens of KiB per thread) are written. Keys past a row's causal limit (row_len[i])
@@ -140,7 +140,7 @@ template <typename T, int H, bool BIAS>
 struct Kernel {
   static constexpr int C = BIAS ? 2 * H : H;
   static constexpr int W = LANES<T>;
-  static constexpr int TILE_VECS = 8;  // key vectors per tile
+  static constexpr int TILE_VECS = 16;  // key vectors per tile
   // Key vectors per step of the forward and of the backward's second pass: two where there are 32
   // vector registers (AVX-512) and the head count leaves room for their sums, else one.
   static constexpr int VB = VECTOR_BYTES == 64 && H <= 6 ? 2 : 1;
