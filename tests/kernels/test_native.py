@@ -57,6 +57,17 @@ def test_forward_and_backward_equal_the_reference(
     check(has_bias, add_base, dtype, threads, n_heads, kernel_size, level, monkeypatch, **shape)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("has_bias,add_base", [(True, True), (False, False)])
+def test_rows_of_several_key_tiles_equal_the_reference(has_bias, add_base, dtype, level, monkeypatch):
+    """The pointwise kernel works through a row in tiles of 16 vectors (64 to 256 keys): rows that
+    end before, at and after a tile's edge, and rows of several tiles."""
+    row_len = torch.tensor([1, 129, 256, 257, 300])
+    shape = dict(n_batch=2, s=300, width=8, row_len=row_len)
+    check(has_bias, add_base, dtype, 1, 4, 1, level, monkeypatch, **shape)
+
+
 @pytest.mark.parametrize("kernel_size", [1, 3])
 def test_the_backward_is_the_same_to_the_bit_at_any_thread_count(kernel_size):
     # Threads split the rows and sum their weight gradients in double before the cast to float, so
@@ -165,6 +176,61 @@ def check(
         torch.testing.assert_close(grad_bias.double() + base_term, bias.grad, **tol)
 
 
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("has_bias,add_base", [(True, True), (True, False), (False, False)])
+def test_the_attention_backward_done_in_the_kernel_equals_the_reference(
+    has_bias, add_base, dtype, threads, level, monkeypatch
+):
+    """With probs and row the kernel also does the softmax's backward (grad holds grad_out v^T on
+    entry), the scale, dL/db2 and the base's own term of dL/dB: against autograd through the reference
+    MLP, a softmax and the value product in float64."""
+    monkeypatch.setenv("POSLAB_NATIVE_ARCH", level)
+    monkeypatch.setattr(native, "MIN_PARALLEL_WORK", 0 if threads > 1 else 2**62)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(0)
+    n_batch, n_heads, s, width, scale = 2, 4, 300, 8, 0.25
+    row_len = torch.tensor([1, 17, 256, 257, 300])  # within a vector, at and past a tile's edge
+    t = row_len.shape[0]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    scores, w1, b1, w2, b2 = (
+        rand(n_batch, n_heads, t, s),
+        rand(width, 2 * n_heads if has_bias else n_heads),
+        rand(width),
+        rand(n_heads, width),
+        rand(n_heads),
+    )
+    bias = rand(n_heads, t, s) if has_bias else None
+    v = rand(n_batch, n_heads, s, 6)
+    grad_out = torch.randn(n_batch, n_heads, t, 6, generator=gen, dtype=torch.float64)
+    logits, _ = reference(scores, bias, w1, b1, w2, b2, row_len, add_base)
+    probs = torch.softmax(logits, -1)
+    out = probs @ v
+    (out * grad_out).sum().backward()
+
+    def cast(x):
+        return None if x is None else x.detach().to(dtype).contiguous()
+
+    grad = cast(grad_out @ v.transpose(-1, -2))
+    grad_bias = torch.zeros(n_heads, t, s, dtype=dtype) if has_bias else None
+    grad_b2 = torch.empty(n_heads, dtype=dtype)
+    grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+        *(cast(x) for x in (scores, bias, w1, b1, w2)), row_len, grad, grad_bias, slope=0.01,
+        probs=cast(probs), row=cast((grad_out * out).sum(-1)), scale=scale, base_grad=add_base and has_bias,
+        grad_b2=grad_b2,
+    )  # fmt: skip
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(grad.double(), scale * scores.grad, **tol)  # zero past each row's keys
+    for got, want in ((grad_w1, w1.grad), (grad_b1, b1.grad), (grad_w2, w2.grad), (grad_b2, b2.grad)):
+        torch.testing.assert_close(got.double(), want, **tol)
+    if has_bias:
+        torch.testing.assert_close(grad_bias.double(), bias.grad, **tol)
+
+
 def test_switched_off_by_the_environment(monkeypatch):
     native._library.cache_clear()  # a first call while switched off must not stick
     monkeypatch.setenv("POSLAB_NATIVE", "0")
@@ -232,6 +298,19 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
     grad = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match=r"grad must be \(1, 2, 3, 5\)"):
         native.dape_mlp_backward_(scores, bias, w1, b1, w2, row_len, grad, None, slope=0.01)
+    grad = torch.randn(1, 2, 3, 5)
+    for change, message in (
+        ({"probs": torch.rand(1, 2, 3, 5)}, "probs and row come together"),
+        ({"probs": torch.rand(1, 2, 3, 4), "row": torch.randn(1, 2, 3)}, r"probs must be \(1, 2, 3, 5\)"),
+        ({"row": torch.randn(1, 2, 3, 1), "probs": torch.rand(1, 2, 3, 5)}, r"row must be \(1, 2, 3\)"),
+        ({"grad_b2": torch.empty(3)}, r"grad_b2 must be \(2,\)"),
+        ({"base_grad": True}, "base_grad adds to grad_bias, which is None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            native.dape_mlp_backward_(scores, bias, w1, b1, w2, row_len, grad, None, slope=0.01, **change)
+    with pytest.raises(ValueError, match="for kernel_size 1"):  # V2 takes none of the extras
+        v2 = (torch.randn(4, 4, 3), b1, torch.randn(2, 4, 3))
+        native.dape_mlp_backward_(scores, bias, *v2, row_len, grad, None, slope=0.01, scale=0.5)
     # a row that sees no key is all -inf, not an out-of-bounds write
     out = forward(row_len=torch.tensor([0, -3, 5]))
     assert torch.isneginf(out[:, :, :2]).all() and torch.isfinite(out[:, :, 2]).all()

@@ -331,16 +331,31 @@ def dape_mlp_block_backward(
         scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
         probs = logits.sub_(saved[0]).exp_()
     grad_out = grad_out.contiguous()
-    grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
-    grad_b2 = grad_logits.sum((0, 2, 3))
-    grad_bias = None
-    if bias is not None and bias_grad:
-        grad_bias = grad_logits.sum(0) if add_base else torch.zeros_like(bias)
-    # In place: grad_logits becomes dL/dscores.
-    grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
-        scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
-    )
-    grad_scores = grad_logits.mul_(scale)
+    grad_bias = torch.zeros_like(bias) if bias is not None and bias_grad else None
+    if w1.dim() == 2:
+        # The kernel does the softmax's backward, the scale, b2's and the base term's gradients as it
+        # reads and writes the (B, H, t, S) gradient: four passes over it fewer. In place: grad
+        # becomes dL/dscores.
+        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+        grad = scratch("grad_logits", probs.shape, probs)
+        torch.matmul(grad_out, v.transpose(-1, -2), out=grad)  # grad_out v^T
+        grad_b2 = torch.empty_like(b2)
+        grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+            scores, bias, w1, b1, w2, row_len, grad, grad_bias, slope=SLOPE, probs=probs,
+            row=(grad_out * out).sum(-1), scale=scale, base_grad=add_base and grad_bias is not None,
+            grad_b2=grad_b2,
+        )  # fmt: skip
+        grad_scores = grad
+    else:  # V2
+        grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
+        grad_b2 = grad_logits.sum((0, 2, 3))
+        if grad_bias is not None and add_base:
+            grad_bias = grad_logits.sum(0)
+        # In place: grad_logits becomes dL/dscores.
+        grad_w1, grad_b1, grad_w2 = native.dape_mlp_backward_(
+            scores, bias, w1, b1, w2, row_len, grad_logits, grad_bias, slope=SLOPE
+        )
+        grad_scores = grad_logits.mul_(scale)
     grad_q = torch.matmul(grad_scores, k)
     grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
     grad_bias = q.new_empty(0) if grad_bias is None else grad_bias
@@ -472,7 +487,8 @@ def _native_attention(q, k, v, bias, keep, params, *, add_base: bool, save_bytes
     n_keys = k.shape[2]
     if bias is not None:
         bias = bias.expand(n_heads, t, n_keys).contiguous()  # autograd sums a broadcast's gradient
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # q, k and v stay views (a query block, key prefixes): the products read them as they are, and
+    # copying them cost more than the products lose.
     w1, b1, w2, b2 = (p.squeeze(2).contiguous() if p.dim() == 4 else p.contiguous() for p in params)
     if bias is None:  # B = 0: W1's B columns see only zeros (autograd gives them a zero gradient)
         w1 = w1[:, :n_heads].contiguous()

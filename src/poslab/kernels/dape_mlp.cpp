@@ -3,19 +3,17 @@
 // For every (batch b, query i, key s) the MLP reads the feature column f = [A[b, :, i, s]; B[:, i, s]]
 // (C = 2H channels, or H without a base bias), computes hidden = leaky(W1 f + b1) (D channels) and
 // adds W2 hidden + b2 to the logits. The hidden map never touches memory: each thread takes one
-// SIMD vector of consecutive keys at a time, every feature channel one register, so the work is
-// arithmetic, not the eight to ten passes over a (B, t, S, D) tensor that the PyTorch path makes.
-// Keys past a row's causal limit (row_len[i]) are skipped: the forward writes -inf there, the
-// backward adds nothing.
+// query row, a tile of up to 16 SIMD vectors of its keys at a time, and computes the hidden map
+// vector by vector in registers, so the work is arithmetic, not the eight to ten passes over a
+// (B, t, S, D) tensor that the PyTorch path makes; only per-tile buffers of D vectors per key vector
+// (a few to a few tens of KiB per thread) are written. Keys past a row's causal limit (row_len[i])
+// are skipped: the forward writes -inf there, the backward adds nothing.
 //
 // Built once per instruction set and head count (poslab/kernels/native.py passes -march=x86-64-v3,
 // x86-64-v4, ... and -DPOSLAB_HEADS=H): the vector is one machine register (8 floats with AVX2, 16
-// with AVX-512), and H is a compile-time constant, so that the channel loops unroll and the C + H
-// vectors of a key chunk stay in registers (16 on AVX2) for the common head counts. Every weight is
-// broadcast once per call into a full vector, read as a memory operand of the multiply-adds. The
-// backward runs two passes over D per chunk (the first keeps f and dL/dlogits in registers and
-// stores dL/dpre for D vectors; the second sums it into dL/dA and dL/dB), so neither pass needs
-// more than about 16 live vectors.
+// with AVX-512), and H is a compile-time constant, so that the channel loops unroll. Every weight is
+// broadcast once per call into a full vector, read as a memory operand of the multiply-adds (the
+// loops read one hidden channel's weights at a time, so these stay in L1 even with AVX-512).
 //
 // Plain C ABI (loaded with ctypes), templated over float and double so that tests can compare it
 // with the float64 reference. Work is split over query rows (row i to thread i mod n), so threads
@@ -56,6 +54,21 @@ struct Problem {
   const int64_t* row_len;  // (t,): keys visible to each query row
   int64_t batch, heads, rows, keys, width, channels;
   T slope;
+};
+
+// What the kernel_size-1 backward may do besides the MLP's own gradient (all off: grad holds dL/dlogits):
+// with probs, grad holds grad_out v^T on entry and the kernel forms the softmax's backward
+// dL/dlogits = probs * (grad - row[b, h, i]) as it reads it (row (B, H, t): rowsum(grad_out * out));
+// scale multiplies dL/dA as it is stored (the scores' 1/sqrt(Dh)); base_grad adds dL/dlogits summed
+// over the batch to grad_bias (the base's own term, for A + B + f); grad_b2 (H,), when given, gets
+// dL/db2, the sum of dL/dlogits.
+template <typename T>
+struct Extras {
+  const T* probs = nullptr;
+  const T* row = nullptr;
+  T scale = T(1);
+  bool base_grad = false;
+  T* grad_b2 = nullptr;
 };
 
 // The MLP's weights as full vectors, d-major: w1[d * C + c], b1[d], w2[d * H + h] (W2 transposed).
@@ -113,127 +126,265 @@ inline Vec<T> leaky(const Vec<T>& x, const Vec<T>& y, T slope) {  // y where x >
 }
 
 // One instance per (precision, bias or not) for this library's head count.
+//
+// Work goes by tiles of up to TILE_VECS vectors of one query row's keys. The base bias B[:, i, s] is the
+// same for every batch element, so its share of the first layer, W1[:, H:] B + b1, is computed once
+// per tile (PB, D x tile) and read by every batch element, which then adds only W1[:, :H] A. In the
+// backward, the batch elements' dL/dpre is also summed over the batch per tile (GPS) and the bias
+// channels' gradients (dW1[:, H:], db1, dL/dB) are taken from that sum once per tile: of the MLP's
+// multiply-adds per (batch, query, key), the bias channels' half of the first layer's three products
+// is done once per query and key. The backward's first pass loops over hidden channels outside and
+// the tile's keys inside, so that a hidden channel's weight-gradient sums stay in registers across
+// the tile (flushed once per tile, not read and written back per key vector).
 template <typename T, int H, bool BIAS>
 struct Kernel {
   static constexpr int C = BIAS ? 2 * H : H;
+  static constexpr int W = LANES<T>;
+  static constexpr int TILE_VECS = 16;  // key vectors per tile
+  // Key vectors per step of the forward and of the backward's second pass: two where there are 32
+  // vector registers (AVX-512) and the head count leaves room for their sums, else one.
+  static constexpr int VB = VECTOR_BYTES == 64 && H <= 6 ? 2 : 1;
 
-  // W1 f + b1 for hidden channel d, in two chains of multiply-adds (half the latency of one).
-  static inline Vec<T> pre(const Vec<T>* f, const Vec<T>* w, const Vec<T>& b) {
-    Vec<T> even = b + f[0] * w[0], odd = Vec<T>{};
-    for (int c = 1; c < C; ++c) {
-      if (c % 2) odd += f[c] * w[c];
-      else even += f[c] * w[c];
+  // A tile's H channel rows (stride t * S from row) from key k0, nv vectors, zeros past len.
+  static inline void load_tile(Vec<T> (*dst)[TILE_VECS], const T* row, int64_t stride, int64_t k0,
+                               int64_t len, int nv) {
+    for (int h = 0; h < H; ++h)
+      for (int v = 0; v < nv; ++v) {
+        const int64_t s = k0 + v * W;
+        dst[h][v] = load(row + h * stride + s, static_cast<int>(std::min<int64_t>(W, len - s)));
+      }
+  }
+
+  // PB[d][v] = b1[d] + W1[d, H:] B[:, v] for the tile (B's rows in FB; b1 alone without a bias).
+  static inline void bias_share(const Broadcast<T>& w, int64_t D, const Vec<T> (*FB)[TILE_VECS], int nv,
+                                Vec<T>* PB) {
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C];
+      for (int v = 0; v < nv; ++v) {
+        Vec<T> x = w.b1[d];
+        if (BIAS)
+          for (int h = 0; h < H; ++h) x += FB[h][v] * w1[H + h];
+        PB[d * TILE_VECS + v] = x;
+      }
     }
-    return even + odd;
+  }
+
+  // The forward's logits for key vectors v .. v + V of a tile (V = VB when the registers allow: every
+  // weight read then serves V vectors).
+  template <int V>
+  static inline void forward_vectors(const Problem<T>& p, const Broadcast<T>& w,
+                                     const Vec<T> (*FA)[TILE_VECS], const Vec<T> (*FB)[TILE_VECS],
+                                     const Vec<T>* PB, bool add_base, T* out_row, int64_t k0, int v,
+                                     int64_t len) {
+    const int64_t D = p.width, stride = p.rows * p.keys;
+    Vec<T> acc[V][H];
+    for (int u = 0; u < V; ++u)
+      for (int h = 0; h < H; ++h) {
+        acc[u][h] = FA[h][v + u] + p.b2[h];
+        if (BIAS && add_base) acc[u][h] += FB[h][v + u];
+      }
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C];
+      const Vec<T>* w2 = &w.w2[d * H];
+      for (int u = 0; u < V; ++u) {
+        Vec<T> x = PB[d * TILE_VECS + v + u];  // one chain: the V vectors and the d's overlap
+        for (int h = 0; h < H; ++h) x += FA[h][v + u] * w1[h];
+        const Vec<T> hid = leaky(x, x, p.slope);
+        for (int h = 0; h < H; ++h) acc[u][h] += hid * w2[h];
+      }
+    }
+    for (int u = 0; u < V; ++u) {
+      const int64_t s = k0 + (v + u) * W;
+      const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+      for (int h = 0; h < H; ++h) store(out_row + h * stride + s, acc[u][h], n);
+    }
   }
 
   // logits[b, h, i, s] = A + [B if add_base] + b2 + W2 leaky(W1 f + b1); -inf past row_len[i].
   static void forward(const Problem<T>& p, T* logits, bool add_base, int threads) {
-    const int64_t t = p.rows, S = p.keys, D = p.width;
+    const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
     const Broadcast<T> w(p);
     parallel_rows(t, threads, [&](int tid, int n_threads) {
-      Vec<T> f[C], acc[H];
+      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS];
+      std::vector<Vec<T>> pb(D * TILE_VECS);
+      Vec<T>* PB = pb.data();
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
-        for (int64_t b = 0; b < p.batch; ++b) {
-          const T* a_row = p.scores + ((b * H) * t + i) * S;
-          const T* b_row = BIAS ? p.bias + i * S : nullptr;
-          T* out_row = logits + ((b * H) * t + i) * S;
-          for (int64_t s0 = 0; s0 < len; s0 += LANES<T>) {
-            const int n = static_cast<int>(std::min<int64_t>(LANES<T>, len - s0));
-            for (int h = 0; h < H; ++h) f[h] = load(a_row + h * t * S + s0, n);
-            if (BIAS)
-              for (int h = 0; h < H; ++h) f[H + h] = load(b_row + h * t * S + s0, n);
-            for (int h = 0; h < H; ++h) acc[h] = f[h] + p.b2[h];
-            if (BIAS && add_base)
-              for (int h = 0; h < H; ++h) acc[h] += f[H + h];
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> x = pre(f, &w.w1[d * C], w.b1[d]);
-              const Vec<T> hid = leaky(x, x, p.slope);
-              const Vec<T>* w2 = &w.w2[d * H];
-              for (int h = 0; h < H; ++h) acc[h] += hid * w2[h];
-            }
-            for (int h = 0; h < H; ++h) store(out_row + h * t * S + s0, acc[h], n);
+        for (int64_t k0 = 0; k0 < len; k0 += TILE_VECS * W) {
+          const int nv = static_cast<int>(std::min<int64_t>(TILE_VECS, (len - k0 + W - 1) / W));
+          if (BIAS) load_tile(FB, p.bias + i * S, stride, k0, len, nv);
+          bias_share(w, D, FB, nv, PB);
+          for (int64_t b = 0; b < p.batch; ++b) {
+            const T* a_row = p.scores + ((b * H) * t + i) * S;
+            T* out_row = logits + ((b * H) * t + i) * S;
+            load_tile(FA, a_row, stride, k0, len, nv);
+            int v = 0;
+            for (; v + VB <= nv; v += VB)
+              forward_vectors<VB>(p, w, FA, FB, PB, add_base, out_row, k0, v, len);
+            for (; v < nv; ++v) forward_vectors<1>(p, w, FA, FB, PB, add_base, out_row, k0, v, len);
           }
+        }
+        for (int64_t b = 0; b < p.batch; ++b) {
+          T* out_row = logits + ((b * H) * t + i) * S;
           for (int h = 0; h < H; ++h)
-            std::fill(out_row + h * t * S + len, out_row + h * t * S + S, NEG_INF<T>);
+            std::fill(out_row + h * stride + len, out_row + h * stride + S, NEG_INF<T>);
         }
       }
     });
   }
 
-  // grad (B, H, t, S) holds dL/dlogits on entry and dL/dA (before the 1/sqrt(Dh) scale) on return.
-  // grad_bias (H, t, S), when given, gets the MLP's dL/dB added (the caller adds the base's own term).
-  // grad_w1 (D, C), grad_b1 (D,), grad_w2 (H, D) are overwritten.
+  // out[h] (row h at out + h * stride) for key vectors v .. v + V of a tile: start[h] (zero without
+  // start) + sum over d of gp[d] W1[d, c0 + h], times scale, stored, or added to what out holds (add).
+  template <int V>
+  static inline void transpose_product(const Broadcast<T>& w, int64_t D, const Vec<T>* gp,
+                                       const Vec<T> (*start)[TILE_VECS], int c0, T* out, int64_t stride,
+                                       int64_t k0, int v, int64_t len, bool add, T scale = T(1)) {
+    Vec<T> acc[V][H];
+    for (int u = 0; u < V; ++u)
+      for (int h = 0; h < H; ++h) acc[u][h] = start != nullptr ? start[h][v + u] : Vec<T>{};
+    for (int64_t d = 0; d < D; ++d) {
+      const Vec<T>* w1 = &w.w1[d * C + c0];
+      for (int u = 0; u < V; ++u) {
+        const Vec<T> g = gp[d * TILE_VECS + v + u];
+        for (int h = 0; h < H; ++h) acc[u][h] += g * w1[h];
+      }
+    }
+    for (int u = 0; u < V; ++u) {
+      const int64_t s = k0 + (v + u) * W;
+      const int n = static_cast<int>(std::min<int64_t>(W, len - s));
+      for (int h = 0; h < H; ++h) {
+        T* dst = out + h * stride + s;
+        store(dst, add ? load(dst, n) + acc[u][h] : acc[u][h] * scale, n);
+      }
+    }
+  }
+
+  // grad (B, H, t, S) holds dL/dlogits on entry (see Extras) and dL/dA times ex.scale on return (zero
+  // past each row's length when ex.probs is given; untouched there otherwise).
+  // grad_bias (H, t, S), when given, gets the MLP's dL/dB added (and the base's own term with
+  // ex.base_grad). grad_w1 (D, C), grad_b1 (D,), grad_w2 (H, D) and ex.grad_b2 are overwritten.
   static void backward(const Problem<T>& p, T* grad, T* grad_bias, T* grad_w1, T* grad_b1, T* grad_w2,
-                       int threads) {
-    const int64_t t = p.rows, S = p.keys, D = p.width;
+                       int threads, const Extras<T>& ex = Extras<T>{}) {
+    const int64_t t = p.rows, S = p.keys, D = p.width, stride = t * S;
     const int n_threads_used = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, t)));
     const Broadcast<T> w(p);
-    // Per thread: dW1 (D*C, d-major as W1), db1 (D), dW2 (D*H, d-major) in double.
-    const int64_t n_params = D * C + D + D * H;
+    // Per thread: dW1 (D*C, d-major as W1), db1 (D), dW2 (D*H, d-major), db2 (H) in double.
+    const int64_t n_params = D * C + D + D * H + H;
     std::vector<double> totals(static_cast<size_t>(n_threads_used) * n_params, 0.0);
     const bool want_bias = BIAS && grad_bias != nullptr;
+    const Vec<T> one = splat(T(1)), slope_v = splat(p.slope);
     parallel_rows(t, n_threads_used, [&](int tid, int n_threads) {
-      Vec<T> f[C], g[H], ga[H], gb[H];
+      Vec<T> FA[H][TILE_VECS], FB[H][TILE_VECS], G[H][TILE_VECS], P[H][TILE_VECS], GS[H][TILE_VECS];
       std::vector<Vec<T>> lane_acc(n_params);  // per-lane partial sums of the weight gradients
-      std::vector<Vec<T>> grad_pre(D);         // dL/d(W1 f + b1) of the current chunk
+      // Per tile: PB (W1[:, H:] B + b1), dL/dpre of the current batch element (GP) and its sum over
+      // the batch (GPS), D x TILE_VECS each.
+      std::vector<Vec<T>> tiles(3 * D * TILE_VECS);
+      Vec<T>* PB = tiles.data();
+      Vec<T>* GP = PB + D * TILE_VECS;
+      Vec<T>* GPS = GP + D * TILE_VECS;
       Vec<T>* acc_w1 = lane_acc.data();
       Vec<T>* acc_b1 = acc_w1 + D * C;
       Vec<T>* acc_w2 = acc_b1 + D;
+      Vec<T>* acc_b2 = acc_w2 + D * H;
       double* total = totals.data() + tid * n_params;
       for (int64_t i = tid; i < t; i += n_threads) {
         const int64_t len = std::max<int64_t>(0, std::min(p.row_len[i], S));
+        if (ex.probs != nullptr)  // dL/dlogits is zero past the row's keys
+          for (int64_t b = 0; b < p.batch; ++b)
+            for (int h = 0; h < H; ++h) {
+              T* g = grad + ((b * H + h) * t + i) * S;
+              std::fill(g + len, g + S, T(0));
+            }
         if (len == 0) continue;
         std::fill(lane_acc.begin(), lane_acc.end(), Vec<T>{});
-        for (int64_t b = 0; b < p.batch; ++b) {
-          const T* a_row = p.scores + ((b * H) * t + i) * S;
-          const T* b_row = BIAS ? p.bias + i * S : nullptr;
-          T* g_row = grad + ((b * H) * t + i) * S;
-          for (int64_t s0 = 0; s0 < len; s0 += LANES<T>) {
-            const int n = static_cast<int>(std::min<int64_t>(LANES<T>, len - s0));
-            for (int h = 0; h < H; ++h) f[h] = load(a_row + h * t * S + s0, n);
-            if (BIAS)
-              for (int h = 0; h < H; ++h) f[H + h] = load(b_row + h * t * S + s0, n);
-            for (int h = 0; h < H; ++h) g[h] = load(g_row + h * t * S + s0, n);
-            // Pass 1: the hidden channel's pre-activation and gradient; W1, b1, W2 gradients.
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> x = pre(f, &w.w1[d * C], w.b1[d]);
-              const Vec<T> hid = leaky(x, x, p.slope);
-              const Vec<T>* w2 = &w.w2[d * H];
-              Vec<T> gh = g[0] * w2[0];
+        for (int64_t k0 = 0; k0 < len; k0 += TILE_VECS * W) {
+          const int nv = static_cast<int>(std::min<int64_t>(TILE_VECS, (len - k0 + W - 1) / W));
+          if (BIAS) load_tile(FB, p.bias + i * S, stride, k0, len, nv);
+          bias_share(w, D, FB, nv, PB);
+          if (BIAS) std::fill(GPS, GPS + D * TILE_VECS, Vec<T>{});
+          const bool sum_g = want_bias && ex.base_grad;  // GS: dL/dlogits summed over the batch
+          for (int64_t b = 0; b < p.batch; ++b) {
+            const T* a_row = p.scores + ((b * H) * t + i) * S;
+            T* g_row = grad + ((b * H) * t + i) * S;
+            load_tile(FA, a_row, stride, k0, len, nv);
+            load_tile(G, g_row, stride, k0, len, nv);
+            if (ex.probs != nullptr) {  // the softmax's backward
+              load_tile(P, ex.probs + ((b * H) * t + i) * S, stride, k0, len, nv);
               for (int h = 0; h < H; ++h) {
-                if (h > 0) gh += g[h] * w2[h];
-                acc_w2[d * H + h] += g[h] * hid;
+                const Vec<T> r = splat(ex.row[(b * H + h) * t + i]);
+                for (int v = 0; v < nv; ++v) G[h][v] = (G[h][v] - r) * P[h][v];
               }
-              const Vec<T> gp = leaky(x, gh, p.slope);
-              grad_pre[d] = gp;
-              acc_b1[d] += gp;
-              for (int c = 0; c < C; ++c) acc_w1[d * C + c] += gp * f[c];
             }
-            // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp, dL/dB = W1[:, H:]^T gp.
             for (int h = 0; h < H; ++h) {
-              ga[h] = g[h];
-              gb[h] = Vec<T>{};
-            }
-            for (int64_t d = 0; d < D; ++d) {
-              const Vec<T> gp = grad_pre[d];
-              const Vec<T>* w1 = &w.w1[d * C];
-              for (int h = 0; h < H; ++h) ga[h] += gp * w1[h];
-              if (want_bias)
-                for (int h = 0; h < H; ++h) gb[h] += gp * w1[H + h];
-            }
-            for (int h = 0; h < H; ++h) store(g_row + h * t * S + s0, ga[h], n);
-            if (want_bias)
-              for (int h = 0; h < H; ++h) {
-                T* dst = grad_bias + (h * t + i) * S + s0;
-                store(dst, load(dst, n) + gb[h], n);
+              Vec<T> sum = Vec<T>{};
+              for (int v = 0; v < nv; ++v) {
+                sum += G[h][v];
+                if (sum_g) GS[h][v] = b == 0 ? G[h][v] : GS[h][v] + G[h][v];
               }
+              acc_b2[h] += sum;
+            }
+            // Pass 1, per hidden channel over the tile: dL/dpre, and the gradients of W1's score
+            // columns, W2 and (without a bias) b1, summed in registers.
+            for (int64_t d = 0; d < D; ++d) {
+              // This channel's weights as locals: registers (the stores below could alias w's).
+              Vec<T> w1[H], w2[H];
+              for (int h = 0; h < H; ++h) {
+                w1[h] = w.w1[d * C + h];
+                w2[h] = w.w2[d * H + h];
+              }
+              Vec<T> aw1[H], aw2[H], ab1 = Vec<T>{};
+              for (int h = 0; h < H; ++h) aw1[h] = aw2[h] = Vec<T>{};
+              for (int v = 0; v < nv; ++v) {
+                Vec<T> x = PB[d * TILE_VECS + v];  // one chain: the key vectors overlap
+                for (int h = 0; h < H; ++h) x += FA[h][v] * w1[h];
+                const Vec<T> gate = x > T(0) ? one : slope_v;  // leaky = gate * x, leaky' = gate
+                const Vec<T> hid = gate * x;
+                Vec<T> gh = G[0][v] * w2[0];
+                for (int h = 1; h < H; ++h) gh += G[h][v] * w2[h];
+                for (int h = 0; h < H; ++h) aw2[h] += G[h][v] * hid;
+                const Vec<T> gp = gate * gh;
+                for (int h = 0; h < H; ++h) aw1[h] += gp * FA[h][v];
+                GP[d * TILE_VECS + v] = gp;
+                if (BIAS) GPS[d * TILE_VECS + v] += gp;
+                else ab1 += gp;
+              }
+              for (int h = 0; h < H; ++h) {
+                acc_w1[d * C + h] += aw1[h];
+                acc_w2[d * H + h] += aw2[h];
+              }
+              if (!BIAS) acc_b1[d] += ab1;
+            }
+            // Pass 2: dL/dA = dL/dlogits + W1[:, :H]^T gp.
+            int v = 0;
+            for (; v + VB <= nv; v += VB)
+              transpose_product<VB>(w, D, GP, G, 0, g_row, stride, k0, v, len, false, ex.scale);
+            for (; v < nv; ++v)
+              transpose_product<1>(w, D, GP, G, 0, g_row, stride, k0, v, len, false, ex.scale);
           }
+          if (!BIAS) continue;
+          // The bias channels, from dL/dpre summed over the batch: dW1[:, H:], db1 and dL/dB.
+          for (int64_t d = 0; d < D; ++d) {
+            Vec<T> aw1[H], ab1 = Vec<T>{};
+            for (int h = 0; h < H; ++h) aw1[h] = Vec<T>{};
+            for (int v = 0; v < nv; ++v) {
+              const Vec<T> gp = GPS[d * TILE_VECS + v];
+              ab1 += gp;
+              for (int h = 0; h < H; ++h) aw1[h] += gp * FB[h][v];
+            }
+            for (int h = 0; h < H; ++h) acc_w1[d * C + H + h] += aw1[h];
+            acc_b1[d] += ab1;
+          }
+          if (!want_bias) continue;
+          const Vec<T>(*base)[TILE_VECS] = sum_g ? GS : nullptr;
+          T* gb_row = grad_bias + i * S;
+          int v = 0;
+          for (; v + VB <= nv; v += VB)
+            transpose_product<VB>(w, D, GPS, base, H, gb_row, t * S, k0, v, len, true);
+          for (; v < nv; ++v) transpose_product<1>(w, D, GPS, base, H, gb_row, t * S, k0, v, len, true);
         }
         for (int64_t j = 0; j < n_params; ++j) {
           double sum = 0.0;
-          for (int l = 0; l < LANES<T>; ++l) sum += lane_acc[j][l];
+          for (int l = 0; l < W; ++l) sum += lane_acc[j][l];
           total[j] += sum;
         }
       }
@@ -248,6 +399,12 @@ struct Kernel {
       grad_b1[d] = sum(D * C + d);
       for (int h = 0; h < H; ++h) grad_w2[h * D + d] = sum(D * C + D + d * H + h);
     }
+    if (ex.grad_b2 != nullptr)
+      for (int h = 0; h < H; ++h) {
+        double s = 0.0;
+        for (int tid = 0; tid < n_threads_used; ++tid) s += totals[tid * n_params + D * C + D + D * H + h];
+        ex.grad_b2[h] = static_cast<T>(s);
+      }
   }
 };
 
@@ -624,11 +781,17 @@ extern "C" int dape_mlp_heads() { return POSLAB_HEADS; }
                                              const T* w2, const int64_t* row_len, int64_t batch,         \
                                              int64_t heads, int64_t rows, int64_t keys, int64_t width,     \
                                              double slope, T* grad, T* grad_bias, T* grad_w1,            \
-                                             T* grad_b1, T* grad_w2, int threads, int kernel_size) {     \
+                                             T* grad_b1, T* grad_w2, int threads, int kernel_size,       \
+                                             const T* probs, const T* row, double scale, int base_grad,   \
+                                             T* grad_b2) {                                               \
     const auto p = problem(scores, bias, w1, b1, w2, static_cast<const T*>(nullptr), row_len, batch,      \
                            heads, rows, keys, width, slope);                                             \
-    auto run = [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); };      \
-    kernel_size == 3 ? dispatch<T, Conv3>(p, run) : dispatch<T, Kernel>(p, run);                         \
+    const Extras<T> ex{probs, row, static_cast<T>(scale), base_grad != 0, grad_b2};                      \
+    if (kernel_size == 3) /* V2 takes none of the extras (native.py refuses them) */                    \
+      return dispatch<T, Conv3>(                                                                         \
+          p, [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads); });      \
+    dispatch<T, Kernel>(                                                                                 \
+        p, [&](auto k) { k.backward(p, grad, grad_bias, grad_w1, grad_b1, grad_w2, threads, ex); });    \
   }
 
 POSLAB_DAPE_ENTRY_POINTS(float, f32)

@@ -120,14 +120,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POSLAB_CACHE") or Path.home() / ".cache" / "poslab")
 
 
-def _cpu_flags() -> set[str]:
+@cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read once per process: every kernel call asks for the target level
+    (``arch``), and reading /proc/cpuinfo took about 0.2 ms, a tenth of a small block's DAPE call."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_model() -> str:
@@ -143,11 +146,16 @@ def cpu_model() -> str:
 
 def supported_levels() -> list[str]:
     """The x86-64 levels this CPU executes, highest first (empty off x86-64)."""
+    return list(_levels())
+
+
+@cache
+def _levels() -> tuple[str, ...]:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
+        return ()
     flags = _cpu_flags()
     names = list(LEVELS)
-    return [name for i, name in enumerate(names) if all(set(LEVELS[n]) <= flags for n in names[i:])]
+    return tuple(name for i, name in enumerate(names) if all(set(LEVELS[n]) <= flags for n in names[i:]))
 
 
 def arch() -> str:
@@ -302,7 +310,8 @@ def _library(n_heads: int, target: str) -> ctypes.CDLL | None:
         return None
     # The signatures of dape_mlp.cpp's entry points: pointers, sizes, the slope, flags, threads.
     forward_args = [_PTR] * 7 + [_I64] * 5 + [_DBL, _INT, _PTR, _INT, _INT]
-    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT, _INT]
+    # ... then the backward's extras: probs, row, scale, base_grad, grad_b2.
+    backward_args = [_PTR] * 6 + [_I64] * 5 + [_DBL] + [_PTR] * 5 + [_INT, _INT, _PTR, _PTR, _DBL, _INT, _PTR]
     for suffix in ("f32", "f64"):
         getattr(lib, f"dape_mlp_forward_{suffix}").argtypes = forward_args
         getattr(lib, f"dape_mlp_backward_{suffix}").argtypes = backward_args
@@ -493,6 +502,9 @@ def _check(scores: Tensor, bias: Tensor | None, w1, b1, w2, b2, row_len, **other
         "grad": tuple(scores.shape),
         "out": tuple(scores.shape),
         "grad_bias": (n_heads, t, s),
+        "probs": tuple(scores.shape),
+        "row": tuple(scores.shape[:3]),
+        "grad_b2": (n_heads,),
     }
     named = {"scores": scores, "bias": bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2, **others}
     for name, tensor in named.items():
@@ -553,19 +565,41 @@ def dape_mlp_backward_(
     grad_bias: Tensor | None,
     *,
     slope: float,
+    probs: Tensor | None = None,
+    row: Tensor | None = None,
+    scale: float = 1.0,
+    base_grad: bool = False,
+    grad_b2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """In place: ``grad`` from dL/dlogits to dL/dscores; ``grad_bias`` (H, t, S) += the MLP's dL/dbias.
 
-    Returns (dW1, db1, dW2). Arguments as for ``dape_mlp_forward``; all contiguous.
+    Returns (dW1, db1, dW2). Arguments as for ``dape_mlp_forward``; all contiguous. The pointwise MLP
+    (not V2) can also take the attention's backward around it in the same pass over the scores:
+    with ``probs`` (B, H, t, S) and ``row`` (B, H, t), ``grad`` holds grad_out @ v^T on entry and the
+    softmax's dL/dlogits = probs * (grad - row) is formed as it is read (row = rowsum(grad_out * out));
+    ``grad`` is then zero past each row's keys. dL/dscores is multiplied by ``scale`` as it is stored;
+    ``base_grad`` adds dL/dlogits summed over the batch to ``grad_bias`` (the A + B + f form's own
+    term); ``grad_b2`` (H,), when given, is overwritten with dL/db2 (the sum of dL/dlogits).
     """
-    _check(scores, bias, w1, b1, w2, None, row_len, grad=grad, grad_bias=grad_bias)
+    _check(
+        scores, bias, w1, b1, w2, None, row_len, grad=grad, grad_bias=grad_bias, probs=probs, row=row,
+        grad_b2=grad_b2,
+    )  # fmt: skip
+    extras = probs is not None or row is not None or scale != 1.0 or base_grad or grad_b2 is not None
+    if extras and w1.dim() == 3:
+        raise ValueError("native DAPE: probs, row, scale, base_grad and grad_b2 are for kernel_size 1")
+    if (probs is None) != (row is None):
+        raise ValueError("native DAPE: probs and row come together (the softmax's backward needs both)")
+    if base_grad and grad_bias is None:
+        raise ValueError("native DAPE: base_grad adds to grad_bias, which is None")
     n_batch, n_heads, t, s = scores.shape
     grad_w1, grad_b1, grad_w2 = torch.empty_like(w1), torch.empty_like(b1), torch.empty_like(w2)
     fn = getattr(library(n_heads), f"dape_mlp_backward_{_SUFFIX[scores.dtype]}")
     pointers = map(_ptr, (scores, bias, w1, b1, w2, row_len))
     sizes = (n_batch, n_heads, t, s, w1.shape[0])
     outputs = map(_ptr, (grad, grad_bias, grad_w1, grad_b1, grad_w2))
-    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()), _taps(w1))
+    extra = (_ptr(probs), _ptr(row), scale, int(base_grad), _ptr(grad_b2))
+    fn(*pointers, *sizes, slope, *outputs, _threads(scores.numel()), _taps(w1), *extra)
     return grad_w1, grad_b1, grad_w2
 
 
