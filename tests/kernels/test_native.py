@@ -520,3 +520,22 @@ def test_a_garbage_poslab_native_warns_naming_the_valid_values(monkeypatch):
     monkeypatch.setattr(native, "_warned", set())
     with pytest.warns(UserWarning, match="POSLAB_NATIVE='garbage' is not one of auto, 1, .*0"):
         assert native.mode() == "auto"
+
+
+def test_a_build_uses_the_sources_as_imported_not_as_changed_on_disk_since(tmp_path, monkeypatch):
+    """A long run compiles kernels lazily: a `git pull` meanwhile must not give it a library built
+    from C++ that no longer matches the Python calling it (it segfaulted)."""
+    monkeypatch.setenv("POSLAB_CACHE", str(tmp_path / "cache"))
+    source, (header,) = tmp_path / native.SOURCE.name, native.HEADERS
+    source.write_bytes(native.SOURCE.read_bytes())
+    monkeypatch.setattr(native, "SOURCE", source)
+    monkeypatch.setattr(native, "_SOURCES", native._snapshot((source, header)))  # as at import
+    level = native.arch()
+    before = native._build(native._compiler(), 2, level)
+    source.write_text("this is not C++ any more\n")  # the file on disk changes under the run
+    (before.parent / before.name).unlink()  # ... and the library must be built again
+    after = native._build(native._compiler(), 2, level)
+    assert after == before and after.exists()  # the same snapshot, the same key, compiled fine
+    monkeypatch.setattr(native, "_SOURCES", {})  # a file never snapshot is read from disk
+    with pytest.raises(RuntimeError):
+        native._build(native._compiler(), 2, level)

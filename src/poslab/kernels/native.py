@@ -38,7 +38,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import cache
 from pathlib import Path
 
@@ -50,6 +50,29 @@ log = logging.getLogger("poslab")
 SOURCE = Path(__file__).with_name("dape_mlp.cpp")
 COPE_SOURCE = Path(__file__).with_name("cope_rows.cpp")
 HEADERS = (Path(__file__).with_name("simd.h"),)  # included by both sources: part of every cache key
+
+
+def _snapshot(paths: tuple[Path, ...]) -> dict[Path, bytes]:
+    """The bytes of each readable file of ``paths``."""
+    taken = {}
+    for path in paths:
+        with suppress(OSError):  # an install without the sources: the PyTorch paths run (`available`)
+            taken[path] = path.read_bytes()
+    return taken
+
+
+# The C++ sources as they were when this module was imported. Kernels compile lazily (a head count,
+# a dtype or an instruction set first used hours into a run), and a build must match the Python that
+# calls it: after a `git pull` under a running job, building from the files on disk gave a library
+# with another calling convention, and the job died of a segmentation fault.
+_SOURCES = _snapshot((SOURCE, COPE_SOURCE, *HEADERS))
+
+
+def _source_bytes(path: Path) -> bytes:
+    """``path``'s bytes as imported (`_SOURCES`), or as on disk for a file not snapshot."""
+    return _SOURCES[path] if path in _SOURCES else path.read_bytes()
+
+
 # -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C++ mode turns contraction off).
 FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -194,9 +217,9 @@ def _build_cope(compiler: str, target: str) -> Path:
 
 def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], target: str) -> Path:
     """Compile a source into the cache (once per source, compiler, flags, and CPU for -march=native)."""
-    source = source_path.read_bytes()
+    source, headers = _source_bytes(source_path), {h.name: _source_bytes(h) for h in HEADERS}
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    parts = [source, *(h.read_bytes() for h in HEADERS), " ".join(flags).encode(), version.encode()]
+    parts = [source, *headers.values(), " ".join(flags).encode(), version.encode()]
     if target == "native":
         parts.append(" ".join(sorted(_cpu_flags())).encode())
     key = hashlib.sha256(b"\0".join(parts))
@@ -217,11 +240,14 @@ def _compile(compiler: str, source_path: Path, stem: str, flags: list[str], targ
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target_path.parent)
     os.close(fd)
     try:
-        result = subprocess.run(
-            [compiler, *flags, f"-I{source_path.parent}", str(source_path), "-o", tmp],
-            capture_output=True,
-            text=True,
-        )
+        with tempfile.TemporaryDirectory(prefix="poslab-src-") as sources:  # the snapshot, compiled
+            for name, text in {**headers, source_path.name: source}.items():
+                Path(sources, name).write_bytes(text)
+            result = subprocess.run(
+                [compiler, *flags, f"-I{sources}", str(Path(sources, source_path.name)), "-o", tmp],
+                capture_output=True,
+                text=True,
+            )
         if result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line] or ["failed"]
             raise RuntimeError(errors[0].strip())
