@@ -17,4 +17,4 @@ bench=docs/results/length_generalisation/repeated_text/rope/seed0
 [ -s $here/control/benchmark_rope_seed0.json ] || OMP_NUM_THREADS=1 poslab eval $bench eval.splits=by_length \
   --json $here/control/benchmark_rope_seed0.json
 OMP_NUM_THREADS=1 poslab head-stats docs/results/dape_deep/stdlib --lengths 128,1024,8192 --windows 4 --out $here/heads
-python $here/table.py > $here/repeated_text.md
+python $here/table.py > $here/summary.md

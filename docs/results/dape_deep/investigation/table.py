@@ -1,7 +1,9 @@
-"""The repeated-text probe of the deep Kerple and DAPE-Kerple language models, as a Markdown table
-(`run.sh` writes it to repeated_text.md): per length, each seed's accuracy on the second copy, on
+"""The repeated-text probe of the deep Kerple and DAPE-Kerple language models, as Markdown tables
+(`run.sh` writes them to repeated_text.md): per length, each seed's accuracy on the second copy, on
 the same bytes read the first time, and the difference (what copying adds), then DAPE-Kerple minus
-Kerple paired by seed."""
+Kerple paired by seed; and, from heads/head_stats.json (`poslab head-stats`), each model's heads
+summed up: how many are diffuse (more than half their attention beyond the training length at
+8192), their mean entropy and far mass per length, and the same paired difference."""
 
 from __future__ import annotations
 
@@ -54,5 +56,40 @@ def main() -> None:
         print(f"| {n} | " + " | ".join(cells) + " |")
 
 
+def heads() -> None:
+    """Per model: diffuse heads at 8192, mean entropy and far mass per length; DAPE-Kerple minus Kerple."""
+    runs = json.loads((HERE / "heads" / "head_stats.json").read_text())
+    label = {"kerple_log": "Kerple", "dape[base=kerple_log]": "DAPE-Kerple"}
+    stats: dict[str, dict[str, dict[int, float]]] = {}
+    for run in runs:
+        row = label[run["encoding"]]
+        for n, layers in run["lengths"].items():
+            entropy = [e for layer in layers for e in layer["entropy"]]
+            far = [f for layer in layers for f in layer["far_mass"]]
+            stats.setdefault(f"mean entropy at {n} (nats)", {}).setdefault(row, {})[run["seed"]] = sum(
+                entropy
+            ) / len(entropy)
+            if int(n) > run["train_len"]:
+                stats.setdefault(f"mean far mass at {n}", {}).setdefault(row, {})[run["seed"]] = sum(
+                    far
+                ) / len(far)
+            if n == "8192":
+                stats.setdefault("diffuse heads at 8192 (far mass > 0.5)", {}).setdefault(row, {})[
+                    run["seed"]
+                ] = sum(f > 0.5 for f in far)
+    n_heads = len([e for layer in runs[0]["lengths"]["128"] for e in layer["entropy"]])
+    print(f"\nHeads ({n_heads} a model): per model, seeds in order; DAPE-Kerple minus Kerple paired by seed,")
+    print("with DAPE-Kerple's wins (lower).\n")
+    print("| statistic | Kerple | DAPE-Kerple | DAPE-Kerple - Kerple |")
+    print("|---|---|---|---|")
+    for name, rows in stats.items():
+        cells = [
+            " / ".join(f"{v:.3g}" for _, v in sorted(rows[r].items())) for r in ("Kerple", "DAPE-Kerple")
+        ]
+        diff = difference_cell(paired_difference(rows["DAPE-Kerple"], rows["Kerple"]), digits=2)
+        print(f"| {name} | {cells[0]} | {cells[1]} | {diff} |")
+
+
 if __name__ == "__main__":
     main()
+    heads()
