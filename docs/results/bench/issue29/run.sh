@@ -1,8 +1,8 @@
 #!/bin/bash
-# Issue 29: before (the commit in /work/wt/before) or after (main) on this CPU, both builds, one
+# Issue 29: before (the commit in /work/wt/before) or after / now (main) on this CPU, both builds, one
 # thread, the grid paused for the duration (SIGSTOP/SIGCONT), each a fresh process. Usage: run.sh before|after
 set -u
-which=$1
+which=$1  # before, after or now
 tuning=${2:-tuned}
 envx=""; [ $tuning = untuned ] && envx="POSLAB_NO_MALLOC_TUNING=1"
 out=/work/runs/bench29
