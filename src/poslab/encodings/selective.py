@@ -160,10 +160,8 @@ class Selective(PositionEncoding):
         mask = -self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(q.dtype)
         if bias is not None:
             mask = mask + bias.to(q.dtype)
-        start = consecutive_start(q_pos)  # a hint: backward's blocks stop at the causal edge
-        if start is not None and start + q.shape[2] > k.shape[2]:
-            start = None
-        return bias_attention(q, k, v, mask, keep, causal_start=start)
+        # A hint: backward's blocks stop at the causal edge (clipped to the keys there).
+        return bias_attention(q, k, v, mask, keep, causal_start=consecutive_start(q_pos))
 
     def block_context(
         self,

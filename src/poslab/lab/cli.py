@@ -150,14 +150,13 @@ def _probe_config(
 
 
 def cmd_eval(args: Any) -> str:
-    keys = EVAL_KEYS + (("task.options.",) if args.task else ())
-    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(keys)]
+    # With --task, the probe's options and splits apply once the task is the probe's.
+    probe_keys = ("task.options.", "eval.splits") if args.task else ()
+    bad = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith(EVAL_KEYS + probe_keys)]
     if bad:
         allowed = "eval.*, train.device" + (" and task.options.*" if args.task else "")
         raise ValueError(f"eval takes only {allowed} options, got {', '.join(bad)}")
-    # With --task, the probe's options and splits apply once the task is the probe's.
-    probe_keys = ("task.options.", "eval.splits") if args.task else ()
-    probe_options = [o for o in args.overrides if o.strip().startswith(probe_keys)] if args.task else []
+    probe_options = [o for o in args.overrides if o.strip().startswith(probe_keys)]  # none without --task
     eval_options = [o for o in args.overrides if o not in probe_options]
     if args.json:
         if Path(args.json).is_dir():

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from poslab.lab.config import encoding_label, slug
 from poslab.lab.report.stats import difference_cell, paired_difference
 
 HERE = Path(__file__).resolve().parent
@@ -59,10 +60,9 @@ def main() -> None:
 def heads() -> None:
     """Per model: diffuse heads at 8192, mean entropy and far mass per length; DAPE-Kerple minus Kerple."""
     runs = json.loads((HERE / "heads" / "head_stats.json").read_text())
-    label = {"kerple_log": "Kerple", "dape[base=kerple_log]": "DAPE-Kerple"}
     stats: dict[str, dict[str, dict[int, float]]] = {}
     for run in runs:
-        row = label[run["encoding"]]
+        row = ROWS[slug(encoding_label(run["encoding"]))]  # the run folders' names
         for n, layers in run["lengths"].items():
             entropy = [e for layer in layers for e in layer["entropy"]]
             far = [f for layer in layers for f in layer["far_mass"]]

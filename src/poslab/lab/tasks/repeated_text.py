@@ -132,7 +132,8 @@ class RepeatedText(Task):
         ``copy_gain`` = accuracy - first_accuracy, what copying adds."""
         result = super().metrics(logits, batch)
         result["accuracy"] = 100.0 - result["error"]
-        targets, mask = batch.targets.to(logits.device), batch.mask.to(logits.device)
+        right, mask = self._correct(logits, batch)
+        targets = batch.targets.to(logits.device)
         # A row's first scored target is at the copy distance d (`sample`), and its target there is
         # the chunk's byte 1, as the target at 0 is: scored byte p repeats the target at p - d.
         length = mask.shape[1]
@@ -143,7 +144,6 @@ class RepeatedText(Task):
             result[prefix + "loss"] = (
                 F.cross_entropy(scored, targets[where]).item() if where.any() else math.nan
             )
-        right = logits.detach().argmax(dim=-1) == targets
         result["first_accuracy"] = 100.0 * right[first].float().mean().item() if first.any() else math.nan
         result["copy_gain"] = result["accuracy"] - result["first_accuracy"]
         return result
