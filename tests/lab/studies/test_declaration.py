@@ -180,9 +180,15 @@ def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified
     }
     assert verified == {"cope_counting", "cope_counting_long"}
     counting, long = get_study("cope_counting"), get_study("cope_counting_long")
+    # The paper's relative table covers the whole block, so its number stands beside the uncapped row.
+    renamed = {"Relative": "Relative, whole context"}
     assert {row: values["1var_256/id"] for row, values in long.numbers.items()} == {
-        row: values["1var/id"] for row, values in counting.numbers.items()
+        renamed.get(row, row): values["1var/id"] for row, values in counting.numbers.items()
     }
+    specs = dict(long.rows)
+    block = get_preset(long.parts[0].preset).override(list(long.parts[0].overrides)).model.max_len
+    assert build_encoding(specs["Relative, whole context"], n_heads=4, head_dim=16).max_dist == block - 1
+    assert build_encoding(specs["Relative, capped at 63"], n_heads=4, head_dim=16).max_dist == 63
 
 
 def test_cope_length_generalisation_has_cope_at_the_papers_npos_max_and_at_its_ratio():

@@ -874,6 +874,11 @@ _register(
 # leave the position of the last reset within a few dozen tokens, where any encoding finds it. At 256
 # statements the count since the reset spans hundreds of tokens: position, not counting, is the
 # bottleneck, and the paper's one-variable column (its own setting's length) can be set beside ours.
+# The official run sets no cap on either table (block size + 1 = 513 positions), where poslab's
+# defaults cap Relative at 63 and CoPE at 64: a capped Relative cannot tell which assignment beyond
+# 63 tokens is the last one, so both rows are shown, and the paper's number stands beside the
+# uncapped one. CoPE counts from the last assignment, well under its cap, and keeps its default.
+_COUNTING_LONG_TOKENS = 512
 _register(
     Study(
         kind=TASK_TABLE,
@@ -881,7 +886,13 @@ _register(
         title="Counting one variable in programs of up to 256 statements: error on the printed value",
         source="CoPE paper (arXiv 2405.18719), table 3's one-variable column, at the paper's program length",
         metric="error",
-        rows=(("Absolute", "learned"), ("Relative", "relative"), ("CoPE", "cope"), DAPE_KERPLE),
+        rows=(
+            ("Absolute", "learned"),
+            ("Relative, capped at 63", "relative"),
+            ("Relative, whole context", f"relative[max_dist={_COUNTING_LONG_TOKENS - 1}]"),
+            ("CoPE", "cope"),
+            DAPE_KERPLE,
+        ),
         parts=(
             Part(
                 name="1var_256",
@@ -889,22 +900,29 @@ _register(
                 overrides=(
                     "task.options.n_vars=1",
                     "task.train_len=256",
-                    "task.options.max_tokens=512",
-                    "model.max_len=512",
+                    f"task.options.max_tokens={_COUNTING_LONG_TOKENS}",
+                    f"model.max_len={_COUNTING_LONG_TOKENS}",
                 ),
             ),
         ),
         numbers={
             "Absolute": {"1var_256/id": 5.3},
-            "Relative": {"1var_256/id": 1.1},
+            "Relative, whole context": {"1var_256/id": 1.1},
             "CoPE": {"1var_256/id": 0.0},
         },
         numbers_check=COPE_COUNTING,
-        pairs=(("CoPE", "Absolute"), ("CoPE", "Relative"), ("DAPE-Kerple (not in the paper)", "CoPE")),
+        pairs=(
+            ("CoPE", "Absolute"),
+            ("CoPE", "Relative, whole context"),
+            ("Relative, whole context", "Relative, capped at 63"),
+            ("DAPE-Kerple (not in the paper)", "CoPE"),
+        ),
         bars=True,
         paper_setting="4 layers, d 256, 4 heads, post-LN, 10k training programs of up to 512 statements cut "
-        "to their last 512 tokens; here `counting_small` (2 layers, d 64, 4 heads, post-LN, 2000 steps of "
-        "batch 32, fresh programs) with one variable and programs of 3 to 256 statements cut the same way",
+        "to their last 512 tokens, relative and CoPE tables over the whole block (513 positions); here "
+        "`counting_small` (2 layers, d 64, 4 heads, post-LN, 2000 steps of batch 32, fresh programs) with one "
+        "variable and programs of 3 to 256 statements cut the same way, Relative both capped (poslab's "
+        "default) and over the whole block",
     )
 )
 
