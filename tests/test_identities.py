@@ -272,6 +272,29 @@ def test_sinusoidal_table_values():
     assert table[2, 2].item() == pytest.approx(math.sin(2 / 100))
 
 
+def test_sinusoidal_embed_adds_the_table_and_scales_the_embeddings_on_request():
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    pos = torch.arange(3, 8)
+    table = torch.tensor(
+        [
+            [
+                f(p / 10000 ** (2 * (c // 2) / 6))
+                for c, f in zip(range(6), (math.sin, math.cos) * 3, strict=True)
+            ]
+            for p in range(3, 8)
+        ],
+        dtype=torch.float64,
+    )
+    plain = poslab.build_encoding("sinusoidal", n_heads=2, head_dim=3).double()
+    scaled = poslab.build_encoding("sinusoidal[scale_embeddings=true]", n_heads=2, head_dim=3).double()
+    torch.testing.assert_close(plain.embed(x, pos), x + table)
+    torch.testing.assert_close(scaled.embed(x, pos), x * math.sqrt(6) + table)
+    # the gradient reaches the embeddings scaled by sqrt(d)
+    x.requires_grad_(True)
+    scaled.embed(x, pos).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, math.sqrt(6)))
+
+
 def test_composition_sums_biases_and_rewrites_logits():
     """cope+alibi equals CoPE's logits plus ALiBi's bias, computed by hand."""
     comp = poslab.build_encoding("cope+alibi", n_heads=4, head_dim=8, npos_max=8).double()
