@@ -161,6 +161,9 @@ def test_the_quick_benchmark_is_a_subset_of_the_benchmark_run_as_it_is():
     for part in quick.parts:
         assert part == parts[part.name]
     assert set(quick.seeds) < set(full.seeds)
+    # Sinusoidal as published: the token embeddings are scaled by sqrt(d) before the table is added
+    specs = dict(full.rows)
+    assert build_encoding(specs["Sinusoidal (embeddings x sqrt(d))"], n_heads=4, head_dim=16).scale_embeddings
 
 
 def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified():
