@@ -162,9 +162,24 @@ def test_a_study_scores_at_its_own_multiples_on_aligned_windows_and_reuses_that_
     runs = result["results"]["a"]["runs"]
     assert all(set(run["results"]) == {"16", "40"} for run in runs)
     assert "| 40 |" in result["page"] or " 40 " in result["page"]
+    page = result["page"]
+    assert "Every seed at 40 (2.5x):" in page
+    # On aligned windows, each seed's ratio of perplexities (same tokens, more context), and the pair's
+    # difference of ratios, are on the page, computed from the runs' own scores.
+    ratios = {
+        (run["encoding"], run["seed"]): run["results"]["40"]["ppl_last"] / run["results"]["16"]["ppl_last"]
+        for run in runs
+    }
+    table = page.split("over its own at 16")[1].split("Row A minus row B")[0].splitlines()
+    for label, spec in (("Kerple", "kerple_log"), ("DAPE-Kerple", "dape[base=kerple_log]")):
+        line = next(line for line in table if line.startswith(f"| {label} | "))
+        assert line.split(" | ")[1:3] == [f"{ratios[spec, 0]:.3f}", f"{ratios[spec, 1]:.3f}"]
+    gaps = [ratios["dape[base=kerple_log]", s] - ratios["kerple_log", s] for s in (0, 1)]
+    assert f"{sum(gaps) / 2:+.3f} [" in page.split("| DAPE-Kerple minus Kerple |")[1].splitlines()[0]
     scored = (out / "a" / "results.json").stat().st_mtime_ns
     again = run_study("tiny", out, **same)  # the aligned scoring of the same grid is reused
     assert (out / "a" / "results.json").stat().st_mtime_ns == scored and again["page"] == result["page"]
     monkeypatch.setitem(STUDIES, "tiny", tiny_lm_study(lengths=(1, 2.5)))  # not aligned: scored again
     other = run_study("tiny", out, **same)
     assert other["results"]["a"]["settings"]["aligned"] is False
+    assert "over its own at 16" not in other["page"] and "ratio 40/16" not in other["page"]

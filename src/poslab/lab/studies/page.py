@@ -890,6 +890,22 @@ def _seed_values(result: dict[str, Any], spec: str, length: int) -> dict[int, fl
     return values
 
 
+def _seed_ratios(result: dict[str, Any], spec: str, top: int, first: int) -> dict[int, float]:
+    """seed -> ``spec``'s perplexity at ``top`` over its perplexity at ``first``, over the seeds
+    scored at both."""
+    high, low = _seed_values(result, spec, top), _seed_values(result, spec, first)
+    return {s: high[s] / low[s] for s in sorted(set(high) & set(low)) if finite(high[s]) and finite(low[s])}
+
+
+def _interval_cell(values: dict[int, float]) -> str:
+    """``1.026 [1.004, 1.048]``: the mean of the values and its 95% interval (none for one value)."""
+    if not values:
+        return "–"
+    stats = interval(list(values.values()))
+    text = f"{stats['mean']:.3f}"
+    return text + (f" [{stats['low']:.3f}, {stats['high']:.3f}]" if stats["n"] > 1 else "")
+
+
 def _cell(result: dict[str, Any], spec: str, length: int) -> str:
     values = _seed_values(result, spec, length)
     return stats_cell(mean_std(list(values.values()))) if values else "n/a"
@@ -951,7 +967,7 @@ def _part_section(
     seeds = sorted({run["seed"] for run in result["runs"]})
     lines += [
         "",
-        f"Every seed at {top} ({top // lengths[0]}x):",
+        f"Every seed at {top} ({top / lengths[0]:g}x):",
         "",
         "| row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|" + "---|" * len(seeds),
@@ -960,13 +976,33 @@ def _part_section(
         values = _seed_values(result, spec, top)
         cells = [f"{values[s]:.2f}" if s in values and finite(values[s]) else "–" for s in seeds]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    if study.pairs:
+    ratio = f"{top}/{lengths[0]}"
+    if study.aligned:
+        # On aligned windows the longer window scores the same tokens with more context before them,
+        # so each seed's ratio is what that context does to the model, with the text held fixed.
         lines += [
             "",
-            f"Row A minus row B at every length, last-256 perplexity, {DIFFERENCES}:",
+            f"Each seed's perplexity at {top} over its own at {lengths[0]}: the same scored tokens with "
+            f"{top / lengths[0]:g} times the context (below 1, the added context helps); the mean and its "
+            "95% interval (Student's t):",
             "",
-            "| A minus B | " + " | ".join(map(str, lengths)) + " |",
-            "|---|" + "---|" * len(lengths),
+            "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+            "|---|" + "---|" * (len(seeds) + 1),
+        ]
+        for row, spec in study.rows:
+            ratios = _seed_ratios(result, spec, top, lengths[0])
+            cells = [f"{ratios[s]:.3f}" if s in ratios else "–" for s in seeds]
+            lines.append(f"| {row} | " + " | ".join(cells) + f" | {_interval_cell(ratios)} |")
+    if study.pairs:
+        columns = [*map(str, lengths), *([f"ratio {ratio}"] if study.aligned else [])]
+        lines += [
+            "",
+            f"Row A minus row B at every length, last-{result['settings']['last']} perplexity"
+            + (f" (and the difference of the ratios {ratio})" if study.aligned else "")
+            + f", {DIFFERENCES}:",
+            "",
+            "| A minus B | " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(columns),
         ]
         for a, b in study.pairs:
             cells = [
@@ -974,6 +1010,10 @@ def _part_section(
                                                   _seed_values(result, study.spec(b), n)))
                 for n in lengths
             ]  # fmt: skip
+            if study.aligned:
+                ratios_a = _seed_ratios(result, study.spec(a), top, lengths[0])
+                ratios_b = _seed_ratios(result, study.spec(b), top, lengths[0])
+                cells.append(difference_cell(paired_difference(ratios_a, ratios_b), digits=3))
             lines.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
     lines += ["", f"![perplexity against length]({part.name}/ppl_last.png)", ""]
     return lines
