@@ -890,6 +890,13 @@ def _seed_values(result: dict[str, Any], spec: str, length: int) -> dict[int, fl
     return values
 
 
+def _hours(seconds: float) -> str:
+    """``1.46 h``; under a tenth of an hour in minutes or seconds, which 0.00 h would hide."""
+    if seconds >= 360:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
 def _seed_ratios(result: dict[str, Any], spec: str, top: int, first: int) -> dict[int, float]:
     """seed -> ``spec``'s perplexity at ``top`` over its perplexity at ``first``, over the seeds
     scored at both."""
@@ -952,8 +959,8 @@ def _part_section(
         " ".join([f"`{part.preset}`", *(f"`{o}`" for o in part.overrides)])
         + f": {settings['corpus']}, {settings['tokenizer']} tokens, "
         f"{'/'.join(map(str, sorted(about['params'])))} parameters, "
-        f"{'/'.join(map(str, sorted(about['steps'])))} steps. Training {about['train_s'] / 3600:.2f} h "
-        f"(summed over runs), scoring {about['eval_s'] / 3600:.2f} h.",
+        f"{'/'.join(map(str, sorted(about['steps'])))} steps. Training {_hours(about['train_s'])} "
+        f"(summed over runs), scoring {_hours(about['eval_s'])}.",
         "",
         f"Perplexity on the last {settings['last']} tokens of each window, mean ± sample std over seeds "
         f"(windows per length: {', '.join(f'{n}: {w}' for n, w in settings['windows'].items())}):",
@@ -1130,8 +1137,8 @@ def lm_page(
         _about(result, None if run_dirs is None else run_dirs[name]) for name, result in results.items()
     ]
     lines += [
-        f"Compute: training {sum(a['train_s'] for a in abouts) / 3600:.2f} h and scoring "
-        f"{sum(a['eval_s'] for a in abouts) / 3600:.2f} h, summed over runs.",
+        f"Compute: training {_hours(sum(a['train_s'] for a in abouts))} and scoring "
+        f"{_hours(sum(a['eval_s'] for a in abouts))}, summed over runs.",
         "",
     ]
     machines = [(name, m) for name, a in zip(results, abouts, strict=True) for m in a["machines"]]
