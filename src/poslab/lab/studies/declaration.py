@@ -875,9 +875,10 @@ _register(
 # statements the count since the reset spans hundreds of tokens: position, not counting, is the
 # bottleneck, and the paper's one-variable column (its own setting's length) can be set beside ours.
 # The official run sets no cap on either table (block size + 1 = 513 positions), where poslab's
-# defaults cap Relative at 63 and CoPE at 64: a capped Relative cannot tell which assignment beyond
-# 63 tokens is the last one, so both rows are shown, and the paper's number stands beside the
-# uncapped one. CoPE counts from the last assignment, well under its cap, and keeps its default.
+# defaults cap Relative at 63 and CoPE at 64. A capped Relative sees every assignment beyond 63
+# tokens at one distance; whether that is why it trails the paper is tested by showing both rows,
+# with the paper's number beside the uncapped one (notes.md). CoPE counts from the last assignment,
+# well under its cap, and keeps its default.
 _COUNTING_LONG_TOKENS = 512
 _register(
     Study(
