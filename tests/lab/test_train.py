@@ -207,6 +207,21 @@ def test_finished_run_is_not_overwritten(tmp_path):
     assert results["machine"]["cpu"] == cpu_model() and results["machine"]["commit"]
 
 
+def test_the_recorded_commit_is_the_one_at_the_start_of_the_run(tmp_path, monkeypatch):
+    # A checkout moved while a run trains (a commit, a pull) must not relabel the code it ran.
+    import poslab.lab.provenance as provenance
+    import poslab.lab.train as train_module
+
+    monkeypatch.setattr(train_module, "code_commit", lambda: "at-start")
+    monkeypatch.setattr(provenance, "code_commit", lambda: "at-end")
+    train(tiny(**{"train.steps": 2}), tmp_path / "run")
+    machine = json.loads((tmp_path / "run" / "results.json").read_text())["machine"]
+    assert machine["commit"] == "at-start"
+    assert {k: v for k, v in machine.items() if k != "commit"} == {
+        k: v for k, v in provenance.machine_record().items() if k != "commit"
+    }
+
+
 def test_corrupt_checkpoint_refuses_to_resume_and_is_left_alone(tmp_path):
     with pytest.raises(Stop):
         train(tiny(), tmp_path / "run", callback=stop_at(5))

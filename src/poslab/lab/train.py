@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from poslab.lab.config import RunConfig, TrainConfig
 from poslab.lab.evaluate import evaluate, format_metrics, planned_lengths
 from poslab.lab.memory import check_fits
 from poslab.lab.progress import Progress
-from poslab.lab.provenance import machine_record
+from poslab.lab.provenance import code_commit, machine_record
 from poslab.lab.rundir import CHECKPOINT, LOG, METRICS, RunDir, load_model_state, results_record
 from poslab.model import Transformer, build_model, masked_cross_entropy
 
@@ -377,6 +377,9 @@ class _Session:
     task: Any  # a poslab.lab.tasks.Task
     metrics_log: _MetricsLog
     replacing: _Replacing | None = None
+    # The commit when the run starts, not when it ends: a checkout changed while it trains does not
+    # change the code it runs.
+    commit: str = field(default_factory=lambda: code_commit())
 
     def save(self, state: TrainState, elapsed: float) -> None:
         """Save the checkpoint (process 0); the first one replaces an overwritten run."""
@@ -622,7 +625,11 @@ def _evaluate(session: _Session, state: TrainState) -> dict[str, Any] | None:
 def _finish(session: _Session, state: TrainState, n_params: int, elapsed: float) -> TrainResult:
     """The results (results.json on process 0) and the `TrainResult`."""
     config, task = session.config, session.task
-    about = {"n_params": n_params, "wall_time": elapsed, "machine": machine_record()}
+    about = {
+        "n_params": n_params,
+        "wall_time": elapsed,
+        "machine": {**machine_record(), "commit": session.commit},
+    }
     results = results_record(config, task, step=state.step, metrics=state.last_eval, about=about, timing={})
     if session.writer is not None:
         session.writer.write_results(results)
