@@ -591,11 +591,8 @@ def _plot_lines(study: Study, plots: dict[str, str]) -> list[str]:
 def _ratio_cells(study: Study, row: str, rows: list[dict[str, Any]]) -> list[str]:
     """Ours (each seed's ratio of the two columns: their mean, 95% interval and n) and the paper's."""
     top, bottom = study.ratio
-    stats = interval(list(_ratios(study, rows, row).values()))
-    if stats["n"] > 1:
-        ours = f"{stats['mean']:.3f} [{stats['low']:.3f}, {stats['high']:.3f}] ({stats['n']})"
-    else:
-        ours = f"{stats['mean']:.3f} ({stats['n']})" if stats["n"] else "–"
+    ratios = _ratios(study, rows, row)
+    ours = f"{_interval_cell(ratios)} ({len(ratios)})" if ratios else "–"
     paper = study.numbers.get(row, {})
     both = top in paper and bottom in paper
     mark = "" if study.numbers_check is not None and study.numbers_check.verified else UNVERIFIED
