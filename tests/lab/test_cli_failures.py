@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -381,6 +382,46 @@ def test_ctrl_c_on_the_command_line_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert "stopped at step" in err and last_line(err) == "poslab: interrupted; continue a run with --resume"
     assert load_checkpoint(out / "checkpoint.pt")["step"] >= 5
+
+
+def test_time_a_run_spends_stopped_by_ctrl_z_is_not_in_its_wall_time(tmp_path):
+    """SIGTSTP (Ctrl-Z, ``kill -TSTP``) pauses a run and the pause is left out of results.json's
+    wall_time, so a page's compute is training time; SIGCONT resumes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(
+        f"""
+        import json, os, signal, sys, time
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_cli_failures import smoke_config
+        from poslab.lab.train import train
+
+        def pause(step, model):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTSTP)
+
+        began = time.monotonic()
+        run = {str(tmp_path / "run")!r}
+        result = train(smoke_config("train.steps=6"), run, progress=False, callback=pause)
+        print(json.dumps({{"total": time.monotonic() - began, "wall_time": result.results["wall_time"]}}))
+        """
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the run has stopped itself
+    assert os.WIFSTOPPED(status), status
+    time.sleep(2.0)
+    os.kill(proc.pid, signal.SIGCONT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    times = json.loads(out.strip().splitlines()[-1])
+    assert times["wall_time"] > 0
+    assert times["total"] - times["wall_time"] >= 1.9, times  # the 2 s stopped are not counted
 
 
 # -- 6. temporary files of a killed process are removed --------------------------------------------

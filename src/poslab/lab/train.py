@@ -487,17 +487,17 @@ def _loop(
         )
     net = _wrap_parallel(session, state.model)
     rows = slice(ctx.rank * tc.batch_size // ctx.world, (ctx.rank + 1) * tc.batch_size // ctx.world)
-    started = time.monotonic()
+    clock = _PausableClock()
     enabled = progress if ctx.main else False
     bar = Progress(tc.steps, desc=session.label, initial=state.step, enabled=enabled)
     final_eval_done = False
     try:
         state.model.train()
-        with _Interrupts() as interrupts:
+        with _Interrupts() as interrupts, clock:
             while state.step < tc.steps:
                 lr, grad_norm = _update(session, state, net, rows)
                 bar.update(1, loss=state.loss_sum / state.loss_count)  # mean since the last log record
-                elapsed = state.elapsed_before + time.monotonic() - started
+                elapsed = state.elapsed_before + clock.seconds()
                 final_eval_done = _after_update(session, state, lr, grad_norm, elapsed, bar.enabled)
                 if callback is not None:
                     callback(state.step, state.model)
@@ -510,7 +510,7 @@ def _loop(
         bar.close()
     if not final_eval_done:  # resumed at or past the last step: evaluate what was loaded
         state.last_eval = _evaluate(session, state)
-    return _finish(session, state, n_params, state.elapsed_before + time.monotonic() - started)
+    return _finish(session, state, n_params, state.elapsed_before + clock.seconds())
 
 
 class _Interrupts:
@@ -540,6 +540,38 @@ class _Interrupts:
             raise KeyboardInterrupt
         self.requested = True
         log.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to stop at once)")
+
+
+class _PausableClock:
+    """Seconds since it was made, less the time the process spent stopped by SIGTSTP (Ctrl-Z in a
+    terminal, ``kill -TSTP PID``) while it was entered: a run's recorded wall time is its training
+    time, not the time a user (or a benchmark wanting quiet cores) kept it paused. On SIGTSTP the
+    handler stops the process itself (SIGSTOP) and, once continued (``fg``, ``kill -CONT PID``),
+    counts how long that took. SIGSTOP, which no process can catch, still pauses a run, counted.
+    Only the main thread can install the handler; elsewhere the clock counts every second."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.stopped = 0.0
+        self.previous: Any = None
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started - self.stopped
+
+    def __enter__(self) -> _PausableClock:
+        if hasattr(signal, "SIGTSTP") and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTSTP, self._stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTSTP, self.previous)
+            self.previous = None
+
+    def _stop(self, signum: int, frame: Any) -> None:
+        began = time.monotonic()
+        os.kill(os.getpid(), signal.SIGSTOP)  # delivered before kill returns: this line waits for SIGCONT
+        self.stopped += time.monotonic() - began
 
 
 def _update(session: _Session, state: TrainState, net: nn.Module, rows: slice) -> tuple[float, float]:
