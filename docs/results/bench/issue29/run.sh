@@ -1,6 +1,9 @@
 #!/bin/bash
 # Issue 29: before (the commit in /work/wt/before) or after / now (main) on this CPU, both builds, one
-# thread, the grid paused for the duration (SIGSTOP/SIGCONT), each a fresh process. Usage: run.sh before|after
+# thread, the grid paused for the duration, each a fresh process. Usage: run.sh before|after|now [tuned|untuned]
+# Pausing: SIGTSTP first, which a training run takes by stopping itself and leaving the pause out of
+# its recorded wall time; SIGSTOP for whatever has not stopped after a while (a grid's parent, an
+# older run); on exit SIGCONT, repeated for 30 s in case a run took its SIGTSTP late and stopped again.
 set -u
 which=$1  # before, after or now
 tuning=${2:-tuned}
@@ -8,9 +11,13 @@ envx=""; [ $tuning = untuned ] && envx="POSLAB_NO_MALLOC_TUNING=1"
 out=/work/runs/bench29
 pids=""
 for p in $(pgrep -f "poslab (study|train)"); do pids="$pids $p $(pgrep -P $p | tr '\n' ' ')"; done
-trap 'kill -CONT $pids 2>/dev/null' EXIT
-kill -STOP $pids 2>/dev/null
-sleep 3
+stopped() { [ "$(awk '{print $3}' /proc/$1/stat 2>/dev/null)" = T ]; }
+resume() { for i in $(seq 30); do for p in $pids; do stopped $p && kill -CONT $p 2>/dev/null; done; sleep 1; done; }
+trap resume EXIT
+kill -TSTP $pids 2>/dev/null
+sleep 20
+for p in $pids; do stopped $p || kill -STOP $p 2>/dev/null; done
+sleep 2
 lscpu | grep -E "Model name|Flags" | cut -c1-200 > $out/cpu.txt
 src=/work/main/src; [ $which = before ] && src=/work/wt/before/src
 for arch in native x86-64-v3; do
