@@ -66,6 +66,11 @@ def test_weights_below_the_smallest_normal_number_are_zero_and_the_rest_exact():
     assert small.any() and (ref[small] > 0).any(), "the test needs weights in float32's subnormal range"
     assert (weights[small] == 0).all()
     torch.testing.assert_close(weights[~small].double(), ref[~small], rtol=1e-4, atol=1e-6)
+    # The forward that keeps nothing takes the keys last to first: the same weights, flipped.
+    reversed_weights, no_gates = _weights_and_gates(q, k, visible, gates=False, reverse=True)
+    assert no_gates is None
+    torch.testing.assert_close(reversed_weights.flip(-1), weights, rtol=1e-5, atol=0)
+    assert (reversed_weights.flip(-1)[small] == 0).all()
     # The gates sigmoid(z), 0 at unseen keys (which then get no gradient).
     expected = torch.sigmoid(logits).masked_fill(~visible, 0.0)
     torch.testing.assert_close(gates.double(), expected, rtol=1e-5, atol=1e-6)

@@ -41,24 +41,35 @@ def stick_breaking_weights(logits: Tensor, visible: Tensor) -> Tensor:
     return log_weights.exp().to(logits.dtype)
 
 
-def _weights_and_gates(q: Tensor, k: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
-    """The block's weights w and gates sigmoid(z) (B, H, t, S), z = q.k / sqrt(Dh), in float32 at
-    least: the operations of `stick_breaking_weights`, in place where autograd does not need them."""
+def _weights_and_gates(
+    q: Tensor, k: Tensor, visible: Tensor, *, gates: bool = True, reverse: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The block's weights w and (if ``gates``) gates sigmoid(z) (B, H, t, S), z = q.k / sqrt(Dh), in
+    float32 at least: `stick_breaking_weights` in fewer passes over the block, in place where autograd
+    does not need them. With logsigmoid(z) = z - softplus(z) and logsigmoid(-z) = -softplus(z),
+
+        log w_ij = logsigmoid(z_ij) + sum_{l>j} logsigmoid(-z_il) = z_ij - sum_{l>=j} softplus(z_il),
+
+    one transcendental pass (softplus) and one cumulative sum instead of two log-sigmoids. With
+    ``reverse`` the keys come last to first (w[..., ::-1], for ``v.flip(-2)``): the sum over l >= j
+    is then a plain cumulative sum, and no (t, S) tensor is flipped."""
+    if reverse:
+        k, visible = k.flip(-2), visible.flip(-1)
     dtype = torch.promote_types(q.dtype, torch.float32)
     z = ((q / math.sqrt(q.shape[-1])) @ k.transpose(-1, -2)).to(dtype)  # the scale on the (t, Dh) side
-    # z = -inf where unseen masks everything at once: log(1 - sigmoid(z)) = 0 there (nothing taken from
-    # the stick), log(sigmoid(z)) = -inf (weight 0), and the gate sigmoid(z) = 0 (no gradient).
+    # z = -inf where unseen masks everything at once: softplus(z) = 0 there (nothing taken from the
+    # stick), z - ... = -inf (weight 0), and the gate sigmoid(z) = 0 (no gradient).
     z = z.masked_fill_(~visible, float("-inf"))
-    log_rest = F.logsigmoid(-z)  # log(1 - sigmoid(z_il))
-    inclusive = log_rest.flip(-1).cumsum_(-1).flip(-1)  # sum_{l >= j}
-    log_weights = F.logsigmoid(z)
-    log_weights[..., :-1] += inclusive[..., 1:]  # + sum_{l > j}: one cumulative sum, no subtraction
+    spent = F.softplus(z)
+    spent = spent.cumsum_(-1) if reverse else spent.flip(-1).cumsum_(-1).flip(-1)  # sum_{l>=j} softplus
+    gate = torch.sigmoid(z) if gates else None
+    log_weights = z.sub_(spent)
     # A weight below the dtype's smallest normal number is 0, not subnormal (as a flush-to-zero
     # FPU would give): exp computes subnormal results some 20x slower on x86, and long sticks are
     # full of them (a few hundred keys of log(1 - sigmoid(z)) ~ -0.7).
     tiny = math.log(torch.finfo(dtype).tiny)
     weights = log_weights.masked_fill_(log_weights < tiny, float("-inf")).exp_()
-    return weights, z.sigmoid_()
+    return weights, gate
 
 
 class _StickBreakingBlock(torch.autograd.Function):
@@ -75,8 +86,12 @@ class _StickBreakingBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, visible, save):  # noqa: D102
+        if not save:  # backward recomputes the block: keys last to first, no gates
+            weights, _ = _weights_and_gates(q, k, visible, gates=False, reverse=True)
+            ctx.save_for_backward(q, k, v, visible)
+            return weights.to(v.dtype) @ v.flip(-2)
         weights, gates = _weights_and_gates(q, k, visible)
-        ctx.save_for_backward(q, k, v, visible, *((weights, gates) if save else ()))
+        ctx.save_for_backward(q, k, v, visible, weights, gates)
         return weights.to(v.dtype) @ v
 
     @staticmethod
