@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, causal_mask, consecutive_start
 from poslab.kernels.bias import bias_attention, causal_attention
+from poslab.kernels.common import hidden
 
 Impl = Literal["auto", "fused", "eager", "triton"]
 IMPLS = ("auto", "fused", "eager", "triton")
@@ -487,7 +488,7 @@ def fused_attention(
     float mask (`poslab.kernels.bias.bias_attention`: SDPA's fast kernel, and a backward that skips
     the hidden keys and gives the bias its gradient). ``first``: the first query's position when the
     queries are consecutive (see `query_span`)."""
-    n_queries, n_keys = q.shape[2], k.shape[2]
+    n_keys = k.shape[2]
     span = query_span(q_pos, first) if causal else None
     # Every query sees every key, e.g. one decoding step: nothing to mask (keys are 0..S-1).
     sees_all = span is not None and span[0] >= n_keys - 1
@@ -506,7 +507,6 @@ def fused_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
     keep = causal_mask(q_pos, k_pos) if causal and not sees_all else None
     if bias is None:
-        mask = torch.zeros(n_queries, n_keys, dtype=q.dtype, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.masked_fill(~keep, float("-inf")))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=hidden(keep, q.dtype))
     start = None if keep is None else first if first is not None else consecutive_start(q_pos)
     return bias_attention(q, k, v, bias, keep, causal_start=start)

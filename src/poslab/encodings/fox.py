@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from poslab.encodings.base import PositionEncoding, register
+from poslab.kernels.common import hide_
 
 
 def forget_bias(log_fgate: Tensor, q_pos: Tensor) -> Tensor:
@@ -93,11 +94,11 @@ class FoX(PositionEncoding):
         return out if bias is None else out + bias
 
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None):
-        mask = self._bias(extra_keys, q_pos, q)  # (B, H, t, S)
+        mask = self._bias(extra_keys, q_pos, q)  # (B, H, t, S), a fresh tensor
         if bias is not None:
             mask = mask + bias
-        if keep is not None:
-            mask = mask.masked_fill(~keep, float("-inf"))
+        if keep is not None:  # in place (a copy cost a quarter of the forward), and no masked_fill
+            mask = hide_(mask, keep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

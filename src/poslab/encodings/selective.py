@@ -30,7 +30,9 @@ def _selection(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scal
     """S (B, n, S): relu of the selecting head's logits of the queries at ``t_pos``, kept for keys
     0 < j < t (a query never selects the first key or itself)."""
     keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)
-    return F.relu(queries[:, t_pos] @ keys.transpose(-1, -2) * scale).masked_fill(~keep, 0.0)
+    # The scale on the (n, D) side, and a product with keep instead of masked_fill (not vectorised on
+    # CPU: `poslab.kernels.common.hidden`).
+    return F.relu((queries[:, t_pos] * scale) @ keys.transpose(-1, -2) * keep.to(queries.dtype))
 
 
 def selection_penalty(

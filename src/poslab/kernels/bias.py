@@ -154,12 +154,12 @@ def _hide_future(logits: Tensor, first: int, end: int) -> None:
     """-inf at the keys after each query, in place: logits (..., t, end) of queries at positions
     first, first + 1, ... and keys 0..end - 1; only the columns first + 1.. hold any."""
     if end > first + 1:
-        device = logits.device
-        rows, cols = (
-            torch.arange(first, first + logits.shape[-2], device=device),
-            torch.arange(first + 1, end, device=device),
+        # Row r (query first + r), column c (key first + 1 + c) is hidden where c >= r; added as a
+        # 0 / -inf matrix, not masked_fill (not vectorised on CPU: `common.hidden`).
+        shape = (logits.shape[-2], end - first - 1)
+        logits[..., first + 1 : end].add_(
+            torch.full(shape, float("-inf"), dtype=logits.dtype, device=logits.device).triu_()
         )
-        logits[..., first + 1 : end].masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
 
 
 @torch.library.custom_op("poslab::bias_attention_backward", mutates_args=())

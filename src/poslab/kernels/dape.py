@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
+from poslab.kernels.common import attention_backward, hidden, needs_autograd, row_softmax_, scratch
 
 SLOPE = 0.01  # LeakyReLU's negative slope
 
@@ -75,7 +75,7 @@ def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, keep: Tenso
     if bias is not None and add_base:
         logit_bias = bias + logit_bias
     if keep is not None:
-        logit_bias = logit_bias.masked_fill(~keep, float("-inf"))
+        logit_bias = logit_bias + hidden(keep, logit_bias.dtype)
     if bias is None:
         w1 = w1[:, : b2.shape[0]]
     return torch.cat((w1, b1[:, None]), dim=1), logit_bias
