@@ -73,6 +73,19 @@ def test_fox_initialisation_is_the_officials():
     assert abs(enc.fgate.weight.std().item() - 0.02) < 0.002
 
 
+@pytest.mark.parametrize(("name", "gate_bias"), [("fox", 5.0), ("cable", -5.0)])
+def test_gate_bias_sets_where_the_gates_start(name, gate_bias):
+    """``gate_bias`` (an option for studying the start, default the official 0) is the projection's
+    initial bias: at an input of zeros every log gate is logsigmoid(5) = -softplus(-5) = -0.0067."""
+    enc = poslab.build_encoding(f"{name}[gate_bias={gate_bias}]", n_heads=4, head_dim=8)
+    assert torch.equal(enc.fgate.bias, torch.full((4,), gate_bias))
+    assert f"gate_bias={gate_bias:g}" in repr(enc)
+    log_gates = enc.input_keys(torch.zeros(1, 3, 32))
+    torch.testing.assert_close(log_gates, torch.full((1, 4, 3, 1), -0.0067), atol=5e-5, rtol=0)
+    default = poslab.build_encoding(name, n_heads=4, head_dim=8).input_keys(torch.zeros(1, 3, 32))
+    torch.testing.assert_close(default, torch.full((1, 4, 3, 1), -math.log(2)))
+
+
 @pytest.mark.parametrize("impl", ["eager", "auto"])
 @pytest.mark.parametrize("n_queries", [T, 4], ids=["full", "last-4"])
 def test_fox_equals_the_official_forgetting_attention_with_gradients(impl, n_queries):

@@ -46,19 +46,25 @@ class FoX(PositionEncoding):
     The method is defined for decoders only (the official kernel asserts ``causal``): encoder mode is
     refused by ``check_mode``.
 
+    Options:
+        gate_bias: the gate projection's initial bias (0, the official initialisation: every gate
+            starts near sigmoid(0) = 0.5, a discount of e^-0.69 per token). A positive value starts
+            the gates open (5: f ~ 0.993, e^-0.0067 per token); for studying the start, not a method.
+
     Attributes:
-        fgate: the forget-gate projection, Linear(H * Dh, H) with bias (weight ~ N(0, 0.02), bias 0,
-            the official ``fgate_type="full"`` initialisation).
+        fgate: the forget-gate projection, Linear(H * Dh, H) with bias (weight ~ N(0, 0.02), bias
+            ``gate_bias``, by default the official ``fgate_type="full"`` initialisation).
     """
 
     hooks = frozenset({"logits", "input_keys"})
     supports_bidirectional = False
 
-    def __init__(self, *, n_heads: int, head_dim: int) -> None:
+    def __init__(self, *, n_heads: int, head_dim: int, gate_bias: float = 0.0) -> None:
         super().__init__(n_heads=n_heads, head_dim=head_dim)
+        self.gate_bias = float(gate_bias)
         self.fgate = nn.Linear(n_heads * head_dim, n_heads)
         nn.init.normal_(self.fgate.weight, std=0.02)
-        nn.init.zeros_(self.fgate.bias)
+        nn.init.constant_(self.fgate.bias, self.gate_bias)
 
     def input_keys(self, x: Tensor) -> Tensor:
         """log f (B, H, T, 1) from the attention layer's input x (B, T, H * Dh)."""
@@ -93,6 +99,9 @@ class FoX(PositionEncoding):
         out = scores + self._bias(extra_keys, q_pos, scores)
         return out if bias is None else out + bias
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gate_bias={self.gate_bias:g}"
+
     def attention_block(self, q, k, v, bias, q_pos, k_pos, keep, *, causal, save_bytes=0, extra_keys=None):
         mask = self._bias(extra_keys, q_pos, q)  # (B, H, t, S), a fresh tensor
         if bias is not None:
@@ -116,6 +125,10 @@ class Cable(FoX):
     -softplus(h) = logsigmoid(-h), this is FoX with the gate logits negated (tested): the same family
     and, at init, the same distribution; everything but ``log_gate`` is FoX's (cache, fused blocks,
     decoders only).
+
+    Options:
+        gate_bias: the projection's initial bias c_h (0, the official nanoGPT initialisation:
+            softplus(0) = 0.69 per token); -5 starts the biases near 0 (0.0067 per token).
 
     Attributes:
         fgate: the bias projection, Linear(H * Dh, H) (the official ``h_attn`` / ``b_attn``).
