@@ -1,12 +1,15 @@
-"""The kernels' shared helpers: masking by adding a 0 / -inf matrix equals masked_fill."""
+"""The kernels' shared helpers: masking by adding a 0 / -inf matrix equals masked_fill, and the
+exponentials that keep off torch's slow path for underflowing arguments equal exp and softmax."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from poslab.kernels.bias import _hide_future
-from poslab.kernels.common import hidden, hide_
+from poslab.kernels.common import exp_normal_, hidden, hide_, row_softmax_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -38,3 +41,34 @@ def test_hide_future_hides_exactly_the_keys_after_each_query(first, n_rows, end)
         want[..., r, first + r + 1 :] = float("-inf")  # query first + r sees keys 0..first + r
     _hide_future(logits, first, end)
     assert torch.equal(logits, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_normal_is_exp_with_what_would_underflow_set_to_zero(dtype):
+    tiny = torch.finfo(dtype).tiny
+    floor = math.log(tiny) + 2.0
+    x = torch.cat(
+        (torch.linspace(floor - 40, 5, 997, dtype=dtype), torch.tensor([float("-inf")] * 3, dtype=dtype))
+    )
+    got = exp_normal_(x.clone())
+    want = torch.exp(x)
+    small = want <= tiny * math.exp(2.0) * (1 + 1e-3)
+    assert small.any() and (~small).any()
+    assert (got[small] == 0).all()
+    torch.testing.assert_close(got[~small], want[~small], rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_softmax_with_lse_equals_softmax_on_sharp_and_masked_rows(dtype):
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 6, 40, dtype=dtype) * 60  # sharp: most entries underflow
+    keep = torch.rand(6, 40) > 0.3
+    keep[:, 0] = True
+    logits = logits.masked_fill(~keep, float("-inf"))
+    probs, lse = row_softmax_(logits.clone(), need_lse=True)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-6, atol=torch.finfo(dtype).tiny * 10)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1, keepdim=True))
+    assert (probs[..., ~keep] == 0).all()
+    # The backward's recomputation: exp_normal_(logits - lse) gives the same probabilities.
+    assert torch.equal(exp_normal_(logits.clone().sub_(lse)) > 0, probs > 0)
+    torch.testing.assert_close(exp_normal_(logits.clone().sub_(lse)), probs, rtol=1e-5, atol=0)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.encodings.base import PositionEncoding, register
-from poslab.kernels.common import hide_
+from poslab.kernels.common import exp_normal_, hide_
 
 
 def stick_breaking_weights(logits: Tensor, visible: Tensor) -> Tensor:
@@ -66,13 +66,9 @@ def _weights_and_gates(
     gate = torch.sigmoid(z) if gates else None
     log_weights = z.sub_(spent)
     # Weights below a few times the dtype's smallest normal number are 0, not subnormal (as a
-    # flush-to-zero FPU would give), and exp never sees what would underflow: torch's CPU exp takes a
-    # slow path for those arguments and for -inf (some 3x at -inf, 10-20x at -100 on this AVX-512
-    # CPU), and long sticks are full of them (a few hundred keys of log(1 - sigmoid(z)) ~ -0.7).
-    # Floored in log space, exponentiated, and what the floor gave set to 0.
-    floor = math.log(torch.finfo(dtype).tiny) + 2.0
-    weights = log_weights.clamp_(min=floor).exp_()
-    weights = F.threshold_(weights, math.exp(floor) * (1 + 1e-4), 0.0)  # w <= e^floor: 0
+    # flush-to-zero FPU would give), and exp never sees what would underflow (torch's slow path,
+    # `exp_normal_`): long sticks are full of such weights (a few hundred keys of ~ -0.7 each).
+    weights = exp_normal_(log_weights)
     return weights, gate
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import attention_backward, needs_autograd, row_softmax_, scratch
+from poslab.kernels.common import attention_backward, exp_normal_, needs_autograd, row_softmax_, scratch
 
 
 def _forward_block(q, k, v, table, bias, keep, npos_max, *, saved: bool = False):
@@ -144,7 +144,7 @@ def cope_block_backward(
     else:
         logits, *rest = _forward_block(q, k, v, table, bias, keep, npos_max)
         gates, weight, delta, idx_floor, idx_ceil = rest
-        probs = logits.sub_(saved[0]).exp_()  # (B, H, t, S)
+        probs = exp_normal_(logits.sub_(saved[0]))  # (B, H, t, S)
     grad_v, grad_logits = attention_backward(probs, v, out, grad_out)
     grad_bias = q.new_empty(0)
     if bias is not None and bias_grad:

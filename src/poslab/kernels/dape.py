@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from poslab.kernels import native
-from poslab.kernels.common import attention_backward, hidden, needs_autograd, row_softmax_, scratch
+from poslab.kernels.common import (
+    attention_backward,
+    exp_normal_,
+    hidden,
+    needs_autograd,
+    row_softmax_,
+    scratch,
+)
 
 SLOPE = 0.01  # LeakyReLU's negative slope
 
@@ -154,7 +161,7 @@ def dape_block_backward(
         feats, hidden, probs = saved
     else:
         feats, hidden, logits = _forward_block(q, k, bias, weight, w2, logit_bias)
-        probs = logits.sub_(saved[0]).exp_()
+        probs = exp_normal_(logits.sub_(saved[0]))
     s = probs.shape[-1]
     n_rows = n_batch * t * s
     grad_v, grad_logits = attention_backward(probs, v, out, grad_out)  # (B, H, t, S) logits
@@ -329,7 +336,7 @@ def dape_mlp_block_backward(
         scores, probs = saved
     else:
         scores, logits = _native_logits(q, k, bias, row_len, w1, b1, w2, b2, add_base)
-        probs = logits.sub_(saved[0]).exp_()
+        probs = exp_normal_(logits.sub_(saved[0]))
     grad_out = grad_out.contiguous()
     grad_bias = torch.zeros_like(bias) if bias is not None and bias_grad else None
     if w1.dim() == 2:
