@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from poslab.encodings import build_encoding
+from poslab.encodings import build_encoding, list_encodings
 from poslab.lab.presets import get_preset
 from poslab.lab.studies.declaration import (
     LM_EXTRAPOLATION,
@@ -164,6 +164,16 @@ def test_the_quick_benchmark_is_a_subset_of_the_benchmark_run_as_it_is():
     # Sinusoidal as published: the token embeddings are scaled by sqrt(d) before the table is added
     specs = dict(full.rows)
     assert build_encoding(specs["Sinusoidal (embeddings x sqrt(d))"], n_heads=4, head_dim=16).scale_embeddings
+
+
+def test_the_benchmark_has_every_registered_encoding_as_published_and_labels_its_variants():
+    specs = dict(get_study("length_generalisation").rows)
+    built = {label: build_encoding(spec, n_heads=4, head_dim=16) for label, spec in specs.items()}
+    assert {enc.name for enc in built.values()} >= set(list_encodings())
+    # FoX and CABLE as published (the official gate init, bias 0); their open-gate variants say so.
+    assert built["FoX"].gate_bias == 0 and built["CABLE"].gate_bias == 0
+    variants = {label: enc.gate_bias for label, enc in built.items() if getattr(enc, "gate_bias", 0)}
+    assert variants == {"FoX (gate bias 5 at init)": 5.0, "CABLE (bias -5 at init)": -5.0}
 
 
 def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified():

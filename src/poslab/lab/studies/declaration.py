@@ -962,7 +962,10 @@ _register(
 # docs/encodings.md: the baselines, then the context-adaptive methods and their successors.
 # Sinusoidal as Vaswani et al. use it, the token embeddings times sqrt(d) before the table is added:
 # added to poslab's small initial embeddings as they are, the table (35 times their norm at d 64)
-# kept seed 0 at chance on the pass key, and the scaled form learned it (notes.md).
+# kept seed 0 at chance on the pass key, and the scaled form learned it (notes.md). FoX and CABLE
+# also have a row each that starts their gates open (the projection's bias, not the official 0):
+# as published, both stay at chance on the pass key on every seed so far, and one seed of each
+# with open gates learned it (notes.md); the variants say how far the method goes when it starts.
 BENCHMARK_ROWS = (
     ("NoPE", "nope"),
     ("Absolute (learned)", "learned"),
@@ -979,7 +982,9 @@ BENCHMARK_ROWS = (
     ("DAPE-ALiBi", "dape"),
     ("DAPE-Kerple", "dape[base=kerple_log]"),
     ("FoX", "fox"),
+    ("FoX (gate bias 5 at init)", "fox[gate_bias=5]"),
     ("CABLE", "cable"),
+    ("CABLE (bias -5 at init)", "cable[gate_bias=-5]"),
     ("Selective", "selective"),
     ("PoPE", "pope"),
     ("Stick-breaking", "stickbreaking"),
