@@ -57,8 +57,12 @@ def selection_penalty(
     if prefix is not None:  # the block's rows: the prefix plus sum_{first <= t < i} S_t
         prefix, (first, last) = prefix
         t_pos = torch.arange(first, last, device=k_pos.device)
-        accumulated = F.pad(_selection(queries, keys, t_pos, k_pos, scale).cumsum(-2), (0, 0, 1, 0))
-        accumulated = accumulated + prefix[:, None, : keys.shape[1]].to(accumulated.dtype)
+        rows = _selection(queries, keys, t_pos, k_pos, scale)
+        # Row r = prefix + S_first + ... + S_{first+r-1}: the prefix as row 0 of one cumulative sum
+        # (no padding, no separate add); consecutive queries first..last read every row as it is.
+        accumulated = torch.cat((prefix[:, None, : keys.shape[1]].to(rows.dtype), rows), dim=1).cumsum(1)
+        if consecutive_start(q_pos) == first and q_pos.shape[0] == accumulated.shape[1]:
+            return accumulated
         return accumulated[:, q_pos - first]
     # F_i reads the queries t < i only; a torch.compile trace cannot read max(q_pos) and takes all n
     # rows instead (the rows past it are computed, never read).
@@ -159,9 +163,8 @@ class Selective(PositionEncoding):
             and planes * q.shape[0] * q.shape[2] * k.shape[2] * q.element_size() > save_bytes
         ):
             return None
-        mask = -self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(q.dtype)
-        if bias is not None:
-            mask = mask + bias.to(q.dtype)
+        penalty = self._penalty(q, k, extra_keys, q_pos, k_pos, context)[:, None].to(q.dtype)
+        mask = -penalty if bias is None else bias.to(q.dtype) - penalty
         # A hint: backward's blocks stop at the causal edge (clipped to the keys there).
         return bias_attention(q, k, v, mask, keep, causal_start=consecutive_start(q_pos))
 
