@@ -222,6 +222,7 @@ def _save_context(ctx, inputs, output) -> None:
     """setup_context of the block ops: the tensors q .. b2, the output and the saved list."""
     ctx.save_for_backward(*inputs[:9], output[0], *output[1])
     ctx.mark_non_differentiable(*output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, t, S) gradients for the saved list
     ctx.add_base = inputs[9]
 
 
@@ -230,6 +231,7 @@ def _backward(op):
 
     def backward(ctx, grad_out, _grad_saved):
         q, k, v, bias, keep, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         grads = op(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, ctx.add_base, bias_grad)
         grad_bias = grads[3] if bias_grad else None
