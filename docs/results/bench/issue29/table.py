@@ -2,7 +2,9 @@
 
 Each file is one fresh `poslab bench --sections attention,step` process: `{before,after,now}-{native,
 x86-64-v3}-{tuned,untuned}.json`, one thread (before: the code when the issue was opened; after: its
-first round of work; now: the second, with DAPE's kernel, PoPE's and Relative's paths); "untuned" ran with POSLAB_NO_MALLOC_TUNING=1 (a library
+first round of work; now: the second, with DAPE's kernel, PoPE's and Relative's paths; round3: the
+third, masking without masked_fill, exp off its slow path, no zero-filled gradients, stick-breaking
+and selective passes); "untuned" ran with POSLAB_NO_MALLOC_TUNING=1 (a library
 user's process). Every ratio is measured against SDPA (attention) or RoPE's step in the same
 process. Run: python docs/results/bench/issue29/table.py > docs/results/bench/issue29/table.md
 """
@@ -19,7 +21,7 @@ ATTENTION_TARGETS = {"cope": 1.6, "dape": 2.5, "dape[kernel_size=3]": 3.0}  # ev
 STEP = ["alibi", "kerple_log", "kerple_power", "fire", "t5", "sandwich", "relative", "cope", "dape", "dape[base=kerple_log]", "fox", "cable", "selective",
         "pope", "stickbreaking"]  # fmt: skip
 SETTINGS = [(when, arch, tuning) for arch in ("native", "x86-64-v3") for tuning in ("tuned", "untuned")
-            for when in ("before", "after", "now")]  # fmt: skip
+            for when in ("before", "after", "now", "round3")]  # fmt: skip
 
 
 def ratios(path: Path) -> dict[str, dict[str, float]]:
