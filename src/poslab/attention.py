@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from poslab.encodings.base import PositionEncoding, causal_mask, consecutive_start
 from poslab.kernels.bias import bias_attention, causal_attention
-from poslab.kernels.common import hidden
+from poslab.kernels.common import hidden_mask
 
 Impl = Literal["auto", "fused", "eager", "triton"]
 IMPLS = ("auto", "fused", "eager", "triton")
@@ -507,6 +507,6 @@ def fused_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and not sees_all)
     keep = causal_mask(q_pos, k_pos) if causal and not sees_all else None
     if bias is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=hidden(keep, q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=hidden_mask(keep, q.dtype))
     start = None if keep is None else first if first is not None else consecutive_start(q_pos)
     return bias_attention(q, k, v, bias, keep, causal_start=start)

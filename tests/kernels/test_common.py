@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from poslab.kernels.bias import _hide_future
-from poslab.kernels.common import exp_normal_, hidden, hide_, row_softmax_
+from poslab.kernels.common import exp_normal_, hidden_mask, hide_, row_softmax_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -20,12 +20,12 @@ def test_hiding_by_an_add_equals_masked_fill_with_a_broadcast_mask_and_its_gradi
     keep[:, 0] = True  # every row keeps a key, so the softmax below is defined
     want = x.masked_fill(~keep, float("-inf"))
     assert torch.equal(hide_(x.clone(), keep), want)
-    assert torch.equal(x + hidden(keep, dtype), want)
-    assert hidden(keep, dtype).dtype == dtype
+    assert torch.equal(x + hidden_mask(keep, dtype), want)
+    assert hidden_mask(keep, dtype).dtype == dtype
     # Through a softmax the hidden entries get no gradient, as with masked_fill.
     probe = torch.randn(x.shape, dtype=dtype)
     grads = []
-    for mask in (lambda t: t.masked_fill(~keep, float("-inf")), lambda t: t + hidden(keep, dtype)):
+    for mask in (lambda t: t.masked_fill(~keep, float("-inf")), lambda t: t + hidden_mask(keep, dtype)):
         leaf = x.clone().requires_grad_()
         (torch.softmax(mask(leaf), -1) * probe).sum().backward()
         grads.append(leaf.grad)

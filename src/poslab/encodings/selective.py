@@ -31,7 +31,7 @@ def _selection(queries: Tensor, keys: Tensor, t_pos: Tensor, k_pos: Tensor, scal
     0 < j < t (a query never selects the first key or itself)."""
     keep = (k_pos[None, :] < t_pos[:, None]) & (k_pos[None, :] > 0)
     # The scale on the (n, D) side, and a product with keep instead of masked_fill (not vectorised on
-    # CPU: `poslab.kernels.common.hidden`).
+    # CPU: `poslab.kernels.common.hidden_mask`).
     return F.relu((queries[:, t_pos] * scale) @ keys.transpose(-1, -2) * keep.to(queries.dtype))
 
 

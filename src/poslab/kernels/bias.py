@@ -155,7 +155,7 @@ def _hide_future(logits: Tensor, first: int, end: int) -> None:
     first, first + 1, ... and keys 0..end - 1; only the columns first + 1.. hold any."""
     if end > first + 1:
         # Row r (query first + r), column c (key first + 1 + c) is hidden where c >= r; added as a
-        # 0 / -inf matrix, not masked_fill (not vectorised on CPU: `common.hidden`).
+        # 0 / -inf matrix, not masked_fill (not vectorised on CPU: `common.hidden_mask`).
         shape = (logits.shape[-2], end - first - 1)
         logits[..., first + 1 : end].add_(
             torch.full(shape, float("-inf"), dtype=logits.dtype, device=logits.device).triu_()

@@ -35,7 +35,7 @@ from poslab.kernels import native
 from poslab.kernels.common import (
     attention_backward,
     exp_normal_,
-    hidden,
+    hidden_mask,
     needs_autograd,
     row_softmax_,
     scratch,
@@ -82,7 +82,7 @@ def _folded(w1: Tensor, b1: Tensor, b2: Tensor, bias: Tensor | None, keep: Tenso
     if bias is not None and add_base:
         logit_bias = bias + logit_bias
     if keep is not None:
-        logit_bias = logit_bias + hidden(keep, logit_bias.dtype)
+        logit_bias = logit_bias + hidden_mask(keep, logit_bias.dtype)
     if bias is None:
         w1 = w1[:, : b2.shape[0]]
     return torch.cat((w1, b1[:, None]), dim=1), logit_bias
