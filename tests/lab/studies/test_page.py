@@ -80,7 +80,8 @@ def test_a_table_without_paper_numbers_shows_intervals_differences_and_depth_map
         cell = difference_cell(paired_difference(mine, rope, lower_is_better=False), 1)
         assert f"| {row} | {cell} |" in page
         stats = interval(list(mine.values()))
-        assert f"{stats['mean']:.1f} [{stats['low']:.1f}, {stats['high']:.1f}] (2)" in page
+        low, high = max(stats["low"], 0.0), min(stats["high"], 100.0)  # cut to accuracy's range
+        assert f"{stats['mean']:.1f} [{low:.1f}, {high:.1f}] (2)" in page
     assert "paper" not in page.split("## Results")[1].split("###")[0]  # no empty paper columns
     against = page.split("### Against RoPE")[1].split("## ")[0]
     assert "| NoPE | " in against and "| RoPE | " not in against
@@ -106,6 +107,8 @@ def test_interval_and_difference_cells_from_known_values():
     text = "\n".join(_intervals(study, rows))
     # RoPE: mean 60, std 10, t(2) = 4.303: 60 +- 24.84
     assert "| RoPE | 60.0 [35.2, 84.8] (3) |" in text
+    # NoPE: mean 35, std 35, 35 +- 86.95 runs past both ends of accuracy's range and is cut to it
+    assert "| NoPE | 35.0 [0.0, 100.0] (3) |" in text and "cut to 0-100, the metric's range" in text
     # NoPE - RoPE: -30, -50, +5; NoPE wins (higher accuracy) on seed 2 only
     diff = paired_difference({0: 20.0, 1: 10.0, 2: 75.0}, {0: 50.0, 1: 60.0, 2: 70.0}, lower_is_better=False)
     assert diff["wins"] == 1 and f"| NoPE | {difference_cell(diff, 1)} |" in text

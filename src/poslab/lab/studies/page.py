@@ -56,6 +56,9 @@ from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 
 UNITS = {"error": "error %", "accuracy": "accuracy %", "ppl": "perplexity"}
+# The range a metric can take: an interval of its mean is cut to it (Student's t knows no bounds,
+# and with a few seeds that split between learning a task and not, it runs far past 0 or 100).
+RANGES = {"error": (0.0, 100.0), "accuracy": (0.0, 100.0)}
 # An LM study's runs: part -> (encoding, seed) -> the run (a `RunDir`, or one a data file records).
 RunDirs = dict[str, dict[tuple[str, int], RunDir]]
 BARS = "plots/columns.png"  # a table's figure of every column (`draw_bars`), relative to the page
@@ -339,11 +342,13 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     unit = UNITS.get(study.metric, study.metric)
     higher = study.metric == "accuracy"
     head = ["| encoding | " + " | ".join(study.columns) + " |", "|---|" + "---|" * len(study.columns)]
+    bounds = RANGES.get(study.metric)
+    cut = f", cut to {bounds[0]:g}-{bounds[1]:g}, the metric's range" if bounds else ""
     lines = [
         "## Results",
         "",
         f"{unit}, {'higher' if higher else 'lower'} is better; each cell: the mean over the seeds, its "
-        "95% interval (Student's t; none for one seed) and the number of seeds.",
+        f"95% interval (Student's t{cut}; none for one seed) and the number of seeds.",
         "",
         *head,
     ]
@@ -356,7 +361,10 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
             elif stats["n"] == 1:
                 cells.append(f"{stats['mean']:.1f} (1)")
             else:
-                cells.append(f"{stats['mean']:.1f} [{stats['low']:.1f}, {stats['high']:.1f}] ({stats['n']})")
+                low, high = stats["low"], stats["high"]
+                if bounds:
+                    low, high = max(low, bounds[0]), min(high, bounds[1])
+                cells.append(f"{stats['mean']:.1f} [{low:.1f}, {high:.1f}] ({stats['n']})")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if study.reference is None:
         return lines
