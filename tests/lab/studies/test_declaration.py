@@ -174,6 +174,12 @@ def test_the_benchmark_has_every_registered_encoding_as_published_and_labels_its
     assert built["FoX"].gate_bias == 0 and built["CABLE"].gate_bias == 0
     variants = {label: enc.gate_bias for label, enc in built.items() if getattr(enc, "gate_bias", 0)}
     assert variants == {"FoX (gate bias 5 at init)": 5.0, "CABLE (bias -5 at init)": -5.0}
+    # The page's paired differences are the papers' own comparisons, each method against its base.
+    assert dict(get_study("length_generalisation").pairs) == {
+        "DAPE-Kerple": "Kerple (log)",
+        "DAPE-ALiBi": "ALiBi",
+        "CoPE": "Relative",
+    }
 
 
 def test_pairs_name_two_rows_and_every_paper_number_says_whether_it_was_verified():

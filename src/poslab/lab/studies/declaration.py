@@ -1013,6 +1013,8 @@ _register(
         ),
         plot=("by_length",),
         reference="RoPE",
+        # The papers' own comparisons: DAPE over its base bias, CoPE against relative positions.
+        pairs=(("DAPE-Kerple", "Kerple (log)"), ("DAPE-ALiBi", "ALiBi"), ("CoPE", "Relative")),
         seeds=(0, 1, 2, 3, 4),
         paper_setting="no paper trains these probes from scratch at this scale; every row has the same "
         "2-layer, d 64, 4-head decoder, optimiser and steps (the `*_small` presets, calibrated once for "
