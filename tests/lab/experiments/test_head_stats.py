@@ -12,7 +12,9 @@ from test_extrapolation import tiny_lm, write_corpus
 
 import poslab
 from poslab.lab.cli import main
-from poslab.lab.experiments.head_stats import head_statistics, kerple_parameters
+from poslab.lab.experiments.head_stats import head_statistics, kerple_parameters, run_statistics, windows_of
+from poslab.lab.presets import get_preset
+from poslab.lab.rundir import RunDir
 from poslab.lab.train import train
 from poslab.lab.visualize import layer_logits
 
@@ -86,3 +88,36 @@ def test_the_command_writes_its_table_and_refuses_bad_input(tmp_path, capsys):
     )
     assert main(["head-stats", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_a_probe_run_is_read_on_its_id_sequences_and_an_encoder_run_is_refused(tmp_path, capsys):
+    config = get_preset("passkey_small").override(
+        ["train.steps=2", "train.checkpoint_every=0", "eval.batches=1", "eval.batch_size=2"]
+        + ["model.d_model=16", "model.encoding=alibi", "task.train_len=96", "task.options.eval_lengths=96"]
+    )
+    train(config, tmp_path / "runs" / "passkey", progress=False)
+    run = RunDir(tmp_path / "runs" / "passkey").load_model()
+    # The task's own sampler at any length, its id split, generator seed 0: the same text for every run.
+    ids = windows_of(run, 160, 3)
+    want = run.task.sample(3, 160, generator=torch.Generator().manual_seed(0), **run.task.splits()["id"])
+    assert torch.equal(ids, want.inputs)
+    # The pass key's last 5 queries write its digits; the statistics are those of head_statistics.
+    record = run_statistics(tmp_path / "runs" / "passkey", [160], windows=3, last=5)
+    direct = head_statistics(run.model, ids, train_len=96, last=5)
+    assert record["train_len"] == 96 and record["kerple"] == [None, None]
+    for layer, stats in zip(record["lengths"]["160"], direct, strict=True):
+        assert layer["far_mass"] == pytest.approx(stats.far_mass.tolist())
+        assert layer["entropy"] == pytest.approx(stats.entropy.tolist())
+    encoder = get_preset("chomsky_cpu").override(
+        [
+            "train.steps=1",
+            "train.checkpoint_every=0",
+            "eval.batches=1",
+            "eval.batch_size=2",
+            "model.d_model=16",
+        ]
+    )
+    assert not encoder.task.build().causal
+    train(encoder, tmp_path / "enc", progress=False)
+    assert main(["head-stats", str(tmp_path / "enc"), "--lengths", "16", "--out", str(tmp_path / "o")]) == 2
+    assert "head statistics read causal models" in capsys.readouterr().err

@@ -9,12 +9,17 @@ module measures, per layer and head, on held-out windows of length T:
 - mean distance: sum_j p_ij (i - j), the average number of tokens a head looks back;
 - far mass: the attention on keys more than ``train_len`` tokens back, which no training window had;
 
-over the last ``last`` queries of each window (the ones the headline perplexity scores), together with
+over the last ``last`` queries of each window (the ones the headline perplexity scores; on the pass
+key, ``last`` 5 is the queries that write its digits), together with
 each Kerple head's parameters (r1, r2 of bias = -r1 log(1 + r2 (i - j)), also under DAPE). The
 attention is recomputed from each layer's input exactly as `poslab.attend`'s eager path does, one
 block of queries at a time, so a window of 8192 tokens needs O(block x T) memory per layer:
 
     poslab head-stats RUN_DIR [RUN_DIR ...] --lengths 128,8192 --windows 4 --out DIR
+
+A language-model run is read on its held-out validation windows; a run of a causal task (a probe such
+as ``passkey`` or ``repeated_text``) on sequences its sampler draws as its ``id`` split does, with
+generator seed 0, at each length.
 """
 
 from __future__ import annotations
@@ -32,9 +37,8 @@ from poslab.attention import eager_logits, eager_probabilities
 from poslab.encodings.kerple import KerpleLog
 from poslab.lab.checkpoint import check_writable, write_text
 from poslab.lab.experiments.command import Command, arg
-from poslab.lab.experiments.extrapolation import load_run
 from poslab.lab.parsing import parse_lengths
-from poslab.lab.rundir import find_trained_runs
+from poslab.lab.rundir import LoadedModel, RunDir, find_trained_runs
 from poslab.model import Transformer
 
 
@@ -138,8 +142,12 @@ def kerple_parameters(model: Transformer) -> list[dict[str, list[float]] | None]
 def run_statistics(
     run_dir: str | Path, lengths: list[int], *, windows: int = 4, last: int = 256, block: int = 128
 ) -> dict[str, Any]:
-    """Head statistics of one trained LM run at each length, on its held-out validation windows."""
-    run = load_run(run_dir)
+    """Head statistics of one trained causal run at each length (`windows_of`)."""
+    run = RunDir(run_dir).load_model()
+    if not run.task.causal:
+        raise ValueError(
+            f"{run_dir}: head statistics read causal models; task {run.config.task.name!r} is not"
+        )
     train_len = run.config.task.train_len
     record: dict[str, Any] = {
         "run": str(run_dir),
@@ -150,7 +158,7 @@ def run_statistics(
         "lengths": {},
     }
     for length in lengths:
-        ids = run.task.data.eval_windows(length, split="validation", max_windows=windows)[:, :length]
+        ids = windows_of(run, length, windows)
         per_layer = head_statistics(run.model, ids, train_len=train_len, last=last, block=block)
         record["lengths"][str(length)] = [
             {
@@ -162,6 +170,15 @@ def run_statistics(
             for s in per_layer
         ]
     return record
+
+
+def windows_of(run: LoadedModel, length: int, count: int) -> Tensor:
+    """(``count``, ``length``) token ids: a language model's held-out validation windows, or a
+    task's ``id``-split sequences drawn with generator seed 0 (the same for every run)."""
+    if run.config.task.name == "lm":
+        return run.task.data.eval_windows(length, split="validation", max_windows=count)[:, :length]
+    generator = torch.Generator().manual_seed(0)
+    return run.task.sample(count, length, generator=generator, **run.task.splits()["id"]).inputs
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -214,9 +231,9 @@ COMMANDS = (
         "head-stats",
         "each head's attention entropy, mean distance and far mass (and Kerple's r1, r2) at each length",
         (
-            arg("runs", nargs="+", help="trained LM run directories, or directories holding them"),
+            arg("runs", nargs="+", help="trained runs (LM or a causal task), or directories holding them"),
             arg("--lengths", default="128,8192", help="window lengths (default 128,8192)"),
-            arg("--windows", type=int, default=4, help="validation windows per length (default 4)"),
+            arg("--windows", type=int, default=4, help="windows (sequences) per length (default 4)"),
             arg("--last", type=int, default=256, help="score the last N queries of each window (256)"),
             arg("--out", required=True, help="where to write head_stats.json and head_stats.md"),
         ),
