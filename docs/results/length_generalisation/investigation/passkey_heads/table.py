@@ -1,0 +1,38 @@
+"""The summary table of README.md, from the head_stats.json files beside it:
+python docs/results/length_generalisation/investigation/passkey_heads/table.py"""
+
+import json
+import statistics
+from pathlib import Path
+
+HERE = Path(__file__).parent
+LABELS = {"alibi": "ALiBi", "dape": "DAPE-ALiBi", "kerple_log": "Kerple (log)", "dape[base=kerple_log]": "DAPE-Kerple"}
+
+
+def summary(record, length):
+    heads = [
+        (far, dist / length, ent)
+        for layer in record["lengths"][str(length)]
+        for far, dist, ent in zip(layer["far_mass"], layer["mean_distance"], layer["entropy"], strict=True)
+    ]
+    far_heads = [h for h in heads if h[0] > 0.5]
+    where = statistics.mean(h[1] for h in far_heads) if far_heads else float("nan")
+    entropy = statistics.mean(h[2] for h in far_heads) if far_heads else float("nan")
+    pinned = sum(1 for h in far_heads if h[1] > 0.9)  # their attention on the sequence's first tokens
+    return len(far_heads), pinned, statistics.mean(h[0] for h in heads), where, entropy
+
+
+def main():
+    print("| model | seed | length | heads with far mass > 0.5 (of 8) | of them, mean distance > 0.9 T "
+          "| mean far mass (8 heads) | far heads' mean distance / T | far heads' entropy (nats) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("alibi_heads.json", "kerple_heads.json"):
+        for record in json.loads((HERE / name).read_text()):
+            for length in (1024, 4096):
+                n, pinned, mass, where, entropy = summary(record, length)
+                print(f"| {LABELS[record['encoding']]} | {record['seed']} | {length} | {n} | {pinned} | {mass:.2f} | "
+                      f"{where:.2f} | {entropy:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
