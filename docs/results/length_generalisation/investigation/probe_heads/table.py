@@ -1,5 +1,5 @@
 """The summary table of README.md, from the head_stats.json files beside it:
-python docs/results/length_generalisation/investigation/passkey_heads/table.py"""
+python docs/results/length_generalisation/investigation/probe_heads/table.py"""
 
 import json
 import statistics
@@ -23,14 +23,18 @@ def summary(record, length):
 
 
 def main():
-    print("| model | seed | length | heads with far mass > 0.5 (of 8) | of them, mean distance > 0.9 T "
+    print("| probe | model | seed | length | heads with far mass > 0.5 (of 8) | of them, mean distance > 0.9 T "
           "| mean far mass (8 heads) | far heads' mean distance / T | far heads' entropy (nats) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name in ("alibi_heads.json", "kerple_heads.json"):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for probe, name in (
+        ("pass key", "alibi_heads.json"),
+        ("pass key", "kerple_heads.json"),
+        ("repeated text", "repeated_text_alibi_heads.json"),
+    ):
         for record in json.loads((HERE / name).read_text()):
             for length in (1024, 4096):
                 n, pinned, mass, where, entropy = summary(record, length)
-                print(f"| {LABELS[record['encoding']]} | {record['seed']} | {length} | {n} | {pinned} | {mass:.2f} | "
+                print(f"| {probe} | {LABELS[record['encoding']]} | {record['seed']} | {length} | {n} | {pinned} | {mass:.2f} | "
                       f"{where:.2f} | {entropy:.2f} |")
 
 
