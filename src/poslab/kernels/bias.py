@@ -209,13 +209,14 @@ def _setup_context(ctx, inputs, output) -> None:
     q, k, v, mask, causal_start = inputs
     ctx.save_for_backward(q, k, v, mask, *output)
     ctx.mark_non_differentiable(output[1])  # the log-sum-exp is for the backward only
-    ctx.set_materialize_grads(False)  # so no zero-filled gradient for it
+    # No zero-filled gradient for it: the output is the op's only differentiable result, so the
+    # backward runs only with a gradient for it (grad_out is never None) and grad_lse is always None.
+    ctx.set_materialize_grads(False)
     ctx.causal_start = causal_start
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, mask, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     mask_grad = ctx.needs_input_grad[3]
     grads = bias_attention_backward(grad_out, q, k, v, mask, out, lse, ctx.causal_start, mask_grad)
     return *grads[:3], grads[3] if mask_grad else None, None
@@ -358,7 +359,6 @@ def _table_setup_context(ctx, inputs, output) -> None:
 
 def _table_backward(ctx, grad_out, grad_lse):
     q, k, v, table, index, out, lse = ctx.saved_tensors
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out
     grads = table_bias_attention_backward(grad_out, q, k, v, table, index, out, lse, ctx.causal_start)
     return *grads, None, None
 

@@ -192,7 +192,6 @@ def _backward(op):
 
     def backward(ctx, grad_out, _grad_saved):
         q, k, v, table, bias, keep, out, *saved = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         grads = op(grad_out, q, k, v, table, bias, keep, out, saved, *ctx.args[:-2], bias_grad)
         return *grads[:4], grads[4] if bias_grad else None, None, *(None for _ in ctx.args)

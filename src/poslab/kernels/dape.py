@@ -231,7 +231,6 @@ def _backward(op):
 
     def backward(ctx, grad_out, _grad_saved):
         q, k, v, bias, keep, w1, b1, w2, b2, out, *saved = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         grads = op(grad_out, q, k, v, bias, keep, w1, b1, w2, b2, out, saved, ctx.add_base, bias_grad)
         grad_bias = grads[3] if bias_grad else None
