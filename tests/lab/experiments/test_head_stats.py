@@ -38,7 +38,11 @@ def reference(model, ids, *, train_len, last):
     return out
 
 
-@pytest.mark.parametrize("encoding", ["kerple_log", "dape[base=kerple_log]", "cope+rope", "alibi", "nope"])
+@pytest.mark.parametrize(
+    "encoding",
+    ["kerple_log", "dape[base=kerple_log]", "cope+rope", "alibi", "nope"]
+    + ["cope", "selective", "stickbreaking", "fox", "cable", "pope", "fire", "relative"],
+)
 def test_statistics_equal_the_full_attention_matrix(encoding):
     torch.manual_seed(0)
     cfg = poslab.ModelConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=4, encoding=encoding)

@@ -96,9 +96,15 @@ def head_statistics(
         pos = torch.arange(t, device=x.device)
         if "rotate" in encoding.hooks:
             q, k = encoding.rotate(q, k, pos, pos)  # (W, H, T, Dh) each
-        extra_keys = encoding.input_keys(x) if "input_keys" in encoding.hooks else None
+        extra_keys = None
+        if "input_keys" in encoding.hooks:  # selective's extra keys are the (rotated) queries
+            extra_keys = q if encoding.queries_as_extra_keys else encoding.input_keys(x)
+        starts = list(range(first, t, block))
+        spans = [(start, min(start + block, t) - 1) for start in starts]
+        # What a block's logits need from earlier queries (selective's running penalty), as `attend`.
+        contexts = encoding.block_context(q, k, extra_keys, spans, pos, causal=True) or [None] * len(spans)
         sums = torch.zeros(3, attn.n_heads, dtype=torch.float64)
-        for start in range(first, t, block):
+        for start, context in zip(starts, contexts, strict=True):
             end = min(start + block, t)
             q_pos, k_pos = pos[start:end], pos[:end]
             bias = encoding.bias(q_pos, k_pos, causal=True) if "bias" in encoding.hooks else None
@@ -112,8 +118,12 @@ def head_statistics(
                 k_pos,
                 causal=True,
                 extra_keys=None if extra_keys is None else extra_keys[:, :, :end],
+                context=context,
             )
-            p = eager_probabilities(logits, q_pos, k_pos, causal=True).double()  # (W, H, b, end)
+            if encoding.replaces_softmax:  # stick-breaking: the encoding's weights, not a softmax
+                p = encoding.normalize(logits, q_pos, k_pos, causal=True).double()
+            else:
+                p = eager_probabilities(logits, q_pos, k_pos, causal=True).double()  # (W, H, b, end)
             distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).double()  # (b, end)
             entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)  # (W, H, b)
             sums[0] += entropy.sum((0, 2))
