@@ -125,3 +125,34 @@ def test_a_probe_run_is_read_on_its_id_sequences_and_an_encoder_run_is_refused(t
     train(encoder, tmp_path / "enc", progress=False)
     assert main(["head-stats", str(tmp_path / "enc"), "--lengths", "16", "--out", str(tmp_path / "o")]) == 2
     assert "head statistics read causal models" in capsys.readouterr().err
+
+
+def test_cope_positions_clamped_mass_and_gate_density_equal_a_query_by_query_count():
+    torch.manual_seed(1)
+    cfg = poslab.ModelConfig(vocab_size=11, d_model=32, n_layers=2, n_heads=4, encoding="cope[npos_max=6]")
+    model = poslab.build_model(cfg)
+    ids = torch.randint(0, 11, (1, 20))
+    got = head_statistics(model, ids, train_len=5, last=8, block=3)
+    t, last = 20, 8
+    for layer, stats in enumerate(got):
+        full = layer_logits(model, ids[0], layer=layer)
+        gates, a = torch.sigmoid(full.scores.double()), full.attention.double()  # (H, T, T)
+        position, clamped, density = (torch.zeros(4, dtype=torch.float64) for _ in range(3))
+        for i in range(t - last, t):
+            density += sum(gates[:, i, s] for s in range(i + 1)) / (i + 1)
+            for j in range(i + 1):
+                p = sum(gates[:, i, s] for s in range(j, i + 1))  # eq. 3: the gates from j to i
+                position += a[:, i, j] * p.clamp(max=5)
+                clamped += a[:, i, j] * (p >= 5)
+        for value, want in zip(
+            (stats.cope_position, stats.cope_clamped, stats.gate_density),
+            (position, clamped, density),
+            strict=True,
+        ):
+            torch.testing.assert_close(value.double(), want / last, rtol=1e-4, atol=1e-5)
+        assert (stats.gate_density > 0).all() and (stats.gate_density < 1).all()
+    # Other encodings have none; the table gets CoPE's columns only when a run has them.
+    (plain,) = head_statistics(
+        poslab.build_model(poslab.ModelConfig(vocab_size=11, d_model=32, n_layers=1)), ids, train_len=5
+    )
+    assert plain.cope_position is None and plain.gate_density is None

@@ -9,6 +9,15 @@ module measures, per layer and head, on held-out windows of length T:
 - mean distance: sum_j p_ij (i - j), the average number of tokens a head looks back;
 - far mass: the attention on keys more than ``train_len`` tokens back, which no training window had;
 
+and for a CoPE layer (Golovneva et al.), from its gates g_ij = sigmoid(q_i . k_j / sqrt(Dh)) and
+contextual positions p_ij = sum_{t=j..i} g_it:
+
+- position: sum_j a_ij min(p_ij, npos_max - 1), the contextual position the head reads on average;
+- clamped mass: the attention on keys whose p_ij reaches npos_max - 1, the table's last entry, where
+  every further key looks the same;
+- gate density: sum_{t<=i} g_it / (i + 1), the share of the tokens before a query its gates count
+  (1: CoPE counts tokens like a relative encoding; small: it counts rare ones, e.g. sentences);
+
 over the last ``last`` queries of each window (the ones the headline perplexity scores; on the pass
 key, ``last`` 5 is the queries that write its digits), together with
 each Kerple head's parameters (r1, r2 of bias = -r1 log(1 + r2 (i - j)), also under DAPE). The
@@ -34,6 +43,8 @@ import torch
 from torch import Tensor
 
 from poslab.attention import eager_logits, eager_probabilities
+from poslab.encodings.base import causal_mask
+from poslab.encodings.cope import CoPE
 from poslab.encodings.kerple import KerpleLog
 from poslab.lab.checkpoint import check_writable, write_text
 from poslab.lab.experiments.command import Command, arg
@@ -51,6 +62,10 @@ class HeadStats:
     entropy: Tensor
     mean_distance: Tensor
     far_mass: Tensor
+    # a CoPE layer's (None for other encodings): see the module's docstring
+    cope_position: Tensor | None = None
+    cope_clamped: Tensor | None = None
+    gate_density: Tensor | None = None
 
 
 def layer_inputs(model: Transformer, ids: Tensor) -> list[Tensor]:
@@ -103,12 +118,14 @@ def head_statistics(
         spans = [(start, min(start + block, t) - 1) for start in starts]
         # What a block's logits need from earlier queries (selective's running penalty), as `attend`.
         contexts = encoding.block_context(q, k, extra_keys, spans, pos, causal=True) or [None] * len(spans)
-        sums = torch.zeros(3, attn.n_heads, dtype=torch.float64)
+        # A CoPE layer as published (not composed, its gates from the scores): its positions too.
+        cope = encoding if type(encoding) is CoPE and not (encoding.sep_key or encoding.val_gates) else None
+        sums = torch.zeros(6 if cope else 3, attn.n_heads, dtype=torch.float64)
         for start, context in zip(starts, contexts, strict=True):
             end = min(start + block, t)
             q_pos, k_pos = pos[start:end], pos[:end]
             bias = encoding.bias(q_pos, k_pos, causal=True) if "bias" in encoding.hooks else None
-            _, logits = eager_logits(
+            scores, logits = eager_logits(
                 q[:, :, start:end],
                 k[:, :, :end],
                 v[:, :, :end],
@@ -129,6 +146,13 @@ def head_statistics(
             sums[0] += entropy.sum((0, 2))
             sums[1] += (p * distance).sum(-1).sum((0, 2))
             sums[2] += (p * (distance > train_len)).sum(-1).sum((0, 2))
+            if cope is not None:
+                gates = torch.sigmoid(scores.double()).masked_fill(~causal_mask(q_pos, k_pos), 0.0)
+                positions = gates.flip(-1).cumsum(-1).flip(-1)  # p_ij, unclamped (W, H, b, end)
+                top = cope.npos_max - 1
+                sums[3] += (p * positions.clamp(max=top)).sum(-1).sum((0, 2))
+                sums[4] += (p * (positions >= top)).sum(-1).sum((0, 2))
+                sums[5] += (positions[..., 0] / (q_pos + 1)).sum((0, 2))
         sums /= n_windows * (t - first)
         stats.append(HeadStats(layer, t, *(s.float() for s in sums)))
     return stats
@@ -176,6 +200,15 @@ def run_statistics(
                 "entropy": s.entropy.tolist(),
                 "mean_distance": s.mean_distance.tolist(),
                 "far_mass": s.far_mass.tolist(),
+                **(
+                    {}
+                    if s.cope_position is None
+                    else {
+                        "cope_position": s.cope_position.tolist(),
+                        "cope_clamped": s.cope_clamped.tolist(),
+                        "gate_density": s.gate_density.tolist(),
+                    }
+                ),
             }
             for s in per_layer
         ]
@@ -192,11 +225,14 @@ def windows_of(run: LoadedModel, length: int, count: int) -> Tensor:
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
-    """One table row per run, layer and head: Kerple's r1 and r2, then each length's statistics."""
+    """One table row per run, layer and head: Kerple's r1 and r2, then each length's statistics (and
+    CoPE's position, clamped mass and gate density where a run has CoPE layers)."""
     lengths = sorted({int(n) for r in records for n in r["lengths"]})
+    cope = any("cope_position" in s for r in records for layers in r["lengths"].values() for s in layers)
     head = ["run", "layer", "head", "r1", "r2"]
     for n in lengths:
         head += [f"entropy@{n}", f"distance@{n}", f"far@{n}"]
+        head += [f"position@{n}", f"clamped@{n}", f"gates@{n}"] if cope else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         label = f"{r['encoding']} s{r['seed']}"
@@ -212,6 +248,14 @@ def markdown(records: list[dict[str, Any]]) -> str:
                         f"{s['mean_distance'][h]:.1f}",
                         f"{s['far_mass'][h]:.3f}",
                     ]
+                    if cope and "cope_position" in s:
+                        cells += [
+                            f"{s['cope_position'][h]:.1f}",
+                            f"{s['cope_clamped'][h]:.3f}",
+                            f"{s['gate_density'][h]:.3f}",
+                        ]
+                    elif cope:
+                        cells += ["-", "-", "-"]
                 lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
