@@ -44,7 +44,7 @@ from torch import Tensor
 
 from poslab.attention import eager_logits, eager_probabilities
 from poslab.encodings.base import causal_mask
-from poslab.encodings.cope import CoPE
+from poslab.encodings.cope import CoPE, cope_positions
 from poslab.encodings.kerple import KerpleLog
 from poslab.lab.checkpoint import check_writable, write_text
 from poslab.lab.experiments.command import Command, arg
@@ -148,7 +148,7 @@ def head_statistics(
             sums[2] += (p * (distance > train_len)).sum(-1).sum((0, 2))
             if cope is not None:
                 gates = torch.sigmoid(scores.double()).masked_fill(~causal_mask(q_pos, k_pos), 0.0)
-                positions = gates.flip(-1).cumsum(-1).flip(-1)  # p_ij, unclamped (W, H, b, end)
+                positions = cope_positions(gates, q_pos, causal=True)  # p_ij, unclamped (W, H, b, end)
                 top = cope.npos_max - 1
                 sums[3] += (p * positions.clamp(max=top)).sum(-1).sum((0, 2))
                 sums[4] += (p * (positions >= top)).sum(-1).sum((0, 2))
