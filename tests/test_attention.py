@@ -284,3 +284,24 @@ def test_values_narrower_than_queries_stay_narrow_and_equal_the_eager_reference(
     assert len(grads) == (4 if name == "pope" else 3)  # q, k, v, and PoPE's phase bias
     for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_attention_weights_and_full_extra_keys_follow_the_encodings_hooks():
+    logits = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    pos = torch.arange(5)
+    hidden = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    softmax = torch.softmax(logits.masked_fill(hidden, float("-inf")), dim=-1)
+    weights_of = poslab.attention.attention_weights
+    torch.testing.assert_close(weights_of(None, logits, pos, pos, causal=True), softmax)
+    torch.testing.assert_close(weights_of(encoding64("alibi"), logits, pos, pos, causal=True), softmax)
+    stick = encoding64("stickbreaking")
+    weights = weights_of(stick, logits, pos, pos, causal=True)
+    torch.testing.assert_close(weights, stick.normalize(logits, pos, pos, causal=True))
+    assert not torch.allclose(weights, softmax)
+
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    assert poslab.attention.full_extra_keys(encoding64("rope"), q, x) is None
+    assert poslab.attention.full_extra_keys(encoding64("selective"), q, x) is q
+    fox = encoding64("fox")
+    torch.testing.assert_close(poslab.attention.full_extra_keys(fox, q, x), fox.input_keys(x))

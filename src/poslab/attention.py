@@ -428,9 +428,7 @@ def eager_attention(
     _, logits = eager_logits(
         q, k, v, encoding, bias, q_pos, k_pos, causal=causal, extra_keys=extra_keys, context=context
     )
-    if encoding is not None and encoding.replaces_softmax:
-        return encoding.normalize(logits, q_pos, k_pos, causal=causal).to(v.dtype) @ v
-    return eager_probabilities(logits, q_pos, k_pos, causal=causal) @ v  # (B, H, T, Dv)
+    return attention_weights(encoding, logits, q_pos, k_pos, causal=causal).to(v.dtype) @ v  # (B, H, T, Dv)
 
 
 def eager_logits(
@@ -461,6 +459,25 @@ def eager_probabilities(logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal:
     if causal:
         logits = logits.masked_fill(~causal_mask(q_pos, k_pos), float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+def attention_weights(
+    encoding: PositionEncoding | None, logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool
+) -> Tensor:
+    """The attention weights of the final logits (B, H, T, S): the encoding's ``normalize`` where it
+    replaces the softmax (stick-breaking; it masks itself), else the masked softmax."""
+    if encoding is not None and encoding.replaces_softmax:
+        return encoding.normalize(logits, q_pos, k_pos, causal=causal)
+    return eager_probabilities(logits, q_pos, k_pos, causal=causal)
+
+
+def full_extra_keys(encoding: PositionEncoding, q: Tensor, x: Tensor) -> Tensor | None:
+    """The ``extra_keys`` of a full forward over the layer input ``x`` (B, T, D): the (rotated)
+    queries ``q`` for an encoding with ``queries_as_extra_keys`` (selective), else what its
+    ``input_keys`` hook makes of ``x``; None for an encoding without that hook."""
+    if "input_keys" not in encoding.hooks:
+        return None
+    return q if encoding.queries_as_extra_keys else encoding.input_keys(x)
 
 
 def position_bias(

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poslab.attention import eager_logits, eager_probabilities
+from poslab.attention import attention_weights, eager_logits, full_extra_keys
 from poslab.encodings.base import PositionEncoding, causal_mask
 from poslab.encodings.compose import Composite
 from poslab.encodings.cope import CoPE
@@ -117,16 +117,11 @@ def layer_logits(model: Transformer, idx: Tensor | Sequence[int], *, layer: int 
     if "rotate" in encoding.hooks:
         q, k = encoding.rotate(q, k, pos, pos)
     bias = encoding.bias(pos, pos, causal=True) if "bias" in encoding.hooks else None
-    extra_keys = None
-    if "input_keys" in encoding.hooks:  # selective's extra keys are the (rotated) queries
-        extra_keys = q if encoding.queries_as_extra_keys else encoding.input_keys(x)
+    extra_keys = full_extra_keys(encoding, q, x)
     scores, logits = eager_logits(
         q, k, v, encoding, bias, pos, pos, causal=True, extra_keys=extra_keys
     )  # (1, H, T, T) each
-    if encoding.replaces_softmax:  # stick-breaking: the encoding's weights, not a softmax
-        attention = encoding.normalize(logits, pos, pos, causal=True)
-    else:
-        attention = eager_probabilities(logits, pos, pos, causal=True)
+    attention = attention_weights(encoding, logits, pos, pos, causal=True)
     output = (attention @ v).transpose(1, 2).reshape(t, -1)  # (T, H * Dh)
     return LayerLogits(
         layer=layer,

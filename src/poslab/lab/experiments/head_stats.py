@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from poslab.attention import eager_logits, eager_probabilities
+from poslab.attention import attention_weights, eager_logits, full_extra_keys
 from poslab.encodings.base import causal_mask
 from poslab.encodings.cope import CoPE, cope_positions
 from poslab.encodings.kerple import KerpleLog
@@ -111,9 +111,7 @@ def head_statistics(
         pos = torch.arange(t, device=x.device)
         if "rotate" in encoding.hooks:
             q, k = encoding.rotate(q, k, pos, pos)  # (W, H, T, Dh) each
-        extra_keys = None
-        if "input_keys" in encoding.hooks:  # selective's extra keys are the (rotated) queries
-            extra_keys = q if encoding.queries_as_extra_keys else encoding.input_keys(x)
+        extra_keys = full_extra_keys(encoding, q, x)
         starts = list(range(first, t, block))
         spans = [(start, min(start + block, t) - 1) for start in starts]
         # What a block's logits need from earlier queries (selective's running penalty), as `attend`.
@@ -137,10 +135,7 @@ def head_statistics(
                 extra_keys=None if extra_keys is None else extra_keys[:, :, :end],
                 context=context,
             )
-            if encoding.replaces_softmax:  # stick-breaking: the encoding's weights, not a softmax
-                p = encoding.normalize(logits, q_pos, k_pos, causal=True).double()
-            else:
-                p = eager_probabilities(logits, q_pos, k_pos, causal=True).double()  # (W, H, b, end)
+            p = attention_weights(encoding, logits, q_pos, k_pos, causal=True).double()  # (W, H, b, end)
             distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).double()  # (b, end)
             entropy = -(p * torch.log(p.clamp(min=1e-300))).sum(-1)  # (W, H, b)
             sums[0] += entropy.sum((0, 2))
