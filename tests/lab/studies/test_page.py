@@ -113,6 +113,24 @@ def test_interval_and_difference_cells_from_known_values():
     diff = paired_difference({0: 20.0, 1: 10.0, 2: 75.0}, {0: 50.0, 1: 60.0, 2: 70.0}, lower_is_better=False)
     assert diff["wins"] == 1 and f"| NoPE | {difference_cell(diff, 1)} |" in text
     assert "| ALiBi | +37.5 [" in text and ", 2/2 |" in text  # paired on seeds 0 and 1 only
+    assert "cut to -100..+100" not in text  # no difference's interval runs past the metric's span
+
+
+def test_a_difference_interval_is_cut_to_the_most_two_percentages_can_differ():
+    study = _probe_study("RoPE")
+    column = "passkey/by_length@128"
+    values = {"RoPE": [0.0, 100.0, 0.0], "NoPE": [100.0, 0.0, 100.0], "ALiBi": [10.0, 90.0, 20.0]}
+    rows = [
+        {"row": row, "column": column, "seed": seed, "value": value}
+        for row, vs in values.items()
+        for seed, value in enumerate(vs)
+    ]
+    text = "\n".join(_intervals(study, rows))
+    # NoPE - RoPE: +100, -100, +100: mean 33.3, std 115.5, 33.3 +- 286.9, far past -100..+100
+    assert "| NoPE | +33.3 [-100.0, +100.0], 2/3 |" in text
+    # ALiBi - RoPE: +10, -10, +20: mean 6.7, std 15.3, 6.7 +- 37.9: inside, as Student's t gives it
+    assert "| ALiBi | +6.7 [-31.3, +44.6], 2/3 |" in text
+    assert "interval (cut to -100..+100, the most two values of the metric can differ" in text
 
 
 def test_a_reference_must_be_one_of_the_rows():

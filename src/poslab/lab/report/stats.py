@@ -50,13 +50,22 @@ def paired_difference(
     return {**interval(diffs), "wins": wins, "seeds": seeds}
 
 
-def difference_cell(diff: Mapping[str, Any], digits: int = 2) -> str:
+def difference_cell(diff: Mapping[str, Any], digits: int = 2, span: float | None = None) -> str:
     """``-0.32 [-0.84, +0.20], 3/3``: the mean paired difference, its interval and A's seed wins;
-    '–' without a common seed, no interval for one."""
+    '–' without a common seed, no interval for one. ``span``: the most two values can differ (100
+    for percentages); the interval is cut to -span..+span (`runs_past`)."""
     n = diff["n"]
     if n == 0:
         return "–"
     text = f"{diff['mean']:+.{digits}f}"
     if n > 1:
-        text += f" [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+        low, high = diff["low"], diff["high"]
+        if span is not None:
+            low, high = max(low, -span), min(high, span)
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
     return f"{text}, {diff['wins']}/{n}"
+
+
+def runs_past(diff: Mapping[str, Any], span: float | None) -> bool:
+    """Whether the interval of ``diff`` reaches past -span..+span (so `difference_cell` cuts it)."""
+    return span is not None and diff["n"] > 1 and (diff["low"] < -span or diff["high"] > span)

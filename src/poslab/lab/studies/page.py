@@ -51,7 +51,7 @@ from poslab.lab.report.common import (
     read_notes,
     stats_cell,
 )
-from poslab.lab.report.stats import difference_cell, interval, paired_difference
+from poslab.lab.report.stats import difference_cell, interval, paired_difference, runs_past
 from poslab.lab.rundir import RunDir
 from poslab.lab.studies.declaration import TASK_TABLE, Part, Study, split_at
 
@@ -304,6 +304,19 @@ DIFFERENCES = (
 )
 
 
+def _span(study: Study) -> float | None:
+    """The most two values of the study's metric can differ (the width of `RANGES`), or None."""
+    bounds = RANGES.get(study.metric)
+    return None if bounds is None else bounds[1] - bounds[0]
+
+
+def _cut_note(diffs: list[dict[str, Any]], span: float | None) -> str:
+    """The caption's words for differences whose interval `difference_cell` cut, if any was."""
+    if not any(runs_past(diff, span) for diff in diffs):
+        return ""
+    return f" (cut to -{span:g}..+{span:g}, the most two values of the metric can differ, where t runs past)"
+
+
 def _pair_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     """The comparisons the reading makes (``study.pairs``): A minus B per column, paired by seed,
     and per seed's ratio where the table has one."""
@@ -313,27 +326,28 @@ def _pair_lines(study: Study, rows: list[dict[str, Any]]) -> list[str]:
     lower = study.metric != "accuracy"
     heads = [*study.columns, *(["ratio"] if study.ratio is not None else [])]
     ratio_note = " (in the ratio column, A's ratio minus B's)" if study.ratio is not None else ""
-    lines = [
-        "",
-        "### Paired differences",
-        "",
-        f"Row A minus row B in {unit}{ratio_note}, {DIFFERENCES}.",
-        "",
-        "| A minus B | " + " | ".join(heads) + " |",
-        "|---|" + "---|" * len(heads),
-    ]
+    span, diffs, table = _span(study), [], []
     for a, b in study.pairs:
-        cells = [
-            difference_cell(
-                paired_difference(_by_seed(rows, a, c), _by_seed(rows, b, c), lower_is_better=lower)
-            )
+        row = [
+            paired_difference(_by_seed(rows, a, c), _by_seed(rows, b, c), lower_is_better=lower)
             for c in study.columns
         ]
+        diffs += row
+        cells = [difference_cell(diff, span=span) for diff in row]
         if study.ratio is not None:
             diff = paired_difference(_ratios(study, rows, a), _ratios(study, rows, b), lower_is_better=lower)
             cells.append(difference_cell(diff, 3))
-        lines.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
-    return lines
+        table.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
+    return [
+        "",
+        "### Paired differences",
+        "",
+        f"Row A minus row B in {unit}{ratio_note}, {DIFFERENCES}{_cut_note(diffs, span)}.",
+        "",
+        "| A minus B | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(heads),
+        *table,
+    ]
 
 
 def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
@@ -368,16 +382,7 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     if study.reference is None:
         return lines
-    lines += [
-        "",
-        f"### Against {study.reference}",
-        "",
-        f"Each row minus {study.reference}, paired by seed: the mean difference in {unit}, its 95% "
-        f"interval, and the seeds on which the row is better than {study.reference} (an interval "
-        "that holds 0 is no difference at this number of seeds).",
-        "",
-        *head,
-    ]
+    span, diffs, table = _span(study), [], []
     for row, _ in study.rows:
         if row == study.reference:
             continue
@@ -387,9 +392,21 @@ def _intervals(study: Study, rows: list[dict[str, Any]]) -> list[str]:
                 {r["seed"]: r["value"] for r in rows if r["row"] == name and r["column"] == column}
                 for name in (row, study.reference)
             )
-            cells.append(difference_cell(paired_difference(ours, theirs, lower_is_better=not higher), 1))
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return lines
+            diffs.append(paired_difference(ours, theirs, lower_is_better=not higher))
+            cells.append(difference_cell(diffs[-1], 1, span=span))
+        table.append(f"| {row} | " + " | ".join(cells) + " |")
+    return [
+        *lines,
+        "",
+        f"### Against {study.reference}",
+        "",
+        f"Each row minus {study.reference}, paired by seed: the mean difference in {unit}, its 95% "
+        f"interval{_cut_note(diffs, span)}, and the seeds on which the row is better than "
+        f"{study.reference} (an interval that holds 0 is no difference at this number of seeds).",
+        "",
+        *head,
+        *table,
+    ]
 
 
 def _values(rows: list[dict[str, Any]], row: str, column: str) -> list[float | None]:
@@ -560,24 +577,26 @@ def _task_differences(
         return []
     unit = UNITS.get(study.metric, study.metric)
     lower = study.metric != "accuracy"
-    lines = [
+    span, diffs, table = _span(study), [], []
+    for part in study.parts:
+        column = f"{part.name}/{split}"
+        row = [
+            paired_difference(_by_seed(rows, a, column), _by_seed(rows, b, column), lower_is_better=lower)
+            for _, a, b in columns
+        ]
+        diffs += row
+        cells = [difference_cell(diff, 1, span=span) for diff in row]
+        table.append(f"| {info[part.name]['name']} | " + " | ".join(cells) + " |")
+    return [
         "",
         f"### Paired differences at split {split}",
         "",
-        f"{unit}, {DIFFERENCES}.",
+        f"{unit}, {DIFFERENCES}{_cut_note(diffs, span)}.",
         "",
         "| task | " + " | ".join(title for title, _, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
+        *table,
     ]
-    for part in study.parts:
-        column = f"{part.name}/{split}"
-        cells = [
-            difference_cell(paired_difference(_by_seed(rows, a, column), _by_seed(rows, b, column),
-                                              lower_is_better=lower), 1)
-            for _, a, b in columns
-        ]  # fmt: skip
-        lines.append(f"| {info[part.name]['name']} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def _plot_lines(study: Study, plots: dict[str, str]) -> list[str]:
