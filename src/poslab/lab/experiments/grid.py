@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 from poslab.allocator import tune_allocator
 from poslab.lab.config import RunConfig, encoding_label, slug
 from poslab.lab.progress import setup_logging
-from poslab.lab.rundir import RunDir
+from poslab.lab.rundir import METRICS, RunDir
 from poslab.lab.train import train
 
 log = logging.getLogger("poslab")
@@ -161,35 +162,65 @@ def train_grid(
 
 
 class _GridProgress:
-    """Logs a grid's progress: which run starts (``run 3/6``), which finished, and the time left,
-    estimated from the runs done so far weighted by `estimated_cost`."""
+    """Logs a grid's progress: which run starts (``run 3/6``), which finished, and the time left.
 
-    def __init__(self, todo: list[GridRun], jobs: int) -> None:
-        self.total, self.jobs = len(todo), jobs
-        self.costs = {run.path: estimated_cost(run.config) for run in todo}
+    The time left comes from the runs finished so far: their wall time per unit of `estimated_cost`
+    (one worker's speed) times the work left, queued and in flight, shared by the ``jobs`` workers,
+    and never less than the longest run still to end. A resumed run counts only the steps it has
+    left (from its metrics log), so a run resumed near its end does not make the grid look fast."""
+
+    def __init__(self, todo: list[GridRun], jobs: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.jobs, self.clock = len(todo), jobs, clock
+        self.costs = {run.path: estimated_cost(run.config) * _fraction_left(run) for run in todo}
         self.started = self.finished_runs = 0
-        self.done_cost, self.left_cost = 0.0, sum(self.costs.values())
-        self.clock = time.monotonic()
+        self.queued = dict(self.costs)  # runs not started yet
+        self.running: dict[Path, float] = {}  # run -> when it started
+        self.done_cost = self.done_seconds = 0.0
 
     def _eta(self) -> str:
         if not self.done_cost:
             return ""
-        elapsed = time.monotonic() - self.clock
-        left = elapsed / self.done_cost * self.left_cost / self.jobs
+        per_cost = self.done_seconds / self.done_cost  # one worker's seconds per unit of cost
+        now = self.clock()
+        in_flight = [max(0.0, self.costs[path] * per_cost - (now - t)) for path, t in self.running.items()]
+        queued = [cost * per_cost for cost in self.queued.values()]
+        left = max((sum(in_flight) + sum(queued)) / self.jobs, *in_flight, *queued, 0.0)
         return f"; about {_clock(left)} left"
 
     def starting(self, run: GridRun) -> None:
         self.started += 1
+        self.queued.pop(run.path, None)
+        self.running[run.path] = self.clock()
         label = encoding_label(run.config.model.encoding, run.config.model.encoding_options)
         log.info(
             "run %d/%d: %s seed %d%s", self.started, self.total, label, run.config.train.seed, self._eta()
         )
 
     def finished(self, run: GridRun) -> None:
-        cost = self.costs[run.path]
-        self.done_cost, self.left_cost = self.done_cost + cost, self.left_cost - cost
+        started = self.running.pop(run.path, self.clock())
+        self.done_cost += self.costs[run.path]
+        self.done_seconds += self.clock() - started
         self.finished_runs += 1
         log.info("finished %d/%d runs (%s)%s", self.finished_runs, self.total, run.path, self._eta())
+
+
+def _fraction_left(run: GridRun) -> float:
+    """The share of ``run``'s steps still to train: 1 for a new run, less for one resumed from a
+    checkpoint (its last logged step, read from metrics.jsonl), at least 5% (its final evaluation)."""
+    steps = run.config.train.steps
+    if not run.run_dir.has_checkpoint() or steps <= 0:
+        return 1.0
+    done = 0
+    try:
+        with (run.run_dir / METRICS).open() as f:
+            for line in f:
+                try:
+                    done = max(done, int(json.loads(line).get("step", 0)))
+                except (ValueError, TypeError, AttributeError):
+                    continue  # a torn last line: the estimate only needs the steps before it
+    except OSError:
+        return 1.0
+    return max(0.05, 1.0 - min(done, steps) / steps)
 
 
 def _clock(seconds: float) -> str:
