@@ -28,6 +28,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for probe, name in (
         ("pass key", "alibi_heads.json"),
+        ("pass key", "alibi_heads_seed34.json"),
         ("pass key", "kerple_heads.json"),
         ("repeated text", "repeated_text_alibi_heads.json"),
     ):
