@@ -31,6 +31,7 @@ def main():
         ("pass key", "alibi_heads_seed34.json"),
         ("pass key", "kerple_heads.json"),
         ("repeated text", "repeated_text_alibi_heads.json"),
+        ("repeated text", "repeated_text_alibi_heads_seed34.json"),
     ):
         for record in json.loads((HERE / name).read_text()):
             for length in (1024, 4096):
