@@ -30,6 +30,7 @@ def main():
         ("pass key", "alibi_heads.json"),
         ("pass key", "alibi_heads_seed34.json"),
         ("pass key", "kerple_heads.json"),
+        ("pass key", "kerple_heads_seed34.json"),
         ("repeated text", "repeated_text_alibi_heads.json"),
         ("repeated text", "repeated_text_alibi_heads_seed34.json"),
     ):
