@@ -95,16 +95,21 @@ def test_a_table_without_paper_numbers_shows_intervals_differences_and_depth_map
         assert "![passkey by depth](plots/passkey_depth.png)" in page
 
 
-def test_interval_and_difference_cells_from_known_values():
-    study = _probe_study("RoPE")
-    column = "passkey/by_length@128"
-    values = {"RoPE": [50.0, 60.0, 70.0], "NoPE": [20.0, 10.0, 75.0], "ALiBi": [90.0, 95.0]}
+def _interval_text(study, values: dict[str, list[float]]) -> str:
+    """The intervals section of ``study``'s page for these per-seed values of one pass-key column."""
     rows = [
-        {"row": row, "column": column, "seed": seed, "value": value}
+        {"row": row, "column": "passkey/by_length@128", "seed": seed, "value": value}
         for row, vs in values.items()
         for seed, value in enumerate(vs)
     ]
-    text = "\n".join(_intervals(study, rows))
+    return "\n".join(_intervals(study, rows))
+
+
+def test_interval_and_difference_cells_from_known_values():
+    study = _probe_study("RoPE")
+    text = _interval_text(
+        study, {"RoPE": [50.0, 60.0, 70.0], "NoPE": [20.0, 10.0, 75.0], "ALiBi": [90.0, 95.0]}
+    )
     # RoPE: mean 60, std 10, t(2) = 4.303: 60 +- 24.84
     assert "| RoPE | 60.0 [35.2, 84.8] (3) |" in text
     # NoPE: mean 35, std 35, 35 +- 86.95 runs past both ends of accuracy's range and is cut to it
@@ -118,14 +123,9 @@ def test_interval_and_difference_cells_from_known_values():
 
 def test_a_difference_interval_is_cut_to_the_most_two_percentages_can_differ():
     study = _probe_study("RoPE")
-    column = "passkey/by_length@128"
-    values = {"RoPE": [0.0, 100.0, 0.0], "NoPE": [100.0, 0.0, 100.0], "ALiBi": [10.0, 90.0, 20.0]}
-    rows = [
-        {"row": row, "column": column, "seed": seed, "value": value}
-        for row, vs in values.items()
-        for seed, value in enumerate(vs)
-    ]
-    text = "\n".join(_intervals(study, rows))
+    text = _interval_text(
+        study, {"RoPE": [0.0, 100.0, 0.0], "NoPE": [100.0, 0.0, 100.0], "ALiBi": [10.0, 90.0, 20.0]}
+    )
     # NoPE - RoPE: +100, -100, +100: mean 33.3, std 115.5, 33.3 +- 286.9, far past -100..+100
     assert "| NoPE | +33.3 [-100.0, +100.0], 2/3 |" in text
     # ALiBi - RoPE: +10, -10, +20: mean 6.7, std 15.3, 6.7 +- 37.9: inside, as Student's t gives it
