@@ -1,5 +1,5 @@
-"""DAPE V2 (a 1x3 convolution over the heads' logits, `dape[kernel_size=3]`) over ALiBi against the
-benchmark's DAPE-ALiBi (V1, the MLP) and ALiBi, from the recorded runs:
+"""DAPE V2 (a 1x3 convolution over the heads' logits, `dape[kernel_size=3]`) against the benchmark's
+DAPE (V1, the MLP) and the base bias alone, over ALiBi and over Kerple (log), from the recorded runs:
 python docs/results/length_generalisation/investigation/dape_v2/table.py > .../dape_v2/table.md
 
 V2's runs are read from ../data.jsonl (under dape_v2/), the benchmark's from ../../data.jsonl; every
@@ -14,9 +14,17 @@ from poslab.lab.report.stats import difference_cell, interval, paired_difference
 
 HERE = Path(__file__).parent
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
-PARTS = {"passkey": "Pass key", "repeated_text": "Repeated text"}
-ROWS = {"dape[kernel_size=3]": "DAPE-V2-ALiBi", "dape": "DAPE-ALiBi", "alibi": "ALiBi"}
-V2, V1, BASE = ROWS.values()
+PARTS = {"passkey": "pass key", "repeated_text": "repeated text"}
+# Per base: (V2, V1, the base alone), each (encoding spec, label).
+BASES = {
+    "ALiBi": (("dape[kernel_size=3]", "DAPE-V2-ALiBi"), ("dape", "DAPE-ALiBi"), ("alibi", "ALiBi")),
+    "Kerple (log)": (
+        ("dape[base=kerple_log,kernel_size=3]", "DAPE-V2-Kerple"),
+        ("dape[base=kerple_log]", "DAPE-Kerple"),
+        ("kerple_log", "Kerple (log)"),
+    ),
+}
+LABELS = {spec: label for rows in BASES.values() for spec, label in rows}
 Values = dict[tuple[str, str, str, int], dict[int, float]]  # (row, part, split, length) -> seed -> %
 
 
@@ -26,18 +34,22 @@ def load() -> Values:
     for path, prefix in sources:
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if not record["run"].startswith(prefix) or record["encoding"] not in ROWS:
+            if not record["run"].startswith(prefix) or record["encoding"] not in LABELS:
                 continue
             part = record["run"][len(prefix) :].split("/")[0]
             for split, by_length in record["results"]["metrics"]["lengths"].items():
                 for length, scores in by_length.items():
-                    key = (ROWS[record["encoding"]], part, split, int(length))
+                    key = (LABELS[record["encoding"]], part, split, int(length))
                     values.setdefault(key, {})[record["seed"]] = scores["accuracy"]
     return values
 
 
-def table(values: Values, part: str, split: str, rows: tuple[str, ...]) -> list[str]:
-    out = ["| row | " + " | ".join(str(n) for n in LENGTHS) + " |", "|---|" + "---|" * len(LENGTHS)]
+def head() -> list[str]:
+    return ["| row | " + " | ".join(str(n) for n in LENGTHS) + " |", "|---|" + "---|" * len(LENGTHS)]
+
+
+def table(values: Values, part: str, split: str, rows: list[str]) -> list[str]:
+    out = head()
     for row in rows:
         cells = []
         for n in LENGTHS:
@@ -56,22 +68,29 @@ def table(values: Values, part: str, split: str, rows: tuple[str, ...]) -> list[
 def main() -> None:
     values = load()
     out = []
-    for part, title in PARTS.items():
-        out += [f"## {title}", "", "Accuracy %: per seed (s0 / s1 / s2 / s3 / s4); the mean [95% interval].", ""]
-        out += table(values, part, "by_length", (V2, V1, BASE))
-        out += ["", "Paired by seed: mean difference, 95% interval (cut to -100..+100), seeds A wins.", ""]
-        out += ["| A minus B | " + " | ".join(str(n) for n in LENGTHS) + " |", "|---|" + "---|" * len(LENGTHS)]
-        for a, b in ((V2, V1), (V2, BASE)):
-            cells = []
-            for n in LENGTHS:
-                ours, theirs = (values.get((r, part, "by_length", n), {}) for r in (a, b))
-                cells.append(difference_cell(paired_difference(ours, theirs, lower_is_better=False), 1, span=100.0))
-            out.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
-        out.append("")
-    for depth, where in ((100, "next to the question"), (0, "at the start of the sequence")):
-        out += ["", f"## Pass key with the key at depth {depth}% ({where})", ""]
-        out += table(values, "passkey", f"depth_{depth}", (V2, V1, BASE))
-    print("\n".join(out))
+    for base, rows in BASES.items():
+        v2, v1, alone = (label for _, label in rows)
+        if not any(key[0] == v2 for key in values):
+            continue
+        for part, title in PARTS.items():
+            out += [f"## Over {base}: {title}", ""]
+            out += ["Accuracy %: per seed (s0 / s1 / s2 / s3 / s4); the mean [95% interval].", ""]
+            out += table(values, part, "by_length", [v2, v1, alone])
+            out += ["", "Paired by seed: mean difference, 95% interval (cut to -100..+100), A's wins.", ""]
+            out += ["| A minus B | " + " | ".join(str(n) for n in LENGTHS) + " |", head()[1]]
+            for a, b in ((v2, v1), (v2, alone)):
+                cells = []
+                for n in LENGTHS:
+                    ours, theirs = (values.get((r, part, "by_length", n), {}) for r in (a, b))
+                    diff = paired_difference(ours, theirs, lower_is_better=False)
+                    cells.append(difference_cell(diff, 1, span=100.0))
+                out.append(f"| {a} minus {b} | " + " | ".join(cells) + " |")
+            out.append("")
+        for depth, where in ((100, "next to the question"), (0, "at the start of the sequence")):
+            out += [f"## Over {base}: pass key with the key at depth {depth}% ({where})", ""]
+            out += table(values, "passkey", f"depth_{depth}", [v2, v1, alone])
+            out.append("")
+    print("\n".join(out).rstrip("\n"))
 
 
 if __name__ == "__main__":
