@@ -128,11 +128,16 @@ class CoPE(PositionEncoding):
             return q @ v.transpose(-1, -2) / math.sqrt(self.head_dim)
         return scores
 
-    def positions(self, gate_logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
-        """Clamped contextual positions p (B, H, T, S) from the gate logits."""
+    def gates(self, gate_logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        """The gates g = sigmoid(gate logits) (B, H, T, S); future keys get 0 when ``causal``."""
         gates = torch.sigmoid(gate_logits)
         if causal:
             gates = gates.masked_fill(~causal_mask(q_pos, k_pos), 0.0)
+        return gates
+
+    def positions(self, gate_logits: Tensor, q_pos: Tensor, k_pos: Tensor, *, causal: bool) -> Tensor:
+        """Clamped contextual positions p (B, H, T, S) from the gate logits."""
+        gates = self.gates(gate_logits, q_pos, k_pos, causal=causal)
         return cope_positions(gates, q_pos, causal=causal).clamp(max=self.npos_max - 1)
 
     def logits(

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from poslab.attention import attention_weights, eager_logits, full_extra_keys
-from poslab.encodings.base import PositionEncoding, causal_mask
+from poslab.encodings.base import PositionEncoding
 from poslab.encodings.compose import Composite
 from poslab.encodings.cope import CoPE
 from poslab.encodings.dape import DAPE
@@ -267,7 +267,7 @@ def cope_map(model: Transformer, idx: Tensor | Sequence[int], *, layer: int = 0)
     pos = torch.arange(t, device=ll.scores.device)
     gate_keys = () if ll.extra_keys is None else (ll.extra_keys[None],)  # CoPE's sep_key
     gate_logits = cope.gate_logits(ll.scores[None], ll.q[None], ll.k[None], ll.v[None], *gate_keys)
-    gates = torch.sigmoid(gate_logits).masked_fill(~causal_mask(pos, pos), 0.0)[0]
+    gates = cope.gates(gate_logits, pos, pos, causal=True)[0]
     positions = cope.positions(gate_logits, pos, pos, causal=True)[0]
     label = getattr(model.config, "encoding", cope.name)
     cpu = lambda x: x.float().cpu()  # noqa: E731

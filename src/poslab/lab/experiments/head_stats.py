@@ -43,7 +43,6 @@ import torch
 from torch import Tensor
 
 from poslab.attention import attention_weights, eager_logits, full_extra_keys
-from poslab.encodings.base import causal_mask
 from poslab.encodings.cope import CoPE, cope_positions
 from poslab.encodings.kerple import KerpleLog
 from poslab.lab.checkpoint import check_writable, write_text
@@ -142,7 +141,7 @@ def head_statistics(
             sums[1] += (p * distance).sum(-1).sum((0, 2))
             sums[2] += (p * (distance > train_len)).sum(-1).sum((0, 2))
             if cope is not None:
-                gates = torch.sigmoid(scores.double()).masked_fill(~causal_mask(q_pos, k_pos), 0.0)
+                gates = cope.gates(scores.double(), q_pos, k_pos, causal=True)
                 positions = cope_positions(gates, q_pos, causal=True)  # p_ij, unclamped (W, H, b, end)
                 top = cope.npos_max - 1
                 sums[3] += (p * positions.clamp(max=top)).sum(-1).sum((0, 2))
