@@ -172,7 +172,6 @@ class _GridProgress:
     def __init__(self, todo: list[GridRun], jobs: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.total, self.jobs, self.clock = len(todo), jobs, clock
         self.costs = {run.path: estimated_cost(run.config) * _fraction_left(run) for run in todo}
-        self.started = self.finished_runs = 0
         self.queued = dict(self.costs)  # runs not started yet
         self.running: dict[Path, float] = {}  # run -> when it started
         self.done_cost = self.done_seconds = 0.0
@@ -188,20 +187,18 @@ class _GridProgress:
         return f"; about {_clock(left)} left"
 
     def starting(self, run: GridRun) -> None:
-        self.started += 1
         self.queued.pop(run.path, None)
         self.running[run.path] = self.clock()
+        started = self.total - len(self.queued)
         label = encoding_label(run.config.model.encoding, run.config.model.encoding_options)
-        log.info(
-            "run %d/%d: %s seed %d%s", self.started, self.total, label, run.config.train.seed, self._eta()
-        )
+        log.info("run %d/%d: %s seed %d%s", started, self.total, label, run.config.train.seed, self._eta())
 
     def finished(self, run: GridRun) -> None:
         started = self.running.pop(run.path, self.clock())
         self.done_cost += self.costs[run.path]
         self.done_seconds += self.clock() - started
-        self.finished_runs += 1
-        log.info("finished %d/%d runs (%s)%s", self.finished_runs, self.total, run.path, self._eta())
+        finished = self.total - len(self.queued) - len(self.running)
+        log.info("finished %d/%d runs (%s)%s", finished, self.total, run.path, self._eta())
 
 
 def _fraction_left(run: GridRun) -> float:
